@@ -1,0 +1,1 @@
+//! Kairos cloud-config: loading, merging, defaults and validation.

@@ -1,0 +1,6 @@
+//! kairos-p2p: zero-touch k3s clusters over an encrypted peer-to-peer overlay.
+//!
+//! The library holds every module; `src/main.rs` is only the command-line front end.
+
+pub mod config;
+pub mod token;

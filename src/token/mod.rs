@@ -1,0 +1,1 @@
+//! The edgevpn/Kairos network token and the key schedule derived from it.
