@@ -3,4 +3,6 @@
 //! The library holds every module; `src/main.rs` is only the command-line front end.
 
 pub mod config;
+pub mod identity;
+pub mod logging;
 pub mod token;
