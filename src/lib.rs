@@ -5,4 +5,6 @@
 pub mod config;
 pub mod identity;
 pub mod logging;
+pub mod rng;
 pub mod token;
+pub mod wire;
