@@ -53,7 +53,8 @@ impl Rng {
 
     /// True with probability `p` (clamped to 0..=1).
     pub fn chance(&mut self, p: f64) -> bool {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 < p
+        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        unit < p
     }
 
     /// Fills `buf` with random bytes.
