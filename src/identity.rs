@@ -63,14 +63,18 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("peer_id", &self.peer_id()).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("peer_id", &self.peer_id())
+            .finish_non_exhaustive()
     }
 }
 
 impl Identity {
     /// Builds an identity from a 32-byte secret seed.
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self { key: SigningKey::from_bytes(&seed) }
+        Self {
+            key: SigningKey::from_bytes(&seed),
+        }
     }
 
     /// This node's peer id.
@@ -126,7 +130,11 @@ fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -140,12 +148,20 @@ fn read_key(path: &Path) -> Result<Identity, IdentityError> {
     let file = File::open(path).map_err(err)?;
     let mode = file.metadata().map_err(err)?.permissions().mode();
     if mode & 0o077 != 0 {
-        log::warn!("node key {} was readable by others (mode {:o}); setting 0600", path.display(), mode & 0o777);
-        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(err)?;
+        log::warn!(
+            "node key {} was readable by others (mode {:o}); setting 0600",
+            path.display(),
+            mode & 0o777
+        );
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
     }
     let mut buf = Vec::with_capacity(33);
     file.take(33).read_to_end(&mut buf).map_err(err)?;
-    let seed: [u8; 32] = buf.as_slice().try_into().map_err(|_| IdentityError::Corrupt(path.into(), buf.len()))?;
+    let seed: [u8; 32] = buf
+        .as_slice()
+        .try_into()
+        .map_err(|_| IdentityError::Corrupt(path.into(), buf.len()))?;
     buf.fill(0);
     Ok(Identity::from_seed(seed))
 }
@@ -212,7 +228,9 @@ impl FromStr for PeerId {
             return Err(PeerIdError::NotEd25519);
         }
         let bytes = base58::decode(s).ok_or(PeerIdError::NotBase58)?;
-        let key = bytes.strip_prefix(&LIBP2P_ED25519_PREFIX[..]).ok_or(PeerIdError::NotEd25519)?;
+        let key = bytes
+            .strip_prefix(&LIBP2P_ED25519_PREFIX[..])
+            .ok_or(PeerIdError::NotEd25519)?;
         let key: [u8; 32] = key.try_into().map_err(|_| PeerIdError::NotEd25519)?;
         Ok(PeerId(key))
     }
@@ -240,7 +258,12 @@ mod base58 {
         }
         let mut out = String::with_capacity(zeros + digits.len());
         out.extend(std::iter::repeat_n('1', zeros));
-        out.extend(digits.iter().rev().map(|&d| char::from(ALPHABET[usize::from(d)])));
+        out.extend(
+            digits
+                .iter()
+                .rev()
+                .map(|&d| char::from(ALPHABET[usize::from(d)])),
+        );
         out
     }
 
@@ -297,8 +320,14 @@ mod tests {
     #[test]
     fn malformed_peer_ids_are_typed_errors() {
         assert_eq!("not-base58!".parse::<PeerId>(), Err(PeerIdError::NotBase58));
-        assert_eq!("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N".parse::<PeerId>(), Err(PeerIdError::NotEd25519));
-        assert_eq!("1".repeat(100).parse::<PeerId>(), Err(PeerIdError::NotEd25519));
+        assert_eq!(
+            "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N".parse::<PeerId>(),
+            Err(PeerIdError::NotEd25519)
+        );
+        assert_eq!(
+            "1".repeat(100).parse::<PeerId>(),
+            Err(PeerIdError::NotEd25519)
+        );
     }
 
     #[test]
@@ -307,11 +336,18 @@ mod tests {
         let first = Identity::load_or_create(&dir).unwrap().peer_id();
         let second = Identity::load_or_create(&dir).unwrap().peer_id();
         assert_eq!(first, second);
-        let mode = fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let dir_mode = fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left behind");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary file left behind"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -322,7 +358,10 @@ mod tests {
         let path = dir.join(KEY_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         Identity::load_or_create(&dir).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -343,7 +382,13 @@ mod tests {
         let env = Some("/env".to_string());
         assert_eq!(resolve_state_dir(flag, env.clone()), PathBuf::from("/flag"));
         assert_eq!(resolve_state_dir(None, env), PathBuf::from("/env"));
-        assert_eq!(resolve_state_dir(None, Some(String::new())), PathBuf::from(DEFAULT_STATE_DIR));
-        assert_eq!(resolve_state_dir(None, None), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(
+            resolve_state_dir(None, Some(String::new())),
+            PathBuf::from(DEFAULT_STATE_DIR)
+        );
+        assert_eq!(
+            resolve_state_dir(None, None),
+            PathBuf::from(DEFAULT_STATE_DIR)
+        );
     }
 }

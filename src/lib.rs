@@ -2,7 +2,9 @@
 //!
 //! The library holds every module; `src/main.rs` is only the command-line front end.
 
+pub mod cli;
 pub mod config;
+pub mod host;
 pub mod identity;
 pub mod logging;
 pub mod rng;

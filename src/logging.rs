@@ -8,8 +8,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
+use crate::config::LogLevel;
+
 /// Environment variable that overrides the configured level (`trace`, `debug`, `info`, `warn`,
-/// `error`, `off`).
+/// `error`, `fatal`).
 pub const LOG_ENV: &str = "KAIROS_P2P_LOG";
 
 struct StderrLogger {
@@ -41,27 +43,22 @@ impl Log for StderrLogger {
     }
 }
 
-/// Parses a level name as Kairos and edgevpn write them (`fatal` counts as `error`).
-pub fn parse_level(name: &str) -> Option<LevelFilter> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "trace" => Some(LevelFilter::Trace),
-        "debug" => Some(LevelFilter::Debug),
-        "info" => Some(LevelFilter::Info),
-        "warn" | "warning" => Some(LevelFilter::Warn),
-        "error" | "fatal" | "panic" => Some(LevelFilter::Error),
-        "off" | "none" => Some(LevelFilter::Off),
-        _ => None,
-    }
-}
-
-/// The level in force: a valid `$KAIROS_P2P_LOG` wins over the configured one.
+/// The level in force: a valid `$KAIROS_P2P_LOG` (same names as `p2p.loglevel`) wins over the
+/// configured one.
 pub fn effective_level(configured: LevelFilter, env_value: Option<&str>) -> LevelFilter {
-    env_value.and_then(parse_level).unwrap_or(configured)
+    env_value
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| v.parse::<LogLevel>().ok())
+        .map_or(configured, LogLevel::level_filter)
 }
 
 /// Installs the logger once for the process; later calls only change the level.
 pub fn init(level: LevelFilter) {
-    if log::set_boxed_logger(Box::new(StderrLogger { level: LevelFilter::Trace })).is_ok() {
+    if log::set_boxed_logger(Box::new(StderrLogger {
+        level: LevelFilter::Trace,
+    }))
+    .is_ok()
+    {
         log::debug!("logger installed");
     }
     log::set_max_level(level);
@@ -110,17 +107,25 @@ mod tests {
             (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
         ];
         for (millis, expected) in cases {
-            assert_eq!(utc_timestamp(UNIX_EPOCH + Duration::from_millis(millis)), expected);
+            assert_eq!(
+                utc_timestamp(UNIX_EPOCH + Duration::from_millis(millis)),
+                expected
+            );
         }
     }
 
     #[test]
-    fn level_names_follow_kairos_and_env_overrides() {
-        assert_eq!(parse_level("FATAL"), Some(LevelFilter::Error));
-        assert_eq!(parse_level(" warning "), Some(LevelFilter::Warn));
-        assert_eq!(parse_level("chatty"), None);
-        assert_eq!(effective_level(LevelFilter::Info, Some("debug")), LevelFilter::Debug);
-        assert_eq!(effective_level(LevelFilter::Info, Some("bogus")), LevelFilter::Info);
-        assert_eq!(effective_level(LevelFilter::Warn, None), LevelFilter::Warn);
+    fn env_level_overrides_the_configured_one() {
+        let cases = [
+            (Some("debug"), LevelFilter::Debug),
+            (Some("FATAL"), LevelFilter::Error),
+            (Some(" warning "), LevelFilter::Warn),
+            (Some("bogus"), LevelFilter::Info),
+            (Some(""), LevelFilter::Info),
+            (None, LevelFilter::Info),
+        ];
+        for (env, expected) in cases {
+            assert_eq!(effective_level(LevelFilter::Info, env), expected, "{env:?}");
+        }
     }
 }

@@ -21,7 +21,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             z ^ (z >> 31)
         };
-        Self { s: [next(), next(), next(), next()] }
+        Self {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// The next 64 random bits.
@@ -77,10 +79,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_sequence_and_seeds_differ() {
-        let a: Vec<u64> = (0..5).map({
-            let mut r = Rng::from_seed(42);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::from_seed(42);
+                move |_| r.next_u64()
+            })
+            .collect();
         let mut r = Rng::from_seed(42);
         assert_eq!(a, (0..5).map(|_| r.next_u64()).collect::<Vec<_>>());
         assert_ne!(Rng::from_seed(1).next_u64(), Rng::from_seed(2).next_u64());

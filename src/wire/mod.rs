@@ -48,7 +48,9 @@ impl fmt::Display for WireError {
             Self::Truncated { needed, remaining } => {
                 write!(f, "truncated: needed {needed} bytes, {remaining} left")
             }
-            Self::TooLong { field, len, max } => write!(f, "{field}: length {len} over the limit {max}"),
+            Self::TooLong { field, len, max } => {
+                write!(f, "{field}: length {len} over the limit {max}")
+            }
             Self::Trailing(n) => write!(f, "{n} unexpected bytes after the message"),
             Self::UnknownTag { field, tag } => write!(f, "{field}: unknown tag {tag:#04x}"),
             Self::UnsupportedVersion(v) => write!(f, "unsupported protocol version {v}"),
@@ -87,7 +89,10 @@ impl<'a> Reader<'a> {
     /// The next `n` bytes.
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if n > self.buf.len() {
-            return Err(WireError::Truncated { needed: n, remaining: self.buf.len() });
+            return Err(WireError::Truncated {
+                needed: n,
+                remaining: self.buf.len(),
+            });
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -168,7 +173,12 @@ impl<'a> Reader<'a> {
         let ip = match self.u8()? {
             4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)),
             6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)),
-            tag => return Err(WireError::UnknownTag { field: "address family", tag }),
+            tag => {
+                return Err(WireError::UnknownTag {
+                    field: "address family",
+                    tag,
+                });
+            }
         };
         Ok(SocketAddr::new(ip, self.u16()?))
     }
@@ -224,29 +234,56 @@ impl<'a> Writer<'a> {
     }
 
     /// A byte string with a u16 length prefix; fails if it is over `max` (or over u16).
-    pub fn bytes_u16(&mut self, field: &'static str, max: usize, bytes: &[u8]) -> Result<&mut Self, WireError> {
+    pub fn bytes_u16(
+        &mut self,
+        field: &'static str,
+        max: usize,
+        bytes: &[u8],
+    ) -> Result<&mut Self, WireError> {
         let len = u16::try_from(bytes.len())
             .ok()
             .filter(|&l| usize::from(l) <= max)
-            .ok_or(WireError::TooLong { field, len: bytes.len(), max: max.min(usize::from(u16::MAX)) })?;
+            .ok_or(WireError::TooLong {
+                field,
+                len: bytes.len(),
+                max: max.min(usize::from(u16::MAX)),
+            })?;
         Ok(self.u16(len).bytes(bytes))
     }
 
     /// A byte string with a u32 length prefix; fails if it is over `max` (or over u32).
-    pub fn bytes_u32(&mut self, field: &'static str, max: usize, bytes: &[u8]) -> Result<&mut Self, WireError> {
+    pub fn bytes_u32(
+        &mut self,
+        field: &'static str,
+        max: usize,
+        bytes: &[u8],
+    ) -> Result<&mut Self, WireError> {
         let len = u32::try_from(bytes.len())
             .ok()
             .filter(|_| bytes.len() <= max)
-            .ok_or(WireError::TooLong { field, len: bytes.len(), max })?;
+            .ok_or(WireError::TooLong {
+                field,
+                len: bytes.len(),
+                max,
+            })?;
         Ok(self.u32(len).bytes(bytes))
     }
 
     /// A list count (u16); fails if over `max`.
-    pub fn count(&mut self, field: &'static str, max: usize, count: usize) -> Result<&mut Self, WireError> {
+    pub fn count(
+        &mut self,
+        field: &'static str,
+        max: usize,
+        count: usize,
+    ) -> Result<&mut Self, WireError> {
         let len = u16::try_from(count)
             .ok()
             .filter(|&l| usize::from(l) <= max)
-            .ok_or(WireError::TooLong { field, len: count, max })?;
+            .ok_or(WireError::TooLong {
+                field,
+                len: count,
+                max,
+            })?;
         Ok(self.u16(len))
     }
 
@@ -271,10 +308,17 @@ mod tests {
 
     #[test]
     fn fields_round_trip() {
-        let addrs: [SocketAddr; 2] = ["10.1.0.7:7120".parse().unwrap(), "[fe80::1]:9".parse().unwrap()];
+        let addrs: [SocketAddr; 2] = [
+            "10.1.0.7:7120".parse().unwrap(),
+            "[fe80::1]:9".parse().unwrap(),
+        ];
         let mut buf = Vec::new();
         let mut w = Writer::new(&mut buf);
-        w.u8(1).u16(2).u32(3).u64(u64::MAX).peer_id(&PeerId([9; 32]));
+        w.u8(1)
+            .u16(2)
+            .u32(3)
+            .u64(u64::MAX)
+            .peer_id(&PeerId([9; 32]));
         w.bytes_u16("name", 10, b"kairos").unwrap();
         w.count("addrs", 4, addrs.len()).unwrap();
         for a in &addrs {
@@ -282,7 +326,10 @@ mod tests {
         }
         w.bytes_u32("blob", 100, &[7; 40]).unwrap();
         let mut r = Reader::new(&buf);
-        assert_eq!((r.u8(), r.u16(), r.u32(), r.u64()), (Ok(1), Ok(2), Ok(3), Ok(u64::MAX)));
+        assert_eq!(
+            (r.u8(), r.u16(), r.u32(), r.u64()),
+            (Ok(1), Ok(2), Ok(3), Ok(u64::MAX))
+        );
         assert_eq!(r.peer_id(), Ok(PeerId([9; 32])));
         assert_eq!(r.str_u16("name", 10), Ok("kairos"));
         let n = r.count("addrs", 4).unwrap();
@@ -295,25 +342,51 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let mut buf = Vec::new();
-        Writer::new(&mut buf).u64(1).socket_addr(&"[::1]:1".parse().unwrap());
+        Writer::new(&mut buf)
+            .u64(1)
+            .socket_addr(&"[::1]:1".parse().unwrap());
         for cut in 0..buf.len() {
             let mut r = Reader::new(&buf[..cut]);
             let res = r.u64().and_then(|_| r.socket_addr());
-            assert!(matches!(res, Err(WireError::Truncated { .. })), "cut at {cut}: {res:?}");
+            assert!(
+                matches!(res, Err(WireError::Truncated { .. })),
+                "cut at {cut}: {res:?}"
+            );
         }
     }
 
     #[test]
     fn limits_are_enforced_both_ways() {
         let mut buf = Vec::new();
-        let err = Writer::new(&mut buf).bytes_u16("name", 3, b"toolong").unwrap_err();
-        assert_eq!(err, WireError::TooLong { field: "name", len: 7, max: 3 });
+        let err = Writer::new(&mut buf)
+            .bytes_u16("name", 3, b"toolong")
+            .unwrap_err();
+        assert_eq!(
+            err,
+            WireError::TooLong {
+                field: "name",
+                len: 7,
+                max: 3
+            }
+        );
         Writer::new(&mut buf).u16(500).bytes(&[0; 500]);
-        assert!(matches!(Reader::new(&buf).bytes_u16("name", 100), Err(WireError::TooLong { len: 500, .. })));
+        assert!(matches!(
+            Reader::new(&buf).bytes_u16("name", 100),
+            Err(WireError::TooLong { len: 500, .. })
+        ));
         let huge = [0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(Reader::new(&huge).bytes_u32("blob", 1 << 20), Err(WireError::TooLong { .. })));
-        assert!(matches!(Reader::new(&[5, 0]).socket_addr(), Err(WireError::UnknownTag { tag: 5, .. })));
+        assert!(matches!(
+            Reader::new(&huge).bytes_u32("blob", 1 << 20),
+            Err(WireError::TooLong { .. })
+        ));
+        assert!(matches!(
+            Reader::new(&[5, 0]).socket_addr(),
+            Err(WireError::UnknownTag { tag: 5, .. })
+        ));
         assert_eq!(Reader::new(&[1, 2]).finish(), Err(WireError::Trailing(2)));
-        assert_eq!(Reader::new(&[0, 1, 0xff]).str_u16("s", 9), Err(WireError::Invalid("s")));
+        assert_eq!(
+            Reader::new(&[0, 1, 0xff]).str_u16("s", 9),
+            Err(WireError::Invalid("s"))
+        );
     }
 }

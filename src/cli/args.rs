@@ -1,0 +1,68 @@
+//! Command-line arguments (argh). Every option documents its default in its help line.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+/// kairos-p2p: a k3s cluster from one cloud-config, over an encrypted peer-to-peer network.
+/// Also answers to the name `kairosctl`.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    /// state directory holding the node key and ledger (default: $KAIROS_P2P_STATE_DIR, else
+    /// /usr/local/.kairos-p2p)
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+
+    #[argh(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    /// `generate-token`
+    GenerateToken(GenerateTokenArgs),
+    /// `create-config`
+    CreateConfig(CreateConfigArgs),
+    /// `validate`
+    Validate(ValidateArgs),
+    /// `version`
+    Version(VersionArgs),
+}
+
+/// Print a new network token (edgevpn/Kairos format) made with the system's secure random
+/// generator.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "generate-token")]
+pub struct GenerateTokenArgs {
+    /// rotate the derived keys every SECONDS (default: never, as Kairos does, because boards
+    /// without a real-time clock boot with a wrong time)
+    #[argh(option)]
+    pub interval: Option<u64>,
+}
+
+/// Print a minimal #cloud-config with a new network token; give the same file to every node.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "create-config")]
+pub struct CreateConfigArgs {
+    /// rotate the derived keys every SECONDS (default: never)
+    #[argh(option)]
+    pub interval: Option<u64>,
+}
+
+/// Print the effective configuration with every default resolved (exit 0), or every error found
+/// (exit 2).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "validate")]
+pub struct ValidateArgs {
+    /// a cloud-config file; repeat for several, later files override earlier ones key by key
+    /// (default: the files in /oem and /usr/local/cloud-config, in lexical order)
+    #[argh(option)]
+    pub config: Vec<PathBuf>,
+}
+
+/// Print the version.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "version")]
+pub struct VersionArgs {}

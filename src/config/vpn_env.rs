@@ -1,0 +1,436 @@
+//! The edgevpn environment of `p2p.vpn.env`, typed.
+//!
+//! Kairos passes `p2p.vpn.env` to edgevpn as environment variables; kairos-p2p reads the ones it
+//! uses into [`VpnSettings`], starting from edgevpn's defaults (user values win). A value that
+//! does not parse is an error, never a silent default. Other variables are kept in
+//! [`VpnSettings::extra`] and reported as warnings.
+//!
+//! Rules: `DHCP` defaults to true unless `ADDRESS` is set (as Kairos does); an explicit `ADDRESS`
+//! with DHCP off is a static address. `APILISTEN` defaults to `127.0.0.1:8080` (edgevpn's own
+//! default is `:8080`, every interface) and must be a loopback address: the API has no
+//! authentication. `p2p.disable_dht: true` turns the DHT off whatever `EDGEVPNDHT` says.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+
+use serde_yaml::Value;
+
+use super::diag::{Ctx, Diagnostics, Sourced};
+use super::keypath::KeyPath;
+use super::{read, schema};
+
+/// Default VPN address and prefix (`ADDRESS`).
+pub const DEFAULT_ADDRESS: Ipv4Cidr = Ipv4Cidr {
+    addr: Ipv4Addr::new(10, 1, 0, 1),
+    prefix_len: 24,
+};
+/// Default TUN interface name (`IFACE`).
+pub const DEFAULT_IFACE: &str = "edgevpn0";
+/// Default VPN MTU (`EDGEVPNMTU`).
+pub const DEFAULT_MTU: u16 = 1200;
+/// Accepted VPN MTUs.
+pub const MTU_RANGE: RangeInclusive<u16> = 576..=9000;
+/// Accepted VPN prefix lengths: at least two hosts, at most a /8.
+pub const PREFIX_RANGE: RangeInclusive<u8> = 8..=30;
+/// Default API listen address (`APILISTEN`).
+pub const DEFAULT_API_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+
+/// An IPv4 address with a prefix length, as in `ADDRESS=10.1.0.1/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// The prefix length, 0 to 32.
+    pub prefix_len: u8,
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let wanted = || {
+            format!(
+                "expected an IPv4 address with a prefix length like 10.1.0.1/24, found {}",
+                read::quote(s)
+            )
+        };
+        let (addr, prefix) = s.trim().split_once('/').ok_or_else(wanted)?;
+        let addr = addr.parse().map_err(|_| wanted())?;
+        let prefix_len = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(wanted)?;
+        Ok(Ipv4Cidr { addr, prefix_len })
+    }
+}
+
+/// The edgevpn settings kairos-p2p uses, defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpnSettings {
+    /// `ADDRESS`: this node's VPN address and the VPN prefix.
+    pub address: Ipv4Cidr,
+    /// Whether `ADDRESS` was set by the user (with DHCP off it is a static address).
+    pub address_explicit: bool,
+    /// `IFACE`: the TUN interface name.
+    pub iface: String,
+    /// `DHCP`: addresses are allocated by the network.
+    pub dhcp: bool,
+    /// `EDGEVPNMTU`: the TUN MTU.
+    pub mtu: u16,
+    /// `EDGEVPNDHT` (and not `p2p.disable_dht`): discovery through the DHT.
+    pub dht: bool,
+    /// `EDGEVPNMDNS`: discovery on the local network.
+    pub mdns: bool,
+    /// `EDGEVPNBOOTSTRAPPEERS`: bootstrap peer addresses, unparsed, in order.
+    pub bootstrap_peers: Vec<String>,
+    /// `APILISTEN`: where the local API listens (always loopback).
+    pub api_listen: SocketAddr,
+    /// Other variables, kept but not used.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl VpnSettings {
+    /// Whether this node uses a fixed address: `ADDRESS` given explicitly and DHCP off.
+    pub fn is_static(&self) -> bool {
+        self.address_explicit && !self.dhcp
+    }
+}
+
+impl Default for VpnSettings {
+    fn default() -> Self {
+        VpnSettings {
+            address: DEFAULT_ADDRESS,
+            address_explicit: false,
+            iface: DEFAULT_IFACE.to_owned(),
+            dhcp: true,
+            mtu: DEFAULT_MTU,
+            dht: true,
+            mdns: true,
+            bootstrap_peers: Vec::new(),
+            api_listen: DEFAULT_API_LISTEN,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// The variables one file sets.
+#[derive(Debug, Default)]
+pub(super) struct EnvLayer {
+    address: Option<Ipv4Cidr>,
+    iface: Option<String>,
+    dhcp: Option<Sourced<bool>>,
+    mtu: Option<u16>,
+    dht: Option<bool>,
+    mdns: Option<bool>,
+    bootstrap_peers: Option<Vec<String>>,
+    api_listen: Option<SocketAddr>,
+    extra: BTreeMap<String, String>,
+}
+
+impl EnvLayer {
+    /// Reads `p2p.vpn.env` of one file.
+    pub(super) fn read(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> EnvLayer {
+        let mut out = EnvLayer::default();
+        for read::EnvEntry {
+            name,
+            value,
+            path: p,
+        } in read::env_map(ctx, v, path)
+        {
+            match name.as_str() {
+                "ADDRESS" => out.address = ctx.check(&p, parse_address(&value)),
+                "IFACE" => out.iface = ctx.check(&p, interface_name(&value)),
+                "DHCP" => {
+                    out.dhcp = ctx
+                        .check(&p, parse_bool(&value))
+                        .map(|b| ctx.sourced(&p, b));
+                }
+                "EDGEVPNMTU" => out.mtu = ctx.check(&p, parse_mtu(&value)),
+                "EDGEVPNDHT" => out.dht = ctx.check(&p, parse_bool(&value)),
+                "EDGEVPNMDNS" => out.mdns = ctx.check(&p, parse_bool(&value)),
+                "EDGEVPNBOOTSTRAPPEERS" => {
+                    out.bootstrap_peers = ctx.check(&p, parse_peers(&value));
+                }
+                "APILISTEN" => out.api_listen = ctx.check(&p, parse_api_listen(&value)),
+                _ => {
+                    let hint = schema::suggest(&name, schema::VPN_ENV)
+                        .map(|s| format!("; did you mean {s}?"))
+                        .unwrap_or_default();
+                    ctx.warn(&p, format!("not used by kairos-p2p, ignored{hint}"));
+                    out.extra.insert(name, value);
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies a later file's variables over these, one by one.
+    pub(super) fn overlay(&mut self, later: EnvLayer) {
+        super::layer::set(&mut self.address, later.address);
+        super::layer::set(&mut self.iface, later.iface);
+        super::layer::set(&mut self.dhcp, later.dhcp);
+        super::layer::set(&mut self.mtu, later.mtu);
+        super::layer::set(&mut self.dht, later.dht);
+        super::layer::set(&mut self.mdns, later.mdns);
+        super::layer::set(&mut self.bootstrap_peers, later.bootstrap_peers);
+        super::layer::set(&mut self.api_listen, later.api_listen);
+        self.extra.extend(later.extra);
+    }
+
+    /// The settings with defaults filled in.
+    pub(super) fn resolve(self, disable_dht: bool, diags: &mut Diagnostics) -> VpnSettings {
+        let address_explicit = self.address.is_some();
+        if let Some(dhcp) = &self.dhcp {
+            if !dhcp.value && !address_explicit {
+                diags.warn(
+                    dhcp.origin.clone(),
+                    format!(
+                        "DHCP is off and ADDRESS is not set: every node would use {DEFAULT_ADDRESS}"
+                    ),
+                );
+            }
+        }
+        VpnSettings {
+            address: self.address.unwrap_or(DEFAULT_ADDRESS),
+            address_explicit,
+            iface: self.iface.unwrap_or_else(|| DEFAULT_IFACE.to_owned()),
+            dhcp: self.dhcp.map_or(!address_explicit, |d| d.value),
+            mtu: self.mtu.unwrap_or(DEFAULT_MTU),
+            dht: !disable_dht && self.dht.unwrap_or(true),
+            mdns: self.mdns.unwrap_or(true),
+            bootstrap_peers: self.bootstrap_peers.unwrap_or_default(),
+            api_listen: self.api_listen.unwrap_or(DEFAULT_API_LISTEN),
+            extra: self.extra,
+        }
+    }
+}
+
+fn parse_address(s: &str) -> Result<Ipv4Cidr, String> {
+    let cidr: Ipv4Cidr = s.parse()?;
+    if !PREFIX_RANGE.contains(&cidr.prefix_len) {
+        return Err(format!(
+            "prefix length /{} is outside /{}../{}",
+            cidr.prefix_len,
+            PREFIX_RANGE.start(),
+            PREFIX_RANGE.end()
+        ));
+    }
+    Ok(cidr)
+}
+
+/// Checks a Linux network interface name: 1 to 15 bytes, no `/`, `:`, blanks or control
+/// characters, not `.` or `..`.
+pub(super) fn interface_name(s: &str) -> Result<String, String> {
+    let problem = if s.is_empty() {
+        "must not be empty"
+    } else if s.len() > 15 {
+        "is longer than 15 bytes"
+    } else if s.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        "must not contain '/', ':', blanks or control characters"
+    } else if s == "." || s == ".." {
+        "must not be \".\" or \"..\""
+    } else {
+        return Ok(s.to_owned());
+    };
+    Err(format!("interface name {} {problem}", read::quote(s)))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    read::bool_word(s).ok_or_else(|| {
+        format!(
+            "expected true/false (or yes/no, on/off, 1/0), found {}",
+            read::quote(s)
+        )
+    })
+}
+
+fn parse_mtu(s: &str) -> Result<u16, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number, found {}", read::quote(s)))?;
+    u16::try_from(n)
+        .ok()
+        .filter(|m| MTU_RANGE.contains(m))
+        .ok_or_else(|| {
+            format!(
+                "MTU {n} is outside {}..={}",
+                MTU_RANGE.start(),
+                MTU_RANGE.end()
+            )
+        })
+}
+
+/// A comma- and/or blank-separated list; empty entries (`a,,b`, a trailing comma) are errors.
+fn parse_peers(s: &str) -> Result<Vec<String>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut peers = Vec::new();
+    for (i, part) in s.split(',').enumerate() {
+        let before = peers.len();
+        peers.extend(part.split_whitespace().map(str::to_owned));
+        if peers.len() == before {
+            return Err(format!("entry {} of the list is empty", i + 1));
+        }
+    }
+    Ok(peers)
+}
+
+/// A loopback socket address; `localhost:PORT` is `127.0.0.1:PORT`.
+fn parse_api_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let addr = match s.strip_prefix("localhost:") {
+        Some(port) => port
+            .parse()
+            .ok()
+            .map(|p| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p))),
+        None => s.parse().ok(),
+    }
+    .ok_or_else(|| {
+        format!(
+            "expected an address like 127.0.0.1:8080, found {}",
+            read::quote(s)
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err("port must not be 0".to_owned());
+    }
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address; the API has no authentication, use {}",
+            SocketAddr::new(DEFAULT_API_LISTEN.ip(), addr.port())
+        ));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_address("10.2.0.30/24"),
+            Ok(Ipv4Cidr {
+                addr: Ipv4Addr::new(10, 2, 0, 30),
+                prefix_len: 24
+            })
+        );
+        assert_eq!(DEFAULT_ADDRESS.to_string(), "10.1.0.1/24");
+        assert!(
+            parse_address("10.2.0.30")
+                .unwrap_err()
+                .contains("prefix length like")
+        );
+        assert!(parse_address("10.2.0/24").is_err());
+        assert!(parse_address("10.2.0.1/33").is_err());
+        assert_eq!(
+            parse_address("10.2.0.1/31").unwrap_err(),
+            "prefix length /31 is outside /8../30"
+        );
+        assert!(parse_address("10.2.0.1/4").is_err());
+    }
+
+    #[test]
+    fn interface_names() {
+        assert_eq!(interface_name("edgevpn0").as_deref(), Ok("edgevpn0"));
+        assert_eq!(
+            interface_name("a23456789012345").as_deref(),
+            Ok("a23456789012345")
+        );
+        assert!(
+            interface_name("a234567890123456")
+                .unwrap_err()
+                .contains("longer than 15")
+        );
+        for bad in ["", "a/b", "a:b", "a b", ".", "..", "a\u{7}"] {
+            assert!(interface_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mtus_bools_peers() {
+        assert_eq!(parse_mtu(" 1400 "), Ok(1400));
+        assert_eq!(
+            parse_mtu("abc"),
+            Err("expected a number, found \"abc\"".to_owned())
+        );
+        assert_eq!(
+            parse_mtu("70000"),
+            Err("MTU 70000 is outside 576..=9000".to_owned())
+        );
+        assert_eq!(
+            parse_mtu("575"),
+            Err("MTU 575 is outside 576..=9000".to_owned())
+        );
+        assert_eq!(
+            parse_mtu("99999999999999999999").unwrap_err(),
+            "expected a number, found \"99999999999999999999\""
+        );
+        assert_eq!(parse_bool("YES"), Ok(true));
+        assert_eq!(parse_bool("0"), Ok(false));
+        assert!(parse_bool("perhaps").is_err());
+        assert_eq!(
+            parse_peers("/ip4/1.2.3.4/tcp/1, /dns/x/udp/2  /ip6/::1/udp/3").unwrap(),
+            ["/ip4/1.2.3.4/tcp/1", "/dns/x/udp/2", "/ip6/::1/udp/3"]
+        );
+        assert_eq!(parse_peers("  "), Ok(vec![]));
+        assert_eq!(
+            parse_peers("a,,b"),
+            Err("entry 2 of the list is empty".to_owned())
+        );
+        assert_eq!(
+            parse_peers("a,"),
+            Err("entry 2 of the list is empty".to_owned())
+        );
+    }
+
+    #[test]
+    fn api_listen() {
+        assert_eq!(
+            parse_api_listen("127.0.0.1:9090"),
+            Ok("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            parse_api_listen("[::1]:8080"),
+            Ok("[::1]:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_api_listen("localhost:8081"),
+            Ok("127.0.0.1:8081".parse().unwrap())
+        );
+        assert_eq!(
+            parse_api_listen("0.0.0.0:8080"),
+            Err("0.0.0.0:8080 is not a loopback address; the API has no authentication, use 127.0.0.1:8080".to_owned())
+        );
+        assert!(parse_api_listen(":8080").is_err());
+        assert!(parse_api_listen("127.0.0.1:0").is_err());
+    }
+
+    #[test]
+    fn defaults_and_dht() {
+        let mut diags = Diagnostics::default();
+        let settings = EnvLayer::default().resolve(true, &mut diags);
+        assert_eq!(
+            settings,
+            VpnSettings {
+                dht: false,
+                ..VpnSettings::default()
+            }
+        );
+        assert!(!settings.is_static());
+    }
+}
