@@ -4,9 +4,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod host;
 pub mod identity;
 pub mod logging;
+pub mod node;
+pub mod overlay;
 pub mod rng;
 pub mod token;
 pub mod wire;

@@ -1,0 +1,204 @@
+//! The rendezvous of one network: publish our sealed record under the current window's key,
+//! look up the accepted windows' keys, open what we find and report the other members.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::records::{self, RendezvousRecord, open_record, seal_record};
+use super::{Command, Kad, KadEvent, Publication};
+use crate::identity::PeerId;
+use crate::token::{KeySchedule, Window, accepted_windows};
+
+/// Rendezvous members remembered (for deduplicating `MemberFound`).
+const MAX_MEMBERS: usize = 1024;
+
+pub(super) struct Rendezvous {
+    keys: KeySchedule,
+    addrs: Vec<SocketAddr>,
+    window: Option<Window>,
+    /// (window, rendezvous key) of the accepted windows.
+    window_keys: Vec<(Window, [u8; 32])>,
+    next_lookup: Option<Instant>,
+    dirty: bool,
+    members: BTreeMap<PeerId, (u64, Vec<SocketAddr>)>,
+}
+
+impl Rendezvous {
+    /// When the rendezvous needs a tick: at once (`now`) when it never ran or our record
+    /// changed, else at the next lookup.
+    pub(super) fn wake_at(&self, now: Option<Instant>) -> Option<Instant> {
+        if self.dirty || self.next_lookup.is_none() {
+            now
+        } else {
+            self.next_lookup
+        }
+    }
+}
+
+impl Kad {
+    /// Joins the rendezvous of the network whose key schedule is `keys`: publishes a sealed
+    /// record of (our peer id, `addrs`) under the current DHT window's key, re-published every
+    /// TTL/2 and on window change, and looks up the previous, current and next windows' keys
+    /// every `rendezvous_interval`, reporting other members as [`KadEvent::MemberFound`].
+    /// At most [`records::MAX_RECORD_ADDRS`] addresses are kept.
+    pub fn set_rendezvous(&mut self, keys: KeySchedule, addrs: Vec<SocketAddr>) {
+        self.clear_rendezvous();
+        self.wake = true;
+        self.rendezvous = Some(Rendezvous {
+            keys,
+            addrs: Vec::new(),
+            window: None,
+            window_keys: Vec::new(),
+            next_lookup: None,
+            dirty: true,
+            members: BTreeMap::new(),
+        });
+        self.set_rendezvous_addrs(addrs);
+    }
+
+    /// Changes the addresses announced in our rendezvous record (re-published at once).
+    pub fn set_rendezvous_addrs(&mut self, addrs: Vec<SocketAddr>) {
+        let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            if !unique.contains(&a) {
+                unique.push(a);
+            }
+        }
+        let mut addrs = unique;
+        addrs.truncate(records::MAX_RECORD_ADDRS);
+        if let Some(rv) = &mut self.rendezvous {
+            if rv.addrs != addrs {
+                rv.addrs = addrs;
+                rv.dirty = true;
+                self.wake = true;
+            }
+        }
+    }
+
+    /// Leaves the rendezvous (our record expires with its TTL).
+    pub fn clear_rendezvous(&mut self) {
+        self.rendezvous = None;
+        self.published.retain(|_, p| p.window.is_none());
+    }
+
+    pub(super) fn rendezvous_tick(&mut self, now: Instant, unix_secs: u64) {
+        if !self.joined {
+            return;
+        }
+        let Some(rv) = &mut self.rendezvous else {
+            return;
+        };
+        let window = rv.keys.dht_window(unix_secs);
+        let mut publish = None;
+        if rv.window != Some(window) {
+            rv.window = Some(window);
+            rv.window_keys = accepted_windows(window)
+                .map(|w| (w, rv.keys.rendezvous_key(w)))
+                .collect();
+            rv.next_lookup = Some(now);
+            rv.dirty = true;
+        }
+        let key = rv.keys.rendezvous_key(window);
+        let due = self
+            .published
+            .get(&key)
+            .is_none_or(|p| p.next.is_some_and(|t| t <= now));
+        let changed = rv.dirty;
+        if rv.dirty || due {
+            let record = RendezvousRecord {
+                peer: self.me,
+                addrs: rv.addrs.clone(),
+                published_at: unix_secs,
+            };
+            match seal_record(&rv.keys, window, &record, &mut self.rng) {
+                Ok(sealed) => publish = Some(sealed),
+                Err(e) => log::warn!("rendezvous record not sealed: {e}"),
+            }
+            rv.dirty = false;
+        }
+        let lookups: Vec<[u8; 32]> = if rv.next_lookup.is_none_or(|t| t <= now) {
+            rv.next_lookup = Some(now + self.settings.rendezvous_interval);
+            rv.window_keys.iter().map(|(_, k)| *k).collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(sealed) = publish {
+            self.published
+                .retain(|k, p| p.window.is_none() || *k == key);
+            // A periodic re-seal keeps the schedule; a changed record starts it again.
+            let rounds = match self.published.get(&key) {
+                Some(p) if !changed => p.rounds,
+                _ => 0,
+            };
+            let ttl = self.settings.record_ttl;
+            self.published.insert(
+                key,
+                Publication {
+                    record: sealed,
+                    ttl,
+                    next: None,
+                    window: Some(window),
+                    rounds,
+                },
+            );
+            if self.enqueue(Command::Publish { key }).is_err() {
+                if let Some(p) = self.published.get_mut(&key) {
+                    p.next = Some(now + self.settings.retry_interval);
+                }
+            }
+        }
+        for key in lookups {
+            let _ = self.enqueue(Command::Get { key });
+        }
+    }
+
+    pub(super) fn report_records(&mut self, key: [u8; 32], records: Vec<Vec<u8>>) {
+        if records.is_empty() {
+            return;
+        }
+        let mut found = Vec::new();
+        if let Some(rv) = &mut self.rendezvous {
+            if let Some(&(window, _)) = rv.window_keys.iter().find(|(_, k)| *k == key) {
+                for sealed in &records {
+                    let Ok(rec) = open_record(&rv.keys, window, sealed) else {
+                        continue;
+                    };
+                    if rec.peer == self.me {
+                        continue;
+                    }
+                    match rv.members.get_mut(&rec.peer) {
+                        Some((at, addrs)) => {
+                            if rec.published_at > *at {
+                                *at = rec.published_at;
+                                if *addrs != rec.addrs {
+                                    addrs.clone_from(&rec.addrs);
+                                    found.push((rec.peer, rec.addrs));
+                                }
+                            }
+                        }
+                        None => {
+                            if rv.members.len() >= MAX_MEMBERS {
+                                let oldest = rv
+                                    .members
+                                    .iter()
+                                    .min_by_key(|(_, (at, _))| *at)
+                                    .map(|(p, _)| *p);
+                                if let Some(oldest) = oldest {
+                                    rv.members.remove(&oldest);
+                                }
+                            }
+                            rv.members
+                                .insert(rec.peer, (rec.published_at, rec.addrs.clone()));
+                            found.push((rec.peer, rec.addrs));
+                        }
+                    }
+                }
+            }
+        }
+        self.push_event(KadEvent::Records { key, records });
+        for (peer, addrs) in found {
+            self.push_event(KadEvent::MemberFound { peer, addrs });
+        }
+    }
+}

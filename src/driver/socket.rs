@@ -1,0 +1,121 @@
+//! UDP sockets with the options the overlay needs, made non-blocking for mio.
+
+use std::io;
+use std::mem;
+use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+/// How a socket is set up before `bind`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketOptions {
+    /// `SO_REUSEADDR` + `SO_REUSEPORT`: several agents on one host share the beacon port.
+    pub reuse: bool,
+    /// `SO_BROADCAST`: the socket may send to broadcast addresses.
+    pub broadcast: bool,
+}
+
+/// Creates, configures and binds a non-blocking UDP socket.
+pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocket> {
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket(2) call; the result is checked and owned right away.
+    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let raw = socket.as_raw_fd();
+    if options.reuse {
+        set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
+    if options.broadcast {
+        set_int(raw, libc::SOL_SOCKET, libc::SO_BROADCAST, 1)?;
+    }
+    if family == libc::AF_INET6 {
+        // Dual-stack sockets would make the v4/v6 beacon pair collide on one port.
+        set_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    // Large buffers absorb bursts of VPN traffic between two loop turns.
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let _ = set_int(raw, libc::SOL_SOCKET, opt, 4 << 20);
+    }
+    let (storage, len) = sockaddr(&addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes for this family.
+    cvt(unsafe { libc::bind(raw, (&raw const storage).cast(), len) })?;
+    Ok(socket)
+}
+
+/// Joins an IPv6 multicast group on one interface (by index).
+pub fn join_multicast_v6(socket: &UdpSocket, group: &Ipv6Addr, ifindex: u32) -> io::Result<()> {
+    socket.join_multicast_v6(group, ifindex)
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` lives across the call and its size is passed.
+    cvt(unsafe {
+        libc::setsockopt(fd, level, name, (&raw const value).cast(), mem::size_of::<libc::c_int>() as libc::socklen_t)
+    })
+    .map(drop)
+}
+
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_reuse_sockets_share_a_port_and_exchange_datagrams() {
+        let opts = SocketOptions { reuse: true, broadcast: true };
+        let a = bind_udp("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let b = bind_udp(SocketAddr::from(([127, 0, 0, 1], port)), opts).unwrap();
+        let c = bind_udp("127.0.0.1:0".parse().unwrap(), SocketOptions::default()).unwrap();
+        c.send_to(b"hi", a.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut buf = [0u8; 8];
+        let got = [&a, &b].iter().filter_map(|s| s.recv_from(&mut buf).ok()).count();
+        assert_eq!(got, 1, "a unicast datagram reaches exactly one of the sharing sockets");
+    }
+
+    #[test]
+    fn a_taken_port_without_reuse_is_an_error() {
+        let a = bind_udp("127.0.0.1:0".parse().unwrap(), SocketOptions::default()).unwrap();
+        let err = bind_udp(a.local_addr().unwrap(), SocketOptions::default()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+}

@@ -1,0 +1,680 @@
+//! The node: one sans-IO state machine that owns the QUIC transport, LAN discovery, the DHT and
+//! the member table, and decides whom to connect to.
+//!
+//! Call order for a driver (the mio loop or the simulator), each turn:
+//! 1. [`Node::handle_datagram`] for every UDP payload received (overlay or beacon socket);
+//! 2. [`Node::handle_timeout`] when [`Node::poll_timeout`] has passed;
+//! 3. drain [`Node::poll_transmit`] (send each packet) and [`Node::poll_event`];
+//! 4. sleep until [`Node::poll_timeout`].
+//!
+//! Time comes in as `now` (monotonic) and `unix_secs` (wall clock, only for key windows);
+//! randomness from the seed given to [`Node::new`].
+//!
+//! Connections: a node keeps about [`NodeSettings::neighbours`] connections to other members
+//! (LAN peers first), over which members gossip what they know; other connections are opened on
+//! demand and close when idle. Of two members that find each other, the one with the smaller
+//! peer id dials at once and the other only after [`DIAL_DEFER`], so they rarely dial each other
+//! simultaneously (the transport resolves it when they do).
+
+pub mod bootstrap;
+pub mod control;
+pub mod members;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::discovery::beacon::looks_like_beacon;
+use crate::discovery::kad::{self, Kad, KadEvent, KadSettings};
+use crate::discovery::lan::{LanDiscovery, LanEvent};
+use crate::identity::{Identity, PeerId};
+use crate::overlay::{
+    ConnId, Transport, TransportError, TransportEvent, TransportSettings, is_quic_packet,
+};
+use crate::rng::Rng;
+use crate::token::{KeySchedule, NetworkToken, Window};
+use control::{Control, MemberInfo};
+use members::{Change, MemberTable, Source};
+
+/// How long the member with the larger peer id waits before dialling one it discovered.
+pub const DIAL_DEFER: Duration = Duration::from_millis(1500);
+/// Batching delay of gossip about new or changed members.
+pub const PUSH_DELAY: Duration = Duration::from_millis(100);
+/// Full member lists go to every neighbour this often (this traffic also keeps neighbour
+/// connections from idling out, so no separate keep-alive is needed).
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(20);
+/// Housekeeping period (dialling, expiry).
+pub const MAINTAIN_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest back-off between dial attempts to one member.
+pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Tunables of a node. [`Default`] gives the documented values.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// LAN beacons (edgevpn's mDNS switch, `EDGEVPNMDNS`).
+    pub lan: bool,
+    /// The DHT (off with `p2p.disable_dht` or `EDGEVPNDHT=false`).
+    pub dht: bool,
+    /// Bootstrap peers for the DHT, with their peer id when known.
+    pub bootstrap: Vec<(SocketAddr, Option<PeerId>)>,
+    /// Connections to keep to other members (default 8).
+    pub neighbours: usize,
+    /// Members with no news for this long are forgotten (default 10 min).
+    pub member_ttl: Duration,
+    /// Most members tracked (default 8192).
+    pub max_members: usize,
+    /// QUIC transport settings.
+    pub transport: TransportSettings,
+    /// DHT settings.
+    pub kad: KadSettings,
+}
+
+impl NodeSettings {
+    /// The defaults for a network token.
+    pub fn for_token(token: &NetworkToken) -> Self {
+        Self {
+            lan: true,
+            dht: true,
+            bootstrap: Vec::new(),
+            neighbours: 8,
+            member_ttl: Duration::from_secs(600),
+            max_members: 8192,
+            transport: TransportSettings::for_token(token),
+            kad: KadSettings::default(),
+        }
+    }
+}
+
+/// Where a packet from [`Node::poll_transmit`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// One address, from the overlay socket.
+    Addr(SocketAddr),
+    /// Every LAN broadcast/multicast target, to the beacon port.
+    LanBroadcast,
+}
+
+/// A packet to send, written to the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeTransmit {
+    /// Where it goes.
+    pub destination: Destination,
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// GSO segment size when the buffer holds several packets.
+    pub segment_size: Option<usize>,
+}
+
+/// What the node reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A member of our network we did not know.
+    MemberDiscovered {
+        /// Its peer id.
+        peer: PeerId,
+        /// Where it says it is.
+        addrs: Vec<SocketAddr>,
+        /// How we learned of it.
+        source: Source,
+    },
+    /// A member we have had no news of for the member ttl.
+    MemberLost {
+        /// Its peer id.
+        peer: PeerId,
+    },
+    /// An authenticated connection to a member is up.
+    PeerConnected {
+        /// Its peer id.
+        peer: PeerId,
+        /// Its address.
+        addr: SocketAddr,
+        /// True if it dialled us.
+        inbound: bool,
+    },
+    /// A connection went away.
+    PeerDisconnected {
+        /// Its peer id.
+        peer: PeerId,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Other nodes see us at this address (our public address behind NAT).
+    ObservedAddr(SocketAddr),
+}
+
+/// Inputs the node dropped, by reason (the transport counts its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Packets of no known kind.
+    pub unknown_packets: u64,
+    /// Beacons that did not open or were stale, replayed or out of order.
+    pub beacons_rejected: u64,
+    /// DHT packets that did not decode or were refused.
+    pub dht_rejected: u64,
+    /// Control messages that did not decode.
+    pub control_rejected: u64,
+    /// Datagrams received while nothing consumes them.
+    pub datagrams_unused: u64,
+    /// Dial attempts.
+    pub dials: u64,
+    /// Dial attempts that failed.
+    pub dials_failed: u64,
+}
+
+#[derive(Debug)]
+struct Dial {
+    pending: Option<ConnId>,
+    failures: u32,
+    next_attempt: Instant,
+}
+
+/// The overlay node.
+pub struct Node {
+    me: PeerId,
+    keys: KeySchedule,
+    settings: NodeSettings,
+    rng: Rng,
+    transport: Transport,
+    lan: Option<LanDiscovery>,
+    kad: Option<Kad>,
+    members: MemberTable,
+    dials: BTreeMap<PeerId, Dial>,
+    connected: BTreeMap<PeerId, SocketAddr>,
+    pending_gossip: BTreeSet<PeerId>,
+    push_at: Option<Instant>,
+    sync_at: Option<Instant>,
+    maintain_at: Option<Instant>,
+    ticket_window: Option<Window>,
+    local_addrs: Vec<SocketAddr>,
+    observed: Option<SocketAddr>,
+    out: VecDeque<(Destination, Vec<u8>)>,
+    events: VecDeque<NodeEvent>,
+    stats: NodeStats,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("me", &self.me)
+            .field("members", &self.members.len())
+            .field("connected", &self.connected.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node for `identity` in the network of `token`; `seed` fixes every random choice.
+    pub fn new(identity: &Identity, token: &NetworkToken, settings: NodeSettings, seed: u64) -> Result<Self, TransportError> {
+        let me = identity.peer_id();
+        let keys = token.key_schedule();
+        let mut rng = Rng::from_seed(seed);
+        let mut transport_seed = [0u8; 32];
+        rng.fill(&mut transport_seed);
+        let transport = Transport::new(identity, &keys, settings.transport.clone(), transport_seed)?;
+        let lan = settings.lan.then(|| LanDiscovery::new(me, keys.clone(), rng.fork()));
+        let kad = settings.dht.then(|| {
+            let mut kad = Kad::new(me, rng.fork(), settings.kad.clone());
+            for (addr, peer) in &settings.bootstrap {
+                kad.add_bootstrap(*addr, *peer);
+            }
+            kad.set_rendezvous(keys.clone(), Vec::new());
+            kad
+        });
+        let members = MemberTable::new(me, settings.max_members, settings.member_ttl);
+        Ok(Self {
+            me,
+            keys,
+            settings,
+            rng,
+            transport,
+            lan,
+            kad,
+            members,
+            dials: BTreeMap::new(),
+            connected: BTreeMap::new(),
+            pending_gossip: BTreeSet::new(),
+            push_at: None,
+            sync_at: None,
+            maintain_at: None,
+            ticket_window: None,
+            local_addrs: Vec::new(),
+            observed: None,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: NodeStats::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    // ---- getters ----
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    /// The members known, by peer id.
+    pub fn members(&self) -> &MemberTable {
+        &self.members
+    }
+
+    /// Members with an established connection, and their addresses.
+    pub fn connected(&self) -> &BTreeMap<PeerId, SocketAddr> {
+        &self.connected
+    }
+
+    /// Our public address as other nodes report it, once known.
+    pub fn observed_addr(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    /// Drop counters of the node.
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+
+    /// The transport (for its statistics and peer list).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The DHT, when enabled.
+    pub fn kad(&self) -> Option<&Kad> {
+        self.kad.as_ref()
+    }
+
+    // ---- inputs ----
+
+    /// Sets the addresses this node is reachable at (interface addresses with the overlay port),
+    /// announced in beacons, DHT records and gossip.
+    pub fn set_local_addrs(&mut self, now: Instant, addrs: Vec<SocketAddr>) {
+        if addrs == self.local_addrs {
+            return;
+        }
+        self.local_addrs = addrs;
+        if let Some(lan) = &mut self.lan {
+            lan.set_local_addrs(self.local_addrs.iter().copied());
+        }
+        let announced = self.announced_addrs();
+        if let Some(kad) = &mut self.kad {
+            kad.set_rendezvous_addrs(announced);
+        }
+        self.schedule_push(now, self.me);
+    }
+
+    /// Adds a DHT bootstrap peer found after start (e.g. a resolved host name).
+    pub fn add_bootstrap(&mut self, addr: SocketAddr, peer: Option<PeerId>) {
+        if let Some(kad) = &mut self.kad {
+            kad.add_bootstrap(addr, peer);
+        }
+    }
+
+    /// Handles one UDP payload received from `from` on either socket.
+    pub fn handle_datagram(&mut self, now: Instant, unix_secs: u64, from: SocketAddr, local_ip: Option<IpAddr>, bytes: &[u8]) {
+        let Some(&first) = bytes.first() else {
+            self.stats.unknown_packets += 1;
+            return;
+        };
+        if is_quic_packet(first) {
+            self.transport.handle_datagram(now, from, local_ip, bytes);
+        } else if looks_like_beacon(bytes) {
+            match &mut self.lan {
+                Some(lan) => {
+                    if let Err(e) = lan.handle_beacon(now, unix_secs, from, bytes) {
+                        self.stats.beacons_rejected += 1;
+                        log::trace!("beacon from {from} dropped: {e}");
+                    }
+                }
+                None => self.stats.unknown_packets += 1,
+            }
+        } else if first == kad::message::PACKET_TYPE {
+            match &mut self.kad {
+                Some(kad) => {
+                    if let Err(e) = kad.handle_packet(now, unix_secs, from, bytes) {
+                        self.stats.dht_rejected += 1;
+                        log::trace!("DHT packet from {from} dropped: {e}");
+                    }
+                }
+                None => self.stats.unknown_packets += 1,
+            }
+        } else {
+            self.stats.unknown_packets += 1;
+        }
+        self.pump(now);
+    }
+
+    /// Runs timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant, unix_secs: u64) {
+        let window = self.keys.crypto_window(unix_secs);
+        if self.ticket_window != Some(window) {
+            self.ticket_window = Some(window);
+            self.transport.set_ticket_window(window);
+        }
+        self.transport.handle_timeout(now);
+        if let Some(lan) = &mut self.lan {
+            lan.handle_timeout(now, unix_secs);
+        }
+        if let Some(kad) = &mut self.kad {
+            kad.handle_timeout(now, unix_secs);
+        }
+        self.pump(now);
+        if self.maintain_at.is_none_or(|t| t <= now) {
+            self.maintain(now);
+            self.maintain_at = Some(now + MAINTAIN_INTERVAL);
+        }
+        if self.push_at.is_some_and(|t| t <= now) {
+            self.push_gossip(now);
+        }
+        if self.sync_at.is_none_or(|t| t <= now) {
+            self.sync_all(now);
+            self.sync_at = Some(now + SYNC_INTERVAL);
+        }
+    }
+
+    /// Sends a control message to a connected member.
+    pub fn send_control(&mut self, peer: &PeerId, msg: &Control) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        match msg.encode(&mut buf) {
+            Ok(()) => {
+                if let Err(e) = self.transport.send_message(peer, Bytes::copy_from_slice(&buf)) {
+                    log::debug!("control message to {peer} not sent: {e}");
+                }
+            }
+            Err(e) => log::warn!("control message to {peer} not encodable: {e}"),
+        }
+        self.scratch = buf;
+    }
+
+    /// Closes every connection (clean shutdown); keep polling transmits to send the closes.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.transport.close_all(now);
+    }
+
+    // ---- outputs ----
+
+    /// The next packet to send, written to `buf` (cleared first).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<NodeTransmit> {
+        if let Some((destination, bytes)) = self.out.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&bytes);
+            return Some(NodeTransmit { destination, len: bytes.len(), segment_size: None });
+        }
+        self.transport.poll_transmit(now, buf).map(|t| NodeTransmit {
+            destination: Destination::Addr(t.destination),
+            len: t.len,
+            segment_size: t.segment_size,
+        })
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next (`None` only before the first
+    /// call to it, which a driver makes right after creating the node).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut next = [
+            self.transport.poll_timeout(),
+            self.lan.as_ref().and_then(LanDiscovery::poll_timeout),
+            self.kad.as_ref().and_then(Kad::poll_timeout),
+            self.push_at,
+            self.sync_at,
+            self.maintain_at,
+        ];
+        next.sort();
+        next.into_iter().flatten().next()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    // ---- internals ----
+
+    fn announced_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.local_addrs.clone();
+        if let Some(observed) = self.observed {
+            if !addrs.contains(&observed) {
+                addrs.insert(0, observed);
+            }
+        }
+        addrs.truncate(control::MAX_MEMBER_ADDRS);
+        addrs
+    }
+
+    /// Moves the sub-machines' outputs and events into the node.
+    fn pump(&mut self, now: Instant) {
+        if let Some(lan) = &mut self.lan {
+            while let Some(beacon) = lan.poll_transmit() {
+                self.out.push_back((Destination::LanBroadcast, beacon));
+            }
+        }
+        if let Some(kad) = &mut self.kad {
+            while let Some((addr, bytes)) = kad.poll_transmit() {
+                self.out.push_back((Destination::Addr(addr), bytes));
+            }
+        }
+        while let Some(event) = self.lan.as_mut().and_then(LanDiscovery::poll_event) {
+            match event {
+                LanEvent::PeerSeen { peer, addrs } => {
+                    if let (Some(kad), Some(addr)) = (&mut self.kad, addrs.first()) {
+                        kad.add_peer(peer, *addr);
+                    }
+                    self.learn(now, peer, &addrs, Duration::ZERO, Source::Lan);
+                }
+                // The member table ages it out unless other news keeps it.
+                LanEvent::PeerExpired { peer } => log::debug!("no beacon from {peer} for a while"),
+            }
+        }
+        while let Some(event) = self.kad.as_mut().and_then(Kad::poll_event) {
+            match event {
+                KadEvent::MemberFound { peer, addrs } => self.learn(now, peer, &addrs, Duration::ZERO, Source::Dht),
+                KadEvent::ObservedAddr(addr) => self.set_observed(addr),
+                other => log::trace!("dht: {other:?}"),
+            }
+        }
+        while let Some(event) = self.transport.poll_event() {
+            self.on_transport_event(now, event);
+        }
+        // Transport events may have produced DHT or beacon output.
+        if let Some(kad) = &mut self.kad {
+            while let Some((addr, bytes)) = kad.poll_transmit() {
+                self.out.push_back((Destination::Addr(addr), bytes));
+            }
+        }
+    }
+
+    fn on_transport_event(&mut self, now: Instant, event: TransportEvent) {
+        match event {
+            TransportEvent::Connected { peer, addr, inbound, .. } => {
+                self.connected.insert(peer, addr);
+                self.dials.remove(&peer);
+                // An address we dialled is known to work; one a peer came from may be a NAT's.
+                let addrs = if inbound { Vec::new() } else { vec![addr] };
+                self.learn(now, peer, &addrs, Duration::ZERO, Source::Connection);
+                let mut members = self.members.gossip(now, None);
+                members.push(self.self_info());
+                let hello = Control::Hello { listen: self.announced_addrs(), observed: addr, members };
+                self.send_control(&peer, &hello);
+                self.events.push_back(NodeEvent::PeerConnected { peer, addr, inbound });
+            }
+            TransportEvent::Disconnected { peer, reason } => {
+                self.connected.remove(&peer);
+                self.events.push_back(NodeEvent::PeerDisconnected { peer, reason: reason.to_string() });
+            }
+            TransportEvent::Message { peer, bytes } => match Control::decode(&bytes) {
+                Ok(msg) => self.on_control(now, peer, msg),
+                Err(e) => {
+                    self.stats.control_rejected += 1;
+                    log::debug!("control message from {peer} dropped: {e}");
+                }
+            },
+            TransportEvent::Datagram { .. } => self.stats.datagrams_unused += 1,
+            TransportEvent::HandshakeFailed { conn, addr, reason } => {
+                self.stats.dials_failed += 1;
+                log::debug!("handshake with {addr} failed: {reason}");
+                if let Some(dial) = self.dials.values_mut().find(|d| d.pending == Some(conn)) {
+                    dial.pending = None;
+                    dial.failures += 1;
+                    let backoff = Duration::from_secs(1u64 << dial.failures.min(6)).min(MAX_DIAL_BACKOFF);
+                    dial.next_attempt = now + backoff;
+                }
+            }
+        }
+    }
+
+    fn on_control(&mut self, now: Instant, from: PeerId, msg: Control) {
+        match msg {
+            Control::Hello { listen, observed, members } => {
+                if !listen.is_empty() {
+                    self.learn(now, from, &listen, Duration::ZERO, Source::Connection);
+                }
+                if observed.port() != 0 && !observed.ip().is_unspecified() {
+                    self.set_observed(observed);
+                }
+                self.learn_gossip(now, members);
+            }
+            Control::Members(members) => self.learn_gossip(now, members),
+        }
+    }
+
+    fn learn_gossip(&mut self, now: Instant, members: Vec<MemberInfo>) {
+        for m in members {
+            self.learn(now, m.peer, &m.addrs, m.age, Source::Gossip);
+        }
+    }
+
+    fn learn(&mut self, now: Instant, peer: PeerId, addrs: &[SocketAddr], age: Duration, source: Source) {
+        match self.members.observe(now, peer, addrs, age, source) {
+            Change::New => {
+                self.events.push_back(NodeEvent::MemberDiscovered { peer, addrs: addrs.to_vec(), source });
+                self.schedule_push(now, peer);
+                // Dial a new member right away when we need neighbours.
+                self.maintain_at = Some(now);
+            }
+            Change::AddrsChanged => self.schedule_push(now, peer),
+            Change::Unchanged | Change::Ignored => {}
+        }
+    }
+
+    fn set_observed(&mut self, addr: SocketAddr) {
+        if self.observed == Some(addr) || self.local_addrs.contains(&addr) {
+            return;
+        }
+        self.observed = Some(addr);
+        self.events.push_back(NodeEvent::ObservedAddr(addr));
+        let announced = self.announced_addrs();
+        if let Some(kad) = &mut self.kad {
+            kad.set_rendezvous_addrs(announced);
+        }
+        self.pending_gossip.insert(self.me);
+    }
+
+    fn schedule_push(&mut self, now: Instant, peer: PeerId) {
+        self.pending_gossip.insert(peer);
+        self.push_at.get_or_insert(now + PUSH_DELAY);
+    }
+
+    fn self_info(&self) -> MemberInfo {
+        MemberInfo { peer: self.me, addrs: self.announced_addrs(), age: Duration::ZERO }
+    }
+
+    /// Sends gossip about members that are new or changed to every neighbour.
+    fn push_gossip(&mut self, now: Instant) {
+        self.push_at = None;
+        if self.pending_gossip.is_empty() || self.connected.is_empty() {
+            return;
+        }
+        let pending: Vec<PeerId> = std::mem::take(&mut self.pending_gossip).into_iter().collect();
+        let mut entries = self.members.gossip(now, Some(&pending));
+        if pending.contains(&self.me) {
+            entries.push(self.self_info());
+        }
+        self.broadcast_members(entries);
+    }
+
+    /// Sends the whole member list to every neighbour.
+    fn sync_all(&mut self, now: Instant) {
+        if self.connected.is_empty() {
+            return;
+        }
+        let mut entries = self.members.gossip(now, None);
+        entries.push(self.self_info());
+        self.broadcast_members(entries);
+    }
+
+    fn broadcast_members(&mut self, entries: Vec<MemberInfo>) {
+        let peers: Vec<PeerId> = self.connected.keys().copied().collect();
+        for chunk in entries.chunks(control::MAX_MEMBERS_PER_MESSAGE) {
+            let msg = Control::Members(chunk.to_vec());
+            for peer in &peers {
+                self.send_control(peer, &msg);
+            }
+        }
+    }
+
+    /// Refreshes first-hand knowledge, forgets silent members and dials neighbours.
+    fn maintain(&mut self, now: Instant) {
+        let live: Vec<PeerId> = self.connected.keys().copied().collect();
+        for peer in live {
+            self.members.observe(now, peer, &[], Duration::ZERO, Source::Connection);
+        }
+        let lan_peers: Vec<(PeerId, Vec<SocketAddr>)> = self
+            .lan
+            .iter()
+            .flat_map(|lan| lan.peers().map(|(p, a)| (*p, a.to_vec())))
+            .collect();
+        for (peer, addrs) in lan_peers {
+            self.members.observe(now, peer, &addrs, Duration::ZERO, Source::Lan);
+        }
+        for peer in self.members.expire(now) {
+            self.dials.remove(&peer);
+            self.events.push_back(NodeEvent::MemberLost { peer });
+        }
+        self.dial_neighbours(now);
+    }
+
+    fn dial_neighbours(&mut self, now: Instant) {
+        let dialing = self.dials.values().filter(|d| d.pending.is_some()).count();
+        let wanted = self.settings.neighbours.saturating_sub(self.connected.len() + dialing);
+        if wanted == 0 {
+            return;
+        }
+        let mut candidates: Vec<(u8, u64, PeerId)> = self
+            .members
+            .iter()
+            .filter(|(peer, m)| {
+                !self.connected.contains_key(peer)
+                    && !m.addrs.is_empty()
+                    && self.dials.get(peer).is_none_or(|d| d.pending.is_none() && d.next_attempt <= now)
+                    && (self.me < **peer || now.saturating_duration_since(m.first_seen) >= DIAL_DEFER)
+            })
+            .map(|(peer, m)| (u8::from(m.source != Source::Lan), 0, *peer))
+            .collect();
+        for c in &mut candidates {
+            c.1 = self.rng.next_u64();
+        }
+        candidates.sort_unstable();
+        for (_, _, peer) in candidates.into_iter().take(wanted) {
+            self.dial(now, peer);
+        }
+    }
+
+    fn dial(&mut self, now: Instant, peer: PeerId) {
+        let Some(member) = self.members.get(&peer) else { return };
+        let failures = self.dials.get(&peer).map_or(0, |d| d.failures);
+        let Some(&addr) = member.addrs.get(failures as usize % member.addrs.len().max(1)) else { return };
+        self.stats.dials += 1;
+        match self.transport.connect(now, addr, Some(peer)) {
+            Ok(conn) => {
+                self.dials.insert(peer, Dial { pending: Some(conn), failures, next_attempt: now });
+            }
+            Err(e) => {
+                log::debug!("cannot dial {peer} at {addr}: {e}");
+                self.stats.dials_failed += 1;
+                let backoff = Duration::from_secs(1u64 << (failures + 1).min(6)).min(MAX_DIAL_BACKOFF);
+                self.dials.insert(peer, Dial { pending: None, failures: failures + 1, next_attempt: now + backoff });
+            }
+        }
+    }
+}
