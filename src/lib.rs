@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod driver;
 pub mod host;
 pub mod identity;
 pub mod logging;

@@ -178,13 +178,8 @@ fn documentation_example_details() {
     assert!(s.is_static());
     assert_eq!(s.address.to_string(), "10.2.0.30/24");
     assert_eq!(s.mtu, 1400);
-    assert_eq!(
-        s.bootstrap_peers,
-        [
-            "/ip4/192.0.2.1/udp/4001/quic-v1",
-            "/dns4/seed.example/udp/4001/quic-v1"
-        ]
-    );
+    let peers: Vec<String> = s.bootstrap_peers.iter().map(ToString::to_string).collect();
+    assert_eq!(peers, ["192.0.2.1:4001", "seed.example:4001"]);
     assert_eq!(
         s.extra.get("EDGEVPNLOWLEVEL").map(String::as_str),
         Some("true")
@@ -246,6 +241,7 @@ p2p:
   network_id: "kairos"
   role: "auto"
   disable_dht: false
+  bootstrap_peers: []
   minimum_nodes: 2
   dynamic_roles: false
   dns: false

@@ -1,5 +1,6 @@
 //! Command-line arguments (argh). Every option documents its default in its help line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use argh::FromArgs;
@@ -27,6 +28,8 @@ pub enum Command {
     CreateConfig(CreateConfigArgs),
     /// `validate`
     Validate(ValidateArgs),
+    /// `agent`
+    Agent(AgentArgs),
     /// `version`
     Version(VersionArgs),
 }
@@ -60,6 +63,24 @@ pub struct ValidateArgs {
     /// (default: the files in /oem and /usr/local/cloud-config, in lexical order)
     #[argh(option)]
     pub config: Vec<PathBuf>,
+}
+
+/// Run the node: join the network of p2p.network_token and stay in it (until SIGINT/SIGTERM).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "agent")]
+pub struct AgentArgs {
+    /// a cloud-config file; repeat for several (default: the files in /oem and
+    /// /usr/local/cloud-config)
+    #[argh(option)]
+    pub config: Vec<PathBuf>,
+
+    /// UDP address of the overlay, QUIC and DHT (default: 0.0.0.0:7120)
+    #[argh(option, default = "default_listen()")]
+    pub listen: SocketAddr,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], crate::node::bootstrap::DEFAULT_OVERLAY_PORT))
 }
 
 /// Print the version.

@@ -1,5 +1,6 @@
 //! The command-line front end: parses arguments and runs one subcommand.
 
+mod agent;
 mod args;
 
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use argh::FromArgs;
 
 pub use args::{Cli, Command};
 
-use crate::config::{self, HostFacts};
+use crate::config::{self, Config, HostFacts};
 use crate::token::{NEVER_ROTATE, NetworkToken};
 use crate::{host, logging};
 
@@ -68,6 +69,7 @@ fn run(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Validate(args) => validate(args.config),
+        Command::Agent(args) => agent::run(&args, cli.state_dir),
         Command::Version(_) => {
             println!("{}", version_line());
             ExitCode::SUCCESS
@@ -108,35 +110,37 @@ pub fn starter_config(token: &NetworkToken) -> String {
 }
 
 fn validate(files: Vec<PathBuf>) -> ExitCode {
-    let sources = if files.is_empty() {
-        config::default_sources()
-    } else {
-        files
-    };
+    match load_config(files) {
+        Ok((cfg, _)) => {
+            print!("{}", cfg.render_effective());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// Loads the configuration from `files` (or Kairos' directories) and prints its warnings; on
+/// errors prints them and gives the exit code.
+fn load_config(files: Vec<PathBuf>) -> Result<(Config, HostFacts), ExitCode> {
+    let sources = if files.is_empty() { config::default_sources() } else { files };
     if sources.is_empty() {
         eprintln!("no cloud-config found in /oem or /usr/local/cloud-config; pass --config FILE");
-        return ExitCode::from(EXIT_USAGE);
+        return Err(ExitCode::from(EXIT_USAGE));
     }
     let host = host::read_host_facts().unwrap_or_else(|e| {
-        log::warn!(
-            "cannot read this machine's id or hostname ({e}); templates expand to empty strings"
-        );
-        HostFacts {
-            machine_id: String::new(),
-            hostname: String::new(),
-        }
+        log::warn!("cannot read this machine's id or hostname ({e}); templates expand to empty strings");
+        HostFacts { machine_id: String::new(), hostname: String::new() }
     });
     match config::load(&sources, &host) {
         Ok(cfg) => {
             for warning in &cfg.warnings {
                 eprintln!("warning: {warning}");
             }
-            print!("{}", cfg.render_effective());
-            ExitCode::SUCCESS
+            Ok((cfg, host))
         }
         Err(errors) => {
             eprintln!("{errors}");
-            ExitCode::from(EXIT_USAGE)
+            Err(ExitCode::from(EXIT_USAGE))
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `p2p.ha` is an alias of `p2p.auto.ha`: within one file `p2p.auto.ha` wins key by key, and the
 //! result then overrides earlier files like any other key.
 
+use crate::node::bootstrap::{self, BootstrapPeer};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -44,6 +45,7 @@ pub(super) struct P2pLayer {
     pub(super) network_id: Option<String>,
     pub(super) role: Option<Role>,
     pub(super) disable_dht: Option<bool>,
+    pub(super) bootstrap_peers: Option<Vec<BootstrapPeer>>,
     pub(super) minimum_nodes: Option<u32>,
     pub(super) dynamic_roles: Option<bool>,
     pub(super) dns: Option<bool>,
@@ -193,6 +195,18 @@ impl P2pLayer {
                 }
                 "role" => out.role = parsed(ctx, value, &p),
                 "disable_dht" => out.disable_dht = boolean(ctx, value, &p),
+                "bootstrap_peers" => {
+                    out.bootstrap_peers = read::text_list(ctx, value, &p).map(|entries| {
+                        entries
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, e)| {
+                                let parsed = bootstrap::parse(e).map_err(|e| e.to_string());
+                                ctx.check(&p.index(i), parsed)
+                            })
+                            .collect()
+                    });
+                }
                 "minimum_nodes" => out.minimum_nodes = count(ctx, value, &p),
                 "dynamic_roles" => out.dynamic_roles = boolean(ctx, value, &p),
                 "dns" => out.dns = boolean(ctx, value, &p),
@@ -233,6 +247,7 @@ impl P2pLayer {
         set(&mut self.network_id, later.network_id);
         set(&mut self.role, later.role);
         set(&mut self.disable_dht, later.disable_dht);
+        set(&mut self.bootstrap_peers, later.bootstrap_peers);
         set(&mut self.minimum_nodes, later.minimum_nodes);
         set(&mut self.dynamic_roles, later.dynamic_roles);
         set(&mut self.dns, later.dns);

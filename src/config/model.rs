@@ -1,6 +1,7 @@
 //! The typed configuration, every default resolved, and the resolution of merged file settings
 //! into it.
 
+use crate::node::bootstrap::BootstrapPeer;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -48,6 +49,8 @@ pub struct P2pConfig {
     pub role: Role,
     /// LAN-only discovery: no DHT.
     pub disable_dht: bool,
+    /// `p2p.bootstrap_peers` (ours): DHT bootstrap peers, added to `EDGEVPNBOOTSTRAPPEERS`.
+    pub bootstrap_peers: Vec<BootstrapPeer>,
     /// Nodes to wait for before forming the cluster (0 in the file means 2).
     pub minimum_nodes: u32,
     /// Let the leader change roles after they are set.
@@ -316,6 +319,7 @@ pub(super) fn resolve(layer: Layer, sources: Vec<PathBuf>, diags: &mut Diagnosti
             network_id: non_empty(p2p.network_id).unwrap_or_else(|| DEFAULT_NETWORK_ID.to_owned()),
             role: p2p.role.unwrap_or_default(),
             disable_dht,
+            bootstrap_peers: p2p.bootstrap_peers.unwrap_or_default(),
             minimum_nodes: match p2p.minimum_nodes.unwrap_or(0) {
                 0 => DEFAULT_MINIMUM_NODES,
                 n => n,

@@ -10,6 +10,7 @@ pub(super) const P2P: &[&str] = &[
     "network_id",
     "role",
     "disable_dht",
+    "bootstrap_peers",
     "minimum_nodes",
     "dynamic_roles",
     "dns",

@@ -10,6 +10,7 @@
 //! default is `:8080`, every interface) and must be a loopback address: the API has no
 //! authentication. `p2p.disable_dht: true` turns the DHT off whatever `EDGEVPNDHT` says.
 
+use crate::node::bootstrap::{self, BootstrapPeer};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -92,8 +93,8 @@ pub struct VpnSettings {
     pub dht: bool,
     /// `EDGEVPNMDNS`: discovery on the local network.
     pub mdns: bool,
-    /// `EDGEVPNBOOTSTRAPPEERS`: bootstrap peer addresses, unparsed, in order.
-    pub bootstrap_peers: Vec<String>,
+    /// `EDGEVPNBOOTSTRAPPEERS`: bootstrap peers (`host:port` or multiaddr), in order.
+    pub bootstrap_peers: Vec<BootstrapPeer>,
     /// `APILISTEN`: where the local API listens (always loopback).
     pub api_listen: SocketAddr,
     /// Other variables, kept but not used.
@@ -133,7 +134,7 @@ pub(super) struct EnvLayer {
     mtu: Option<u16>,
     dht: Option<bool>,
     mdns: Option<bool>,
-    bootstrap_peers: Option<Vec<String>>,
+    bootstrap_peers: Option<Vec<BootstrapPeer>>,
     api_listen: Option<SocketAddr>,
     extra: BTreeMap<String, String>,
 }
@@ -273,14 +274,16 @@ fn parse_mtu(s: &str) -> Result<u16, String> {
 }
 
 /// A comma- and/or blank-separated list; empty entries (`a,,b`, a trailing comma) are errors.
-fn parse_peers(s: &str) -> Result<Vec<String>, String> {
+fn parse_peers(s: &str) -> Result<Vec<BootstrapPeer>, String> {
     if s.trim().is_empty() {
         return Ok(Vec::new());
     }
     let mut peers = Vec::new();
     for (i, part) in s.split(',').enumerate() {
         let before = peers.len();
-        peers.extend(part.split_whitespace().map(str::to_owned));
+        for entry in part.split_whitespace() {
+            peers.push(bootstrap::parse(entry).map_err(|e| e.to_string())?);
+        }
         if peers.len() == before {
             return Err(format!("entry {} of the list is empty", i + 1));
         }
@@ -383,9 +386,18 @@ mod tests {
         assert_eq!(parse_bool("YES"), Ok(true));
         assert_eq!(parse_bool("0"), Ok(false));
         assert!(parse_bool("perhaps").is_err());
+        let peers: Vec<String> = parse_peers("1.2.3.4:1, /dns/x/udp/2  /ip6/::1/udp/3")
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(peers, ["1.2.3.4:1", "x:2", "[::1]:3"]);
+        assert!(parse_peers("/ip4/1.2.3.4/tcp/1").unwrap_err().contains("TCP multiaddr"));
         assert_eq!(
-            parse_peers("/ip4/1.2.3.4/tcp/1, /dns/x/udp/2  /ip6/::1/udp/3").unwrap(),
-            ["/ip4/1.2.3.4/tcp/1", "/dns/x/udp/2", "/ip6/::1/udp/3"]
+            parse_peers("")
+                .unwrap()
+                .len(),
+            0
         );
         assert_eq!(parse_peers("  "), Ok(vec![]));
         assert_eq!(

@@ -41,7 +41,7 @@ impl ShutdownSignal {
         for signal in [libc::SIGINT, libc::SIGTERM] {
             // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
             let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-            action.sa_sigaction = on_signal as usize;
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as *const () as usize;
             action.sa_flags = libc::SA_RESTART;
             // SAFETY: installing a handler that only calls write(2).
             if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {

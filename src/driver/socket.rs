@@ -2,7 +2,7 @@
 
 use std::io;
 use std::mem;
-use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 /// How a socket is set up before `bind`.
@@ -44,11 +44,6 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocke
     // SAFETY: `storage` holds a valid sockaddr of `len` bytes for this family.
     cvt(unsafe { libc::bind(raw, (&raw const storage).cast(), len) })?;
     Ok(socket)
-}
-
-/// Joins an IPv6 multicast group on one interface (by index).
-pub fn join_multicast_v6(socket: &UdpSocket, group: &Ipv6Addr, ifindex: u32) -> io::Result<()> {
-    socket.join_multicast_v6(group, ifindex)
 }
 
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {

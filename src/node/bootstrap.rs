@@ -42,6 +42,24 @@ impl BootstrapPeer {
     }
 }
 
+impl fmt::Display for BootstrapPeer {
+    /// `host:port`, or the multiaddr form when the entry names a peer id (both parse back).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.host, &self.peer) {
+            (BootstrapHost::Ip(ip), None) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
+            (BootstrapHost::Name(name), None) => write!(f, "{name}:{}", self.port),
+            (host, Some(peer)) => {
+                match host {
+                    BootstrapHost::Ip(IpAddr::V4(ip)) => write!(f, "/ip4/{ip}")?,
+                    BootstrapHost::Ip(IpAddr::V6(ip)) => write!(f, "/ip6/{ip}")?,
+                    BootstrapHost::Name(name) => write!(f, "/dns/{name}")?,
+                }
+                write!(f, "/udp/{}/quic-v1/p2p/{peer}", self.port)
+            }
+        }
+    }
+}
+
 /// Why a bootstrap entry did not parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapError {
@@ -170,6 +188,15 @@ mod tests {
         ];
         for (entry, host, port, peer) in cases {
             assert_eq!(parse(entry), Ok(BootstrapPeer { host, port, peer }), "{entry}");
+        }
+    }
+
+    #[test]
+    fn printed_forms_parse_back() {
+        let id = Identity::from_seed([2; 32]).peer_id();
+        for entry in ["192.0.2.1:7000", "[2001:db8::1]:9", "seed.example.org:7120", &format!("/ip6/2001:db8::3/udp/5/quic-v1/p2p/{id}"), &format!("/dns/seed/udp/5/quic-v1/p2p/{id}")] {
+            let peer = parse(entry).unwrap();
+            assert_eq!(parse(&peer.to_string()).unwrap(), peer, "{entry}");
         }
     }
 

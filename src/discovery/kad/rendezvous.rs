@@ -57,6 +57,13 @@ impl Kad {
         self.set_rendezvous_addrs(addrs);
     }
 
+    /// Members of our network found so far (peer id, addresses from its newest record).
+    pub fn rendezvous_members(&self) -> impl Iterator<Item = (&PeerId, &[SocketAddr])> {
+        self.rendezvous
+            .iter()
+            .flat_map(|rv| rv.members.iter().map(|(p, (_, a))| (p, a.as_slice())))
+    }
+
     /// Changes the addresses announced in our rendezvous record (re-published at once).
     pub fn set_rendezvous_addrs(&mut self, addrs: Vec<SocketAddr>) {
         let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());

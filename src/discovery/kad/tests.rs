@@ -365,6 +365,11 @@ fn rendezvous_scenario(seed: u64, loss: f64, limit: Duration) -> Duration {
                 .collect();
             for m in own {
                 let found = net.members_found(*m);
+                let known: BTreeMap<PeerId, Vec<SocketAddr>> = net.nodes[m]
+                    .rendezvous_members()
+                    .map(|(p, a)| (*p, a.to_vec()))
+                    .collect();
+                assert_eq!(known, found, "events and state agree");
                 let me = net.nodes[m].peer_id();
                 assert!(
                     !found.contains_key(&me),

@@ -1,0 +1,98 @@
+//! `kairos-p2p agent`: load the configuration, bring the node up and run the event loop.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::args::AgentArgs;
+use super::{EXIT_FAILURE, EXIT_USAGE, load_config};
+use crate::config::Config;
+use crate::driver::{self, DriverSettings};
+use crate::identity::{self, Identity, PeerId};
+use crate::node::bootstrap::{BootstrapHost, BootstrapPeer};
+use crate::node::{Node, NodeSettings};
+use crate::{host, logging};
+
+/// Runs the agent until a signal stops it.
+pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
+    let (cfg, host_facts) = match load_config(args.config.clone()) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    logging::init(logging::effective_level(
+        cfg.p2p.loglevel.level_filter(),
+        std::env::var(logging::LOG_ENV).ok().as_deref(),
+    ));
+    let Some(token) = cfg.p2p.network_token.clone() else {
+        log::info!("p2p.network_token is not set: nothing to do (P2P is off)");
+        return ExitCode::SUCCESS;
+    };
+    let state_dir = identity::resolve_state_dir(state_dir, std::env::var(identity::STATE_DIR_ENV).ok());
+    let identity = match Identity::load_or_create(&state_dir) {
+        Ok(identity) => identity,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let uuid = host::node_uuid(std::env::var("UUID").ok(), &host_facts);
+    log::info!("node {uuid} in network {:?}", cfg.p2p.network_id);
+
+    let mut settings = NodeSettings::for_token(&token);
+    settings.lan = cfg.p2p.vpn.settings.mdns;
+    settings.dht = cfg.p2p.vpn.settings.dht;
+    settings.bootstrap = resolve_bootstrap(&cfg);
+    if settings.dht && settings.bootstrap.is_empty() {
+        log::info!("DHT on without bootstrap peers: it grows from the LAN neighbours found");
+    }
+    let seed = match getrandom::u64() {
+        Ok(seed) => seed,
+        Err(e) => {
+            log::error!("system random generator failed: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let node = match Node::new(&identity, &token, settings, seed) {
+        Ok(node) => node,
+        Err(e) => {
+            log::error!("cannot start the overlay: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let driver_settings = DriverSettings {
+        listen: args.listen,
+        lan: cfg.p2p.vpn.settings.mdns,
+        exclude_interfaces: vec![cfg.p2p.vpn.settings.iface.clone()],
+    };
+    match driver::run(node, &driver_settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Bootstrap peers from `p2p.bootstrap_peers` and `EDGEVPNBOOTSTRAPPEERS`; host names are
+/// resolved once here (a static build resolves through /etc/hosts and DNS servers only where
+/// glibc can without NSS modules: prefer addresses).
+fn resolve_bootstrap(cfg: &Config) -> Vec<(SocketAddr, Option<PeerId>)> {
+    let entries = cfg.p2p.bootstrap_peers.iter().chain(&cfg.p2p.vpn.settings.bootstrap_peers);
+    let mut out = Vec::new();
+    for entry in entries {
+        match resolve(entry) {
+            Ok(addrs) => out.extend(addrs.into_iter().map(|a| (a, entry.peer))),
+            Err(e) => log::warn!("bootstrap peer {entry}: {e}"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn resolve(entry: &BootstrapPeer) -> std::io::Result<Vec<SocketAddr>> {
+    match &entry.host {
+        BootstrapHost::Ip(ip) => Ok(vec![SocketAddr::new(*ip, entry.port)]),
+        BootstrapHost::Name(name) => Ok((name.as_str(), entry.port).to_socket_addrs()?.collect()),
+    }
+}

@@ -1,0 +1,276 @@
+//! The only code that touches the OS for the overlay: one thread, one `mio::Poll`, the UDP
+//! sockets, the timers and the shutdown signal, feeding the sans-IO [`Node`].
+
+pub mod interfaces;
+pub mod signal;
+pub mod socket;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::UdpSocket;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::discovery::lan::{BEACON_MULTICAST_V6, BEACON_PORT};
+use crate::node::{Destination, Node, NodeEvent};
+use signal::ShutdownSignal;
+use socket::{SocketOptions, bind_udp};
+
+const OVERLAY: Token = Token(0);
+const BEACON_V4: Token = Token(1);
+const BEACON_V6: Token = Token(2);
+const SIGNAL: Token = Token(3);
+
+/// Datagrams read from one socket per wake-up before the others get their turn.
+const MAX_READS_PER_WAKE: usize = 256;
+/// How often interface addresses are re-read (DHCP renewals, cables plugged in).
+const INTERFACE_REFRESH: Duration = Duration::from_secs(2);
+/// Largest UDP payload we receive.
+const RECV_BUF: usize = 65_536;
+
+/// How the driver binds and what it may use.
+#[derive(Debug, Clone)]
+pub struct DriverSettings {
+    /// The overlay socket (QUIC and DHT), e.g. `0.0.0.0:7120`.
+    pub listen: SocketAddr,
+    /// Receive and send LAN beacons.
+    pub lan: bool,
+    /// Interfaces never announced nor used for beacons (our own TUN device).
+    pub exclude_interfaces: Vec<String>,
+}
+
+/// Why the driver stopped with an error.
+#[derive(Debug)]
+pub enum DriverError {
+    /// A socket could not be bound.
+    Bind(SocketAddr, io::Error),
+    /// The poller or the signal pipe failed.
+    Os(io::Error),
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bind(addr, e) => write!(f, "cannot bind UDP {addr}: {e}"),
+            Self::Os(e) => write!(f, "event loop: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DriverError {}
+
+struct Sockets {
+    overlay: UdpSocket,
+    beacon_v4: Option<UdpSocket>,
+    beacon_v6: Option<UdpSocket>,
+}
+
+/// Runs `node` until SIGINT or SIGTERM, then closes its connections and returns.
+pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError> {
+    let mut poll = Poll::new().map_err(DriverError::Os)?;
+    let mut sockets = bind_sockets(settings)?;
+    let registry = poll.registry();
+    registry.register(&mut sockets.overlay, OVERLAY, Interest::READABLE).map_err(DriverError::Os)?;
+    if let Some(s) = &mut sockets.beacon_v4 {
+        registry.register(s, BEACON_V4, Interest::READABLE).map_err(DriverError::Os)?;
+    }
+    if let Some(s) = &mut sockets.beacon_v6 {
+        registry.register(s, BEACON_V6, Interest::READABLE).map_err(DriverError::Os)?;
+    }
+    let mut shutdown = ShutdownSignal::install().map_err(DriverError::Os)?;
+    registry
+        .register(&mut SourceFd(&shutdown.raw_fd()), SIGNAL, Interest::READABLE)
+        .map_err(DriverError::Os)?;
+
+    let port = sockets.overlay.local_addr().map_err(DriverError::Os)?.port();
+    log::info!("peer id {}, overlay on UDP {}:{port}", node.peer_id(), settings.listen.ip());
+    let mut events = Events::with_capacity(64);
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut out = Vec::with_capacity(RECV_BUF);
+    let mut targets = Vec::new();
+    let mut next_refresh = Instant::now();
+    let (now, unix) = clocks();
+    node.handle_timeout(now, unix);
+
+    loop {
+        let now = Instant::now();
+        if now >= next_refresh {
+            let addrs = interfaces::list(&exclude(settings)).unwrap_or_else(|e| {
+                log::warn!("cannot list interfaces: {e}");
+                Vec::new()
+            });
+            targets = beacon_targets(&addrs, &sockets);
+            node.set_local_addrs(now, announced(&addrs, settings.listen, port));
+            next_refresh = now + INTERFACE_REFRESH;
+        }
+        flush(&mut node, &sockets, &targets, &mut out);
+        drain_events(&mut node);
+        let timeout = node
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(INTERFACE_REFRESH)
+            .min(next_refresh.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(DriverError::Os(e));
+            }
+        }
+        let (now, unix) = clocks();
+        for event in &events {
+            match event.token() {
+                OVERLAY => read_all(&mut node, &sockets.overlay, &mut buf, now, unix),
+                BEACON_V4 => sockets.beacon_v4.iter().for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
+                BEACON_V6 => sockets.beacon_v6.iter().for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
+                SIGNAL => {
+                    if let Some(signal) = shutdown.take() {
+                        log::info!("signal {signal}: closing connections and stopping");
+                        node.shutdown(now);
+                        flush(&mut node, &sockets, &targets, &mut out);
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if node.poll_timeout().is_some_and(|t| t <= now) {
+            node.handle_timeout(now, unix);
+        }
+    }
+}
+
+fn clocks() -> (Instant, u64) {
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    (Instant::now(), unix)
+}
+
+fn exclude(settings: &DriverSettings) -> Vec<&str> {
+    settings.exclude_interfaces.iter().map(String::as_str).collect()
+}
+
+fn bind_sockets(settings: &DriverSettings) -> Result<Sockets, DriverError> {
+    let overlay = bind_udp(settings.listen, SocketOptions { reuse: false, broadcast: false })
+        .map_err(|e| DriverError::Bind(settings.listen, e))?;
+    let mut sockets = Sockets { overlay: UdpSocket::from_std(overlay), beacon_v4: None, beacon_v6: None };
+    if settings.lan {
+        let opts = SocketOptions { reuse: true, broadcast: true };
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BEACON_PORT));
+        sockets.beacon_v4 = Some(UdpSocket::from_std(bind_udp(v4, opts).map_err(|e| DriverError::Bind(v4, e))?));
+        // IPv6 is optional: hosts with it disabled still discover over IPv4.
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, BEACON_PORT));
+        match bind_udp(v6, opts) {
+            Ok(s) => sockets.beacon_v6 = Some(UdpSocket::from_std(s)),
+            Err(e) => log::debug!("no IPv6 beacons: {e}"),
+        }
+    }
+    Ok(sockets)
+}
+
+/// Where beacons go: each interface's IPv4 broadcast address, and the IPv6 group on each
+/// interface (joined on the way, best effort).
+fn beacon_targets(addrs: &[interfaces::InterfaceAddr], sockets: &Sockets) -> Vec<SocketAddr> {
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    for a in addrs {
+        if let Some(b) = a.broadcast {
+            targets.push(SocketAddr::from((b, BEACON_PORT)));
+        }
+        if let (IpAddr::V6(ip), Some(s)) = (a.ip, &sockets.beacon_v6) {
+            if is_link_local_v6(&ip) {
+                // Joining again after a refresh fails harmlessly (EADDRINUSE).
+                let _ = s.join_multicast_v6(&BEACON_MULTICAST_V6, a.index);
+                targets.push(SocketAddr::V6(std::net::SocketAddrV6::new(BEACON_MULTICAST_V6, BEACON_PORT, 0, a.index)));
+            }
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    targets
+}
+
+fn is_link_local_v6(ip: &Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Addresses to announce: the listen address if specific, else every IPv4 and global IPv6
+/// interface address, with the overlay port.
+fn announced(addrs: &[interfaces::InterfaceAddr], listen: SocketAddr, port: u16) -> Vec<SocketAddr> {
+    if !listen.ip().is_unspecified() {
+        return vec![SocketAddr::new(listen.ip(), port)];
+    }
+    let mut out: Vec<SocketAddr> = addrs
+        .iter()
+        .filter(|a| match a.ip {
+            IpAddr::V4(_) => listen.is_ipv4(),
+            IpAddr::V6(ip) => listen.is_ipv6() && !is_link_local_v6(&ip),
+        })
+        .map(|a| SocketAddr::new(a.ip, port))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, unix: u64) {
+    for _ in 0..MAX_READS_PER_WAKE {
+        match socket.recv_from(buf) {
+            Ok((n, from)) => {
+                if let Some(bytes) = buf.get(..n) {
+                    node.handle_datagram(now, unix, from, None, bytes);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // ICMP errors surface here (port unreachable): the peer's problem, not ours.
+            Err(e) => log::trace!("recv: {e}"),
+        }
+    }
+}
+
+fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut Vec<u8>) {
+    let now = Instant::now();
+    while let Some(t) = node.poll_transmit(now, out) {
+        let Some(payload) = out.get(..t.len) else { continue };
+        match t.destination {
+            Destination::Addr(addr) => match t.segment_size {
+                Some(size) if size > 0 => payload.chunks(size).for_each(|p| send(&sockets.overlay, p, addr)),
+                _ => send(&sockets.overlay, payload, addr),
+            },
+            Destination::LanBroadcast => {
+                for target in targets {
+                    let socket = match target {
+                        SocketAddr::V4(_) => sockets.beacon_v4.as_ref(),
+                        SocketAddr::V6(_) => sockets.beacon_v6.as_ref(),
+                    };
+                    if let Some(s) = socket {
+                        send(s, payload, *target);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {
+    // A full socket buffer drops the packet, as the network would; QUIC retransmits.
+    if let Err(e) = socket.send_to(payload, to) {
+        log::trace!("send to {to}: {e}");
+    }
+}
+
+fn drain_events(node: &mut Node) {
+    while let Some(event) = node.poll_event() {
+        match event {
+            NodeEvent::MemberDiscovered { peer, addrs, source } => {
+                log::info!("member {peer} discovered ({source:?}) at {addrs:?}");
+            }
+            NodeEvent::MemberLost { peer } => log::info!("member {peer} lost"),
+            NodeEvent::PeerConnected { peer, addr, inbound } => {
+                let way = if inbound { "from" } else { "to" };
+                log::info!("connected {way} {peer} at {addr}");
+            }
+            NodeEvent::PeerDisconnected { peer, reason } => log::info!("disconnected from {peer}: {reason}"),
+            NodeEvent::ObservedAddr(addr) => log::info!("peers see this node at {addr}"),
+        }
+    }
+}

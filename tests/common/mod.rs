@@ -1,0 +1,170 @@
+//! A small network lab for end-to-end tests: network namespaces made by the test, joined by a
+//! bridge, each running real agents. Everything is named after the test process id and removed
+//! on drop (children killed by pid, namespaces deleted by name).
+
+#![allow(dead_code)] // Each test binary uses part of the lab.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Runs a command, failing with its stderr when it does not succeed.
+pub fn sh(args: &[&str]) -> io::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// Whether this machine lets us build namespaces (root with iproute2). Tests that need them
+/// say so and fail when it does not: CI runs as root.
+pub fn require_netns() {
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let probe = format!("kp-probe-{}-{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed));
+    sh(&["ip", "netns", "add", &probe]).expect("these tests need root and iproute2 (ip netns)");
+    sh(&["ip", "netns", "del", &probe]).expect("ip netns del");
+}
+
+/// A lab: one hub namespace with a bridge, hosts attached to it.
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+    hub: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+/// One host of the lab.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub ns: String,
+    pub ip: String,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    /// A fresh lab named after the test and this process.
+    pub fn new(test: &str) -> Lab {
+        require_netns();
+        static LABS: AtomicUsize = AtomicUsize::new(0);
+        let lab_id = LABS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("kp{}x{lab_id}{}", std::process::id() % 100_000, short(test));
+        let hub = format!("{name}-hub");
+        let dir = std::env::temp_dir().join(format!("kairos-p2p-lab-{name}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        sh(&["ip", "netns", "add", &hub]).unwrap();
+        let lab = Lab { name, dir, hub: hub.clone(), namespaces: vec![hub.clone()], children: Vec::new() };
+        lab.exec_ok(&hub, &["ip", "link", "add", "br0", "type", "bridge"]);
+        lab.exec_ok(&hub, &["ip", "link", "set", "br0", "up"]);
+        lab.exec_ok(&hub, &["ip", "link", "set", "lo", "up"]);
+        lab
+    }
+
+    /// Runs a command inside a namespace, panicking on failure.
+    pub fn exec_ok(&self, ns: &str, args: &[&str]) {
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(args);
+        sh(&full).unwrap();
+    }
+
+    /// Adds host `index` with address `ip` (CIDR) on the bridge.
+    pub fn add_host(&mut self, index: usize, cidr: &str) -> Host {
+        let ns = format!("{}-h{index}", self.name);
+        sh(&["ip", "netns", "add", &ns]).unwrap();
+        self.namespaces.push(ns.clone());
+        let outer = format!("v{}h{index}", self.name.trim_start_matches("kp"));
+        sh(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns]).unwrap();
+        sh(&["ip", "link", "set", &outer, "netns", &self.hub]).unwrap();
+        self.exec_ok(&self.hub, &["ip", "link", "set", &outer, "master", "br0", "up"]);
+        self.exec_ok(&ns, &["ip", "link", "set", "lo", "up"]);
+        self.exec_ok(&ns, &["ip", "addr", "add", cidr, "dev", "eth0"]);
+        // Without a route for broadcast beacons to 255.255.255.255 the kernel says unreachable.
+        self.exec_ok(&ns, &["ip", "link", "set", "eth0", "up"]);
+        self.exec_ok(&ns, &["ip", "route", "add", "default", "dev", "eth0"]);
+        let dir = self.dir.join(format!("h{index}"));
+        fs::create_dir_all(&dir).unwrap();
+        Host { ns, ip: cidr.split('/').next().unwrap().to_string(), dir }
+    }
+
+    /// Starts `kairos-p2p <args>` inside the host's namespace, logging to `<dir>/agent.log`.
+    pub fn spawn(&mut self, host: &Host, args: &[&str]) -> usize {
+        let log = fs::OpenOptions::new().create(true).append(true).open(host.dir.join("agent.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
+            .args(args)
+            .env("KAIROS_P2P_STATE_DIR", host.dir.join("state"))
+            .env("KAIROS_P2P_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Stops child `index` with SIGTERM and waits for it.
+    pub fn stop(&mut self, index: usize) -> std::process::ExitStatus {
+        let child = &mut self.children[index];
+        let _ = sh(&["kill", "-TERM", &child.id().to_string()]);
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+/// Writes a cloud-config for a test.
+pub fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, body).unwrap();
+    path
+}
+
+/// A fresh network token from the binary under test.
+pub fn generate_token() -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kairos-p2p")).arg("generate-token").output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Polls `check` until it holds or `limit` passes; returns how long it took.
+pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Lines of a host's agent log containing `needle`.
+pub fn log_lines(host: &Host, needle: &str) -> Vec<String> {
+    fs::read_to_string(host.dir.join("agent.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+fn short(test: &str) -> String {
+    test.chars().filter(char::is_ascii_alphanumeric).take(4).collect()
+}

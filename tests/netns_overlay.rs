@@ -1,0 +1,92 @@
+//! Real agents in network namespaces made by the test: discovery and encrypted connections over
+//! real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Lab, generate_token, log_lines, wait_for, write_config};
+
+fn peer_id_of(host: &common::Host) -> Option<String> {
+    let line = log_lines(host, "peer id ").into_iter().next()?;
+    let rest = line.split("peer id ").nth(1)?;
+    Some(rest.split(',').next()?.to_string())
+}
+
+#[test]
+fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
+    let mut lab = Lab::new("lan3");
+    let token = generate_token();
+    let config = write_config(
+        &lab.dir,
+        "config.yaml",
+        &format!("#cloud-config\np2p:\n  network_token: \"{token}\"\n  disable_dht: true\n"),
+    );
+    let hosts: Vec<_> = (1..=3).map(|i| lab.add_host(i, &format!("10.77.0.{i}/24"))).collect();
+    for h in &hosts {
+        lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
+    }
+    let ids: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            wait_for(Duration::from_secs(10), || peer_id_of(h).is_some()).expect("agent started");
+            peer_id_of(h).unwrap()
+        })
+        .collect();
+    let meshed = wait_for(Duration::from_secs(20), || {
+        hosts.iter().enumerate().all(|(i, h)| {
+            let connected = log_lines(h, "connected ");
+            ids.iter().enumerate().filter(|(j, _)| *j != i).all(|(_, id)| connected.iter().any(|l| l.contains(id.as_str())))
+        })
+    });
+    let elapsed = meshed.unwrap_or_else(|| {
+        for h in &hosts {
+            eprintln!("--- {} ---\n{}", h.ns, std::fs::read_to_string(h.dir.join("agent.log")).unwrap_or_default());
+        }
+        panic!("the three agents did not all connect to each other");
+    });
+    eprintln!("3 agents meshed {elapsed:?} after their peer ids appeared");
+    for (i, h) in hosts.iter().enumerate() {
+        let discovered = log_lines(h, "discovered");
+        for (j, id) in ids.iter().enumerate() {
+            let found = discovered.iter().any(|l| l.contains(id.as_str()));
+            assert_eq!(found, i != j, "{}: member {id} discovered", h.ns);
+        }
+        assert!(log_lines(h, " ERROR ").is_empty(), "{}: no errors", h.ns);
+    }
+    // A clean stop on SIGTERM.
+    for i in 0..hosts.len() {
+        assert!(lab.stop(i).success());
+    }
+}
+
+#[test]
+fn an_agent_with_another_token_never_connects() {
+    let mut lab = Lab::new("tok");
+    let good = write_config(
+        &lab.dir,
+        "good.yaml",
+        &format!("#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n", generate_token()),
+    );
+    let bad = write_config(
+        &lab.dir,
+        "bad.yaml",
+        &format!("#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n", generate_token()),
+    );
+    let a = lab.add_host(1, "10.78.0.1/24");
+    let b = lab.add_host(2, "10.78.0.2/24");
+    let outsider = lab.add_host(3, "10.78.0.3/24");
+    lab.spawn(&a, &["agent", "--config", good.to_str().unwrap()]);
+    lab.spawn(&b, &["agent", "--config", good.to_str().unwrap()]);
+    lab.spawn(&outsider, &["agent", "--config", bad.to_str().unwrap()]);
+    wait_for(Duration::from_secs(20), || !log_lines(&a, "connected ").is_empty() && !log_lines(&b, "connected ").is_empty())
+        .expect("the two members connect");
+    // Give the outsider several beacon rounds.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(log_lines(&outsider, "connected ").is_empty(), "the outsider connected to someone");
+    assert!(log_lines(&outsider, "discovered").is_empty(), "the outsider decoded a beacon");
+    let outsider_id = peer_id_of(&outsider).unwrap();
+    for member in [&a, &b] {
+        assert!(log_lines(member, &outsider_id).is_empty(), "{} heard of the outsider", member.ns);
+    }
+}
