@@ -6,11 +6,13 @@
 //!   non-members from even seeing a certificate, cipher-suite choice per CPU.
 //! - [`transport`]: [`Transport`], one quinn-proto endpoint and one connection per peer:
 //!   control messages on unidirectional streams, VPN packets as QUIC DATAGRAM frames.
+//! - [`relay`]: virtual addresses and frames for connections relayed through a third member.
 //!
 //! Nothing here opens a socket, reads a clock or spawns a thread: every call takes `now`, and
 //! randomness comes from the seed given to [`Transport::new`].
 
 pub mod cert;
+pub mod relay;
 pub mod tls;
 pub mod transport;
 

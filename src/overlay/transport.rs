@@ -51,6 +51,7 @@
 //! address can make us send. Not done: Retry-based address validation (its tokens read the
 //! system clock inside quinn-proto; it would need a `TimeSource` fed from `now`).
 
+use super::relay::{self, RELAYED_MTU};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::mem;
@@ -624,6 +625,8 @@ pub struct Transport {
     tls: TlsContext,
     server_base: ServerConfig,
     transport_config: Arc<TransportConfig>,
+    /// The same with the smaller MTU of relayed paths ([`relay::RELAYED_MTU`]).
+    relayed_transport_config: Arc<TransportConfig>,
     conns: BTreeMap<ConnectionHandle, Conn>,
     by_peer: BTreeMap<PeerId, ConnectionHandle>,
     events: VecDeque<TransportEvent>,
@@ -690,16 +693,20 @@ impl Transport {
             return invalid("idle_timeout", "too long");
         };
 
-        let mut transport = TransportConfig::default();
-        transport
-            .max_idle_timeout(Some(idle))
-            .keep_alive_interval(settings.keep_alive)
-            .initial_mtu(settings.initial_mtu)
-            .datagram_receive_buffer_size(Some(settings.datagram_receive_buffer))
-            .datagram_send_buffer_size(settings.datagram_send_buffer)
-            .max_concurrent_bidi_streams(VarInt::from_u32(0))
-            .max_concurrent_uni_streams(VarInt::from_u32(settings.max_concurrent_streams));
-        let transport = Arc::new(transport);
+        let quic_config = |mtu: u16| {
+            let mut config = TransportConfig::default();
+            config
+                .max_idle_timeout(Some(idle))
+                .keep_alive_interval(settings.keep_alive)
+                .initial_mtu(mtu)
+                .datagram_receive_buffer_size(Some(settings.datagram_receive_buffer))
+                .datagram_send_buffer_size(settings.datagram_send_buffer)
+                .max_concurrent_bidi_streams(VarInt::from_u32(0))
+                .max_concurrent_uni_streams(VarInt::from_u32(settings.max_concurrent_streams));
+            Arc::new(config)
+        };
+        let transport = quic_config(settings.initial_mtu);
+        let relayed_transport_config = quic_config(RELAYED_MTU.min(settings.initial_mtu));
 
         let tls = TlsContext::new(
             identity.signing_key(),
@@ -751,6 +758,7 @@ impl Transport {
             tls,
             server_base: server,
             transport_config: transport,
+            relayed_transport_config,
             conns: BTreeMap::new(),
             by_peer: BTreeMap::new(),
             events: VecDeque::new(),
@@ -902,7 +910,16 @@ impl Transport {
         self.tls.set_window(window);
     }
 
-    /// Dials `addr`. If `expected` is given, the handshake fails (before we present our
+    /// The QUIC transport parameters for a path to `addr`: relayed paths carry smaller packets.
+    fn transport_config_for(&self, addr: &SocketAddr) -> Arc<TransportConfig> {
+        if relay::is_relay_addr(addr) {
+            self.relayed_transport_config.clone()
+        } else {
+            self.transport_config.clone()
+        }
+    }
+
+    /// Dials `addr` (a virtual [`relay`] address for a relayed path). If `expected` is given, the handshake fails (before we present our
     /// certificate) unless the server proves that peer id. The outcome comes as
     /// [`TransportEvent::Connected`] or [`TransportEvent::HandshakeFailed`].
     pub fn connect(
@@ -928,7 +945,7 @@ impl Transport {
             .client_config(expected, probe.clone())
             .map_err(ConnectError::Tls)?;
         let mut config = ClientConfig::new(crypto);
-        config.transport_config(self.transport_config.clone());
+        config.transport_config(self.transport_config_for(&addr));
         let server_name = self.tls.server_name();
         let (ch, conn) = self
             .endpoint
@@ -1205,6 +1222,7 @@ impl Transport {
         };
         let mut config = self.server_base.clone();
         config.crypto = crypto;
+        config.transport_config(self.transport_config_for(&addr));
         buf.clear();
         match self
             .endpoint
