@@ -22,7 +22,9 @@ fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
         "config.yaml",
         &format!("#cloud-config\np2p:\n  network_token: \"{token}\"\n  disable_dht: true\n"),
     );
-    let hosts: Vec<_> = (1..=3).map(|i| lab.add_host(i, &format!("10.77.0.{i}/24"))).collect();
+    let hosts: Vec<_> = (1..=3)
+        .map(|i| lab.add_host(i, &format!("10.77.0.{i}/24")))
+        .collect();
     for h in &hosts {
         lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
     }
@@ -36,12 +38,19 @@ fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
     let meshed = wait_for(Duration::from_secs(20), || {
         hosts.iter().enumerate().all(|(i, h)| {
             let connected = log_lines(h, "connected ");
-            ids.iter().enumerate().filter(|(j, _)| *j != i).all(|(_, id)| connected.iter().any(|l| l.contains(id.as_str())))
+            ids.iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .all(|(_, id)| connected.iter().any(|l| l.contains(id.as_str())))
         })
     });
     let elapsed = meshed.unwrap_or_else(|| {
         for h in &hosts {
-            eprintln!("--- {} ---\n{}", h.ns, std::fs::read_to_string(h.dir.join("agent.log")).unwrap_or_default());
+            eprintln!(
+                "--- {} ---\n{}",
+                h.ns,
+                std::fs::read_to_string(h.dir.join("agent.log")).unwrap_or_default()
+            );
         }
         panic!("the three agents did not all connect to each other");
     });
@@ -66,12 +75,18 @@ fn an_agent_with_another_token_never_connects() {
     let good = write_config(
         &lab.dir,
         "good.yaml",
-        &format!("#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n", generate_token()),
+        &format!(
+            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
+            generate_token()
+        ),
     );
     let bad = write_config(
         &lab.dir,
         "bad.yaml",
-        &format!("#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n", generate_token()),
+        &format!(
+            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
+            generate_token()
+        ),
     );
     let a = lab.add_host(1, "10.78.0.1/24");
     let b = lab.add_host(2, "10.78.0.2/24");
@@ -79,14 +94,26 @@ fn an_agent_with_another_token_never_connects() {
     lab.spawn(&a, &["agent", "--config", good.to_str().unwrap()]);
     lab.spawn(&b, &["agent", "--config", good.to_str().unwrap()]);
     lab.spawn(&outsider, &["agent", "--config", bad.to_str().unwrap()]);
-    wait_for(Duration::from_secs(20), || !log_lines(&a, "connected ").is_empty() && !log_lines(&b, "connected ").is_empty())
-        .expect("the two members connect");
+    wait_for(Duration::from_secs(20), || {
+        !log_lines(&a, "connected ").is_empty() && !log_lines(&b, "connected ").is_empty()
+    })
+    .expect("the two members connect");
     // Give the outsider several beacon rounds.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(log_lines(&outsider, "connected ").is_empty(), "the outsider connected to someone");
-    assert!(log_lines(&outsider, "discovered").is_empty(), "the outsider decoded a beacon");
+    assert!(
+        log_lines(&outsider, "connected ").is_empty(),
+        "the outsider connected to someone"
+    );
+    assert!(
+        log_lines(&outsider, "discovered").is_empty(),
+        "the outsider decoded a beacon"
+    );
     let outsider_id = peer_id_of(&outsider).unwrap();
     for member in [&a, &b] {
-        assert!(log_lines(member, &outsider_id).is_empty(), "{} heard of the outsider", member.ns);
+        assert!(
+            log_lines(member, &outsider_id).is_empty(),
+            "{} heard of the outsider",
+            member.ns
+        );
     }
 }

@@ -12,7 +12,7 @@ cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 # Debian packages: tool -> package.
-declare -A packages=([gcc]=gcc [python3]=python3)
+declare -A packages=([gcc]=gcc [python3]=python3 [ip]=iproute2 [iptables]=iptables)
 missing=()
 for tool in "${!packages[@]}"; do
   need_cmd "$tool" || missing+=("${packages[$tool]}")

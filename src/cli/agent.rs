@@ -27,7 +27,8 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         log::info!("p2p.network_token is not set: nothing to do (P2P is off)");
         return ExitCode::SUCCESS;
     };
-    let state_dir = identity::resolve_state_dir(state_dir, std::env::var(identity::STATE_DIR_ENV).ok());
+    let state_dir =
+        identity::resolve_state_dir(state_dir, std::env::var(identity::STATE_DIR_ENV).ok());
     let identity = match Identity::load_or_create(&state_dir) {
         Ok(identity) => identity,
         Err(e) => {
@@ -77,7 +78,11 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
 /// resolved once here (a static build resolves through /etc/hosts and DNS servers only where
 /// glibc can without NSS modules: prefer addresses).
 fn resolve_bootstrap(cfg: &Config) -> Vec<(SocketAddr, Option<PeerId>)> {
-    let entries = cfg.p2p.bootstrap_peers.iter().chain(&cfg.p2p.vpn.settings.bootstrap_peers);
+    let entries = cfg
+        .p2p
+        .bootstrap_peers
+        .iter()
+        .chain(&cfg.p2p.vpn.settings.bootstrap_peers);
     let mut out = Vec::new();
     for entry in entries {
         match resolve(entry) {

@@ -122,14 +122,23 @@ fn validate(files: Vec<PathBuf>) -> ExitCode {
 /// Loads the configuration from `files` (or Kairos' directories) and prints its warnings; on
 /// errors prints them and gives the exit code.
 fn load_config(files: Vec<PathBuf>) -> Result<(Config, HostFacts), ExitCode> {
-    let sources = if files.is_empty() { config::default_sources() } else { files };
+    let sources = if files.is_empty() {
+        config::default_sources()
+    } else {
+        files
+    };
     if sources.is_empty() {
         eprintln!("no cloud-config found in /oem or /usr/local/cloud-config; pass --config FILE");
         return Err(ExitCode::from(EXIT_USAGE));
     }
     let host = host::read_host_facts().unwrap_or_else(|e| {
-        log::warn!("cannot read this machine's id or hostname ({e}); templates expand to empty strings");
-        HostFacts { machine_id: String::new(), hostname: String::new() }
+        log::warn!(
+            "cannot read this machine's id or hostname ({e}); templates expand to empty strings"
+        );
+        HostFacts {
+            machine_id: String::new(),
+            hostname: String::new(),
+        }
     });
     match config::load(&sources, &host) {
         Ok(cfg) => {

@@ -32,18 +32,25 @@ pub fn list(exclude: &[&str]) -> io::Result<Vec<InterfaceAddr>> {
         let ifa = unsafe { &*cursor };
         cursor = ifa.ifa_next;
         let flags = ifa.ifa_flags;
-        if ifa.ifa_addr.is_null() || flags & libc::IFF_UP as u32 == 0 || flags & libc::IFF_LOOPBACK as u32 != 0 {
+        if ifa.ifa_addr.is_null()
+            || flags & libc::IFF_UP as u32 == 0
+            || flags & libc::IFF_LOOPBACK as u32 != 0
+        {
             continue;
         }
         // SAFETY: ifa_name is a NUL-terminated C string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         if exclude.contains(&name.as_str()) {
             continue;
         }
         // SAFETY: ifa_name is a valid C string.
         let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
         // SAFETY: ifa_addr is non-null and points to a sockaddr of its sa_family.
-        let Some(ip) = (unsafe { sockaddr_ip(ifa.ifa_addr) }) else { continue };
+        let Some(ip) = (unsafe { sockaddr_ip(ifa.ifa_addr) }) else {
+            continue;
+        };
         let broadcast = if flags & libc::IFF_BROADCAST as u32 != 0 && !ifa.ifa_ifu.is_null() {
             // SAFETY: with IFF_BROADCAST, ifa_ifu is the broadcast sockaddr.
             match unsafe { sockaddr_ip(ifa.ifa_ifu) } {
@@ -53,7 +60,12 @@ pub fn list(exclude: &[&str]) -> io::Result<Vec<InterfaceAddr>> {
         } else {
             None
         };
-        out.push(InterfaceAddr { name, index, ip, broadcast });
+        out.push(InterfaceAddr {
+            name,
+            index,
+            ip,
+            broadcast,
+        });
     }
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
@@ -70,7 +82,9 @@ unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
         libc::AF_INET => {
             // SAFETY: family AF_INET means a sockaddr_in.
             let sin = unsafe { &*sa.cast::<libc::sockaddr_in>() };
-            Some(IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes())))
+            Some(IpAddr::V4(Ipv4Addr::from(
+                sin.sin_addr.s_addr.to_ne_bytes(),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: family AF_INET6 means a sockaddr_in6.
@@ -91,7 +105,12 @@ mod tests {
         assert!(all.iter().all(|a| !a.ip.is_loopback()));
         if let Some(first) = all.first() {
             let name = first.name.clone();
-            assert!(list(&[name.as_str()]).unwrap().iter().all(|a| a.name != name));
+            assert!(
+                list(&[name.as_str()])
+                    .unwrap()
+                    .iter()
+                    .all(|a| a.name != name)
+            );
         }
     }
 }

@@ -72,20 +72,38 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     let mut poll = Poll::new().map_err(DriverError::Os)?;
     let mut sockets = bind_sockets(settings)?;
     let registry = poll.registry();
-    registry.register(&mut sockets.overlay, OVERLAY, Interest::READABLE).map_err(DriverError::Os)?;
+    registry
+        .register(&mut sockets.overlay, OVERLAY, Interest::READABLE)
+        .map_err(DriverError::Os)?;
     if let Some(s) = &mut sockets.beacon_v4 {
-        registry.register(s, BEACON_V4, Interest::READABLE).map_err(DriverError::Os)?;
+        registry
+            .register(s, BEACON_V4, Interest::READABLE)
+            .map_err(DriverError::Os)?;
     }
     if let Some(s) = &mut sockets.beacon_v6 {
-        registry.register(s, BEACON_V6, Interest::READABLE).map_err(DriverError::Os)?;
+        registry
+            .register(s, BEACON_V6, Interest::READABLE)
+            .map_err(DriverError::Os)?;
     }
     let mut shutdown = ShutdownSignal::install().map_err(DriverError::Os)?;
     registry
-        .register(&mut SourceFd(&shutdown.raw_fd()), SIGNAL, Interest::READABLE)
+        .register(
+            &mut SourceFd(&shutdown.raw_fd()),
+            SIGNAL,
+            Interest::READABLE,
+        )
         .map_err(DriverError::Os)?;
 
-    let port = sockets.overlay.local_addr().map_err(DriverError::Os)?.port();
-    log::info!("peer id {}, overlay on UDP {}:{port}", node.peer_id(), settings.listen.ip());
+    let port = sockets
+        .overlay
+        .local_addr()
+        .map_err(DriverError::Os)?
+        .port();
+    log::info!(
+        "peer id {}, overlay on UDP {}:{port}",
+        node.peer_id(),
+        settings.listen.ip()
+    );
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
     let mut out = Vec::with_capacity(RECV_BUF);
@@ -121,8 +139,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         for event in &events {
             match event.token() {
                 OVERLAY => read_all(&mut node, &sockets.overlay, &mut buf, now, unix),
-                BEACON_V4 => sockets.beacon_v4.iter().for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
-                BEACON_V6 => sockets.beacon_v6.iter().for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
+                BEACON_V4 => sockets
+                    .beacon_v4
+                    .iter()
+                    .for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
+                BEACON_V6 => sockets
+                    .beacon_v6
+                    .iter()
+                    .for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
                 SIGNAL => {
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
@@ -141,22 +165,43 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
 }
 
 fn clocks() -> (Instant, u64) {
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     (Instant::now(), unix)
 }
 
 fn exclude(settings: &DriverSettings) -> Vec<&str> {
-    settings.exclude_interfaces.iter().map(String::as_str).collect()
+    settings
+        .exclude_interfaces
+        .iter()
+        .map(String::as_str)
+        .collect()
 }
 
 fn bind_sockets(settings: &DriverSettings) -> Result<Sockets, DriverError> {
-    let overlay = bind_udp(settings.listen, SocketOptions { reuse: false, broadcast: false })
-        .map_err(|e| DriverError::Bind(settings.listen, e))?;
-    let mut sockets = Sockets { overlay: UdpSocket::from_std(overlay), beacon_v4: None, beacon_v6: None };
+    let overlay = bind_udp(
+        settings.listen,
+        SocketOptions {
+            reuse: false,
+            broadcast: false,
+        },
+    )
+    .map_err(|e| DriverError::Bind(settings.listen, e))?;
+    let mut sockets = Sockets {
+        overlay: UdpSocket::from_std(overlay),
+        beacon_v4: None,
+        beacon_v6: None,
+    };
     if settings.lan {
-        let opts = SocketOptions { reuse: true, broadcast: true };
+        let opts = SocketOptions {
+            reuse: true,
+            broadcast: true,
+        };
         let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, BEACON_PORT));
-        sockets.beacon_v4 = Some(UdpSocket::from_std(bind_udp(v4, opts).map_err(|e| DriverError::Bind(v4, e))?));
+        sockets.beacon_v4 = Some(UdpSocket::from_std(
+            bind_udp(v4, opts).map_err(|e| DriverError::Bind(v4, e))?,
+        ));
         // IPv6 is optional: hosts with it disabled still discover over IPv4.
         let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, BEACON_PORT));
         match bind_udp(v6, opts) {
@@ -179,7 +224,12 @@ fn beacon_targets(addrs: &[interfaces::InterfaceAddr], sockets: &Sockets) -> Vec
             if is_link_local_v6(&ip) {
                 // Joining again after a refresh fails harmlessly (EADDRINUSE).
                 let _ = s.join_multicast_v6(&BEACON_MULTICAST_V6, a.index);
-                targets.push(SocketAddr::V6(std::net::SocketAddrV6::new(BEACON_MULTICAST_V6, BEACON_PORT, 0, a.index)));
+                targets.push(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    BEACON_MULTICAST_V6,
+                    BEACON_PORT,
+                    0,
+                    a.index,
+                )));
             }
         }
     }
@@ -194,7 +244,11 @@ fn is_link_local_v6(ip: &Ipv6Addr) -> bool {
 
 /// Addresses to announce: the listen address if specific, else every IPv4 and global IPv6
 /// interface address, with the overlay port.
-fn announced(addrs: &[interfaces::InterfaceAddr], listen: SocketAddr, port: u16) -> Vec<SocketAddr> {
+fn announced(
+    addrs: &[interfaces::InterfaceAddr],
+    listen: SocketAddr,
+    port: u16,
+) -> Vec<SocketAddr> {
     if !listen.ip().is_unspecified() {
         return vec![SocketAddr::new(listen.ip(), port)];
     }
@@ -230,10 +284,14 @@ fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, u
 fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut Vec<u8>) {
     let now = Instant::now();
     while let Some(t) = node.poll_transmit(now, out) {
-        let Some(payload) = out.get(..t.len) else { continue };
+        let Some(payload) = out.get(..t.len) else {
+            continue;
+        };
         match t.destination {
             Destination::Addr(addr) => match t.segment_size {
-                Some(size) if size > 0 => payload.chunks(size).for_each(|p| send(&sockets.overlay, p, addr)),
+                Some(size) if size > 0 => payload
+                    .chunks(size)
+                    .for_each(|p| send(&sockets.overlay, p, addr)),
                 _ => send(&sockets.overlay, payload, addr),
             },
             Destination::LanBroadcast => {
@@ -261,15 +319,25 @@ fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {
 fn drain_events(node: &mut Node) {
     while let Some(event) = node.poll_event() {
         match event {
-            NodeEvent::MemberDiscovered { peer, addrs, source } => {
+            NodeEvent::MemberDiscovered {
+                peer,
+                addrs,
+                source,
+            } => {
                 log::info!("member {peer} discovered ({source:?}) at {addrs:?}");
             }
             NodeEvent::MemberLost { peer } => log::info!("member {peer} lost"),
-            NodeEvent::PeerConnected { peer, addr, inbound } => {
+            NodeEvent::PeerConnected {
+                peer,
+                addr,
+                inbound,
+            } => {
                 let way = if inbound { "from" } else { "to" };
                 log::info!("connected {way} {peer} at {addr}");
             }
-            NodeEvent::PeerDisconnected { peer, reason } => log::info!("disconnected from {peer}: {reason}"),
+            NodeEvent::PeerDisconnected { peer, reason } => {
+                log::info!("disconnected from {peer}: {reason}")
+            }
             NodeEvent::ObservedAddr(addr) => log::info!("peers see this node at {addr}"),
         }
     }

@@ -21,7 +21,13 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocke
         SocketAddr::V6(_) => libc::AF_INET6,
     };
     // SAFETY: plain socket(2) call; the result is checked and owned right away.
-    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = cvt(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
     // SAFETY: `fd` is a fresh socket that nothing else owns.
     let socket = unsafe { UdpSocket::from_raw_fd(fd) };
     let raw = socket.as_raw_fd();
@@ -49,7 +55,13 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocke
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: `value` lives across the call and its size is passed.
     cvt(unsafe {
-        libc::setsockopt(fd, level, name, (&raw const value).cast(), mem::size_of::<libc::c_int>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     })
     .map(drop)
 }
@@ -62,7 +74,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
@@ -74,7 +88,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
@@ -86,7 +102,11 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 #[cfg(test)]
@@ -95,7 +115,10 @@ mod tests {
 
     #[test]
     fn two_reuse_sockets_share_a_port_and_exchange_datagrams() {
-        let opts = SocketOptions { reuse: true, broadcast: true };
+        let opts = SocketOptions {
+            reuse: true,
+            broadcast: true,
+        };
         let a = bind_udp("127.0.0.1:0".parse().unwrap(), opts).unwrap();
         let port = a.local_addr().unwrap().port();
         let b = bind_udp(SocketAddr::from(([127, 0, 0, 1], port)), opts).unwrap();
@@ -103,8 +126,14 @@ mod tests {
         c.send_to(b"hi", a.local_addr().unwrap()).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut buf = [0u8; 8];
-        let got = [&a, &b].iter().filter_map(|s| s.recv_from(&mut buf).ok()).count();
-        assert_eq!(got, 1, "a unicast datagram reaches exactly one of the sharing sockets");
+        let got = [&a, &b]
+            .iter()
+            .filter_map(|s| s.recv_from(&mut buf).ok())
+            .count();
+        assert_eq!(
+            got, 1,
+            "a unicast datagram reaches exactly one of the sharing sockets"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 pub mod bootstrap;
 pub mod control;
 pub mod members;
+pub mod relay;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +31,7 @@ use crate::discovery::beacon::looks_like_beacon;
 use crate::discovery::kad::{self, Kad, KadEvent, KadSettings};
 use crate::discovery::lan::{LanDiscovery, LanEvent};
 use crate::identity::{Identity, PeerId};
+use crate::overlay::relay::{RELAY_HEADER_LEN, RelayFrame, is_relay_addr};
 use crate::overlay::{
     ConnId, Transport, TransportError, TransportEvent, TransportSettings, is_quic_packet,
 };
@@ -37,6 +39,7 @@ use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
 use control::{Control, MemberInfo};
 use members::{Change, MemberTable, Source};
+use relay::RelayPaths;
 
 /// How long the member with the larger peer id waits before dialling one it discovered.
 pub const DIAL_DEFER: Duration = Duration::from_millis(1500);
@@ -49,6 +52,10 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(20);
 pub const MAINTAIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest back-off between dial attempts to one member.
 pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a dial may take before the next address (or a relay) is tried.
+pub const DIRECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Relayed paths tracked (each is a virtual address and a few bytes).
+pub const MAX_RELAY_PATHS: usize = 1024;
 
 /// Tunables of a node. [`Default`] gives the documented values.
 #[derive(Debug, Clone)]
@@ -81,7 +88,12 @@ impl NodeSettings {
             neighbours: 8,
             member_ttl: Duration::from_secs(600),
             max_members: 8192,
-            transport: TransportSettings::for_token(token),
+            transport: TransportSettings {
+                // A member that answers at all answers within a second; a shorter handshake
+                // timeout moves on to the next address or a relay sooner.
+                handshake_timeout: DIRECT_HANDSHAKE_TIMEOUT,
+                ..TransportSettings::for_token(token)
+            },
             kad: KadSettings::default(),
         }
     }
@@ -157,6 +169,10 @@ pub struct NodeStats {
     pub control_rejected: u64,
     /// Datagrams received while nothing consumes them.
     pub datagrams_unused: u64,
+    /// QUIC packets this node forwarded for two other members.
+    pub relayed: u64,
+    /// Relay frames dropped (malformed, receiver not connected, queue full).
+    pub relay_dropped: u64,
     /// Dial attempts.
     pub dials: u64,
     /// Dial attempts that failed.
@@ -182,6 +198,7 @@ pub struct Node {
     members: MemberTable,
     dials: BTreeMap<PeerId, Dial>,
     connected: BTreeMap<PeerId, SocketAddr>,
+    relays: RelayPaths,
     pending_gossip: BTreeSet<PeerId>,
     push_at: Option<Instant>,
     sync_at: Option<Instant>,
@@ -235,6 +252,7 @@ impl Node {
             members,
             dials: BTreeMap::new(),
             connected: BTreeMap::new(),
+            relays: RelayPaths::new(MAX_RELAY_PATHS),
             pending_gossip: BTreeSet::new(),
             push_at: None,
             sync_at: None,
@@ -402,11 +420,26 @@ impl Node {
             buf.extend_from_slice(&bytes);
             return Some(NodeTransmit { destination, len: bytes.len(), segment_size: None });
         }
-        self.transport.poll_transmit(now, buf).map(|t| NodeTransmit {
-            destination: Destination::Addr(t.destination),
-            len: t.len,
-            segment_size: t.segment_size,
-        })
+        loop {
+            let t = self.transport.poll_transmit(now, buf)?;
+            if !is_relay_addr(&t.destination) {
+                return Some(NodeTransmit {
+                    destination: Destination::Addr(t.destination),
+                    len: t.len,
+                    segment_size: t.segment_size,
+                });
+            }
+            // A packet of a relayed connection: into a datagram to the relay, then go on.
+            let Some(path) = self.relays.get(&t.destination) else { continue };
+            let size = t.segment_size.unwrap_or(t.len).max(1);
+            for packet in buf.get(..t.len).unwrap_or_default().chunks(size) {
+                let mut frame = Vec::with_capacity(packet.len() + RELAY_HEADER_LEN);
+                RelayFrame::Forward { to: path.peer, packet }.encode(&mut frame);
+                if self.transport.send_datagram(&path.relay, Bytes::from(frame)).is_err() {
+                    self.stats.relay_dropped += 1;
+                }
+            }
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next (`None` only before the first
@@ -490,16 +523,19 @@ impl Node {
                 self.connected.insert(peer, addr);
                 self.dials.remove(&peer);
                 // An address we dialled is known to work; one a peer came from may be a NAT's.
-                let addrs = if inbound { Vec::new() } else { vec![addr] };
+                let addrs = if inbound || is_relay_addr(&addr) { Vec::new() } else { vec![addr] };
                 self.learn(now, peer, &addrs, Duration::ZERO, Source::Connection);
                 let mut members = self.members.gossip(now, None);
                 members.push(self.self_info());
-                let hello = Control::Hello { listen: self.announced_addrs(), observed: addr, members };
+                // Over a relay we do not see the peer's address.
+                let observed = if is_relay_addr(&addr) { SocketAddr::from(([0, 0, 0, 0], 0)) } else { addr };
+                let hello = Control::Hello { listen: self.announced_addrs(), observed, members };
                 self.send_control(&peer, &hello);
                 self.events.push_back(NodeEvent::PeerConnected { peer, addr, inbound });
             }
             TransportEvent::Disconnected { peer, reason } => {
                 self.connected.remove(&peer);
+                self.relays.remove_relay(&peer);
                 self.events.push_back(NodeEvent::PeerDisconnected { peer, reason: reason.to_string() });
             }
             TransportEvent::Message { peer, bytes } => match Control::decode(&bytes) {
@@ -509,15 +545,19 @@ impl Node {
                     log::debug!("control message from {peer} dropped: {e}");
                 }
             },
+            TransportEvent::Datagram { peer, bytes } if RelayFrame::is_relay_frame(&bytes) => {
+                self.on_relay_frame(now, peer, &bytes);
+            }
             TransportEvent::Datagram { .. } => self.stats.datagrams_unused += 1,
             TransportEvent::HandshakeFailed { conn, addr, reason } => {
                 self.stats.dials_failed += 1;
                 log::debug!("handshake with {addr} failed: {reason}");
-                if let Some(dial) = self.dials.values_mut().find(|d| d.pending == Some(conn)) {
+                let found = self.dials.iter_mut().find(|(_, d)| d.pending == Some(conn));
+                if let Some((peer, dial)) = found {
+                    let paths = self.members.get(peer).map_or(1, |m| m.addrs.len() + 1);
                     dial.pending = None;
                     dial.failures += 1;
-                    let backoff = Duration::from_secs(1u64 << dial.failures.min(6)).min(MAX_DIAL_BACKOFF);
-                    dial.next_attempt = now + backoff;
+                    dial.next_attempt = now + dial_backoff(dial.failures, paths);
                 }
             }
         }
@@ -536,6 +576,40 @@ impl Node {
             }
             Control::Members(members) => self.learn_gossip(now, members),
         }
+    }
+
+    /// Forwards a relay frame (we are the relay) or hands a relayed QUIC packet to the transport
+    /// (we are its receiver).
+    fn on_relay_frame(&mut self, now: Instant, from: PeerId, datagram: &[u8]) {
+        match RelayFrame::decode(datagram) {
+            Ok(RelayFrame::Forward { to, packet }) if to != self.me && self.connected.contains_key(&to) => {
+                let mut frame = Vec::with_capacity(datagram.len());
+                RelayFrame::Forwarded { from, packet }.encode(&mut frame);
+                match self.transport.send_datagram(&to, Bytes::from(frame)) {
+                    Ok(()) => self.stats.relayed += 1,
+                    Err(_) => self.stats.relay_dropped += 1,
+                }
+            }
+            Ok(RelayFrame::Forwarded { from: origin, packet }) if origin != self.me => {
+                match self.relays.addr_for(origin, from) {
+                    Some(addr) => self.transport.handle_datagram(now, addr, None, packet),
+                    None => self.stats.relay_dropped += 1,
+                }
+            }
+            Ok(_) | Err(_) => self.stats.relay_dropped += 1,
+        }
+    }
+
+    /// A connected member to relay through to reach `peer`: one we dialled ourselves (so it is
+    /// reachable from outside), rotating with each failed attempt.
+    fn relay_for(&self, peer: &PeerId, attempt: u32) -> Option<PeerId> {
+        let candidates: Vec<PeerId> = self
+            .transport
+            .peers()
+            .filter(|p| !p.inbound && p.peer != *peer && !is_relay_addr(&p.addr))
+            .map(|p| p.peer)
+            .collect();
+        candidates.get(attempt as usize % candidates.len().max(1)).copied()
     }
 
     fn learn_gossip(&mut self, now: Instant, members: Vec<MemberInfo>) {
@@ -663,7 +737,16 @@ impl Node {
     fn dial(&mut self, now: Instant, peer: PeerId) {
         let Some(member) = self.members.get(&peer) else { return };
         let failures = self.dials.get(&peer).map_or(0, |d| d.failures);
-        let Some(&addr) = member.addrs.get(failures as usize % member.addrs.len().max(1)) else { return };
+        // Each direct address once, then a relay, then again in turn (a relay helps where NATs
+        // on both sides keep the direct path shut).
+        let direct = member.addrs.len().max(1) as u32;
+        let relayed = (failures % (direct + 1) == direct)
+            .then(|| self.relay_for(&peer, failures / 2))
+            .flatten()
+            .and_then(|relay| self.relays.addr_for(peer, relay));
+        let Some(addr) = relayed.or_else(|| member.addrs.get(failures as usize % member.addrs.len().max(1)).copied()) else {
+            return;
+        };
         self.stats.dials += 1;
         match self.transport.connect(now, addr, Some(peer)) {
             Ok(conn) => {
@@ -672,9 +755,20 @@ impl Node {
             Err(e) => {
                 log::debug!("cannot dial {peer} at {addr}: {e}");
                 self.stats.dials_failed += 1;
-                let backoff = Duration::from_secs(1u64 << (failures + 1).min(6)).min(MAX_DIAL_BACKOFF);
+                let backoff = dial_backoff(failures + 1, member.addrs.len() + 1);
                 self.dials.insert(peer, Dial { pending: None, failures: failures + 1, next_attempt: now + backoff });
             }
         }
+    }
+}
+
+/// Wait before the next dial of a member after `failures` failed attempts, when a round of
+/// attempts covers `paths` paths (its addresses and a relay): quick within the first round,
+/// then exponential up to [`MAX_DIAL_BACKOFF`].
+fn dial_backoff(failures: u32, paths: usize) -> Duration {
+    let rounds = failures / u32::try_from(paths.max(1)).unwrap_or(u32::MAX);
+    match rounds {
+        0 => Duration::from_millis(250),
+        n => Duration::from_secs(1u64 << n.min(6)).min(MAX_DIAL_BACKOFF),
     }
 }

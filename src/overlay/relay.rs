@@ -80,7 +80,10 @@ impl<'a> RelayFrame<'a> {
         match kind {
             KIND_FORWARD => Ok(Self::Forward { to: peer, packet }),
             KIND_FORWARDED => Ok(Self::Forwarded { from: peer, packet }),
-            tag => Err(WireError::UnknownTag { field: "relay frame kind", tag }),
+            tag => Err(WireError::UnknownTag {
+                field: "relay frame kind",
+                tag,
+            }),
         }
     }
 
@@ -113,8 +116,14 @@ mod tests {
     fn frames_round_trip_and_bad_ones_are_typed_errors() {
         let mut buf = Vec::new();
         for frame in [
-            RelayFrame::Forward { to: PeerId([3; 32]), packet: b"quic" },
-            RelayFrame::Forwarded { from: PeerId([4; 32]), packet: b"quic!" },
+            RelayFrame::Forward {
+                to: PeerId([3; 32]),
+                packet: b"quic",
+            },
+            RelayFrame::Forwarded {
+                from: PeerId([4; 32]),
+                packet: b"quic!",
+            },
         ] {
             frame.encode(&mut buf);
             assert!(RelayFrame::is_relay_frame(&buf));
@@ -122,13 +131,21 @@ mod tests {
             assert_eq!(buf.len(), RELAY_HEADER_LEN + frame_packet_len(&frame));
         }
         assert!(RelayFrame::decode(&[1; 10]).is_err());
-        assert_eq!(RelayFrame::decode(&[1; 33]), Err(WireError::Invalid("empty relayed packet")));
-        assert!(!RelayFrame::is_relay_frame(&[0x45, 0, 0]), "an IPv4 packet is not a relay frame");
+        assert_eq!(
+            RelayFrame::decode(&[1; 33]),
+            Err(WireError::Invalid("empty relayed packet"))
+        );
+        assert!(
+            !RelayFrame::is_relay_frame(&[0x45, 0, 0]),
+            "an IPv4 packet is not a relay frame"
+        );
     }
 
     fn frame_packet_len(frame: &RelayFrame<'_>) -> usize {
         match frame {
-            RelayFrame::Forward { packet, .. } | RelayFrame::Forwarded { packet, .. } => packet.len(),
+            RelayFrame::Forward { packet, .. } | RelayFrame::Forwarded { packet, .. } => {
+                packet.len()
+            }
         }
     }
 }

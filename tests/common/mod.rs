@@ -17,7 +17,11 @@ pub fn sh(args: &[&str]) -> io::Result<()> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+        Err(io::Error::other(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }
 
@@ -25,7 +29,11 @@ pub fn sh(args: &[&str]) -> io::Result<()> {
 /// say so and fail when it does not: CI runs as root.
 pub fn require_netns() {
     static PROBES: AtomicUsize = AtomicUsize::new(0);
-    let probe = format!("kp-probe-{}-{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed));
+    let probe = format!(
+        "kp-probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    );
     sh(&["ip", "netns", "add", &probe]).expect("these tests need root and iproute2 (ip netns)");
     sh(&["ip", "netns", "del", &probe]).expect("ip netns del");
 }
@@ -37,6 +45,13 @@ pub struct Lab {
     hub: String,
     namespaces: Vec<String>,
     children: Vec<Child>,
+}
+
+/// A NAT router and the private network behind it.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub router: Host,
+    pub gateway: String,
 }
 
 /// One host of the lab.
@@ -59,7 +74,13 @@ impl Lab {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         sh(&["ip", "netns", "add", &hub]).unwrap();
-        let lab = Lab { name, dir, hub: hub.clone(), namespaces: vec![hub.clone()], children: Vec::new() };
+        let lab = Lab {
+            name,
+            dir,
+            hub: hub.clone(),
+            namespaces: vec![hub.clone()],
+            children: Vec::new(),
+        };
         lab.exec_ok(&hub, &["ip", "link", "add", "br0", "type", "bridge"]);
         lab.exec_ok(&hub, &["ip", "link", "set", "br0", "up"]);
         lab.exec_ok(&hub, &["ip", "link", "set", "lo", "up"]);
@@ -79,9 +100,15 @@ impl Lab {
         sh(&["ip", "netns", "add", &ns]).unwrap();
         self.namespaces.push(ns.clone());
         let outer = format!("v{}h{index}", self.name.trim_start_matches("kp"));
-        sh(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns]).unwrap();
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])
+        .unwrap();
         sh(&["ip", "link", "set", &outer, "netns", &self.hub]).unwrap();
-        self.exec_ok(&self.hub, &["ip", "link", "set", &outer, "master", "br0", "up"]);
+        self.exec_ok(
+            &self.hub,
+            &["ip", "link", "set", &outer, "master", "br0", "up"],
+        );
         self.exec_ok(&ns, &["ip", "link", "set", "lo", "up"]);
         self.exec_ok(&ns, &["ip", "addr", "add", cidr, "dev", "eth0"]);
         // Without a route for broadcast beacons to 255.255.255.255 the kernel says unreachable.
@@ -89,12 +116,81 @@ impl Lab {
         self.exec_ok(&ns, &["ip", "route", "add", "default", "dev", "eth0"]);
         let dir = self.dir.join(format!("h{index}"));
         fs::create_dir_all(&dir).unwrap();
-        Host { ns, ip: cidr.split('/').next().unwrap().to_string(), dir }
+        Host {
+            ns,
+            ip: cidr.split('/').next().unwrap().to_string(),
+            dir,
+        }
+    }
+
+    /// Adds a NAT router `index`: its public side on the lab bridge at `public_cidr`, a private
+    /// bridge behind it with gateway `gateway_cidr`, and IPv4 masquerading (Linux NAT:
+    /// endpoint-independent mapping, port-preserving when it can).
+    pub fn add_nat_site(&mut self, index: usize, public_cidr: &str, gateway_cidr: &str) -> Site {
+        let router = self.add_host(index, public_cidr);
+        let ns = router.ns.clone();
+        self.exec_ok(&ns, &["ip", "link", "add", "br1", "type", "bridge"]);
+        self.exec_ok(&ns, &["ip", "addr", "add", gateway_cidr, "dev", "br1"]);
+        self.exec_ok(&ns, &["ip", "link", "set", "br1", "up"]);
+        self.exec_ok(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        self.exec_ok(
+            &ns,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "eth0",
+                "-j",
+                "MASQUERADE",
+            ],
+        );
+        Site {
+            router,
+            gateway: gateway_cidr.split('/').next().unwrap().to_string(),
+        }
+    }
+
+    /// Adds host `index` at `cidr` behind a NAT site.
+    pub fn add_host_behind(&mut self, site: &Site, index: usize, cidr: &str) -> Host {
+        let ns = format!("{}-h{index}", self.name);
+        sh(&["ip", "netns", "add", &ns]).unwrap();
+        self.namespaces.push(ns.clone());
+        let outer = format!("v{}h{index}", self.name.trim_start_matches("kp"));
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])
+        .unwrap();
+        sh(&["ip", "link", "set", &outer, "netns", &site.router.ns]).unwrap();
+        self.exec_ok(
+            &site.router.ns,
+            &["ip", "link", "set", &outer, "master", "br1", "up"],
+        );
+        self.exec_ok(&ns, &["ip", "link", "set", "lo", "up"]);
+        self.exec_ok(&ns, &["ip", "addr", "add", cidr, "dev", "eth0"]);
+        self.exec_ok(&ns, &["ip", "link", "set", "eth0", "up"]);
+        self.exec_ok(
+            &ns,
+            &["ip", "route", "add", "default", "via", &site.gateway],
+        );
+        let dir = self.dir.join(format!("h{index}"));
+        fs::create_dir_all(&dir).unwrap();
+        Host {
+            ns,
+            ip: cidr.split('/').next().unwrap().to_string(),
+            dir,
+        }
     }
 
     /// Starts `kairos-p2p <args>` inside the host's namespace, logging to `<dir>/agent.log`.
     pub fn spawn(&mut self, host: &Host, args: &[&str]) -> usize {
-        let log = fs::OpenOptions::new().create(true).append(true).open(host.dir.join("agent.log")).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(host.dir.join("agent.log"))
+            .unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
             .args(args)
@@ -138,7 +234,10 @@ pub fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 /// A fresh network token from the binary under test.
 pub fn generate_token() -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kairos-p2p")).arg("generate-token").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kairos-p2p"))
+        .arg("generate-token")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -166,5 +265,8 @@ pub fn log_lines(host: &Host, needle: &str) -> Vec<String> {
 }
 
 fn short(test: &str) -> String {
-    test.chars().filter(char::is_ascii_alphanumeric).take(4).collect()
+    test.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(4)
+        .collect()
 }

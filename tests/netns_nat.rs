@@ -1,0 +1,81 @@
+//! Two sites, each behind its own NAT router (iptables MASQUERADE), plus one public node: the
+//! nodes behind NAT find each other through the DHT and connect.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Host, Lab, generate_token, log_lines, wait_for, write_config};
+
+fn peer_id_of(host: &Host) -> String {
+    wait_for(Duration::from_secs(10), || {
+        !log_lines(host, "peer id ").is_empty()
+    })
+    .expect("agent started");
+    let line = log_lines(host, "peer id ").remove(0);
+    line.split("peer id ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn dump(hosts: &[&Host]) {
+    for h in hosts {
+        let log = std::fs::read_to_string(h.dir.join("agent.log")).unwrap_or_default();
+        let interesting: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" INFO ") || l.contains(" WARN "))
+            .collect();
+        eprintln!("--- {} ---\n{}", h.ns, interesting.join("\n"));
+    }
+}
+
+#[test]
+fn nodes_behind_two_nats_connect_through_a_public_node() {
+    let mut lab = Lab::new("nat");
+    let public = lab.add_host(1, "192.0.2.100/24");
+    let site_a = lab.add_nat_site(2, "192.0.2.11/24", "10.1.1.1/24");
+    let site_b = lab.add_nat_site(3, "192.0.2.12/24", "10.1.2.1/24");
+    let a = lab.add_host_behind(&site_a, 4, "10.1.1.2/24");
+    let b = lab.add_host_behind(&site_b, 5, "10.1.2.2/24");
+    let config = write_config(
+        &lab.dir,
+        "config.yaml",
+        &format!(
+            "#cloud-config\np2p:\n  network_token: \"{}\"\n  bootstrap_peers: [\"192.0.2.100:7120\"]\n",
+            generate_token()
+        ),
+    );
+    for h in [&public, &a, &b] {
+        lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
+    }
+    let (id_a, id_b) = (peer_id_of(&a), peer_id_of(&b));
+    let connected = wait_for(Duration::from_secs(60), || {
+        log_lines(&a, "connected ")
+            .iter()
+            .any(|l| l.contains(&id_b))
+            && log_lines(&b, "connected ")
+                .iter()
+                .any(|l| l.contains(&id_a))
+    });
+    let Some(took) = connected else {
+        dump(&[&public, &a, &b]);
+        panic!("the two NATed nodes never connected to each other");
+    };
+    let line = log_lines(&a, "connected ")
+        .into_iter()
+        .find(|l| l.contains(&id_b))
+        .unwrap();
+    let how = if line.contains("fd6b:7032:7072") {
+        "through the relay"
+    } else {
+        "directly (hole punched)"
+    };
+    eprintln!("NATed nodes connected {how} after {took:?}: {line}");
+    // Each learned its public address from the others.
+    assert!(!log_lines(&a, "peers see this node at 192.0.2.11").is_empty());
+    assert!(!log_lines(&b, "peers see this node at 192.0.2.12").is_empty());
+}
