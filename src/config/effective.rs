@@ -46,7 +46,11 @@ impl Config {
         d.kv(1, "network_id", &quote(&p.network_id));
         d.kv(1, "role", &quote(p.role.as_str()));
         d.kv(1, "disable_dht", &p.disable_dht.to_string());
-        let peers: Vec<String> = p.bootstrap_peers.iter().map(|b| quote(&b.to_string())).collect();
+        let peers: Vec<String> = p
+            .bootstrap_peers
+            .iter()
+            .map(|b| quote(&b.to_string()))
+            .collect();
         d.kv(1, "bootstrap_peers", &format!("[{}]", peers.join(", ")));
         d.kv(1, "minimum_nodes", &p.minimum_nodes.to_string());
         d.kv(1, "dynamic_roles", &p.dynamic_roles.to_string());
@@ -75,7 +79,13 @@ impl Config {
         d.kv(
             3,
             "EDGEVPNBOOTSTRAPPEERS",
-            &quote(&s.bootstrap_peers.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")),
+            &quote(
+                &s.bootstrap_peers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         );
         d.kv(3, "APILISTEN", &quote(&s.api_listen.to_string()));
         if !s.extra.is_empty() {

@@ -392,13 +392,12 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(peers, ["1.2.3.4:1", "x:2", "[::1]:3"]);
-        assert!(parse_peers("/ip4/1.2.3.4/tcp/1").unwrap_err().contains("TCP multiaddr"));
-        assert_eq!(
-            parse_peers("")
-                .unwrap()
-                .len(),
-            0
+        assert!(
+            parse_peers("/ip4/1.2.3.4/tcp/1")
+                .unwrap_err()
+                .contains("TCP multiaddr")
         );
+        assert_eq!(parse_peers("").unwrap().len(), 0);
         assert_eq!(parse_peers("  "), Ok(vec![]));
         assert_eq!(
             parse_peers("a,,b"),

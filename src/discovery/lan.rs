@@ -895,11 +895,20 @@ mod tests {
             let mut sim = Sim::new(1, seed, &ks, 0);
             sim.run_until(Duration::from_secs(60));
             let sent = &sim.nodes[0].sent;
-            let idle = sent.iter().filter(|&&t| t >= Duration::from_secs(30)).count();
-            assert!((12..=19).contains(&idle), "seed {seed}: {idle} in 30 lonely seconds");
+            let idle = sent
+                .iter()
+                .filter(|&&t| t >= Duration::from_secs(30))
+                .count();
+            assert!(
+                (12..=19).contains(&idle),
+                "seed {seed}: {idle} in 30 lonely seconds"
+            );
             for pair in sent.windows(2).skip(4) {
                 let gap = pair[1] - pair[0];
-                assert!(gap >= Duration::from_millis(1600) && gap <= Duration::from_millis(2400), "{gap:?}");
+                assert!(
+                    gap >= Duration::from_millis(1600) && gap <= Duration::from_millis(2400),
+                    "{gap:?}"
+                );
             }
         }
     }
@@ -918,7 +927,10 @@ mod tests {
                     .count()
             };
             // The burst, plus at most one answer to the other node.
-            assert!((4..=5).contains(&in_range(0, 2000)), "seed {seed}: {sent:?}");
+            assert!(
+                (4..=5).contains(&in_range(0, 2000)),
+                "seed {seed}: {sent:?}"
+            );
             assert_eq!(
                 sent.first(),
                 Some(&Duration::ZERO),
@@ -1271,14 +1283,20 @@ mod tests {
         let t2 = t + Duration::from_secs(30);
         lan.set_local_addrs(["10.0.0.1:7120".parse().unwrap()]);
         // At most the one lonely beacon due in those 2 s.
-        assert!(count_sent(&mut lan, t2, 2) <= 1, "same addresses: no new burst");
+        assert!(
+            count_sent(&mut lan, t2, 2) <= 1,
+            "same addresses: no new burst"
+        );
         let t3 = t2 + Duration::from_secs(2);
         lan.set_local_addrs([
             "10.0.0.1:7120".parse().unwrap(),
             "10.0.0.7:7120".parse().unwrap(),
         ]);
         let burst = count_sent(&mut lan, t3, 2);
-        assert!((4..=5).contains(&burst), "new addresses: new burst, {burst}");
+        assert!(
+            (4..=5).contains(&burst),
+            "new addresses: new burst, {burst}"
+        );
         lan.set_local_addrs([]);
         assert_eq!(count_sent(&mut lan, t3 + Duration::from_secs(2), 30), 0);
     }

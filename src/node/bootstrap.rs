@@ -80,7 +80,10 @@ impl std::error::Error for BootstrapError {}
 /// Parses one entry.
 pub fn parse(entry: &str) -> Result<BootstrapPeer, BootstrapError> {
     let entry = entry.trim();
-    let fail = |reason| BootstrapError { entry: entry.chars().take(80).collect(), reason };
+    let fail = |reason| BootstrapError {
+        entry: entry.chars().take(80).collect(),
+        reason,
+    };
     if entry.is_empty() {
         return Err(fail("empty"));
     }
@@ -91,13 +94,29 @@ pub fn parse(entry: &str) -> Result<BootstrapPeer, BootstrapError> {
         return parse_multiaddr(entry).map_err(fail);
     }
     if let Ok(addr) = entry.parse::<SocketAddr>() {
-        return Ok(BootstrapPeer { host: BootstrapHost::Ip(addr.ip()), port: addr.port(), peer: None });
+        return Ok(BootstrapPeer {
+            host: BootstrapHost::Ip(addr.ip()),
+            port: addr.port(),
+            peer: None,
+        });
     }
-    if let Ok(ip) = entry.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-        return Ok(BootstrapPeer { host: BootstrapHost::Ip(ip), port: DEFAULT_OVERLAY_PORT, peer: None });
+    if let Ok(ip) = entry
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Ok(BootstrapPeer {
+            host: BootstrapHost::Ip(ip),
+            port: DEFAULT_OVERLAY_PORT,
+            peer: None,
+        });
     }
     let (host, port) = match entry.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| fail("port is not a number 1-65535"))?),
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| fail("port is not a number 1-65535"))?,
+        ),
         None => (entry, DEFAULT_OVERLAY_PORT),
     };
     if port == 0 {
@@ -106,7 +125,11 @@ pub fn parse(entry: &str) -> Result<BootstrapPeer, BootstrapError> {
     if !is_host_name(host) {
         return Err(fail("not an address, host:port or multiaddr"));
     }
-    Ok(BootstrapPeer { host: BootstrapHost::Name(host.to_string()), port, peer: None })
+    Ok(BootstrapPeer {
+        host: BootstrapHost::Name(host.to_string()),
+        port,
+        peer: None,
+    })
 }
 
 fn parse_multiaddr(text: &str) -> Result<BootstrapPeer, &'static str> {
@@ -133,12 +156,24 @@ fn parse_multiaddr(text: &str) -> Result<BootstrapPeer, &'static str> {
             }
             "udp" => {
                 let value = parts.next().ok_or("port missing after /udp")?;
-                port = Some(value.parse::<u16>().ok().filter(|&p| p != 0).ok_or("bad UDP port")?);
+                port = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|&p| p != 0)
+                        .ok_or("bad UDP port")?,
+                );
             }
-            "tcp" => return Err("a TCP multiaddr: kairos-p2p speaks QUIC over UDP, give /udp/<port>"),
+            "tcp" => {
+                return Err("a TCP multiaddr: kairos-p2p speaks QUIC over UDP, give /udp/<port>");
+            }
             "p2p" | "ipfs" => {
                 let value = parts.next().ok_or("peer id missing after /p2p")?;
-                peer = Some(value.parse::<PeerId>().map_err(|_| "bad peer id (expected 12D3KooW...)")?);
+                peer = Some(
+                    value
+                        .parse::<PeerId>()
+                        .map_err(|_| "bad peer id (expected 12D3KooW...)")?,
+                );
             }
             "quic" | "quic-v1" => {}
             "" => return Err("empty component"),
@@ -158,7 +193,9 @@ fn is_host_name(name: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
         })
 }
@@ -178,23 +215,53 @@ mod tests {
             ("192.0.2.1", ip("192.0.2.1"), DEFAULT_OVERLAY_PORT, None),
             ("[2001:db8::1]:9", ip("2001:db8::1"), 9, None),
             ("2001:db8::1", ip("2001:db8::1"), DEFAULT_OVERLAY_PORT, None),
-            ("seed.example.org:7120", BootstrapHost::Name("seed.example.org".into()), 7120, None),
-            ("seed", BootstrapHost::Name("seed".into()), DEFAULT_OVERLAY_PORT, None),
-            ("/ip4/192.0.2.7/udp/4000/quic-v1", ip("192.0.2.7"), 4000, None),
+            (
+                "seed.example.org:7120",
+                BootstrapHost::Name("seed.example.org".into()),
+                7120,
+                None,
+            ),
+            (
+                "seed",
+                BootstrapHost::Name("seed".into()),
+                DEFAULT_OVERLAY_PORT,
+                None,
+            ),
+            (
+                "/ip4/192.0.2.7/udp/4000/quic-v1",
+                ip("192.0.2.7"),
+                4000,
+                None,
+            ),
             (&with_id, ip("192.0.2.7"), 4000, Some(id)),
             ("/ip6/2001:db8::2/udp/5/quic", ip("2001:db8::2"), 5, None),
-            ("/dns4/seed.example.org/udp/7", BootstrapHost::Name("seed.example.org".into()), 7, None),
+            (
+                "/dns4/seed.example.org/udp/7",
+                BootstrapHost::Name("seed.example.org".into()),
+                7,
+                None,
+            ),
             ("  10.0.0.1:1  ", ip("10.0.0.1"), 1, None),
         ];
         for (entry, host, port, peer) in cases {
-            assert_eq!(parse(entry), Ok(BootstrapPeer { host, port, peer }), "{entry}");
+            assert_eq!(
+                parse(entry),
+                Ok(BootstrapPeer { host, port, peer }),
+                "{entry}"
+            );
         }
     }
 
     #[test]
     fn printed_forms_parse_back() {
         let id = Identity::from_seed([2; 32]).peer_id();
-        for entry in ["192.0.2.1:7000", "[2001:db8::1]:9", "seed.example.org:7120", &format!("/ip6/2001:db8::3/udp/5/quic-v1/p2p/{id}"), &format!("/dns/seed/udp/5/quic-v1/p2p/{id}")] {
+        for entry in [
+            "192.0.2.1:7000",
+            "[2001:db8::1]:9",
+            "seed.example.org:7120",
+            &format!("/ip6/2001:db8::3/udp/5/quic-v1/p2p/{id}"),
+            &format!("/dns/seed/udp/5/quic-v1/p2p/{id}"),
+        ] {
             let peer = parse(entry).unwrap();
             assert_eq!(parse(&peer.to_string()).unwrap(), peer, "{entry}");
         }
@@ -207,9 +274,18 @@ mod tests {
             ("host:0", "port is not a number 1-65535"),
             ("host:99999", "port is not a number 1-65535"),
             ("bad host!", "not an address, host:port or multiaddr"),
-            ("/ip4/1.2.3.4/tcp/4001", "a TCP multiaddr: kairos-p2p speaks QUIC over UDP, give /udp/<port>"),
-            ("/ip4/::1/udp/1", "address family does not match /ip4 or /ip6"),
-            ("/ip4/1.2.3.4/udp/1/p2p/QmNotEd25519", "bad peer id (expected 12D3KooW...)"),
+            (
+                "/ip4/1.2.3.4/tcp/4001",
+                "a TCP multiaddr: kairos-p2p speaks QUIC over UDP, give /udp/<port>",
+            ),
+            (
+                "/ip4/::1/udp/1",
+                "address family does not match /ip4 or /ip6",
+            ),
+            (
+                "/ip4/1.2.3.4/udp/1/p2p/QmNotEd25519",
+                "bad peer id (expected 12D3KooW...)",
+            ),
             ("/udp/1", "no /ip4, /ip6 or /dns component"),
             ("/ip4", "address missing after /ip4 or /ip6"),
             ("/ip4/1.2.3.4/ws", "unsupported multiaddr component"),

@@ -55,7 +55,11 @@ impl Control {
         let mut w = Writer::new(buf);
         w.u8(CONTROL_VERSION);
         match self {
-            Control::Hello { listen, observed, members } => {
+            Control::Hello {
+                listen,
+                observed,
+                members,
+            } => {
                 w.u8(TYPE_HELLO);
                 write_addrs(&mut w, listen)?;
                 w.socket_addr(observed);
@@ -83,7 +87,12 @@ impl Control {
                 members: read_members(&mut r)?,
             },
             TYPE_MEMBERS => Control::Members(read_members(&mut r)?),
-            tag => return Err(WireError::UnknownTag { field: "control message type", tag }),
+            tag => {
+                return Err(WireError::UnknownTag {
+                    field: "control message type",
+                    tag,
+                });
+            }
         };
         r.finish()?;
         Ok(msg)
@@ -117,13 +126,20 @@ fn read_members(r: &mut Reader<'_>) -> Result<Vec<MemberInfo>, WireError> {
     let n = r.count("members", MAX_MEMBERS_PER_MESSAGE)?;
     // Each entry is at least 38 bytes: refuse counts the message cannot hold before allocating.
     if n.saturating_mul(38) > r.remaining() {
-        return Err(WireError::Truncated { needed: n * 38, remaining: r.remaining() });
+        return Err(WireError::Truncated {
+            needed: n * 38,
+            remaining: r.remaining(),
+        });
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let peer = r.peer_id()?;
         let age = Duration::from_millis(u64::from(r.u32()?));
-        out.push(MemberInfo { peer, addrs: read_addrs(r)?, age });
+        out.push(MemberInfo {
+            peer,
+            addrs: read_addrs(r)?,
+            age,
+        });
     }
     Ok(out)
 }
@@ -136,7 +152,10 @@ mod tests {
     fn sample() -> Vec<Control> {
         let m = |b: u8| MemberInfo {
             peer: PeerId([b; 32]),
-            addrs: vec![SocketAddr::from(([10, 0, 0, b], 7120)), "[2001:db8::1]:9".parse().unwrap()],
+            addrs: vec![
+                SocketAddr::from(([10, 0, 0, b], 7120)),
+                "[2001:db8::1]:9".parse().unwrap(),
+            ],
             age: Duration::from_millis(u64::from(b) * 100),
         };
         vec![
@@ -171,10 +190,19 @@ mod tests {
             longer.push(0);
             assert_eq!(Control::decode(&longer), Err(WireError::Trailing(1)));
         }
-        assert_eq!(Control::decode(&[9, 1]), Err(WireError::UnsupportedVersion(9)));
-        assert!(matches!(Control::decode(&[1, 77]), Err(WireError::UnknownTag { tag: 77, .. })));
+        assert_eq!(
+            Control::decode(&[9, 1]),
+            Err(WireError::UnsupportedVersion(9))
+        );
+        assert!(matches!(
+            Control::decode(&[1, 77]),
+            Err(WireError::UnknownTag { tag: 77, .. })
+        ));
         // A count far beyond what the bytes hold is refused before allocating.
-        assert!(matches!(Control::decode(&[1, 2, 0x0f, 0xff]), Err(WireError::Truncated { .. })));
+        assert!(matches!(
+            Control::decode(&[1, 2, 0x0f, 0xff]),
+            Err(WireError::Truncated { .. })
+        ));
         let mut rng = Rng::from_seed(11);
         for _ in 0..5000 {
             let len = rng.below(200) as usize;
@@ -190,7 +218,14 @@ mod tests {
     #[test]
     fn oversize_lists_are_refused_when_encoding() {
         let many = vec!["10.0.0.1:1".parse().unwrap(); MAX_MEMBER_ADDRS + 1];
-        let msg = Control::Hello { listen: many, observed: "10.0.0.2:2".parse().unwrap(), members: vec![] };
-        assert!(matches!(msg.encode(&mut Vec::new()), Err(WireError::TooLong { .. })));
+        let msg = Control::Hello {
+            listen: many,
+            observed: "10.0.0.2:2".parse().unwrap(),
+            members: vec![],
+        };
+        assert!(matches!(
+            msg.encode(&mut Vec::new()),
+            Err(WireError::TooLong { .. })
+        ));
     }
 }

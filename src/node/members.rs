@@ -68,7 +68,12 @@ impl MemberTable {
     /// An empty table holding at most `capacity` members, forgetting those with no news for
     /// `ttl`.
     pub fn new(me: PeerId, capacity: usize, ttl: Duration) -> Self {
-        Self { me, members: BTreeMap::new(), capacity, ttl }
+        Self {
+            me,
+            members: BTreeMap::new(),
+            capacity,
+            ttl,
+        }
     }
 
     /// Number of members known.
@@ -92,7 +97,14 @@ impl MemberTable {
     }
 
     /// Records news of `peer`, `age` old at `now`. Empty `addrs` keep the known ones.
-    pub fn observe(&mut self, now: Instant, peer: PeerId, addrs: &[SocketAddr], age: Duration, source: Source) -> Change {
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        addrs: &[SocketAddr],
+        age: Duration,
+        source: Source,
+    ) -> Change {
         if peer == self.me || age >= self.ttl {
             return Change::Ignored;
         }
@@ -115,12 +127,24 @@ impl MemberTable {
         if self.members.len() >= self.capacity && !self.evict_stalest(fresh_at) {
             return Change::Ignored;
         }
-        self.members.insert(peer, Member { addrs, fresh_at, first_seen: now, source });
+        self.members.insert(
+            peer,
+            Member {
+                addrs,
+                fresh_at,
+                first_seen: now,
+                source,
+            },
+        );
         Change::New
     }
 
     fn evict_stalest(&mut self, than: Instant) -> bool {
-        let stalest = self.members.iter().min_by_key(|(_, m)| m.fresh_at).map(|(p, m)| (*p, m.fresh_at));
+        let stalest = self
+            .members
+            .iter()
+            .min_by_key(|(_, m)| m.fresh_at)
+            .map(|(p, m)| (*p, m.fresh_at));
         match stalest {
             Some((peer, at)) if at < than => {
                 self.members.remove(&peer);
@@ -158,7 +182,11 @@ impl MemberTable {
             age: now.saturating_duration_since(m.fresh_at) + HOP_PENALTY,
         };
         match peers {
-            Some(list) => list.iter().filter_map(|p| self.members.get_key_value(p)).map(entry).collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|p| self.members.get_key_value(p))
+                .map(entry)
+                .collect(),
             None => self.members.iter().map(entry).collect(),
         }
     }
@@ -177,12 +205,21 @@ mod tests {
         let t0 = Instant::now();
         let mut table = MemberTable::new(PeerId([0; 32]), 10, Duration::from_secs(60));
         let p = PeerId([1; 32]);
-        assert_eq!(table.observe(t0, p, &[addr(1)], Duration::ZERO, Source::Lan), Change::New);
+        assert_eq!(
+            table.observe(t0, p, &[addr(1)], Duration::ZERO, Source::Lan),
+            Change::New
+        );
         // Older news with other addresses does not override fresher news.
-        assert_eq!(table.observe(t0, p, &[addr(2)], Duration::from_secs(5), Source::Gossip), Change::Unchanged);
+        assert_eq!(
+            table.observe(t0, p, &[addr(2)], Duration::from_secs(5), Source::Gossip),
+            Change::Unchanged
+        );
         assert_eq!(table.get(&p).unwrap().addrs, vec![addr(1)]);
         let t1 = t0 + Duration::from_secs(10);
-        assert_eq!(table.observe(t1, p, &[addr(2)], Duration::ZERO, Source::Dht), Change::AddrsChanged);
+        assert_eq!(
+            table.observe(t1, p, &[addr(2)], Duration::ZERO, Source::Dht),
+            Change::AddrsChanged
+        );
         assert!(table.expire(t1 + Duration::from_secs(59)).is_empty());
         assert_eq!(table.expire(t1 + Duration::from_secs(60)), vec![p]);
         assert!(table.is_empty());
@@ -216,11 +253,38 @@ mod tests {
     fn self_is_ignored_and_capacity_evicts_the_stalest() {
         let t0 = Instant::now();
         let mut table = MemberTable::new(PeerId([0; 32]), 2, Duration::from_secs(60));
-        assert_eq!(table.observe(t0, PeerId([0; 32]), &[], Duration::ZERO, Source::Lan), Change::Ignored);
-        table.observe(t0, PeerId([1; 32]), &[], Duration::from_secs(30), Source::Gossip);
-        table.observe(t0, PeerId([2; 32]), &[], Duration::from_secs(10), Source::Gossip);
-        assert_eq!(table.observe(t0, PeerId([3; 32]), &[], Duration::from_secs(40), Source::Gossip), Change::Ignored);
-        assert_eq!(table.observe(t0, PeerId([3; 32]), &[], Duration::ZERO, Source::Lan), Change::New);
+        assert_eq!(
+            table.observe(t0, PeerId([0; 32]), &[], Duration::ZERO, Source::Lan),
+            Change::Ignored
+        );
+        table.observe(
+            t0,
+            PeerId([1; 32]),
+            &[],
+            Duration::from_secs(30),
+            Source::Gossip,
+        );
+        table.observe(
+            t0,
+            PeerId([2; 32]),
+            &[],
+            Duration::from_secs(10),
+            Source::Gossip,
+        );
+        assert_eq!(
+            table.observe(
+                t0,
+                PeerId([3; 32]),
+                &[],
+                Duration::from_secs(40),
+                Source::Gossip
+            ),
+            Change::Ignored
+        );
+        assert_eq!(
+            table.observe(t0, PeerId([3; 32]), &[], Duration::ZERO, Source::Lan),
+            Change::New
+        );
         assert!(table.get(&PeerId([1; 32])).is_none());
         assert_eq!(table.len(), 2);
     }

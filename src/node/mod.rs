@@ -224,14 +224,22 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node for `identity` in the network of `token`; `seed` fixes every random choice.
-    pub fn new(identity: &Identity, token: &NetworkToken, settings: NodeSettings, seed: u64) -> Result<Self, TransportError> {
+    pub fn new(
+        identity: &Identity,
+        token: &NetworkToken,
+        settings: NodeSettings,
+        seed: u64,
+    ) -> Result<Self, TransportError> {
         let me = identity.peer_id();
         let keys = token.key_schedule();
         let mut rng = Rng::from_seed(seed);
         let mut transport_seed = [0u8; 32];
         rng.fill(&mut transport_seed);
-        let transport = Transport::new(identity, &keys, settings.transport.clone(), transport_seed)?;
-        let lan = settings.lan.then(|| LanDiscovery::new(me, keys.clone(), rng.fork()));
+        let transport =
+            Transport::new(identity, &keys, settings.transport.clone(), transport_seed)?;
+        let lan = settings
+            .lan
+            .then(|| LanDiscovery::new(me, keys.clone(), rng.fork()));
         let kad = settings.dht.then(|| {
             let mut kad = Kad::new(me, rng.fork(), settings.kad.clone());
             for (addr, peer) in &settings.bootstrap {
@@ -331,7 +339,14 @@ impl Node {
     }
 
     /// Handles one UDP payload received from `from` on either socket.
-    pub fn handle_datagram(&mut self, now: Instant, unix_secs: u64, from: SocketAddr, local_ip: Option<IpAddr>, bytes: &[u8]) {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        bytes: &[u8],
+    ) {
         let Some(&first) = bytes.first() else {
             self.stats.unknown_packets += 1;
             return;
@@ -397,7 +412,10 @@ impl Node {
         let mut buf = std::mem::take(&mut self.scratch);
         match msg.encode(&mut buf) {
             Ok(()) => {
-                if let Err(e) = self.transport.send_message(peer, Bytes::copy_from_slice(&buf)) {
+                if let Err(e) = self
+                    .transport
+                    .send_message(peer, Bytes::copy_from_slice(&buf))
+                {
                     log::debug!("control message to {peer} not sent: {e}");
                 }
             }
@@ -418,7 +436,11 @@ impl Node {
         if let Some((destination, bytes)) = self.out.pop_front() {
             buf.clear();
             buf.extend_from_slice(&bytes);
-            return Some(NodeTransmit { destination, len: bytes.len(), segment_size: None });
+            return Some(NodeTransmit {
+                destination,
+                len: bytes.len(),
+                segment_size: None,
+            });
         }
         loop {
             let t = self.transport.poll_transmit(now, buf)?;
@@ -430,12 +452,22 @@ impl Node {
                 });
             }
             // A packet of a relayed connection: into a datagram to the relay, then go on.
-            let Some(path) = self.relays.get(&t.destination) else { continue };
+            let Some(path) = self.relays.get(&t.destination) else {
+                continue;
+            };
             let size = t.segment_size.unwrap_or(t.len).max(1);
             for packet in buf.get(..t.len).unwrap_or_default().chunks(size) {
                 let mut frame = Vec::with_capacity(packet.len() + RELAY_HEADER_LEN);
-                RelayFrame::Forward { to: path.peer, packet }.encode(&mut frame);
-                if self.transport.send_datagram(&path.relay, Bytes::from(frame)).is_err() {
+                RelayFrame::Forward {
+                    to: path.peer,
+                    packet,
+                }
+                .encode(&mut frame);
+                if self
+                    .transport
+                    .send_datagram(&path.relay, Bytes::from(frame))
+                    .is_err()
+                {
                     self.stats.relay_dropped += 1;
                 }
             }
@@ -501,7 +533,9 @@ impl Node {
         }
         while let Some(event) = self.kad.as_mut().and_then(Kad::poll_event) {
             match event {
-                KadEvent::MemberFound { peer, addrs } => self.learn(now, peer, &addrs, Duration::ZERO, Source::Dht),
+                KadEvent::MemberFound { peer, addrs } => {
+                    self.learn(now, peer, &addrs, Duration::ZERO, Source::Dht)
+                }
                 KadEvent::ObservedAddr(addr) => self.set_observed(addr),
                 other => log::trace!("dht: {other:?}"),
             }
@@ -519,24 +553,48 @@ impl Node {
 
     fn on_transport_event(&mut self, now: Instant, event: TransportEvent) {
         match event {
-            TransportEvent::Connected { peer, addr, inbound, .. } => {
+            TransportEvent::Connected {
+                peer,
+                addr,
+                inbound,
+                ..
+            } => {
                 self.connected.insert(peer, addr);
                 self.dials.remove(&peer);
                 // An address we dialled is known to work; one a peer came from may be a NAT's.
-                let addrs = if inbound || is_relay_addr(&addr) { Vec::new() } else { vec![addr] };
+                let addrs = if inbound || is_relay_addr(&addr) {
+                    Vec::new()
+                } else {
+                    vec![addr]
+                };
                 self.learn(now, peer, &addrs, Duration::ZERO, Source::Connection);
                 let mut members = self.members.gossip(now, None);
                 members.push(self.self_info());
                 // Over a relay we do not see the peer's address.
-                let observed = if is_relay_addr(&addr) { SocketAddr::from(([0, 0, 0, 0], 0)) } else { addr };
-                let hello = Control::Hello { listen: self.announced_addrs(), observed, members };
+                let observed = if is_relay_addr(&addr) {
+                    SocketAddr::from(([0, 0, 0, 0], 0))
+                } else {
+                    addr
+                };
+                let hello = Control::Hello {
+                    listen: self.announced_addrs(),
+                    observed,
+                    members,
+                };
                 self.send_control(&peer, &hello);
-                self.events.push_back(NodeEvent::PeerConnected { peer, addr, inbound });
+                self.events.push_back(NodeEvent::PeerConnected {
+                    peer,
+                    addr,
+                    inbound,
+                });
             }
             TransportEvent::Disconnected { peer, reason } => {
                 self.connected.remove(&peer);
                 self.relays.remove_relay(&peer);
-                self.events.push_back(NodeEvent::PeerDisconnected { peer, reason: reason.to_string() });
+                self.events.push_back(NodeEvent::PeerDisconnected {
+                    peer,
+                    reason: reason.to_string(),
+                });
             }
             TransportEvent::Message { peer, bytes } => match Control::decode(&bytes) {
                 Ok(msg) => self.on_control(now, peer, msg),
@@ -565,7 +623,11 @@ impl Node {
 
     fn on_control(&mut self, now: Instant, from: PeerId, msg: Control) {
         match msg {
-            Control::Hello { listen, observed, members } => {
+            Control::Hello {
+                listen,
+                observed,
+                members,
+            } => {
                 if !listen.is_empty() {
                     self.learn(now, from, &listen, Duration::ZERO, Source::Connection);
                 }
@@ -582,7 +644,9 @@ impl Node {
     /// (we are its receiver).
     fn on_relay_frame(&mut self, now: Instant, from: PeerId, datagram: &[u8]) {
         match RelayFrame::decode(datagram) {
-            Ok(RelayFrame::Forward { to, packet }) if to != self.me && self.connected.contains_key(&to) => {
+            Ok(RelayFrame::Forward { to, packet })
+                if to != self.me && self.connected.contains_key(&to) =>
+            {
                 let mut frame = Vec::with_capacity(datagram.len());
                 RelayFrame::Forwarded { from, packet }.encode(&mut frame);
                 match self.transport.send_datagram(&to, Bytes::from(frame)) {
@@ -590,12 +654,13 @@ impl Node {
                     Err(_) => self.stats.relay_dropped += 1,
                 }
             }
-            Ok(RelayFrame::Forwarded { from: origin, packet }) if origin != self.me => {
-                match self.relays.addr_for(origin, from) {
-                    Some(addr) => self.transport.handle_datagram(now, addr, None, packet),
-                    None => self.stats.relay_dropped += 1,
-                }
-            }
+            Ok(RelayFrame::Forwarded {
+                from: origin,
+                packet,
+            }) if origin != self.me => match self.relays.addr_for(origin, from) {
+                Some(addr) => self.transport.handle_datagram(now, addr, None, packet),
+                None => self.stats.relay_dropped += 1,
+            },
             Ok(_) | Err(_) => self.stats.relay_dropped += 1,
         }
     }
@@ -609,7 +674,9 @@ impl Node {
             .filter(|p| !p.inbound && p.peer != *peer && !is_relay_addr(&p.addr))
             .map(|p| p.peer)
             .collect();
-        candidates.get(attempt as usize % candidates.len().max(1)).copied()
+        candidates
+            .get(attempt as usize % candidates.len().max(1))
+            .copied()
     }
 
     fn learn_gossip(&mut self, now: Instant, members: Vec<MemberInfo>) {
@@ -618,10 +685,21 @@ impl Node {
         }
     }
 
-    fn learn(&mut self, now: Instant, peer: PeerId, addrs: &[SocketAddr], age: Duration, source: Source) {
+    fn learn(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        addrs: &[SocketAddr],
+        age: Duration,
+        source: Source,
+    ) {
         match self.members.observe(now, peer, addrs, age, source) {
             Change::New => {
-                self.events.push_back(NodeEvent::MemberDiscovered { peer, addrs: addrs.to_vec(), source });
+                self.events.push_back(NodeEvent::MemberDiscovered {
+                    peer,
+                    addrs: addrs.to_vec(),
+                    source,
+                });
                 self.schedule_push(now, peer);
                 // Dial a new member right away when we need neighbours.
                 self.maintain_at = Some(now);
@@ -650,7 +728,11 @@ impl Node {
     }
 
     fn self_info(&self) -> MemberInfo {
-        MemberInfo { peer: self.me, addrs: self.announced_addrs(), age: Duration::ZERO }
+        MemberInfo {
+            peer: self.me,
+            addrs: self.announced_addrs(),
+            age: Duration::ZERO,
+        }
     }
 
     /// Sends gossip about members that are new or changed to every neighbour.
@@ -659,7 +741,9 @@ impl Node {
         if self.pending_gossip.is_empty() || self.connected.is_empty() {
             return;
         }
-        let pending: Vec<PeerId> = std::mem::take(&mut self.pending_gossip).into_iter().collect();
+        let pending: Vec<PeerId> = std::mem::take(&mut self.pending_gossip)
+            .into_iter()
+            .collect();
         let mut entries = self.members.gossip(now, Some(&pending));
         if pending.contains(&self.me) {
             entries.push(self.self_info());
@@ -691,7 +775,8 @@ impl Node {
     fn maintain(&mut self, now: Instant) {
         let live: Vec<PeerId> = self.connected.keys().copied().collect();
         for peer in live {
-            self.members.observe(now, peer, &[], Duration::ZERO, Source::Connection);
+            self.members
+                .observe(now, peer, &[], Duration::ZERO, Source::Connection);
         }
         let lan_peers: Vec<(PeerId, Vec<SocketAddr>)> = self
             .lan
@@ -699,7 +784,8 @@ impl Node {
             .flat_map(|lan| lan.peers().map(|(p, a)| (*p, a.to_vec())))
             .collect();
         for (peer, addrs) in lan_peers {
-            self.members.observe(now, peer, &addrs, Duration::ZERO, Source::Lan);
+            self.members
+                .observe(now, peer, &addrs, Duration::ZERO, Source::Lan);
         }
         for peer in self.members.expire(now) {
             self.dials.remove(&peer);
@@ -710,7 +796,10 @@ impl Node {
 
     fn dial_neighbours(&mut self, now: Instant) {
         let dialing = self.dials.values().filter(|d| d.pending.is_some()).count();
-        let wanted = self.settings.neighbours.saturating_sub(self.connected.len() + dialing);
+        let wanted = self
+            .settings
+            .neighbours
+            .saturating_sub(self.connected.len() + dialing);
         if wanted == 0 {
             return;
         }
@@ -720,8 +809,12 @@ impl Node {
             .filter(|(peer, m)| {
                 !self.connected.contains_key(peer)
                     && !m.addrs.is_empty()
-                    && self.dials.get(peer).is_none_or(|d| d.pending.is_none() && d.next_attempt <= now)
-                    && (self.me < **peer || now.saturating_duration_since(m.first_seen) >= DIAL_DEFER)
+                    && self
+                        .dials
+                        .get(peer)
+                        .is_none_or(|d| d.pending.is_none() && d.next_attempt <= now)
+                    && (self.me < **peer
+                        || now.saturating_duration_since(m.first_seen) >= DIAL_DEFER)
             })
             .map(|(peer, m)| (u8::from(m.source != Source::Lan), 0, *peer))
             .collect();
@@ -735,7 +828,9 @@ impl Node {
     }
 
     fn dial(&mut self, now: Instant, peer: PeerId) {
-        let Some(member) = self.members.get(&peer) else { return };
+        let Some(member) = self.members.get(&peer) else {
+            return;
+        };
         let failures = self.dials.get(&peer).map_or(0, |d| d.failures);
         // Each direct address once, then a relay, then again in turn (a relay helps where NATs
         // on both sides keep the direct path shut).
@@ -744,19 +839,38 @@ impl Node {
             .then(|| self.relay_for(&peer, failures / 2))
             .flatten()
             .and_then(|relay| self.relays.addr_for(peer, relay));
-        let Some(addr) = relayed.or_else(|| member.addrs.get(failures as usize % member.addrs.len().max(1)).copied()) else {
+        let Some(addr) = relayed.or_else(|| {
+            member
+                .addrs
+                .get(failures as usize % member.addrs.len().max(1))
+                .copied()
+        }) else {
             return;
         };
         self.stats.dials += 1;
         match self.transport.connect(now, addr, Some(peer)) {
             Ok(conn) => {
-                self.dials.insert(peer, Dial { pending: Some(conn), failures, next_attempt: now });
+                self.dials.insert(
+                    peer,
+                    Dial {
+                        pending: Some(conn),
+                        failures,
+                        next_attempt: now,
+                    },
+                );
             }
             Err(e) => {
                 log::debug!("cannot dial {peer} at {addr}: {e}");
                 self.stats.dials_failed += 1;
                 let backoff = dial_backoff(failures + 1, member.addrs.len() + 1);
-                self.dials.insert(peer, Dial { pending: None, failures: failures + 1, next_attempt: now + backoff });
+                self.dials.insert(
+                    peer,
+                    Dial {
+                        pending: None,
+                        failures: failures + 1,
+                        next_attempt: now + backoff,
+                    },
+                );
             }
         }
     }
