@@ -33,12 +33,30 @@ fn dump(hosts: &[&Host]) {
     }
 }
 
+/// How the two NATed nodes ended up connected.
+#[derive(Debug, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Relayed,
+}
+
 #[test]
-fn nodes_behind_two_nats_connect_through_a_public_node() {
-    let mut lab = Lab::new("nat");
+fn behind_home_router_nats_the_nodes_connect_directly() {
+    assert_eq!(connect_across_nats("natfw", true), Path::Direct);
+}
+
+#[test]
+fn behind_plain_masquerade_nats_the_nodes_connect_through_the_relay() {
+    // Without a firewall, each router answers the other's first packet itself and keeps a
+    // conntrack entry that makes its own NAT pick another port: no punch can work.
+    assert_eq!(connect_across_nats("nat", false), Path::Relayed);
+}
+
+fn connect_across_nats(name: &str, firewall: bool) -> Path {
+    let mut lab = Lab::new(name);
     let public = lab.add_host(1, "192.0.2.100/24");
-    let site_a = lab.add_nat_site(2, "192.0.2.11/24", "10.1.1.1/24");
-    let site_b = lab.add_nat_site(3, "192.0.2.12/24", "10.1.2.1/24");
+    let site_a = lab.add_nat_site(2, "192.0.2.11/24", "10.1.1.1/24", firewall);
+    let site_b = lab.add_nat_site(3, "192.0.2.12/24", "10.1.2.1/24", firewall);
     let a = lab.add_host_behind(&site_a, 4, "10.1.1.2/24");
     let b = lab.add_host_behind(&site_b, 5, "10.1.2.2/24");
     let config = write_config(
@@ -69,13 +87,14 @@ fn nodes_behind_two_nats_connect_through_a_public_node() {
         .into_iter()
         .find(|l| l.contains(&id_b))
         .unwrap();
-    let how = if line.contains("fd6b:7032:7072") {
-        "through the relay"
+    let path = if line.contains("fd6b:7032:7072") {
+        Path::Relayed
     } else {
-        "directly (hole punched)"
+        Path::Direct
     };
-    eprintln!("NATed nodes connected {how} after {took:?}: {line}");
+    eprintln!("NATed nodes (firewall: {firewall}) connected {path:?} after {took:?}: {line}");
     // Each learned its public address from the others.
     assert!(!log_lines(&a, "peers see this node at 192.0.2.11").is_empty());
     assert!(!log_lines(&b, "peers see this node at 192.0.2.12").is_empty());
+    path
 }

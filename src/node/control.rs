@@ -19,6 +19,8 @@ pub const MAX_MEMBERS_PER_MESSAGE: usize = 4096;
 
 const TYPE_HELLO: u8 = 1;
 const TYPE_MEMBERS: u8 = 2;
+const TYPE_PUNCH_REQUEST: u8 = 3;
+const TYPE_PUNCH_NOTIFY: u8 = 4;
 
 /// What one member tells another about a third (or about itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,19 @@ pub enum Control {
     },
     /// Members that are new or changed, or a periodic full list.
     Members(Vec<MemberInfo>),
+    /// To a member connected to both: "tell `target` and me to dial each other now".
+    PunchRequest {
+        /// The member the sender cannot reach directly.
+        target: PeerId,
+    },
+    /// From that member: "dial `peer` at `addr` now" (the address it sees `peer` at); both ends
+    /// get one at the same moment, so their NATs open for each other.
+    PunchNotify {
+        /// The member to dial.
+        peer: PeerId,
+        /// Its address as the coordinator sees it.
+        addr: SocketAddr,
+    },
 }
 
 impl Control {
@@ -69,6 +84,12 @@ impl Control {
                 w.u8(TYPE_MEMBERS);
                 write_members(&mut w, members)?;
             }
+            Control::PunchRequest { target } => {
+                w.u8(TYPE_PUNCH_REQUEST).peer_id(target);
+            }
+            Control::PunchNotify { peer, addr } => {
+                w.u8(TYPE_PUNCH_NOTIFY).peer_id(peer).socket_addr(addr);
+            }
         }
         Ok(())
     }
@@ -87,6 +108,13 @@ impl Control {
                 members: read_members(&mut r)?,
             },
             TYPE_MEMBERS => Control::Members(read_members(&mut r)?),
+            TYPE_PUNCH_REQUEST => Control::PunchRequest {
+                target: r.peer_id()?,
+            },
+            TYPE_PUNCH_NOTIFY => Control::PunchNotify {
+                peer: r.peer_id()?,
+                addr: r.socket_addr()?,
+            },
             tag => {
                 return Err(WireError::UnknownTag {
                     field: "control message type",
@@ -166,6 +194,13 @@ mod tests {
             },
             Control::Members(vec![m(3)]),
             Control::Members(vec![]),
+            Control::PunchRequest {
+                target: PeerId([7; 32]),
+            },
+            Control::PunchNotify {
+                peer: PeerId([8; 32]),
+                addr: "203.0.113.9:7120".parse().unwrap(),
+            },
         ]
     }
 

@@ -54,6 +54,8 @@ pub const MAINTAIN_INTERVAL: Duration = Duration::from_millis(500);
 pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a dial may take before the next address (or a relay) is tried.
 pub const DIRECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a punch may take before the relay is tried.
+pub const PUNCH_WAIT: Duration = Duration::from_secs(5);
 /// Relayed paths tracked (each is a virtual address and a few bytes).
 pub const MAX_RELAY_PATHS: usize = 1024;
 
@@ -173,6 +175,10 @@ pub struct NodeStats {
     pub relayed: u64,
     /// Relay frames dropped (malformed, receiver not connected, queue full).
     pub relay_dropped: u64,
+    /// Punch requests this node sent.
+    pub punch_requests: u64,
+    /// Punches coordinated for two other members.
+    pub punches_coordinated: u64,
     /// Dial attempts.
     pub dials: u64,
     /// Dial attempts that failed.
@@ -184,6 +190,8 @@ struct Dial {
     pending: Option<ConnId>,
     failures: u32,
     next_attempt: Instant,
+    /// The pending connection was started by a punch notice (its failure is not counted again).
+    punched: bool,
 }
 
 /// The overlay node.
@@ -612,10 +620,12 @@ impl Node {
                 log::debug!("handshake with {addr} failed: {reason}");
                 let found = self.dials.iter_mut().find(|(_, d)| d.pending == Some(conn));
                 if let Some((peer, dial)) = found {
-                    let paths = self.members.get(peer).map_or(1, |m| m.addrs.len() + 1);
+                    let paths = self.members.get(peer).map_or(1, |m| m.addrs.len() + 2);
                     dial.pending = None;
-                    dial.failures += 1;
-                    dial.next_attempt = now + dial_backoff(dial.failures, paths);
+                    if !std::mem::take(&mut dial.punched) {
+                        dial.failures += 1;
+                        dial.next_attempt = now + dial_backoff(dial.failures, paths);
+                    }
                 }
             }
         }
@@ -637,6 +647,8 @@ impl Node {
                 self.learn_gossip(now, members);
             }
             Control::Members(members) => self.learn_gossip(now, members),
+            Control::PunchRequest { target } => self.coordinate_punch(from, target),
+            Control::PunchNotify { peer, addr } => self.punch(now, peer, addr),
         }
     }
 
@@ -662,6 +674,59 @@ impl Node {
                 None => self.stats.relay_dropped += 1,
             },
             Ok(_) | Err(_) => self.stats.relay_dropped += 1,
+        }
+    }
+
+    /// `from` cannot reach `target`: if both are connected to us over real paths, tell each to
+    /// dial the other at the address we see it at, at the same moment.
+    fn coordinate_punch(&mut self, from: PeerId, target: PeerId) {
+        let (Some(&from_addr), Some(&target_addr)) =
+            (self.connected.get(&from), self.connected.get(&target))
+        else {
+            return;
+        };
+        if from == target || is_relay_addr(&from_addr) || is_relay_addr(&target_addr) {
+            return;
+        }
+        self.stats.punches_coordinated += 1;
+        self.send_control(
+            &target,
+            &Control::PunchNotify {
+                peer: from,
+                addr: from_addr,
+            },
+        );
+        self.send_control(
+            &from,
+            &Control::PunchNotify {
+                peer: target,
+                addr: target_addr,
+            },
+        );
+    }
+
+    /// Dials `peer` at `addr` now, as a coordinator asked (the other side does the same).
+    fn punch(&mut self, now: Instant, peer: PeerId, addr: SocketAddr) {
+        if peer == self.me || self.connected.contains_key(&peer) || is_relay_addr(&addr) {
+            return;
+        }
+        if self.dials.get(&peer).is_some_and(|d| d.pending.is_some()) {
+            return;
+        }
+        self.stats.dials += 1;
+        log::debug!("hole punching: dialling {peer} at {addr} while it dials us");
+        match self.transport.connect(now, addr, Some(peer)) {
+            Ok(conn) => {
+                let dial = self.dials.entry(peer).or_insert(Dial {
+                    pending: None,
+                    failures: 0,
+                    next_attempt: now,
+                    punched: false,
+                });
+                dial.pending = Some(conn);
+                dial.punched = true;
+            }
+            Err(e) => log::debug!("cannot punch to {peer} at {addr}: {e}"),
         }
     }
 
@@ -828,23 +893,40 @@ impl Node {
     }
 
     fn dial(&mut self, now: Instant, peer: PeerId) {
-        let Some(member) = self.members.get(&peer) else {
+        let Some(addrs) = self.members.get(&peer).map(|m| m.addrs.clone()) else {
             return;
         };
         let failures = self.dials.get(&peer).map_or(0, |d| d.failures);
-        // Each direct address once, then a relay, then again in turn (a relay helps where NATs
-        // on both sides keep the direct path shut).
-        let direct = member.addrs.len().max(1) as u32;
-        let relayed = (failures % (direct + 1) == direct)
-            .then(|| self.relay_for(&peer, failures / 2))
+        // A round of attempts: each direct address, a coordinated punch, then a relay (for NATs
+        // that cannot be punched).
+        let direct = addrs.len().max(1) as u32;
+        let step = failures % (direct + 2);
+        let round = failures / (direct + 2);
+        if step == direct {
+            // Ask a member both ends reach to have both dial at once (hole punching).
+            if let Some(coordinator) = self.relay_for(&peer, round) {
+                self.stats.punch_requests += 1;
+                self.send_control(&coordinator, &Control::PunchRequest { target: peer });
+            }
+            let backoff = PUNCH_WAIT.max(dial_backoff(failures + 1, addrs.len() + 2));
+            self.dials.insert(
+                peer,
+                Dial {
+                    pending: None,
+                    failures: failures + 1,
+                    next_attempt: now + backoff,
+                    punched: false,
+                },
+            );
+            return;
+        }
+        let relayed = (step == direct + 1)
+            .then(|| self.relay_for(&peer, round))
             .flatten()
             .and_then(|relay| self.relays.addr_for(peer, relay));
-        let Some(addr) = relayed.or_else(|| {
-            member
-                .addrs
-                .get(failures as usize % member.addrs.len().max(1))
-                .copied()
-        }) else {
+        let Some(addr) =
+            relayed.or_else(|| addrs.get(failures as usize % addrs.len().max(1)).copied())
+        else {
             return;
         };
         self.stats.dials += 1;
@@ -856,19 +938,21 @@ impl Node {
                         pending: Some(conn),
                         failures,
                         next_attempt: now,
+                        punched: false,
                     },
                 );
             }
             Err(e) => {
                 log::debug!("cannot dial {peer} at {addr}: {e}");
                 self.stats.dials_failed += 1;
-                let backoff = dial_backoff(failures + 1, member.addrs.len() + 1);
+                let backoff = dial_backoff(failures + 1, addrs.len() + 2);
                 self.dials.insert(
                     peer,
                     Dial {
                         pending: None,
                         failures: failures + 1,
                         next_attempt: now + backoff,
+                        punched: false,
                     },
                 );
             }

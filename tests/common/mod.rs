@@ -125,8 +125,15 @@ impl Lab {
 
     /// Adds a NAT router `index`: its public side on the lab bridge at `public_cidr`, a private
     /// bridge behind it with gateway `gateway_cidr`, and IPv4 masquerading (Linux NAT:
-    /// endpoint-independent mapping, port-preserving when it can).
-    pub fn add_nat_site(&mut self, index: usize, public_cidr: &str, gateway_cidr: &str) -> Site {
+    /// endpoint-independent mapping, port-preserving when it can). With `firewall`, the router
+    /// also drops unsolicited packets from outside, as home routers do.
+    pub fn add_nat_site(
+        &mut self,
+        index: usize,
+        public_cidr: &str,
+        gateway_cidr: &str,
+        firewall: bool,
+    ) -> Site {
         let router = self.add_host(index, public_cidr);
         let ns = router.ns.clone();
         self.exec_ok(&ns, &["ip", "link", "add", "br1", "type", "bridge"]);
@@ -147,6 +154,23 @@ impl Lab {
                 "MASQUERADE",
             ],
         );
+        if firewall {
+            let drop_new = [
+                "-i",
+                "eth0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-j",
+                "DROP",
+            ];
+            for chain in ["INPUT", "FORWARD"] {
+                let mut args = vec!["iptables", "-A", chain];
+                args.extend_from_slice(&drop_new);
+                self.exec_ok(&ns, &args);
+            }
+        }
         Site {
             router,
             gateway: gateway_cidr.split('/').next().unwrap().to_string(),
