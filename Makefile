@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test lint fmt-check clippy unit-test demo deps help
+.PHONY: all build release test lint fmt-check clippy unit-test demo deps help bench
 
 all: build
 
@@ -12,6 +12,7 @@ help:
 	@echo "make test        fmt check, clippy -D warnings, all tests, ARM cross tests"
 	@echo "make demo        (comes with the cluster issue; see README.md)"
 	@echo "make release     optimised host binary in target/release/kairos-p2p"
+	@echo "make bench       benchmarks (simulator, real agents in namespaces; needs root)"
 	@echo "make cross       static ARM binaries (aarch64, armv7)"
 	@echo "make cross-test  run the ARM binaries and the aarch64 unit tests under qemu"
 	@echo "make install     install the binary, kairosctl link and service units (DESTDIR, PREFIX)"
@@ -40,6 +41,10 @@ lint: fmt-check clippy
 
 test: deps lint unit-test cross-test
 	@echo "make test: all steps passed"
+
+# Benchmarks print numbers and ratios; they assert nothing.
+bench: deps
+	$(CARGO) bench --locked
 
 demo:
 	@echo "make demo: the one-machine cluster demo arrives with the k3s issue (#6); it does not exist yet." >&2
