@@ -5,22 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Host, Lab, generate_token, log_lines, wait_for, write_config};
-
-fn peer_id_of(host: &Host) -> String {
-    wait_for(Duration::from_secs(10), || {
-        !log_lines(host, "peer id ").is_empty()
-    })
-    .expect("agent started");
-    let line = log_lines(host, "peer id ").remove(0);
-    line.split("peer id ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_string()
-}
+use common::{Host, Lab, generate_token, log_lines, peer_id_of, wait_for, write_config};
 
 fn dump(hosts: &[&Host]) {
     for h in hosts {

@@ -5,13 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lab, generate_token, log_lines, wait_for, write_config};
-
-fn peer_id_of(host: &common::Host) -> Option<String> {
-    let line = log_lines(host, "peer id ").into_iter().next()?;
-    let rest = line.split("peer id ").nth(1)?;
-    Some(rest.split(',').next()?.to_string())
-}
+use common::{Lab, generate_token, log_lines, peer_id_of, wait_for, write_config};
 
 #[test]
 fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
@@ -28,13 +22,7 @@ fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
     for h in &hosts {
         lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
     }
-    let ids: Vec<String> = hosts
-        .iter()
-        .map(|h| {
-            wait_for(Duration::from_secs(10), || peer_id_of(h).is_some()).expect("agent started");
-            peer_id_of(h).unwrap()
-        })
-        .collect();
+    let ids: Vec<String> = hosts.iter().map(peer_id_of).collect();
     let meshed = wait_for(Duration::from_secs(20), || {
         hosts.iter().enumerate().all(|(i, h)| {
             let connected = log_lines(h, "connected ");
@@ -108,7 +96,7 @@ fn an_agent_with_another_token_never_connects() {
         log_lines(&outsider, "discovered").is_empty(),
         "the outsider decoded a beacon"
     );
-    let outsider_id = peer_id_of(&outsider).unwrap();
+    let outsider_id = peer_id_of(&outsider);
     for member in [&a, &b] {
         assert!(
             log_lines(member, &outsider_id).is_empty(),

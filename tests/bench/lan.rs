@@ -7,26 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, generate_token, log_lines, wait_for, write_config};
+use common::{Host, Lab, generate_token, log_lines, peer_id_of, wait_for, write_config};
 
 const NODES: usize = 10;
 const RUNS: usize = 3;
 const IDLE: Duration = Duration::from_secs(60);
-
-fn peer_id(h: &Host) -> String {
-    wait_for(Duration::from_secs(10), || {
-        !log_lines(h, "peer id ").is_empty()
-    })
-    .expect("agent up");
-    let line = log_lines(h, "peer id ").remove(0);
-    line.split("peer id ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// Bytes received + sent on the host's eth0.
 fn eth0_bytes(lab: &Lab, h: &Host) -> u64 {
@@ -67,7 +52,7 @@ fn one_run(run: usize, measure_idle: bool) -> (Duration, Option<f64>) {
     for h in &hosts {
         lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
     }
-    let ids: Vec<String> = hosts.iter().map(peer_id).collect();
+    let ids: Vec<String> = hosts.iter().map(peer_id_of).collect();
     let all_pairs = |needle: &str| {
         hosts.iter().enumerate().all(|(i, h)| {
             let lines = log_lines(h, needle);

@@ -94,8 +94,22 @@ impl Lab {
         sh(&full).unwrap();
     }
 
-    /// Adds host `index` with address `ip` (CIDR) on the bridge.
+    /// Adds host `index` with address `cidr` on the lab bridge.
     pub fn add_host(&mut self, index: usize, cidr: &str) -> Host {
+        let hub = self.hub.clone();
+        self.attach_host(index, cidr, &hub, "br0", None)
+    }
+
+    /// Makes namespace `<lab>-h<index>` with `eth0` at `cidr`, whose veth peer joins `bridge` in
+    /// namespace `bridge_ns`; the default route goes via `gateway`, or straight out of `eth0`.
+    fn attach_host(
+        &mut self,
+        index: usize,
+        cidr: &str,
+        bridge_ns: &str,
+        bridge: &str,
+        gateway: Option<&str>,
+    ) -> Host {
         let ns = format!("{}-h{index}", self.name);
         sh(&["ip", "netns", "add", &ns]).unwrap();
         self.namespaces.push(ns.clone());
@@ -104,16 +118,19 @@ impl Lab {
             "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])
         .unwrap();
-        sh(&["ip", "link", "set", &outer, "netns", &self.hub]).unwrap();
+        sh(&["ip", "link", "set", &outer, "netns", bridge_ns]).unwrap();
         self.exec_ok(
-            &self.hub,
-            &["ip", "link", "set", &outer, "master", "br0", "up"],
+            bridge_ns,
+            &["ip", "link", "set", &outer, "master", bridge, "up"],
         );
         self.exec_ok(&ns, &["ip", "link", "set", "lo", "up"]);
         self.exec_ok(&ns, &["ip", "addr", "add", cidr, "dev", "eth0"]);
-        // Without a route for broadcast beacons to 255.255.255.255 the kernel says unreachable.
         self.exec_ok(&ns, &["ip", "link", "set", "eth0", "up"]);
-        self.exec_ok(&ns, &["ip", "route", "add", "default", "dev", "eth0"]);
+        match gateway {
+            Some(gw) => self.exec_ok(&ns, &["ip", "route", "add", "default", "via", gw]),
+            // Broadcast beacons to 255.255.255.255 need a route out of eth0.
+            None => self.exec_ok(&ns, &["ip", "route", "add", "default", "dev", "eth0"]),
+        }
         let dir = self.dir.join(format!("h{index}"));
         fs::create_dir_all(&dir).unwrap();
         Host {
@@ -179,33 +196,13 @@ impl Lab {
 
     /// Adds host `index` at `cidr` behind a NAT site.
     pub fn add_host_behind(&mut self, site: &Site, index: usize, cidr: &str) -> Host {
-        let ns = format!("{}-h{index}", self.name);
-        sh(&["ip", "netns", "add", &ns]).unwrap();
-        self.namespaces.push(ns.clone());
-        let outer = format!("v{}h{index}", self.name.trim_start_matches("kp"));
-        sh(&[
-            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])
-        .unwrap();
-        sh(&["ip", "link", "set", &outer, "netns", &site.router.ns]).unwrap();
-        self.exec_ok(
-            &site.router.ns,
-            &["ip", "link", "set", &outer, "master", "br1", "up"],
-        );
-        self.exec_ok(&ns, &["ip", "link", "set", "lo", "up"]);
-        self.exec_ok(&ns, &["ip", "addr", "add", cidr, "dev", "eth0"]);
-        self.exec_ok(&ns, &["ip", "link", "set", "eth0", "up"]);
-        self.exec_ok(
-            &ns,
-            &["ip", "route", "add", "default", "via", &site.gateway],
-        );
-        let dir = self.dir.join(format!("h{index}"));
-        fs::create_dir_all(&dir).unwrap();
-        Host {
-            ns,
-            ip: cidr.split('/').next().unwrap().to_string(),
-            dir,
-        }
+        self.attach_host(
+            index,
+            cidr,
+            &site.router.ns.clone(),
+            "br1",
+            Some(&site.gateway.clone()),
+        )
     }
 
     /// Starts `kairos-p2p <args>` inside the host's namespace, logging to `<dir>/agent.log`.
@@ -276,6 +273,22 @@ pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Dura
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+/// The peer id an agent logged at start (waits up to 10 s for it).
+pub fn peer_id_of(host: &Host) -> String {
+    wait_for(Duration::from_secs(10), || {
+        !log_lines(host, "peer id ").is_empty()
+    })
+    .expect("agent started");
+    let line = log_lines(host, "peer id ").remove(0);
+    line.split("peer id ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// Lines of a host's agent log containing `needle`.
