@@ -1,0 +1,715 @@
+//! The ledger store: buckets of signed entries, merge, limits, tombstone expiry, events.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::entry::{MAX_VALUE_WIRE, known_valid, remember_valid};
+use super::hlc::wall_clock_is_set;
+use super::{Clock, DEFAULT_MAX_AHEAD_MS, Entry, Hlc, KeyId, LedgerError};
+use crate::identity::{Identity, PeerId};
+
+/// Room a message needs besides one entry's value (header, names, version, writer, signature).
+const MESSAGE_SLACK: usize = 1024;
+/// Bytes counted per stored entry on top of its encoding (hash, key id, map nodes).
+const STORE_OVERHEAD: usize = 64;
+/// edgevpn's default `max_message_size` (20 MiB).
+const DEFAULT_MAX_MESSAGE_SIZE: usize = 20 * 1024 * 1024;
+
+/// The ledger's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most entries (tombstones included); new keys are refused beyond it. Default 65,536.
+    pub max_entries: usize,
+    /// Most bytes held (encoded entries plus a fixed overhead each). Default 64 MiB.
+    pub max_total_bytes: usize,
+    /// Largest value. Default: the token's default `max_message_size` (20 MiB) less 1 KiB, so
+    /// that every entry fits in one message.
+    pub max_value_bytes: usize,
+    /// How long a tombstone is kept after its version. Default 24 h.
+    pub tombstone_lifetime_ms: u64,
+    /// How far past the local horizon a version may be (see the module documentation).
+    /// Default 24 h.
+    pub max_future_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_entries: 65_536,
+            max_total_bytes: 64 * 1024 * 1024,
+            max_value_bytes: DEFAULT_MAX_MESSAGE_SIZE - MESSAGE_SLACK,
+            tombstone_lifetime_ms: 24 * 60 * 60 * 1000,
+            max_future_ms: DEFAULT_MAX_AHEAD_MS,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, with the value limit derived from the token's `max_message_size`.
+    #[must_use]
+    pub fn for_max_message_size(max_message_size: u64) -> Limits {
+        let max = usize::try_from(max_message_size)
+            .unwrap_or(usize::MAX)
+            .min(MAX_VALUE_WIRE);
+        Limits {
+            max_value_bytes: max.saturating_sub(MESSAGE_SLACK),
+            ..Limits::default()
+        }
+    }
+}
+
+/// What [`Ledger::apply`] did with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The key was absent; the entry is stored.
+    New,
+    /// The entry won over the stored one and replaced it.
+    Replaced,
+    /// The entry lost (or was already held, or was an expired tombstone); nothing changed.
+    Stale,
+}
+
+/// Totals of [`Ledger::apply_all`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Entries stored under new keys.
+    pub new: usize,
+    /// Entries that replaced older ones.
+    pub replaced: usize,
+    /// Entries that changed nothing.
+    pub stale: usize,
+    /// Entries refused with an error (counted by kind in [`Counters`]).
+    pub refused: usize,
+}
+
+/// What the ledger has done since it was created; never reset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Entries stored (new or replacing), local writes included.
+    pub applied: u64,
+    /// Entries that lost against what was held (discarded before their signature is checked).
+    pub stale: u64,
+    /// Entries with a bad signature or writer key.
+    pub bad_signature: u64,
+    /// Entries with an invalid name or an oversized value.
+    pub invalid: u64,
+    /// Entries refused because the ledger was full.
+    pub rejected_full: u64,
+    /// Entries refused because their version was too far in the future.
+    pub rejected_future: u64,
+    /// Tombstones removed by [`Ledger::expire`].
+    pub tombstones_expired: u64,
+    /// Quarantined entries dropped because a peer had forgotten them.
+    pub suspects_dropped: u64,
+    /// Events discarded because nobody polled them (replaced by [`LedgerEvent::Resync`]).
+    pub events_dropped: u64,
+}
+
+/// A change the rest of the node may react to; poll with [`Ledger::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerEvent {
+    /// The visible value of `bucket/key` changed (set, changed or deleted).
+    Changed {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// Too many events were left unpolled and were dropped: re-read the whole ledger.
+    Resync,
+}
+
+/// One stored entry and what the store keeps about it.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) entry: Entry,
+    pub(crate) hash: [u8; 32],
+    pub(crate) key_id: KeyId,
+    /// Quarantined: possibly deleted elsewhere while this node was away (see the module doc).
+    pub(crate) suspect: bool,
+}
+
+/// One bucket: its entries and the XOR of their hashes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Bucket {
+    pub(crate) entries: BTreeMap<String, Stored>,
+    pub(crate) hash: [u8; 32],
+}
+
+/// Which checks [`Ledger::admit`] runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admit {
+    /// Verify the signature.
+    pub(crate) verify: bool,
+    /// Refuse versions past the future horizon.
+    pub(crate) future: bool,
+    /// The local time, when known (snapshots load without one).
+    pub(crate) now: Option<u64>,
+}
+
+/// The replicated ledger (see the module documentation for the rules).
+///
+/// Call order for the node: [`apply`](Self::apply) entries from gossip, [`put`](Self::put) and
+/// [`delete`](Self::delete) local writes, [`expire`](Self::expire) once in a while, drain
+/// [`poll_event`](Self::poll_event) after each of those, run anti-entropy with
+/// [`digest`](Self::digest) / [`summary_for`](Self::summary_for) /
+/// [`reconcile`](Self::reconcile) / [`answer`](Self::answer), and [`save`](Self::save) after
+/// changes.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub(crate) buckets: BTreeMap<String, Bucket>,
+    limits: Limits,
+    entries: usize,
+    bytes: usize,
+    /// Highest versions stored, from two distinct writers (monotonic high-water marks).
+    high: [Option<(Hlc, PeerId)>; 2],
+    pub(crate) counters: Counters,
+    events: VecDeque<LedgerEvent>,
+    pub(crate) last_contact_ms: Option<u64>,
+    pub(crate) quarantined_at: Option<u64>,
+    pub(crate) suspects: usize,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new(Limits::default())
+    }
+}
+
+fn xor_into(acc: &mut [u8; 32], h: &[u8; 32]) {
+    for (a, b) in acc.iter_mut().zip(h) {
+        *a ^= b;
+    }
+}
+
+fn stored_size(e: &Entry) -> usize {
+    e.encoded_len() + STORE_OVERHEAD
+}
+
+impl Ledger {
+    /// An empty ledger.
+    #[must_use]
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            buckets: BTreeMap::new(),
+            limits,
+            entries: 0,
+            bytes: 0,
+            high: [None, None],
+            counters: Counters::default(),
+            events: VecDeque::new(),
+            last_contact_ms: None,
+            quarantined_at: None,
+            suspects: 0,
+        }
+    }
+
+    /// The bounds it was built with.
+    #[must_use]
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// What it has done so far.
+    #[must_use]
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Entries held, tombstones included.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// True when nothing is held, not even a tombstone.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Bytes held, as counted against [`Limits::max_total_bytes`].
+    #[must_use]
+    pub fn total_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The highest version ever stored (a high-water mark; local writes stamp after it).
+    #[must_use]
+    pub fn max_version(&self) -> Hlc {
+        self.high[0].map_or(Hlc::ZERO, |(v, _)| v)
+    }
+
+    /// Entries currently quarantined (see the module documentation).
+    #[must_use]
+    pub fn suspects(&self) -> usize {
+        self.suspects
+    }
+
+    /// When this ledger last started an exchange with a peer, if ever.
+    #[must_use]
+    pub fn last_contact_ms(&self) -> Option<u64> {
+        self.last_contact_ms
+    }
+
+    /// The visible value of `bucket/key` (a tombstone reads as absent).
+    #[must_use]
+    pub fn get(&self, bucket: &str, key: &str) -> Option<&[u8]> {
+        self.entry(bucket, key).and_then(|e| e.value.as_deref())
+    }
+
+    /// The entry held for `bucket/key`, tombstones included.
+    #[must_use]
+    pub fn entry(&self, bucket: &str, key: &str) -> Option<&Entry> {
+        self.buckets
+            .get(bucket)
+            .and_then(|b| b.entries.get(key))
+            .map(|s| &s.entry)
+    }
+
+    /// The live `(key, value)` pairs of a bucket, in key order.
+    pub fn bucket<'a>(&'a self, name: &str) -> impl Iterator<Item = (&'a str, &'a [u8])> + use<'a> {
+        self.buckets
+            .get(name)
+            .into_iter()
+            .flat_map(|b| b.entries.iter())
+            .filter_map(|(k, s)| s.entry.value.as_deref().map(|v| (k.as_str(), v)))
+    }
+
+    /// Names of the buckets holding at least one live value, in order.
+    pub fn buckets(&self) -> impl Iterator<Item = &str> {
+        self.buckets
+            .iter()
+            .filter(|(_, b)| b.entries.values().any(|s| !s.entry.is_tombstone()))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Every entry held, tombstones included, in bucket then key order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.buckets
+            .values()
+            .flat_map(|b| b.entries.values().map(|s| &s.entry))
+    }
+
+    /// The next change event, oldest first.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<LedgerEvent> {
+        self.events.pop_front()
+    }
+
+    /// Merges an entry received from a peer: checks its shape, discards it if it does not win over
+    /// what is held, verifies its signature, refuses it if its version is past the future horizon
+    /// or the ledger is full, and stores it otherwise.
+    pub fn apply(&mut self, entry: Entry, now_unix_ms: u64) -> Result<Applied, LedgerError> {
+        self.admit(
+            entry,
+            Admit {
+                verify: true,
+                future: true,
+                now: Some(now_unix_ms),
+            },
+        )
+    }
+
+    /// [`apply`](Self::apply) for many entries; errors are counted, not returned.
+    pub fn apply_all(
+        &mut self,
+        entries: impl IntoIterator<Item = Entry>,
+        now_unix_ms: u64,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for e in entries {
+            match self.apply(e, now_unix_ms) {
+                Ok(Applied::New) => report.new += 1,
+                Ok(Applied::Replaced) => report.replaced += 1,
+                Ok(Applied::Stale) => report.stale += 1,
+                Err(err) => {
+                    log::debug!("ledger: refused an entry: {err}");
+                    report.refused += 1;
+                }
+            }
+        }
+        report
+    }
+
+    /// Writes `bucket/key = value` as `identity`, stamped after everything the ledger holds, and
+    /// returns the signed entry to gossip.
+    pub fn put(
+        &mut self,
+        identity: &Identity,
+        clock: &mut Clock,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        unix_ms: u64,
+    ) -> Result<Entry, LedgerError> {
+        self.write(identity, clock, bucket, key, Some(value), unix_ms)
+    }
+
+    /// Deletes `bucket/key` by writing a tombstone (even when the key is not held here: a peer may
+    /// hold it), and returns the signed tombstone to gossip.
+    pub fn delete(
+        &mut self,
+        identity: &Identity,
+        clock: &mut Clock,
+        bucket: &str,
+        key: &str,
+        unix_ms: u64,
+    ) -> Result<Entry, LedgerError> {
+        self.write(identity, clock, bucket, key, None, unix_ms)
+    }
+
+    fn write(
+        &mut self,
+        identity: &Identity,
+        clock: &mut Clock,
+        bucket: &str,
+        key: &str,
+        value: Option<&[u8]>,
+        unix_ms: u64,
+    ) -> Result<Entry, LedgerError> {
+        if let Some(v) = value {
+            if v.len() > self.limits.max_value_bytes {
+                return Err(LedgerError::ValueTooLarge {
+                    len: v.len(),
+                    max: self.limits.max_value_bytes,
+                });
+            }
+        }
+        clock.advance(self.max_version());
+        let version = clock.tick(unix_ms);
+        let entry = Entry::sign(identity, bucket, key, value, version)?;
+        // Our own entry: signed just now, and our clock is the authority for our writes.
+        self.admit(
+            entry.clone(),
+            Admit {
+                verify: false,
+                future: false,
+                now: Some(unix_ms),
+            },
+        )?;
+        Ok(entry)
+    }
+
+    /// Removes tombstones older than [`Limits::tombstone_lifetime_ms`] (by their version against
+    /// `now_unix_ms`) and lifts a quarantine older than that; returns how many were removed.
+    pub fn expire(&mut self, now_unix_ms: u64) -> usize {
+        let dead: Vec<(String, String)> = self
+            .buckets
+            .iter()
+            .flat_map(|(name, b)| {
+                b.entries
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.entry.is_tombstone() && self.is_expired(s.entry.version, now_unix_ms)
+                    })
+                    .map(move |(k, _)| (name.clone(), k.clone()))
+            })
+            .collect();
+        for (b, k) in &dead {
+            self.remove(b, k);
+        }
+        self.counters.tombstones_expired += dead.len() as u64;
+        if let Some(at) = self.quarantined_at {
+            if now_unix_ms.saturating_sub(at) >= self.limits.tombstone_lifetime_ms {
+                log::info!(
+                    "ledger: lifting the quarantine of {} entries (no peer could judge them)",
+                    self.suspects
+                );
+                for s in self
+                    .buckets
+                    .values_mut()
+                    .flat_map(|b| b.entries.values_mut())
+                {
+                    s.suspect = false;
+                }
+                self.suspects = 0;
+                self.quarantined_at = None;
+            }
+        }
+        dead.len()
+    }
+
+    /// True when a version is older than the tombstone lifetime at `now`.
+    pub(crate) fn is_expired(&self, version: Hlc, now: u64) -> bool {
+        version
+            .millis()
+            .saturating_add(self.limits.tombstone_lifetime_ms)
+            <= now
+    }
+
+    /// The latest acceptable version time for an entry by `writer`, or `None` when the wall
+    /// clock is unset and nothing can be judged.
+    fn future_limit(&self, now: u64, writer: &PeerId) -> Option<u64> {
+        if !wall_clock_is_set(now) {
+            return None;
+        }
+        let other = self
+            .high
+            .iter()
+            .flatten()
+            .find(|(_, w)| w != writer)
+            .map_or(0, |(v, _)| v.millis());
+        Some(now.max(other).saturating_add(self.limits.max_future_ms))
+    }
+
+    /// Raises the per-writer high-water marks (the two highest, from distinct writers).
+    fn note_high(&mut self, version: Hlc, writer: PeerId) {
+        let mut slots = self.high;
+        if let Some(slot) = slots.iter_mut().flatten().find(|(_, w)| *w == writer) {
+            slot.0 = slot.0.max(version);
+        } else if slots[0].is_none() {
+            slots[0] = Some((version, writer));
+        } else if slots[1].is_none_or(|(v, _)| version > v) {
+            slots[1] = Some((version, writer));
+        }
+        if let [Some(first), Some(second)] = slots {
+            if second.0 > first.0 {
+                slots.swap(0, 1);
+            }
+        }
+        self.high = slots;
+    }
+
+    /// Merges one entry after the checks `admit` asks for.
+    pub(crate) fn admit(&mut self, entry: Entry, admit: Admit) -> Result<Applied, LedgerError> {
+        if let Err(e) = entry.check_shape(self.limits.max_value_bytes) {
+            self.counters.invalid += 1;
+            return Err(e);
+        }
+        let old = self
+            .buckets
+            .get(&entry.bucket)
+            .and_then(|b| b.entries.get(&entry.key));
+        if let Some(old) = old {
+            if !entry.wins_over(&old.entry) {
+                self.counters.stale += 1;
+                return Ok(Applied::Stale);
+            }
+        }
+        let old_size = old.map(|o| stored_size(&o.entry));
+        let visible_change = match old {
+            Some(o) => o.entry.value != entry.value,
+            None => entry.value.is_some(),
+        };
+        let hash = entry.hash();
+        if admit.verify && !known_valid(&hash) {
+            if let Err(e) = entry.verify() {
+                match e {
+                    LedgerError::BadSignature { .. } | LedgerError::BadWriterKey { .. } => {
+                        self.counters.bad_signature += 1;
+                    }
+                    _ => self.counters.invalid += 1,
+                }
+                return Err(e);
+            }
+            remember_valid(hash);
+        }
+        if let Some(now) = admit.now {
+            if admit.future {
+                if let Some(limit_ms) = self.future_limit(now, &entry.writer) {
+                    if entry.version.millis() > limit_ms {
+                        self.counters.rejected_future += 1;
+                        return Err(LedgerError::TooFarInFuture {
+                            bucket: entry.bucket,
+                            key: entry.key,
+                            version: entry.version,
+                            limit_ms,
+                        });
+                    }
+                }
+            }
+            if old_size.is_none() && entry.is_tombstone() && self.is_expired(entry.version, now) {
+                // It would be garbage at the next expiry: deleting what we never had.
+                self.counters.stale += 1;
+                return Ok(Applied::Stale);
+            }
+        }
+        let size = stored_size(&entry);
+        let bytes_after = self.bytes.saturating_sub(old_size.unwrap_or(0)) + size;
+        let over_count = old_size.is_none() && self.entries >= self.limits.max_entries;
+        let over_bytes = bytes_after > self.limits.max_total_bytes && bytes_after > self.bytes;
+        if over_count || over_bytes {
+            self.counters.rejected_full += 1;
+            return Err(LedgerError::Full {
+                bucket: entry.bucket,
+                key: entry.key,
+                entries: self.entries,
+                bytes: self.bytes,
+            });
+        }
+
+        self.note_high(entry.version, entry.writer);
+        let key_id = KeyId::of(&entry.key);
+        let (bucket_name, key) = (entry.bucket.clone(), entry.key.clone());
+        let bucket = self.buckets.entry(bucket_name.clone()).or_default();
+        xor_into(&mut bucket.hash, &hash);
+        let stored = Stored {
+            entry,
+            hash,
+            key_id,
+            suspect: false,
+        };
+        let applied = match bucket.entries.insert(key.clone(), stored) {
+            Some(prev) => {
+                xor_into(&mut bucket.hash, &prev.hash);
+                if prev.suspect {
+                    self.suspects = self.suspects.saturating_sub(1);
+                }
+                Applied::Replaced
+            }
+            None => {
+                self.entries += 1;
+                Applied::New
+            }
+        };
+        self.bytes = bytes_after;
+        self.counters.applied += 1;
+        if visible_change {
+            self.push_event(LedgerEvent::Changed {
+                bucket: bucket_name,
+                key,
+            });
+        }
+        Ok(applied)
+    }
+
+    /// Removes one key outright (expiry, quarantine); returns what was held.
+    pub(crate) fn remove(&mut self, bucket: &str, key: &str) -> Option<Entry> {
+        let b = self.buckets.get_mut(bucket)?;
+        let s = b.entries.remove(key)?;
+        xor_into(&mut b.hash, &s.hash);
+        if b.entries.is_empty() {
+            self.buckets.remove(bucket);
+        }
+        self.entries = self.entries.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(stored_size(&s.entry));
+        if s.suspect {
+            self.suspects = self.suspects.saturating_sub(1);
+        }
+        Some(s.entry)
+    }
+
+    /// Sets or clears the quarantine flag of one entry.
+    pub(crate) fn set_suspect(&mut self, bucket: &str, key: &str, suspect: bool) {
+        let Some(s) = self
+            .buckets
+            .get_mut(bucket)
+            .and_then(|b| b.entries.get_mut(key))
+        else {
+            return;
+        };
+        if s.suspect != suspect {
+            s.suspect = suspect;
+            if suspect {
+                self.suspects += 1;
+            } else {
+                self.suspects = self.suspects.saturating_sub(1);
+            }
+        }
+        if self.suspects == 0 {
+            self.quarantined_at = None;
+        }
+    }
+
+    /// Records the start of an exchange with a peer and returns until when this ledger was in
+    /// contact before it (0 if never): entries older than that which it lacks were most likely
+    /// deleted here and forgotten (see [`Summary::synced_until`](super::Summary::synced_until)).
+    ///
+    /// After more than half the tombstone lifetime without contact, every entry older than the
+    /// previous contact is quarantined first: peers held those entries then, so a peer lacking one
+    /// now has most likely deleted and forgotten it. Entries written since (our own, while alone)
+    /// are not suspect. Nothing is quarantined while the wall clock is unset.
+    pub(crate) fn note_contact(&mut self, now: u64) -> u64 {
+        let half = self.limits.tombstone_lifetime_ms / 2;
+        let Some(last) = self.last_contact_ms else {
+            self.last_contact_ms = Some(now);
+            return 0;
+        };
+        let away = now.saturating_sub(last) > half;
+        if away && wall_clock_is_set(now) {
+            let mut marked = 0;
+            for s in self
+                .buckets
+                .values_mut()
+                .flat_map(|b| b.entries.values_mut())
+            {
+                if !s.suspect && s.entry.version.millis() < last {
+                    s.suspect = true;
+                    marked += 1;
+                }
+            }
+            if marked > 0 {
+                log::info!(
+                    "ledger: out of contact for {} s; quarantining {marked} older entries",
+                    now.saturating_sub(last) / 1000
+                );
+                self.suspects += marked;
+                self.quarantined_at = Some(now);
+            }
+        }
+        self.last_contact_ms = Some(last.max(now));
+        if away { last } else { now.max(last) }
+    }
+
+    /// Drops a quarantined entry a peer does not hold (it was probably deleted while we were away).
+    pub(crate) fn drop_suspect(&mut self, bucket: &str, key: &str) {
+        if let Some(e) = self.remove(bucket, key) {
+            self.counters.suspects_dropped += 1;
+            log::info!("ledger: dropped {bucket}/{key}, unknown to the network after our absence");
+            if e.value.is_some() {
+                self.push_event(LedgerEvent::Changed {
+                    bucket: bucket.to_owned(),
+                    key: key.to_owned(),
+                });
+            }
+        }
+        if self.suspects == 0 {
+            self.quarantined_at = None;
+        }
+    }
+
+    fn push_event(&mut self, event: LedgerEvent) {
+        if self.events.len() >= self.limits.max_entries.max(1) {
+            self.counters.events_dropped += self.events.len() as u64;
+            self.events.clear();
+            self.events.push_back(LedgerEvent::Resync);
+        }
+        self.events.push_back(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_760_000_000_000;
+
+    fn id(n: u8) -> Identity {
+        Identity::from_seed([n; 32])
+    }
+
+    fn signed(i: &Identity, bucket: &str, key: &str, value: Option<&[u8]>, ms: u64) -> Entry {
+        Entry::sign(i, bucket, key, value, Hlc::new(ms, 0)).unwrap()
+    }
+
+    #[test]
+    fn apply_new_replaced_stale_and_events() {
+        let mut l = Ledger::default();
+        let a = signed(&id(1), "kairos", "k", Some(b"1"), NOW);
+        let b = signed(&id(1), "kairos", "k", Some(b"2"), NOW + 1);
+        assert_eq!(l.apply(a.clone(), NOW).unwrap(), Applied::New);
+        assert_eq!(l.apply(b.clone(), NOW).unwrap(), Applied::Replaced);
+        assert_eq!(l.apply(a, NOW).unwrap(), Applied::Stale);
+        assert_eq!(l.apply(b, NOW).unwrap(), Applied::Stale);
+        assert_eq!(l.get("kairos", "k"), Some(&b"2"[..]));
+        let changed = |k: &str| LedgerEvent::Changed {
+            bucket: "kairos".into(),
+            key: k.into(),
+        };
+        assert_eq!(l.poll_event(), Some(changed("k")));
+        assert_eq!(l.poll_event(), Some(changed("k")));
+        assert_eq!(l.poll_event(), None);
+        assert_eq!(l.counters().applied, 2);
+        assert_eq!(l.counters().stale, 2);
+    }
+}
