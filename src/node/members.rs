@@ -109,8 +109,16 @@ impl MemberTable {
             return Change::Ignored;
         }
         let fresh_at = now.checked_sub(age).unwrap_or(now);
-        let mut addrs: Vec<SocketAddr> = addrs.iter().copied().take(MAX_MEMBER_ADDRS).collect();
-        addrs.dedup();
+        // At most MAX_MEMBER_ADDRS, repeats in a row dropped; compared before any allocation
+        // (this runs for every gossip entry received).
+        let addrs = &addrs[..addrs.len().min(MAX_MEMBER_ADDRS)];
+        let normalized = || {
+            addrs
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| *i == 0 || addrs[i - 1] != **a)
+                .map(|(_, a)| *a)
+        };
         if let Some(m) = self.members.get_mut(&peer) {
             let fresher = fresh_at > m.fresh_at;
             if fresher {
@@ -118,12 +126,16 @@ impl MemberTable {
                 m.source = source;
             }
             // Addresses follow the freshest news, or fill in when we had none.
-            if !addrs.is_empty() && addrs != m.addrs && (fresher || m.addrs.is_empty()) {
-                m.addrs = addrs;
+            if !addrs.is_empty()
+                && (fresher || m.addrs.is_empty())
+                && !normalized().eq(m.addrs.iter().copied())
+            {
+                m.addrs = normalized().collect();
                 return Change::AddrsChanged;
             }
             return Change::Unchanged;
         }
+        let addrs: Vec<SocketAddr> = normalized().collect();
         if self.members.len() >= self.capacity && !self.evict_stalest(fresh_at) {
             return Change::Ignored;
         }

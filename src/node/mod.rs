@@ -11,8 +11,10 @@
 //! randomness from the seed given to [`Node::new`].
 //!
 //! Connections: a node keeps about [`NodeSettings::neighbours`] connections to other members
-//! (LAN peers first), over which members gossip what they know; other connections are opened on
-//! demand and close when idle. Of two members that find each other, the one with the smaller
+//! (LAN peers first, plus [`REMOTE_NEIGHBOURS`] outside the LAN when any are known), over which
+//! members gossip what they know: news of a member goes to every connected member at once; the
+//! whole member list goes to a couple of them now and then ([`SYNC_FANOUT`]), and every
+//! connection gets at least an empty list each [`SYNC_INTERVAL`], which keeps it open. Of two members that find each other, the one with the smaller
 //! peer id dials at once and the other only after [`DIAL_DEFER`], so they rarely dial each other
 //! simultaneously (the transport resolves it when they do).
 
@@ -33,7 +35,8 @@ use crate::discovery::lan::{LanDiscovery, LanEvent};
 use crate::identity::{Identity, PeerId};
 use crate::overlay::relay::{RELAY_HEADER_LEN, RelayFrame, is_relay_addr};
 use crate::overlay::{
-    ConnId, Transport, TransportError, TransportEvent, TransportSettings, is_quic_packet,
+    ConnId, ConnectError, Transport, TransportError, TransportEvent, TransportSettings,
+    is_quic_packet,
 };
 use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
@@ -45,17 +48,33 @@ use relay::RelayPaths;
 pub const DIAL_DEFER: Duration = Duration::from_millis(1500);
 /// Batching delay of gossip about new or changed members.
 pub const PUSH_DELAY: Duration = Duration::from_millis(100);
-/// Full member lists go to every neighbour this often (this traffic also keeps neighbour
-/// connections from idling out, so no separate keep-alive is needed).
+/// Sync rounds come this often (or every tenth of the member ttl when that is shorter): every
+/// connected member gets a message, which keeps connections from idling out, so no separate
+/// keep-alive is needed. Most rounds send an empty member list; see [`SYNC_FANOUT`].
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(20);
-/// Housekeeping period (dialling, expiry).
+/// Once per tenth of the member ttl (60 s by default), a sync round sends the whole member list
+/// to this many random connected members instead of an empty one. Any member's list is about as
+/// fresh as any other's, so a couple per period keep ages well under the ttl everywhere; the
+/// whole list to every connection every 20 s made idle traffic grow with members × connections
+/// (7 KB/s per node at 200 members, 37 KB/s at 1,000).
+pub const SYNC_FANOUT: usize = 2;
+/// Housekeeping period (dialling).
 pub const MAINTAIN_INTERVAL: Duration = Duration::from_millis(500);
+/// How often first-hand knowledge (connections, LAN beacons) refreshes the member table and
+/// silent members are forgotten: each pass costs O(members), and freshness only matters on the
+/// scale of the member ttl.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Connections kept to members outside our LAN when any are known, on top of LAN neighbours if
+/// need be: without them, subnets full of LAN peers would gossip only among themselves.
+pub const REMOTE_NEIGHBOURS: usize = 2;
 /// Longest back-off between dial attempts to one member.
 pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a dial may take before the next address (or a relay) is tried.
 pub const DIRECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a punch may take before the relay is tried.
 pub const PUNCH_WAIT: Duration = Duration::from_secs(5);
+/// How often a node looks up its network's rendezvous in the DHT (see [`NodeSettings::kad`]).
+pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(120);
 /// Relayed paths tracked (each is a virtual address and a few bytes).
 pub const MAX_RELAY_PATHS: usize = 1024;
 
@@ -96,7 +115,13 @@ impl NodeSettings {
                 handshake_timeout: DIRECT_HANDSHAKE_TIMEOUT,
                 ..TransportSettings::for_token(token)
             },
-            kad: KadSettings::default(),
+            kad: KadSettings {
+                // Members announce themselves over their connections (gossip), so polling the
+                // rendezvous only helps islands that never met: every 2 min halves the steady
+                // DHT traffic of the default 60 s (≈ 280 B/s per node on a small LAN).
+                rendezvous_interval: RENDEZVOUS_INTERVAL,
+                ..KadSettings::default()
+            },
         }
     }
 }
@@ -179,6 +204,15 @@ pub struct NodeStats {
     pub punch_requests: u64,
     /// Punches coordinated for two other members.
     pub punches_coordinated: u64,
+    /// DHT lookups finished (rendezvous lookups included).
+    pub dht_lookups: u64,
+    /// Sum over those lookups of their longest referral chain (divide by `dht_lookups` for the
+    /// mean).
+    pub dht_lookup_hops: u64,
+    /// Longest referral chain of any lookup.
+    pub dht_lookup_max_hops: u32,
+    /// Requests those lookups sent.
+    pub dht_lookup_messages: u64,
     /// Dial attempts.
     pub dials: u64,
     /// Dial attempts that failed.
@@ -210,7 +244,11 @@ pub struct Node {
     pending_gossip: BTreeSet<PeerId>,
     push_at: Option<Instant>,
     sync_at: Option<Instant>,
+    full_sync_at: Option<Instant>,
     maintain_at: Option<Instant>,
+    refresh_at: Option<Instant>,
+    /// A dial round is due (a member was discovered).
+    dial_at: Option<Instant>,
     ticket_window: Option<Window>,
     local_addrs: Vec<SocketAddr>,
     observed: Option<SocketAddr>,
@@ -272,7 +310,10 @@ impl Node {
             pending_gossip: BTreeSet::new(),
             push_at: None,
             sync_at: None,
+            full_sync_at: None,
             maintain_at: None,
+            refresh_at: None,
+            dial_at: None,
             ticket_window: None,
             local_addrs: Vec::new(),
             observed: None,
@@ -346,6 +387,18 @@ impl Node {
         }
     }
 
+    /// Dials `addr` outside discovery (a static peer, an operator's request, a test). The
+    /// connection is kept if the other side proves membership and reported as
+    /// [`NodeEvent::PeerConnected`]; a failure only counts in [`NodeStats::dials_failed`].
+    pub fn dial_addr(&mut self, now: Instant, addr: SocketAddr) -> Result<ConnId, ConnectError> {
+        self.stats.dials += 1;
+        let result = self.transport.connect(now, addr, None);
+        if result.is_err() {
+            self.stats.dials_failed += 1;
+        }
+        result
+    }
+
     /// Handles one UDP payload received from `from` on either socket.
     pub fn handle_datagram(
         &mut self,
@@ -395,23 +448,38 @@ impl Node {
             self.transport.set_ticket_window(window);
         }
         self.transport.handle_timeout(now);
+        // Each only when due (or before its first run): the DHT's timer work scans its tables.
         if let Some(lan) = &mut self.lan {
-            lan.handle_timeout(now, unix_secs);
+            if lan.poll_timeout().is_none_or(|t| t <= now) {
+                lan.handle_timeout(now, unix_secs);
+            }
         }
         if let Some(kad) = &mut self.kad {
-            kad.handle_timeout(now, unix_secs);
+            if kad.poll_timeout().is_none_or(|t| t <= now) {
+                kad.handle_timeout(now, unix_secs);
+            }
         }
         self.pump(now);
         if self.maintain_at.is_none_or(|t| t <= now) {
+            self.dial_at = None;
             self.maintain(now);
             self.maintain_at = Some(now + MAINTAIN_INTERVAL);
+        }
+        if self.dial_at.is_some_and(|t| t <= now) {
+            self.dial_at = None;
+            self.dial_neighbours(now);
         }
         if self.push_at.is_some_and(|t| t <= now) {
             self.push_gossip(now);
         }
         if self.sync_at.is_none_or(|t| t <= now) {
-            self.sync_all(now);
-            self.sync_at = Some(now + SYNC_INTERVAL);
+            let full_every = (self.settings.member_ttl / 10).max(Duration::from_secs(1));
+            let full = self.full_sync_at.is_none_or(|t| t <= now);
+            self.sync_round(now, full);
+            if full {
+                self.full_sync_at = Some(now + full_every);
+            }
+            self.sync_at = Some(now + SYNC_INTERVAL.min(full_every));
         }
     }
 
@@ -492,6 +560,7 @@ impl Node {
             self.push_at,
             self.sync_at,
             self.maintain_at,
+            self.dial_at,
         ];
         next.sort();
         next.into_iter().flatten().next()
@@ -545,6 +614,12 @@ impl Node {
                     self.learn(now, peer, &addrs, Duration::ZERO, Source::Dht)
                 }
                 KadEvent::ObservedAddr(addr) => self.set_observed(addr),
+                KadEvent::LookupDone { hops, messages, .. } => {
+                    self.stats.dht_lookups += 1;
+                    self.stats.dht_lookup_hops += u64::from(hops);
+                    self.stats.dht_lookup_max_hops = self.stats.dht_lookup_max_hops.max(hops);
+                    self.stats.dht_lookup_messages += u64::from(messages);
+                }
                 other => log::trace!("dht: {other:?}"),
             }
         }
@@ -766,8 +841,9 @@ impl Node {
                     source,
                 });
                 self.schedule_push(now, peer);
-                // Dial a new member right away when we need neighbours.
-                self.maintain_at = Some(now);
+                // Dial a new member right away when we need neighbours (a dial round only: the
+                // whole housekeeping costs O(members), too much to run per new member).
+                self.dial_at = Some(now);
             }
             Change::AddrsChanged => self.schedule_push(now, peer),
             Change::Unchanged | Change::Ignored => {}
@@ -816,14 +892,36 @@ impl Node {
         self.broadcast_members(entries);
     }
 
-    /// Sends the whole member list to every neighbour.
-    fn sync_all(&mut self, now: Instant) {
+    /// Sends every connected member a member list: when `full`, the whole list to
+    /// [`SYNC_FANOUT`] random ones; an empty one (a keep-alive) to the others.
+    fn sync_round(&mut self, now: Instant, full: bool) {
         if self.connected.is_empty() {
             return;
         }
-        let mut entries = self.members.gossip(now, None);
-        entries.push(self.self_info());
-        self.broadcast_members(entries);
+        let mut order: Vec<(u64, PeerId)> = Vec::with_capacity(self.connected.len());
+        for peer in self.connected.keys() {
+            order.push((self.rng.next_u64(), *peer));
+        }
+        order.sort_unstable();
+        let mut entries = Vec::new();
+        if full {
+            entries = self.members.gossip(now, None);
+            entries.push(self.self_info());
+        }
+        let messages: Vec<Control> = entries
+            .chunks(control::MAX_MEMBERS_PER_MESSAGE)
+            .map(|chunk| Control::Members(chunk.to_vec()))
+            .collect();
+        let keep_alive = Control::Members(Vec::new());
+        for (i, (_, peer)) in order.iter().enumerate() {
+            if full && i < SYNC_FANOUT {
+                for msg in &messages {
+                    self.send_control(peer, msg);
+                }
+            } else {
+                self.send_control(peer, &keep_alive);
+            }
+        }
     }
 
     fn broadcast_members(&mut self, entries: Vec<MemberInfo>) {
@@ -838,6 +936,15 @@ impl Node {
 
     /// Refreshes first-hand knowledge, forgets silent members and dials neighbours.
     fn maintain(&mut self, now: Instant) {
+        if self.refresh_at.is_none_or(|t| t <= now) {
+            self.refresh_at = Some(now + REFRESH_INTERVAL.min(self.settings.member_ttl / 4));
+            self.refresh(now);
+        }
+        self.dial_neighbours(now);
+    }
+
+    /// Refreshes first-hand knowledge and forgets silent members.
+    fn refresh(&mut self, now: Instant) {
         let live: Vec<PeerId> = self.connected.keys().copied().collect();
         for peer in live {
             self.members
@@ -856,19 +963,45 @@ impl Node {
             self.dials.remove(&peer);
             self.events.push_back(NodeEvent::MemberLost { peer });
         }
-        self.dial_neighbours(now);
     }
 
+    /// Dials members until [`NodeSettings::neighbours`] connections are up or under way, LAN
+    /// peers first, and keeps [`REMOTE_NEIGHBOURS`] of them to members outside our LAN when any
+    /// are known (going over `neighbours` for them if need be).
     fn dial_neighbours(&mut self, now: Instant) {
-        let dialing = self.dials.values().filter(|d| d.pending.is_some()).count();
-        let wanted = self
-            .settings
-            .neighbours
-            .saturating_sub(self.connected.len() + dialing);
-        if wanted == 0 {
+        let pending = self.dials.values().filter(|d| d.pending.is_some()).count();
+        let lan_count = self.lan.as_ref().map_or(0, LanDiscovery::peer_count);
+        let full = self.settings.neighbours + REMOTE_NEIGHBOURS;
+        let busy = self.connected.len() + pending;
+        // Cheap exits first: this runs for every member discovered.
+        if busy >= full || (busy >= self.settings.neighbours && self.members.len() <= lan_count) {
             return;
         }
-        let mut candidates: Vec<(u8, u64, PeerId)> = self
+        let lan: BTreeSet<PeerId> = self
+            .lan
+            .iter()
+            .flat_map(|lan| lan.peers().map(|(p, _)| *p))
+            .collect();
+        let remote = self.connected.keys().filter(|p| !lan.contains(p)).count()
+            + self
+                .dials
+                .iter()
+                .filter(|(p, d)| d.pending.is_some() && !lan.contains(p))
+                .count();
+        let mut wanted = self.settings.neighbours.saturating_sub(busy);
+        // Every member a LAN peer (the common small case): no remote candidate to look for.
+        let wanted_remote = if self.members.len() > lan.len() {
+            REMOTE_NEIGHBOURS
+                .min(self.settings.neighbours)
+                .saturating_sub(remote)
+        } else {
+            0
+        };
+        if wanted == 0 && wanted_remote == 0 {
+            return;
+        }
+        // (remote, random, peer): LAN peers first, in random order.
+        let mut candidates: Vec<(bool, u64, PeerId)> = self
             .members
             .iter()
             .filter(|(peer, m)| {
@@ -881,21 +1014,46 @@ impl Node {
                     && (self.me < **peer
                         || now.saturating_duration_since(m.first_seen) >= DIAL_DEFER)
             })
-            .map(|(peer, m)| (u8::from(m.source != Source::Lan), 0, *peer))
+            .map(|(peer, _)| (!lan.contains(peer), 0, *peer))
             .collect();
         for c in &mut candidates {
             c.1 = self.rng.next_u64();
         }
         candidates.sort_unstable();
-        for (_, _, peer) in candidates.into_iter().take(wanted) {
+        let (mut remote_candidates, lan_candidates): (Vec<_>, Vec<_>) =
+            candidates.into_iter().partition(|c| c.0);
+        let take = wanted_remote.min(remote_candidates.len());
+        let mut chosen: Vec<PeerId> = remote_candidates.drain(..take).map(|c| c.2).collect();
+        wanted = wanted.saturating_sub(chosen.len());
+        chosen.extend(
+            lan_candidates
+                .iter()
+                .chain(&remote_candidates)
+                .take(wanted)
+                .map(|c| c.2),
+        );
+        for peer in chosen {
             self.dial(now, peer);
         }
     }
 
     fn dial(&mut self, now: Instant, peer: PeerId) {
-        let Some(addrs) = self.members.get(&peer).map(|m| m.addrs.clone()) else {
+        let Some(known) = self.members.get(&peer).map(|m| m.addrs.clone()) else {
             return;
         };
+        // The addresses its LAN beacons announce first: members behind one NAT announce their
+        // public mapping first, which most NATs do not hairpin.
+        let mut addrs: Vec<SocketAddr> = self
+            .lan
+            .iter()
+            .flat_map(|lan| lan.peers().filter(|(p, _)| **p == peer))
+            .flat_map(|(_, a)| a.iter().copied())
+            .collect();
+        for a in known {
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
         let failures = self.dials.get(&peer).map_or(0, |d| d.failures);
         // A round of attempts: each direct address, a coordinated punch, then a relay (for NATs
         // that cannot be punched).
