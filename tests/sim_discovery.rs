@@ -395,6 +395,60 @@ fn a_partition_splits_the_members_and_healing_joins_them_again() {
     );
 }
 
+#[test]
+fn skewed_clocks_with_a_rotating_token() {
+    run_seeded(
+        TARGET,
+        "skewed_clocks_with_a_rotating_token",
+        SEEDS,
+        |seed| {
+            let mut config = SimConfig::new(seed);
+            config.token_interval = 600;
+            let mut sim = Sim::new(config);
+            let net = sim.add_network();
+            let lan = sim
+                .add_subnet(LinkParams::lan(), LinkParams::uplink())
+                .unwrap();
+            let settings = lan_settings(&sim, net);
+            // Ten members with clocks up to a minute off, the network's keys rotating every 10 min
+            // (the first rotation comes 10 min in), and one member 10 min ahead.
+            let (hosts, last) = add_nodes(&mut sim, lan, net, &settings, 10, secs(2));
+            for h in &hosts {
+                let skew = sim.rng().below(121) as i64 - 60;
+                sim.set_clock_skew(*h, skew);
+            }
+            let ahead = sim.add_node(lan, net, settings.clone()).unwrap();
+            sim.set_clock_skew(ahead, 600);
+            sim.schedule(secs(1), Action::Start(ahead));
+            sim.run_until(last).unwrap();
+            let members = |sim: &Sim, h: HostId| sim.node(h).unwrap().members().len();
+            sim.run_until(last + secs(5)).unwrap();
+            for h in &hosts {
+                assert_eq!(members(&sim, *h), 9, "node {} with skew", h.0);
+            }
+            // Across the key rotation, and well after it.
+            sim.run_until(secs(700)).unwrap();
+            sim.check_invariants().unwrap();
+            for h in &hosts {
+                assert_eq!(members(&sim, *h), 9, "node {} after the rotation", h.0);
+                assert!(
+                    sim.node(*h).unwrap().stats().beacons_rejected > 0,
+                    "node {} took stale beacons",
+                    h.0
+                );
+            }
+            assert_eq!(
+                members(&sim, ahead),
+                0,
+                "a clock 10 min ahead must not open current beacons"
+            );
+            eprintln!(
+                "seed {seed}: skewed clocks: 10 members stay meshed across a key rotation; a node 10 min ahead stays out"
+            );
+        },
+    );
+}
+
 /// Sums a counter over the running members.
 fn total(sim: &Sim, hosts: &[HostId], f: impl Fn(&kairos_p2p::node::Node) -> u64) -> u64 {
     hosts.iter().filter_map(|h| sim.node(*h)).map(f).sum()
