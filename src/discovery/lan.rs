@@ -228,9 +228,7 @@ impl LanDiscovery {
     /// A node `me` in the network of `keys`; `rng` supplies jitter and beacon nonces.
     #[must_use]
     pub fn new(me: PeerId, keys: KeySchedule, rng: Rng) -> Self {
-        // A rotating interval (< NEVER_ROTATE = 2^63 - 1) gives window >= 2 at the end of time;
-        // never-rotating tokens stay in window 0 forever.
-        let rotating = keys.crypto_window(u64::MAX) != 0;
+        let rotating = keys.crypto_rotates();
         Self {
             me,
             keys,

@@ -108,6 +108,19 @@ impl KeySchedule {
         window_at(unix_secs, self.dht_interval)
     }
 
+    /// True when the crypto stream's keys change over time (its interval is not "never").
+    #[must_use]
+    pub fn crypto_rotates(&self) -> bool {
+        self.crypto_interval < NEVER_ROTATE
+    }
+
+    /// DHT windows whose rendezvous keys are in use in `current`: with rotation, the current one
+    /// and one step of grace either side ([`accepted_windows`]); without, only window 0.
+    pub fn dht_windows_in_use(&self, current: Window) -> impl Iterator<Item = Window> {
+        let rotates = self.dht_interval < NEVER_ROTATE;
+        accepted_windows(current).filter(move |&w| rotates || w == current)
+    }
+
     /// Key sealing LAN beacons in crypto-stream `window`.
     #[must_use]
     pub fn beacon_key(&self, window: Window) -> [u8; 32] {
@@ -336,6 +349,12 @@ mod tests {
         let ks = t.key_schedule();
         assert_eq!(ks.crypto_window(u64::MAX), 0);
         assert_eq!(ks.dht_window(1_700_000_000), 0);
+        assert!(!ks.crypto_rotates());
+        assert_eq!(
+            ks.dht_windows_in_use(0).collect::<Vec<_>>(),
+            [0],
+            "no window 1 without rotation"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::records::{self, RendezvousRecord, open_record, seal_record};
 use super::{Command, Kad, KadEvent, Publication};
 use crate::identity::PeerId;
-use crate::token::{KeySchedule, Window, accepted_windows};
+use crate::token::{KeySchedule, Window};
 
 /// Rendezvous members remembered (for deduplicating `MemberFound`).
 const MAX_MEMBERS: usize = 1024;
@@ -100,7 +100,9 @@ impl Kad {
         let mut publish = None;
         if rv.window != Some(window) {
             rv.window = Some(window);
-            rv.window_keys = accepted_windows(window)
+            rv.window_keys = rv
+                .keys
+                .dht_windows_in_use(window)
                 .map(|w| (w, rv.keys.rendezvous_key(w)))
                 .collect();
             rv.next_lookup = Some(now);
