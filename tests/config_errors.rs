@@ -1,9 +1,12 @@
 //! Malformed configurations: one row each, the message names the file, the line where it can be
 //! located, and the key path. Nothing panics; every problem of a file is listed.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use common::TempDir;
 use kairos_p2p::config::{self, ConfigErrors, HostFacts};
 
 fn host() -> HostFacts {
@@ -389,24 +392,6 @@ fn accepted_edge_cases() {
     .unwrap();
     assert_eq!(c.p2p.network_id, "x");
     assert!(!c.p2p.dns);
-}
-
-/// A scratch directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("kairos-config-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn load_errors(paths: &[PathBuf]) -> Vec<String> {

@@ -1,9 +1,12 @@
 //! Merging several files, the legacy token, the `p2p.ha` alias, templates, directory sources,
 //! warnings, and robustness against arbitrary input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use common::TempDir;
 use kairos_p2p::config::{self, Config, HostFacts, Role};
 
 fn token(room: &str) -> String {
@@ -200,33 +203,6 @@ fn warnings() {
             "w.yaml:12: p2p.vpn.env.DHCP: DHCP is off and ADDRESS is not set: every node would use 10.1.0.1/24",
         ]
     );
-}
-
-/// A scratch directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("kairos-config-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).unwrap();
-        }
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
