@@ -47,6 +47,20 @@ pub struct Lab {
     children: Vec<Child>,
 }
 
+/// How a NAT site's router translates and filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    /// Port-preserving MASQUERADE plus a stateful firewall that drops unsolicited packets: the
+    /// usual home router (endpoint-independent mapping, address-dependent filtering).
+    HomeRouter,
+    /// MASQUERADE alone: the router answers unsolicited packets itself, and whether a punch
+    /// works depends on which packet creates the conntrack entry first.
+    PlainMasquerade,
+    /// MASQUERADE with a random port per destination plus the firewall: a symmetric NAT, where
+    /// the port a third peer observes is useless to anyone else.
+    Symmetric,
+}
+
 /// A NAT router and the private network behind it.
 #[derive(Clone, Debug)]
 pub struct Site {
@@ -149,7 +163,7 @@ impl Lab {
         index: usize,
         public_cidr: &str,
         gateway_cidr: &str,
-        firewall: bool,
+        nat: NatKind,
     ) -> Site {
         let router = self.add_host(index, public_cidr);
         let ns = router.ns.clone();
@@ -157,21 +171,22 @@ impl Lab {
         self.exec_ok(&ns, &["ip", "addr", "add", gateway_cidr, "dev", "br1"]);
         self.exec_ok(&ns, &["ip", "link", "set", "br1", "up"]);
         self.exec_ok(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        self.exec_ok(
-            &ns,
-            &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "eth0",
-                "-j",
-                "MASQUERADE",
-            ],
-        );
-        if firewall {
+        let mut masquerade = vec![
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "eth0",
+            "-j",
+            "MASQUERADE",
+        ];
+        if nat == NatKind::Symmetric {
+            masquerade.push("--random-fully");
+        }
+        self.exec_ok(&ns, &masquerade);
+        if nat != NatKind::PlainMasquerade {
             let drop_new = [
                 "-i",
                 "eth0",
