@@ -3,6 +3,7 @@
 //! The library holds every module; `src/main.rs` is only the command-line front end.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod driver;
