@@ -6,12 +6,17 @@ use std::process::ExitCode;
 
 use super::args::AgentArgs;
 use super::{EXIT_FAILURE, EXIT_USAGE, load_config};
+use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
 use crate::driver::{self, DriverSettings};
 use crate::identity::{self, Identity, PeerId};
+use crate::ledger::Ledger;
 use crate::node::bootstrap::{BootstrapHost, BootstrapPeer};
 use crate::node::{Node, NodeSettings};
 use crate::{host, logging};
+
+/// The ledger snapshot in the state directory.
+pub const LEDGER_FILE: &str = "ledger.snapshot";
 
 /// Runs the agent until a signal stops it.
 pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
@@ -53,17 +58,44 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let node = match Node::new(&identity, &token, settings, seed) {
+    let mut node = match Node::new(&identity, &token, settings, seed) {
         Ok(node) => node,
         Err(e) => {
             log::error!("cannot start the overlay: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let cluster_settings = ClusterSettings::from_config(
+        &cfg.p2p,
+        &uuid,
+        &host_facts.hostname,
+        token.max_message_size,
+    );
+    let ledger_path = state_dir.join(LEDGER_FILE);
+    let ledger = match Ledger::load(&ledger_path, cluster_settings.ledger_limits) {
+        Ok(ledger) => ledger,
+        Err(e) => {
+            // Nothing is lost that the peers do not hold: start empty and catch up from them.
+            log::warn!("{e}; starting from an empty ledger (peers will resend it)");
+            Ledger::new(cluster_settings.ledger_limits)
+        }
+    };
+    log::info!(
+        "ledger: {} entries from {}",
+        ledger.len(),
+        ledger_path.display()
+    );
+    node.attach_cluster(Cluster::new(
+        &identity,
+        cluster_settings,
+        ledger,
+        seed ^ 0x5eed,
+    ));
     let driver_settings = DriverSettings {
         listen: args.listen,
         lan: cfg.p2p.vpn.settings.mdns,
         exclude_interfaces: vec![cfg.p2p.vpn.settings.iface.clone()],
+        ledger_path: Some(ledger_path),
     };
     match driver::run(node, &driver_settings) {
         Ok(()) => ExitCode::SUCCESS,

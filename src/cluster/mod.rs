@@ -1,6 +1,688 @@
 //! The cluster layer: the replicated ledger gossiped between members, liveness, the master
-//! election, role assignment and VPN address allocation. Sans-IO like the rest of the core.
+//! election, role assignment and VPN address allocation. Sans-IO like the rest of the core: the
+//! [`Node`](crate::node::Node) feeds it connections, sync messages and time, and sends what it
+//! asks; the driver persists the ledger when [`Cluster::save_due`] says so.
+//!
+//! Every change (an entry learned, a timer) runs one [`Cluster::update`] pass: read the view,
+//! vote ([`election::accept`]), lead (run the election, then [`roles::assign`]), follow our own
+//! role, allocate the address, and write what that asks for. Events tell the VPN and k3s layers
+//! what changed.
 
+pub mod election;
+pub mod ipam;
+pub mod replication;
+pub mod roles;
+pub mod view;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use crate::config::{P2pConfig, Role};
+use crate::identity::{Identity, PeerId};
+use crate::ledger::{Clock, Entry, Ledger, LedgerEvent, Limits, SyncLimits, names};
+use crate::rng::Rng;
+
+use election::{Proposer, Tally};
+use replication::{Replication, ReplicationStats};
+use roles::RolePolicy;
+use view::{Announcement, View};
+
+/// How long a leader's view must stay unchanged before it starts the first election, and how
+/// long a node that cannot sync with anybody waits before acting alone.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(1500);
+/// A ledger holding only new heartbeats is saved at most this often (flash wear).
+pub const LAZY_SAVE: Duration = Duration::from_secs(600);
+/// Bounds on update passes per input (each pass may write and trigger the next).
+const MAX_PASSES: usize = 4;
+
+/// How a node takes part in its cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `p2p.network_id`: the cluster's ledger bucket.
+    pub network_id: String,
+    /// This node's uuid.
+    pub uuid: String,
+    /// This node's hostname.
+    pub hostname: String,
+    /// `p2p.role`.
+    pub role: Role,
+    /// `p2p.auto.enable`: elect and assign roles automatically.
+    pub auto: bool,
+    /// `p2p.minimum_nodes`, resolved (0 means 2).
+    pub minimum_nodes: usize,
+    /// HA and dynamic roles.
+    pub roles: RolePolicy,
+    /// Nodes not heard from for this long are dead.
+    pub liveness_timeout: Duration,
+    /// See [`DEFAULT_SETTLE`].
+    pub settle: Duration,
+    /// VPN address allocation (`None`: no address, e.g. `vpn.create: false`).
+    pub ipam: Option<ipam::IpamSettings>,
+    /// Ledger bounds.
+    pub ledger_limits: Limits,
+    /// Largest sync message (the token's `max_message_size`).
+    pub max_message_bytes: usize,
+}
+
+impl ClusterSettings {
+    /// The settings of the `p2p` block for the node `uuid` on `hostname`.
+    pub fn from_config(p2p: &P2pConfig, uuid: &str, hostname: &str, max_message: u64) -> Self {
+        let max_message_bytes = usize::try_from(max_message).unwrap_or(usize::MAX);
+        let ha = &p2p.auto.ha;
+        let ipam = p2p.vpn.create.then(|| ipam::IpamSettings {
+            network: p2p.vpn.settings.address,
+            static_address: (!p2p.vpn.settings.dhcp).then_some(p2p.vpn.settings.address.addr),
+            settle: DEFAULT_SETTLE,
+            hostname: hostname.to_string(),
+        });
+        Self {
+            network_id: names::network_bucket(&p2p.network_id).to_string(),
+            uuid: uuid.to_string(),
+            hostname: hostname.to_string(),
+            role: p2p.role,
+            auto: p2p.auto.enable,
+            minimum_nodes: p2p.minimum_nodes.max(1) as usize,
+            roles: RolePolicy {
+                ha_masters: if ha.enable {
+                    ha.master_nodes as usize
+                } else {
+                    0
+                },
+                dynamic: p2p.dynamic_roles,
+            },
+            liveness_timeout: Duration::from_secs(p2p.liveness_timeout.max(1)),
+            settle: DEFAULT_SETTLE,
+            ipam,
+            ledger_limits: Limits::for_max_message_size(max_message),
+            max_message_bytes,
+        }
+    }
+
+    /// Kairos' defaults for node `uuid`: network `kairos`, automatic roles, `minimum_nodes` 2,
+    /// no HA, a 60 s liveness timeout and DHCP addresses in 10.1.0.0/24.
+    pub fn defaults(uuid: &str) -> Self {
+        let max_message = 20 * 1024 * 1024;
+        Self {
+            network_id: names::DEFAULT_NETWORK_ID.to_string(),
+            uuid: uuid.to_string(),
+            hostname: uuid.to_string(),
+            role: Role::Auto,
+            auto: true,
+            minimum_nodes: crate::config::DEFAULT_MINIMUM_NODES as usize,
+            roles: RolePolicy {
+                ha_masters: 0,
+                dynamic: false,
+            },
+            liveness_timeout: Duration::from_secs(crate::config::DEFAULT_LIVENESS_TIMEOUT_SECS),
+            settle: DEFAULT_SETTLE,
+            ipam: Some(ipam::IpamSettings {
+                network: crate::config::DEFAULT_ADDRESS,
+                static_address: None,
+                settle: DEFAULT_SETTLE,
+                hostname: uuid.to_string(),
+            }),
+            ledger_limits: Limits::for_max_message_size(max_message),
+            max_message_bytes: max_message as usize,
+        }
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        (self.liveness_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(15))
+    }
+}
+
+/// What the cluster layer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// This node's role is set or changed (`master`, `master/clusterinit`, `master/ha`,
+    /// `worker`).
+    RoleAssigned {
+        /// The role.
+        role: String,
+    },
+    /// This node's role was taken away (`dynamic_roles` after it was presumed dead).
+    RoleRemoved,
+    /// This node asked for `master` but the cluster has its master and no free HA slot.
+    MasterRefused,
+    /// The leader changed (`None`: no live eligible node).
+    LeaderChanged {
+        /// Its uuid.
+        leader: Option<String>,
+    },
+    /// The master was chosen.
+    MasterElected {
+        /// Its uuid.
+        uuid: String,
+    },
+    /// The master has not been heard from for the liveness timeout. It is not replaced: a
+    /// second master would be a second cluster.
+    MasterLost {
+        /// Its uuid.
+        uuid: String,
+    },
+    /// The lost master is back.
+    MasterRecovered {
+        /// Its uuid.
+        uuid: String,
+    },
+    /// A VPN address was allocated or changed, or a static address clashes.
+    Address(ipam::IpamEvent),
+}
+
+impl ClusterEvent {
+    /// Something an operator must look at (logged as a warning).
+    pub fn is_alarm(&self) -> bool {
+        matches!(
+            self,
+            ClusterEvent::MasterLost { .. }
+                | ClusterEvent::MasterRefused
+                | ClusterEvent::RoleRemoved
+                | ClusterEvent::Address(ipam::IpamEvent::Clash { .. } | ipam::IpamEvent::Exhausted)
+        )
+    }
+}
+
+impl std::fmt::Display for ClusterEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use ipam::IpamEvent;
+        match self {
+            ClusterEvent::RoleAssigned { role } => write!(f, "role assigned: {role}"),
+            ClusterEvent::RoleRemoved => write!(f, "role removed (this node was presumed dead)"),
+            ClusterEvent::MasterRefused => write!(
+                f,
+                "p2p.role is master but the cluster has its master and no free HA slot: no role"
+            ),
+            ClusterEvent::LeaderChanged { leader: Some(l) } => write!(f, "leader is {l}"),
+            ClusterEvent::LeaderChanged { leader: None } => write!(f, "no leader (no live node)"),
+            ClusterEvent::MasterElected { uuid } => write!(f, "master elected: {uuid}"),
+            ClusterEvent::MasterLost { uuid } => write!(
+                f,
+                "MASTER LOST: {uuid} silent for the liveness timeout; not replaced (a second \
+                 master would start a second cluster): bring it back"
+            ),
+            ClusterEvent::MasterRecovered { uuid } => write!(f, "master {uuid} is back"),
+            ClusterEvent::Address(IpamEvent::Assigned { addr, prefix_len }) => {
+                write!(f, "VPN address {addr}/{prefix_len}")
+            }
+            ClusterEvent::Address(IpamEvent::Changed {
+                old,
+                new,
+                prefix_len,
+            }) => write!(
+                f,
+                "VPN address changed from {old} to {new}/{prefix_len} (an older lease won)"
+            ),
+            ClusterEvent::Address(IpamEvent::Clash { addr, other_uuid }) => write!(
+                f,
+                "static VPN address {addr} is also configured on {other_uuid}: fix ADDRESS on one"
+            ),
+            ClusterEvent::Address(IpamEvent::Exhausted) => {
+                write!(f, "no free VPN address left in the prefix")
+            }
+        }
+    }
+}
+
+/// Persistence bookkeeping.
+#[derive(Debug, Default)]
+struct SaveState {
+    urgent: bool,
+    lazy_since: Option<Instant>,
+}
+
+/// The cluster layer of one node.
+pub struct Cluster {
+    identity: Identity,
+    me: PeerId,
+    settings: ClusterSettings,
+    ledger: Ledger,
+    clock: Clock,
+    replication: Replication,
+    proposer: Proposer,
+    ipam: Option<ipam::Ipam>,
+    rng: Rng,
+    started: Option<Instant>,
+    heartbeat_at: Option<Instant>,
+    check_at: Option<Instant>,
+    unix_ms: u64,
+    live_set: BTreeSet<String>,
+    view_changed_at: Option<Instant>,
+    view: View,
+    leader: Option<String>,
+    my_role: Option<String>,
+    master: Option<String>,
+    master_lost: bool,
+    refused: bool,
+    events: VecDeque<ClusterEvent>,
+    save: SaveState,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("uuid", &self.settings.uuid)
+            .field("entries", &self.ledger.len())
+            .field("role", &self.my_role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// The cluster layer for `identity`, starting from `ledger` (the persisted one, or empty).
+    pub fn new(identity: &Identity, settings: ClusterSettings, ledger: Ledger, seed: u64) -> Self {
+        let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
+        let me = identity.peer_id();
+        Self {
+            identity: Identity::from_seed(identity.signing_key().to_bytes()),
+            me,
+            proposer: Proposer::new(&settings.uuid),
+            replication: Replication::new(limits),
+            ipam: None,
+            rng: Rng::from_seed(seed),
+            started: None,
+            heartbeat_at: None,
+            check_at: None,
+            unix_ms: 0,
+            live_set: BTreeSet::new(),
+            view_changed_at: None,
+            view: View::default(),
+            leader: None,
+            my_role: None,
+            master: None,
+            master_lost: false,
+            refused: false,
+            events: VecDeque::new(),
+            save: SaveState::default(),
+            ledger,
+            clock: Clock::new(),
+            settings,
+        }
+    }
+
+    // ---- getters ----
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// The last view of the cluster.
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// This node's role, if it has one.
+    pub fn role(&self) -> Option<&str> {
+        self.my_role.as_deref()
+    }
+
+    /// The current leader's uuid.
+    pub fn leader(&self) -> Option<&str> {
+        self.leader.as_deref()
+    }
+
+    /// The chosen master's uuid.
+    pub fn master(&self) -> Option<&str> {
+        self.master.as_deref()
+    }
+
+    /// This node's settled VPN address.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.ipam.as_ref().and_then(ipam::Ipam::address)
+    }
+
+    /// Replication counters.
+    pub fn replication_stats(&self) -> ReplicationStats {
+        self.replication.stats()
+    }
+
+    /// True when the ledger holds changes that must reach the disk before anything this node
+    /// wrote is sent (votes, roles, leases), or heartbeats that waited long enough.
+    pub fn save_due(&self, now: Instant) -> bool {
+        self.save.urgent || self.save.lazy_since.is_some_and(|t| now >= t + LAZY_SAVE)
+    }
+
+    /// The driver saved the ledger.
+    pub fn saved(&mut self) {
+        self.save = SaveState::default();
+    }
+
+    // ---- inputs ----
+
+    /// A connection to `peer` is up.
+    pub fn peer_connected(&mut self, now: Instant, unix_ms: u64, peer: PeerId) {
+        self.unix_ms = unix_ms;
+        self.replication.connected(now, unix_ms, &self.ledger, peer);
+    }
+
+    /// The connection to `peer` went away.
+    pub fn peer_disconnected(&mut self, peer: &PeerId) {
+        self.replication.disconnected(peer);
+    }
+
+    /// A ledger sync message from `from`.
+    pub fn handle_message(&mut self, now: Instant, unix_ms: u64, from: PeerId, bytes: &[u8]) {
+        self.unix_ms = unix_ms;
+        let was_synced = self.replication.is_synced();
+        let fresh =
+            self.replication
+                .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
+        // Becoming synced lets this node vote and claim an address.
+        if !fresh.is_empty() || was_synced != self.replication.is_synced() {
+            self.update(now);
+        }
+    }
+
+    /// Runs timers; call at [`poll_timeout`](Self::poll_timeout).
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
+        self.unix_ms = unix_ms;
+        let started = *self.started.get_or_insert(now);
+        if self.ipam.is_none() {
+            if let Some(s) = &self.settings.ipam {
+                self.ipam = Some(ipam::Ipam::new(
+                    now,
+                    self.settings.uuid.clone(),
+                    self.me,
+                    s.clone(),
+                ));
+            }
+        }
+        self.replication.handle_timeout(now, unix_ms, &self.ledger);
+        if self.heartbeat_at.is_none_or(|t| t <= now) {
+            self.heartbeat_at = Some(now + self.settings.heartbeat_interval());
+            let mut writes = Vec::new();
+            if now == started {
+                let ann = Announcement::new(self.settings.role, &self.settings.hostname);
+                let key = names::uuid_key(&self.settings.uuid);
+                let bucket = self.settings.network_id.clone();
+                let current = self.ledger.entry(&bucket, &key);
+                if current.is_none_or(|e| {
+                    e.writer != self.me || e.value.as_deref() != Some(&ann.to_json()[..])
+                }) {
+                    writes.push(Write::put(&bucket, &key, ann.to_json()));
+                }
+            }
+            writes.push(Write::put(
+                names::HEALTHCHECK,
+                &self.settings.uuid,
+                (unix_ms / 1000).to_string(),
+            ));
+            self.write_all(now, writes);
+        }
+        self.update(now);
+    }
+
+    /// Writes `bucket/key` (the API's and k3s layer's writes) and gossips it.
+    pub fn write(&mut self, now: Instant, unix_ms: u64, write: Write) {
+        self.unix_ms = unix_ms;
+        self.write_all(now, vec![write]);
+        self.update(now);
+    }
+
+    // ---- outputs ----
+
+    /// The next sync message to send.
+    pub fn poll_message(&mut self) -> Option<(PeerId, Vec<u8>)> {
+        self.replication.poll_message()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ClusterEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.started?;
+        [
+            self.replication.poll_timeout(),
+            self.heartbeat_at,
+            self.check_at,
+            self.ipam.as_ref().and_then(ipam::Ipam::poll_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    // ---- internals ----
+
+    fn hlc_now_ms(&self) -> u64 {
+        self.unix_ms.max(self.ledger.max_version().millis())
+    }
+
+    /// Ready to vote and lead: synced with a peer, or alone for the settle time.
+    fn ready(&self, now: Instant) -> bool {
+        self.replication.is_synced()
+            || self
+                .started
+                .is_some_and(|t| now >= t + self.settings.settle)
+    }
+
+    fn write_all(&mut self, now: Instant, writes: Vec<Write>) {
+        let mut fresh: Vec<Entry> = Vec::new();
+        for w in writes {
+            let res = match &w.value {
+                Some(v) => self.ledger.put(
+                    &self.identity,
+                    &mut self.clock,
+                    &w.bucket,
+                    &w.key,
+                    v,
+                    self.unix_ms,
+                ),
+                None => self.ledger.delete(
+                    &self.identity,
+                    &mut self.clock,
+                    &w.bucket,
+                    &w.key,
+                    self.unix_ms,
+                ),
+            };
+            match res {
+                Ok(e) => fresh.push(e),
+                Err(e) => log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key),
+            }
+        }
+        self.note_changes(now);
+        self.replication.push(&mut self.rng, &fresh, None);
+    }
+
+    fn note_changes(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.ledger.poll_event() {
+            any = true;
+            match ev {
+                LedgerEvent::Changed { bucket, .. } if bucket == names::HEALTHCHECK => {
+                    self.save.lazy_since.get_or_insert(now);
+                }
+                _ => self.save.urgent = true,
+            }
+        }
+        any
+    }
+
+    /// One or more update passes until nothing more is written.
+    fn update(&mut self, now: Instant) {
+        self.note_changes(now);
+        for _ in 0..MAX_PASSES {
+            let writes = self.pass(now);
+            if writes.is_empty() {
+                break;
+            }
+            self.write_all(now, writes);
+        }
+    }
+
+    fn pass(&mut self, now: Instant) -> Vec<Write> {
+        let s = &self.settings;
+        let timeout_ms = u64::try_from(s.liveness_timeout.as_millis()).unwrap_or(u64::MAX);
+        let bucket = s.network_id.clone();
+        let me = s.uuid.clone();
+        let view = View::read(&self.ledger, &bucket, self.hlc_now_ms(), timeout_ms);
+        let mut writes = Vec::new();
+
+        let live: BTreeSet<String> = view.live_eligible().map(|(u, _)| u.clone()).collect();
+        if live != self.live_set || self.view_changed_at.is_none() {
+            self.live_set = live;
+            self.view_changed_at = Some(now);
+        }
+        if view.leader != self.leader {
+            self.leader = view.leader.clone();
+            self.events.push_back(ClusterEvent::LeaderChanged {
+                leader: self.leader.clone(),
+            });
+        }
+
+        let tally = Tally::read(&self.ledger, &bucket);
+        if let Some(commit) = &tally.commit {
+            if self.master.as_ref() != Some(&commit.candidate) {
+                self.master = Some(commit.candidate.clone());
+                self.events.push_back(ClusterEvent::MasterElected {
+                    uuid: commit.candidate.clone(),
+                });
+            }
+        }
+        let eligible = s.role != Role::None;
+        let ready = self.ready(now);
+        let stable_at = self.view_changed_at.map(|t| t + s.settle);
+        let mut settle_wait = None;
+        if s.auto && eligible && ready {
+            if let Some(w) = election::accept(&tally, &bucket, &me) {
+                writes.push(w);
+            }
+            if self.leader.as_deref() == Some(me.as_str()) {
+                match &tally.commit {
+                    None => {
+                        let live_count = view.live_eligible_count();
+                        let stable = stable_at.is_some_and(|t| now >= t);
+                        if live_count >= s.minimum_nodes && stable {
+                            let quorum = election::quorum(s.minimum_nodes, live_count);
+                            let pick = pick_candidate(&view);
+                            let step = self.proposer.step(
+                                &tally,
+                                &bucket,
+                                quorum,
+                                pick.as_deref(),
+                                s.roles.master_role(),
+                            );
+                            writes.extend(step.writes);
+                        } else {
+                            self.proposer.stand_down();
+                            if live_count >= s.minimum_nodes {
+                                settle_wait = stable_at;
+                            }
+                        }
+                    }
+                    Some(commit) => {
+                        let a = roles::assign(&view, &bucket, &commit.candidate, s.roles);
+                        writes.extend(a.writes);
+                        if self.ledger.get(&bucket, names::LEADER_AUTO) != Some(me.as_bytes()) {
+                            writes.push(Write::put(&bucket, names::LEADER_AUTO, me.clone()));
+                        }
+                    }
+                }
+            } else {
+                self.proposer.stand_down();
+            }
+        }
+        if !s.auto && matches!(s.role, Role::Master | Role::Worker) {
+            // Manual mode: the asked-for role, as Kairos does without `auto`.
+            let role = if s.role == Role::Master {
+                names::ROLE_MASTER
+            } else {
+                names::ROLE_WORKER
+            };
+            if view.nodes.get(&me).and_then(|n| n.role.as_deref()) != Some(role) {
+                writes.push(Write::put(&bucket, &names::role_key(&me), role));
+            }
+        }
+
+        // Our own role: follow the ledger; without dynamic roles, keep what was applied.
+        let ledger_role = view.nodes.get(&me).and_then(|n| n.role.clone());
+        match (&self.my_role, &ledger_role) {
+            (Some(applied), other) if other.as_ref() != Some(applied) && !s.roles.dynamic => {
+                writes.push(Write::put(&bucket, &names::role_key(&me), applied.clone()));
+            }
+            (_, Some(role)) if self.my_role.as_ref() != Some(role) => {
+                self.my_role = Some(role.clone());
+                self.events
+                    .push_back(ClusterEvent::RoleAssigned { role: role.clone() });
+            }
+            (Some(_), None) => {
+                self.my_role = None;
+                self.events.push_back(ClusterEvent::RoleRemoved);
+            }
+            _ => {}
+        }
+        let refused = self.my_role.is_none()
+            && s.role == Role::Master
+            && self.master.as_ref().is_some_and(|m| *m != me)
+            && view
+                .nodes
+                .values()
+                .filter(|n| n.role.as_deref() == Some(names::ROLE_MASTER_HA))
+                .count()
+                >= s.roles.ha_masters;
+        if refused && !self.refused {
+            self.events.push_back(ClusterEvent::MasterRefused);
+        }
+        self.refused = refused;
+
+        if let Some(master) = self.master.clone() {
+            let lost = master != me && view.nodes.get(&master).is_some_and(|n| !n.live);
+            if lost != self.master_lost {
+                self.master_lost = lost;
+                self.events.push_back(if lost {
+                    ClusterEvent::MasterLost { uuid: master }
+                } else {
+                    ClusterEvent::MasterRecovered { uuid: master }
+                });
+            }
+        }
+
+        if let Some(ipam) = &mut self.ipam {
+            let synced = ready;
+            let mut events = Vec::new();
+            ipam.update(now, &self.ledger, synced, &mut writes, &mut events);
+            self.events
+                .extend(events.into_iter().map(ClusterEvent::Address));
+        }
+
+        // Next check: settle ends, the alone-wait ends, or a live node may expire.
+        let expiry = view
+            .next_expiry_ms(timeout_ms)
+            .map(|ms| now + Duration::from_millis(ms.saturating_add(1)));
+        let alone = (!ready)
+            .then(|| self.started.map(|t| t + self.settings.settle))
+            .flatten();
+        self.check_at = [settle_wait, expiry, alone]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .min();
+        self.view = view;
+        writes
+    }
+}
+
+/// The master candidate a leader proposes when nobody accepted one yet: the live node that asked
+/// for `master` with the highest rank, else the live `auto` node with the highest rank.
+fn pick_candidate(view: &View) -> Option<String> {
+    let best = |role: Role| {
+        view.live_eligible()
+            .filter(|(_, n)| n.asked == role)
+            .max_by(|(a, na), (b, nb)| na.rank.cmp(&nb.rank).then_with(|| a.cmp(b)))
+            .map(|(u, _)| u.clone())
+    };
+    best(Role::Master).or_else(|| best(Role::Auto))
+}
 
 /// A ledger write a component asks for; the cluster layer signs, stores and gossips it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -54,6 +54,7 @@ impl Config {
         d.kv(1, "bootstrap_peers", &format!("[{}]", peers.join(", ")));
         d.kv(1, "minimum_nodes", &p.minimum_nodes.to_string());
         d.kv(1, "dynamic_roles", &p.dynamic_roles.to_string());
+        d.kv(1, "liveness_timeout", &p.liveness_timeout.to_string());
         d.kv(1, "dns", &p.dns.to_string());
         d.kv(1, "loglevel", &quote(p.loglevel.as_str()));
         d.line(1, "vpn:");

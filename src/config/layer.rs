@@ -48,6 +48,7 @@ pub(super) struct P2pLayer {
     pub(super) bootstrap_peers: Option<Vec<BootstrapPeer>>,
     pub(super) minimum_nodes: Option<u32>,
     pub(super) dynamic_roles: Option<bool>,
+    pub(super) liveness_timeout: Option<u32>,
     pub(super) dns: Option<bool>,
     pub(super) loglevel: Option<LogLevel>,
     pub(super) vpn_create: Option<bool>,
@@ -209,6 +210,7 @@ impl P2pLayer {
                 }
                 "minimum_nodes" => out.minimum_nodes = count(ctx, value, &p),
                 "dynamic_roles" => out.dynamic_roles = boolean(ctx, value, &p),
+                "liveness_timeout" => out.liveness_timeout = count(ctx, value, &p),
                 "dns" => out.dns = boolean(ctx, value, &p),
                 "loglevel" => out.loglevel = parsed(ctx, value, &p),
                 "vpn" => out.read_vpn(ctx, value, &p),
@@ -250,6 +252,7 @@ impl P2pLayer {
         set(&mut self.bootstrap_peers, later.bootstrap_peers);
         set(&mut self.minimum_nodes, later.minimum_nodes);
         set(&mut self.dynamic_roles, later.dynamic_roles);
+        set(&mut self.liveness_timeout, later.liveness_timeout);
         set(&mut self.dns, later.dns);
         set(&mut self.loglevel, later.loglevel);
         set(&mut self.vpn_create, later.vpn_create);

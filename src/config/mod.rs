@@ -58,8 +58,9 @@ use sources::SourceError;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    AutoConfig, Config, DEFAULT_KUBEVIP_IMAGE, DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig,
-    K3sConfig, KubeVipConfig, LogLevel, P2pConfig, Role, VpnConfig,
+    AutoConfig, Config, DEFAULT_KUBEVIP_IMAGE, DEFAULT_LIVENESS_TIMEOUT_SECS,
+    DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig, K3sConfig, KubeVipConfig, LogLevel,
+    P2pConfig, Role, VpnConfig,
 };
 pub use sources::{DEFAULT_DIRS, MAX_FILE_SIZE, default_sources, sources_in};
 pub use vpn_env::{

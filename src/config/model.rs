@@ -17,6 +17,8 @@ use crate::token::NetworkToken;
 pub const DEFAULT_NETWORK_ID: &str = "kairos";
 /// Effective `p2p.minimum_nodes` when it is 0 or unset.
 pub const DEFAULT_MINIMUM_NODES: u32 = 2;
+/// Effective `p2p.liveness_timeout` (seconds) when it is 0 or unset.
+pub const DEFAULT_LIVENESS_TIMEOUT_SECS: u64 = 60;
 /// Default `kubevip.image`.
 pub const DEFAULT_KUBEVIP_IMAGE: &str = "ghcr.io/kube-vip/kube-vip";
 
@@ -55,6 +57,9 @@ pub struct P2pConfig {
     pub minimum_nodes: u32,
     /// Let the leader change roles after they are set.
     pub dynamic_roles: bool,
+    /// `p2p.liveness_timeout`: seconds without a heartbeat after which a node counts as dead
+    /// (default 60; 0 means the default).
+    pub liveness_timeout: u64,
     /// Serve DNS for the VPN.
     pub dns: bool,
     /// Agent log level.
@@ -325,6 +330,10 @@ pub(super) fn resolve(layer: Layer, sources: Vec<PathBuf>, diags: &mut Diagnosti
                 n => n,
             },
             dynamic_roles: p2p.dynamic_roles.unwrap_or(false),
+            liveness_timeout: match p2p.liveness_timeout.unwrap_or(0) {
+                0 => DEFAULT_LIVENESS_TIMEOUT_SECS,
+                n => u64::from(n),
+            },
             dns: p2p.dns.unwrap_or(false),
             loglevel: p2p.loglevel.unwrap_or_default(),
             vpn: VpnConfig {

@@ -13,6 +13,7 @@ pub(super) const P2P: &[&str] = &[
     "bootstrap_peers",
     "minimum_nodes",
     "dynamic_roles",
+    "liveness_timeout",
     "dns",
     "loglevel",
     "vpn",

@@ -7,6 +7,7 @@ pub mod socket;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::UdpSocket;
@@ -39,6 +40,38 @@ pub struct DriverSettings {
     pub lan: bool,
     /// Interfaces never announced nor used for beacons (our own TUN device).
     pub exclude_interfaces: Vec<String>,
+    /// Where the ledger snapshot is kept (`None`: not persisted).
+    pub ledger_path: Option<PathBuf>,
+}
+
+/// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
+const SAVE_RETRY: Duration = Duration::from_secs(5);
+
+/// Saves the ledger when the cluster layer asks, before anything it wrote is sent.
+struct Persister {
+    path: Option<PathBuf>,
+    retry_at: Option<Instant>,
+}
+
+impl Persister {
+    fn run(&mut self, node: &mut Node, now: Instant, force: bool) {
+        let (Some(path), Some(cluster)) = (&self.path, node.cluster_mut()) else {
+            return;
+        };
+        if !(force || cluster.save_due(now)) || self.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        match cluster.ledger().save(path) {
+            Ok(()) => {
+                cluster.saved();
+                self.retry_at = None;
+            }
+            Err(e) => {
+                log::warn!("{e}; retrying in {} s", SAVE_RETRY.as_secs());
+                self.retry_at = Some(now + SAVE_RETRY);
+            }
+        }
+    }
 }
 
 /// Why the driver stopped with an error.
@@ -111,6 +144,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     let mut next_refresh = Instant::now();
     let (now, unix) = clocks();
     node.handle_timeout(now, unix);
+    let mut persister = Persister {
+        path: settings.ledger_path.clone(),
+        retry_at: None,
+    };
 
     loop {
         let now = Instant::now();
@@ -123,6 +160,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             node.set_local_addrs(now, announced(&addrs, settings.listen, port));
             next_refresh = now + INTERFACE_REFRESH;
         }
+        persister.run(&mut node, now, false);
         flush(&mut node, &sockets, &targets, &mut out);
         drain_events(&mut node);
         let timeout = node
@@ -151,6 +189,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
                         node.shutdown(now);
+                        persister.run(&mut node, now, true);
                         flush(&mut node, &sockets, &targets, &mut out);
                         return Ok(());
                     }
@@ -164,10 +203,11 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     }
 }
 
+/// The monotonic clock and the wall clock in unix milliseconds.
 fn clocks() -> (Instant, u64) {
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     (Instant::now(), unix)
 }
 
@@ -339,6 +379,8 @@ fn drain_events(node: &mut Node) {
                 log::info!("disconnected from {peer}: {reason}")
             }
             NodeEvent::ObservedAddr(addr) => log::info!("peers see this node at {addr}"),
+            NodeEvent::Cluster(event) if event.is_alarm() => log::warn!("{event}"),
+            NodeEvent::Cluster(event) => log::info!("{event}"),
         }
     }
 }

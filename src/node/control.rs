@@ -21,6 +21,7 @@ const TYPE_HELLO: u8 = 1;
 const TYPE_MEMBERS: u8 = 2;
 const TYPE_PUNCH_REQUEST: u8 = 3;
 const TYPE_PUNCH_NOTIFY: u8 = 4;
+const TYPE_LEDGER: u8 = 5;
 
 /// What one member tells another about a third (or about itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub enum Control {
         /// Its address as the coordinator sees it.
         addr: SocketAddr,
     },
+    /// A ledger sync message, decoded (with the ledger's limits) by the cluster layer.
+    Ledger(Vec<u8>),
 }
 
 impl Control {
@@ -90,6 +93,9 @@ impl Control {
             Control::PunchNotify { peer, addr } => {
                 w.u8(TYPE_PUNCH_NOTIFY).peer_id(peer).socket_addr(addr);
             }
+            Control::Ledger(bytes) => {
+                w.u8(TYPE_LEDGER).bytes(bytes);
+            }
         }
         Ok(())
     }
@@ -115,6 +121,7 @@ impl Control {
                 peer: r.peer_id()?,
                 addr: r.socket_addr()?,
             },
+            TYPE_LEDGER => Control::Ledger(r.rest().to_vec()),
             tag => {
                 return Err(WireError::UnknownTag {
                     field: "control message type",
@@ -210,6 +217,15 @@ mod tests {
         for msg in sample() {
             msg.encode(&mut buf).unwrap();
             assert_eq!(Control::decode(&buf).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn ledger_payload_is_carried_as_is() {
+        let mut buf = Vec::new();
+        for payload in [vec![], vec![1, 2, 3]] {
+            Control::Ledger(payload.clone()).encode(&mut buf).unwrap();
+            assert_eq!(Control::decode(&buf).unwrap(), Control::Ledger(payload));
         }
     }
 

@@ -7,7 +7,7 @@
 //! 3. drain [`Node::poll_transmit`] (send each packet) and [`Node::poll_event`];
 //! 4. sleep until [`Node::poll_timeout`].
 //!
-//! Time comes in as `now` (monotonic) and `unix_secs` (wall clock, only for key windows);
+//! Time comes in as `now` (monotonic) and `unix_ms` (wall clock: key windows, ledger versions);
 //! randomness from the seed given to [`Node::new`].
 //!
 //! Connections: a node keeps about [`NodeSettings::neighbours`] connections to other members
@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::cluster::{Cluster, ClusterEvent};
 use crate::discovery::beacon::looks_like_beacon;
 use crate::discovery::kad::{self, Kad, KadEvent, KadSettings};
 use crate::discovery::lan::{LanDiscovery, LanEvent};
@@ -181,6 +182,8 @@ pub enum NodeEvent {
     },
     /// Other nodes see us at this address (our public address behind NAT).
     ObservedAddr(SocketAddr),
+    /// Roles, leader, master and address news from the cluster layer.
+    Cluster(ClusterEvent),
 }
 
 /// Inputs the node dropped, by reason (the transport counts its own).
@@ -256,6 +259,9 @@ pub struct Node {
     events: VecDeque<NodeEvent>,
     stats: NodeStats,
     scratch: Vec<u8>,
+    cluster: Option<Cluster>,
+    /// The wall clock of the last input, in unix milliseconds.
+    unix_ms: u64,
 }
 
 impl std::fmt::Debug for Node {
@@ -321,7 +327,24 @@ impl Node {
             events: VecDeque::new(),
             stats: NodeStats::default(),
             scratch: Vec::new(),
+            cluster: None,
+            unix_ms: 0,
         })
+    }
+
+    /// Adds the cluster layer (ledger, roles, addresses); without it the node is overlay only.
+    pub fn attach_cluster(&mut self, cluster: Cluster) {
+        self.cluster = Some(cluster);
+    }
+
+    /// The cluster layer, if attached.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// The cluster layer, mutably (ledger writes from the API or k3s set-up, saves).
+    pub fn cluster_mut(&mut self) -> Option<&mut Cluster> {
+        self.cluster.as_mut()
     }
 
     // ---- getters ----
@@ -403,11 +426,13 @@ impl Node {
     pub fn handle_datagram(
         &mut self,
         now: Instant,
-        unix_secs: u64,
+        unix_ms: u64,
         from: SocketAddr,
         local_ip: Option<IpAddr>,
         bytes: &[u8],
     ) {
+        self.unix_ms = unix_ms;
+        let unix_secs = unix_ms / 1000;
         let Some(&first) = bytes.first() else {
             self.stats.unknown_packets += 1;
             return;
@@ -441,7 +466,9 @@ impl Node {
     }
 
     /// Runs timers that are due.
-    pub fn handle_timeout(&mut self, now: Instant, unix_secs: u64) {
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
+        self.unix_ms = unix_ms;
+        let unix_secs = unix_ms / 1000;
         let window = self.keys.crypto_window(unix_secs);
         if self.ticket_window != Some(window) {
             self.ticket_window = Some(window);
@@ -471,6 +498,12 @@ impl Node {
         }
         if self.push_at.is_some_and(|t| t <= now) {
             self.push_gossip(now);
+        }
+        if let Some(cluster) = &mut self.cluster {
+            if cluster.poll_timeout().is_none_or(|t| t <= now) {
+                cluster.handle_timeout(now, unix_ms);
+                self.pump(now);
+            }
         }
         if self.sync_at.is_none_or(|t| t <= now) {
             let full_every = (self.settings.member_ttl / 10).max(Duration::from_secs(1));
@@ -561,6 +594,7 @@ impl Node {
             self.sync_at,
             self.maintain_at,
             self.dial_at,
+            self.cluster.as_ref().and_then(Cluster::poll_timeout),
         ];
         next.sort();
         next.into_iter().flatten().next()
@@ -626,11 +660,29 @@ impl Node {
         while let Some(event) = self.transport.poll_event() {
             self.on_transport_event(now, event);
         }
+        self.pump_cluster();
         // Transport events may have produced DHT or beacon output.
         if let Some(kad) = &mut self.kad {
             while let Some((addr, bytes)) = kad.poll_transmit() {
                 self.out.push_back((Destination::Addr(addr), bytes));
             }
+        }
+    }
+
+    /// Sends the cluster layer's messages and moves its events out.
+    fn pump_cluster(&mut self) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let mut messages = Vec::new();
+        while let Some(m) = cluster.poll_message() {
+            messages.push(m);
+        }
+        while let Some(e) = cluster.poll_event() {
+            self.events.push_back(NodeEvent::Cluster(e));
+        }
+        for (peer, bytes) in messages {
+            self.send_control(&peer, &Control::Ledger(bytes));
         }
     }
 
@@ -665,6 +717,9 @@ impl Node {
                     members,
                 };
                 self.send_control(&peer, &hello);
+                if let Some(cluster) = &mut self.cluster {
+                    cluster.peer_connected(now, self.unix_ms, peer);
+                }
                 self.events.push_back(NodeEvent::PeerConnected {
                     peer,
                     addr,
@@ -674,6 +729,9 @@ impl Node {
             TransportEvent::Disconnected { peer, reason } => {
                 self.connected.remove(&peer);
                 self.relays.remove_relay(&peer);
+                if let Some(cluster) = &mut self.cluster {
+                    cluster.peer_disconnected(&peer);
+                }
                 self.events.push_back(NodeEvent::PeerDisconnected {
                     peer,
                     reason: reason.to_string(),
@@ -724,6 +782,10 @@ impl Node {
             Control::Members(members) => self.learn_gossip(now, members),
             Control::PunchRequest { target } => self.coordinate_punch(from, target),
             Control::PunchNotify { peer, addr } => self.punch(now, peer, addr),
+            Control::Ledger(bytes) => match &mut self.cluster {
+                Some(cluster) => cluster.handle_message(now, self.unix_ms, from, &bytes),
+                None => self.stats.control_rejected += 1,
+            },
         }
     }
 

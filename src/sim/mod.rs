@@ -57,8 +57,10 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::cluster::{Cluster, ClusterEvent, ClusterSettings};
 use crate::discovery::lan::BEACON_PORT;
 use crate::identity::{Identity, PeerId};
+use crate::ledger::{Ledger, names};
 use crate::node::bootstrap::DEFAULT_OVERLAY_PORT;
 use crate::node::{Destination, Node, NodeEvent, NodeSettings};
 use crate::overlay::TransportError;
@@ -247,6 +249,9 @@ struct NodeSlot {
     identity_seed: [u8; 32],
     peer: PeerId,
     settings: NodeSettings,
+    cluster: Option<ClusterSettings>,
+    /// The ledger as last saved (what a restart finds in the state directory).
+    disk: Option<Ledger>,
     node: Option<Box<Node>>,
     incarnation: u64,
     wake_at: Option<u64>,
@@ -296,6 +301,7 @@ pub struct Sim {
     legs: Vec<Leg>,
     buf: Vec<u8>,
     node_events: Vec<NodeEvent>,
+    masters: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for Sim {
@@ -333,6 +339,7 @@ impl Sim {
             legs: Vec::new(),
             buf: Vec::with_capacity(65_536),
             node_events: Vec::new(),
+            masters: BTreeMap::new(),
             config,
         }
     }
@@ -439,6 +446,8 @@ impl Sim {
             identity_seed,
             peer,
             settings,
+            cluster: None,
+            disk: None,
             node: None,
             incarnation: 0,
             wake_at: None,
@@ -456,6 +465,27 @@ impl Sim {
         if let Some(slot) = self.slot_mut(host) {
             slot.settings = settings;
         }
+    }
+
+    /// Gives a node the cluster layer (effective at its next start). Its ledger is saved to a
+    /// virtual disk whenever the node asks, so a restart finds it (see [`Sim::wipe_state`]).
+    pub fn set_cluster(&mut self, host: HostId, settings: ClusterSettings) {
+        if let Some(slot) = self.slot_mut(host) {
+            slot.cluster = Some(settings);
+        }
+    }
+
+    /// Deletes a node's saved state (its ledger): the next start begins empty.
+    pub fn wipe_state(&mut self, host: HostId) {
+        if let Some(slot) = self.slot_mut(host) {
+            slot.disk = None;
+        }
+    }
+
+    /// The chosen masters so far, by `network_id`, as uuids (one each, unless the election is
+    /// broken: the simulator stops with an invariant error the moment a second one appears).
+    pub fn masters(&self) -> &BTreeMap<String, String> {
+        &self.masters
     }
 
     /// Sets how far a node's wall clock is off, in seconds (either way).
@@ -519,7 +549,7 @@ impl Sim {
         f: impl FnOnce(&mut Node, Instant, u64) -> R,
     ) -> Result<Option<R>, SimError> {
         let now = self.instant();
-        let unix = self.unix(host);
+        let unix = self.unix_ms(host);
         let Some(node) = self.slot_mut(host).and_then(|s| s.node.as_deref_mut()) else {
             return Ok(None);
         };
@@ -591,6 +621,18 @@ impl Sim {
     #[must_use]
     pub fn instant(&self) -> Instant {
         self.base + self.now()
+    }
+
+    /// Wall clock of `host` now (with its skew), in unix milliseconds.
+    #[must_use]
+    pub fn unix_ms(&self, host: HostId) -> u64 {
+        let skew_ms = self.slot(host).map_or(0, |s| s.skew.saturating_mul(1000));
+        let t = self
+            .config
+            .start_unix
+            .saturating_mul(1000)
+            .saturating_add(self.now / 1_000_000);
+        t.saturating_add_signed(skew_ms)
     }
 
     /// Wall clock of `host` now (with its skew).
@@ -855,10 +897,18 @@ impl Sim {
         let net = slot.net;
         let token = &self.nets[net.0].token;
         let identity = Identity::from_seed(slot.identity_seed);
-        let node = Node::new(&identity, token, slot.settings.clone(), node_seed)
+        let mut node = Node::new(&identity, token, slot.settings.clone(), node_seed)
             .map_err(|error| SimError::NodeCreate { host, error })?;
+        if let Some(settings) = &slot.cluster {
+            let ledger = slot
+                .disk
+                .clone()
+                .unwrap_or_else(|| Ledger::new(settings.ledger_limits));
+            let cluster = Cluster::new(&identity, settings.clone(), ledger, node_seed ^ 0x5eed);
+            node.attach_cluster(cluster);
+        }
         let now = self.instant();
-        let unix = self.unix(host);
+        let unix = self.unix_ms(host);
         let slot = self
             .slot_mut(host)
             .ok_or_else(|| SimError::Config("slot vanished".into()))?;
@@ -889,6 +939,11 @@ impl Sim {
                 node.shutdown(now);
             }
             self.after_input(host)?;
+            if let Some(slot) = self.slot_mut(host) {
+                if let Some(cluster) = slot.node.as_ref().and_then(|n| n.cluster()) {
+                    slot.disk = Some(cluster.ledger().clone());
+                }
+            }
         }
         let Some(slot) = self.slot_mut(host) else {
             return Ok(());
@@ -937,7 +992,7 @@ impl Sim {
             });
         }
         let now = self.instant();
-        let unix = self.unix(host);
+        let unix = self.unix_ms(host);
         if let Some(node) = self.slot_mut(host).and_then(|s| s.node.as_deref_mut()) {
             node.handle_timeout(now, unix);
         }
@@ -1017,7 +1072,7 @@ impl Sim {
         };
         slot.metrics.count_received(kind, len);
         let now = self.base + Duration::from_nanos(t);
-        let unix = self.unix(host);
+        let unix = self.unix_ms(host);
         if let Some(node) = self.slot_mut(host).and_then(|s| s.node.as_deref_mut()) {
             node.handle_datagram(now, unix, from, None, &bytes);
         }
@@ -1033,6 +1088,16 @@ impl Sim {
         let Some(src_ip) = self.net.ip(host) else {
             return Ok(());
         };
+        // Saved before anything is sent, as the driver does.
+        if let Some(cluster) = node.cluster_mut() {
+            if cluster.save_due(now) {
+                let ledger = cluster.ledger().clone();
+                cluster.saved();
+                if let Some(slot) = self.slot_mut(host) {
+                    slot.disk = Some(ledger);
+                }
+            }
+        }
         let mut buf = std::mem::take(&mut self.buf);
         while let Some(t) = node.poll_transmit(now, &mut buf) {
             let payload = buf.get(..t.len).unwrap_or(&buf);
@@ -1101,6 +1166,7 @@ impl Sim {
             NodeEvent::PeerConnected { peer, .. } => (3, Some(*peer)),
             NodeEvent::PeerDisconnected { peer, .. } => (4, Some(*peer)),
             NodeEvent::ObservedAddr(_) => (5, None),
+            NodeEvent::Cluster(_) => (6, None),
         };
         let peer_word = peer.map_or(0, |p| {
             let mut w = [0u8; 8];
@@ -1112,6 +1178,11 @@ impl Sim {
             .record(&[TAG_EVENT, t, host.0 as u64, variant, peer_word], || {
                 format!("{t} event {} {event:?}", host.0)
             });
+        if let NodeEvent::Cluster(ClusterEvent::RoleAssigned { role }) = &event {
+            if role == names::ROLE_MASTER || role == names::ROLE_MASTER_CLUSTERINIT {
+                self.check_single_master(host)?;
+            }
+        }
         match &event {
             NodeEvent::MemberDiscovered { peer, .. } => {
                 self.check_same_net(host, net, peer, "member discovered")?
@@ -1128,13 +1199,32 @@ impl Sim {
                 NodeEvent::MemberLost { .. } => m.members_lost += 1,
                 NodeEvent::PeerConnected { .. } => m.connections += 1,
                 NodeEvent::PeerDisconnected { .. } => m.disconnections += 1,
-                NodeEvent::ObservedAddr(_) => {}
+                NodeEvent::ObservedAddr(_) | NodeEvent::Cluster(_) => {}
             }
         }
         if self.config.record_events {
             self.events.push((self.now(), host, event));
         }
         Ok(())
+    }
+
+    /// A node took a master role: no other node of its `network_id` may ever have.
+    fn check_single_master(&mut self, host: HostId) -> Result<(), SimError> {
+        let Some(settings) = self.slot(host).and_then(|s| s.cluster.as_ref()) else {
+            return Ok(());
+        };
+        let (id, uuid) = (settings.network_id.clone(), settings.uuid.clone());
+        match self.masters.get(&id) {
+            Some(m) if *m != uuid => Err(SimError::Invariant {
+                at: self.now(),
+                host,
+                what: format!("second master in network_id {id}: {uuid} after {m}"),
+            }),
+            _ => {
+                self.masters.insert(id, uuid);
+                Ok(())
+            }
+        }
     }
 
     /// Whether `host` knows every running member of its network; updates the counters.

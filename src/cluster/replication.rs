@@ -1,0 +1,277 @@
+//! Ledger replication between connected members.
+//!
+//! - When a connection comes up, both ends send their [`Digest`]: each catches up with the other
+//!   in one round trip (see the anti-entropy steps in [`crate::ledger`]).
+//! - Every [`ANTI_ENTROPY_INTERVAL`] a node runs the same exchange with one connected member in
+//!   turn, which repairs whatever a lost push missed.
+//! - Entries that are new to a node (its own writes and what it learns) are pushed at once, as a
+//!   [`Batch`] without requests, to every connected member except the one they came from; the
+//!   frequent `healthcheck` heartbeats go to [`HEARTBEAT_FANOUT`] random members only (epidemic
+//!   spreading reaches everybody in a few hops, anti-entropy does the rest).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::identity::PeerId;
+use crate::ledger::{Applied, Batch, Entry, Ledger, SyncLimits, SyncMessage, names};
+use crate::rng::Rng;
+
+/// How often a node runs a digest exchange with one connected member.
+pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(10);
+/// Members each fresh heartbeat is pushed to.
+pub const HEARTBEAT_FANOUT: usize = 2;
+
+/// What replication has done since the node started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicationStats {
+    /// Sync messages received.
+    pub messages_in: u64,
+    /// Sync messages sent.
+    pub messages_out: u64,
+    /// Bytes of sync messages received.
+    pub bytes_in: u64,
+    /// Bytes of sync messages sent.
+    pub bytes_out: u64,
+    /// Sync messages that did not decode.
+    pub rejected: u64,
+    /// Entries that were new here (stored or replacing an older one).
+    pub entries_fresh: u64,
+    /// Entries received that changed nothing.
+    pub entries_stale: u64,
+    /// Entries refused (bad signature, invalid, too far in the future, ledger full).
+    pub entries_refused: u64,
+}
+
+/// Replication state of one node.
+#[derive(Debug)]
+pub struct Replication {
+    limits: SyncLimits,
+    /// Connected members, and whether an exchange with each has completed.
+    peers: BTreeMap<PeerId, bool>,
+    out: VecDeque<(PeerId, Vec<u8>)>,
+    next_round: Option<Instant>,
+    turn: usize,
+    synced: bool,
+    stats: ReplicationStats,
+}
+
+impl Replication {
+    /// Replication with messages bounded by `limits`.
+    pub fn new(limits: SyncLimits) -> Self {
+        Self {
+            limits,
+            peers: BTreeMap::new(),
+            out: VecDeque::new(),
+            next_round: None,
+            turn: 0,
+            synced: false,
+            stats: ReplicationStats::default(),
+        }
+    }
+
+    /// True once an exchange with some member completed: the ledger holds what the network held
+    /// then.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Members currently connected.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ReplicationStats {
+        self.stats
+    }
+
+    /// A connection to `peer` is up: start an exchange.
+    pub fn connected(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
+        self.peers.insert(peer, false);
+        self.send_digest(unix_ms, ledger, peer);
+        if self.next_round.is_none() {
+            self.next_round = Some(now + ANTI_ENTROPY_INTERVAL);
+        }
+    }
+
+    /// The connection to `peer` went away.
+    pub fn disconnected(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+        self.out.retain(|(p, _)| p != peer);
+    }
+
+    /// Handles a sync message from `from`; returns the entries that were fresh here (already
+    /// pushed on to the others).
+    pub fn handle_message(
+        &mut self,
+        unix_ms: u64,
+        ledger: &mut Ledger,
+        rng: &mut Rng,
+        from: PeerId,
+        bytes: &[u8],
+    ) -> Vec<Entry> {
+        self.stats.messages_in += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        let msg = match SyncMessage::decode(bytes, &self.limits) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.rejected += 1;
+                log::debug!("ledger message from {from} dropped: {e}");
+                return Vec::new();
+            }
+        };
+        let mut fresh = Vec::new();
+        match msg {
+            SyncMessage::Digest(digest) => {
+                let summary = ledger.summary_for(&digest, &self.limits, unix_ms);
+                self.send(from, &SyncMessage::Summary(summary));
+            }
+            SyncMessage::Summary(summary) => {
+                fresh = self.apply(ledger, unix_ms, summary.entries.iter().cloned());
+                let batch = ledger.reconcile(&summary, &self.limits, unix_ms);
+                if !batch.entries.is_empty() || !batch.requests.is_empty() {
+                    self.send(from, &SyncMessage::Batch(batch));
+                }
+                if let Some(done) = self.peers.get_mut(&from) {
+                    *done = true;
+                }
+                self.synced = true;
+            }
+            SyncMessage::Batch(batch) => {
+                fresh = self.apply(ledger, unix_ms, batch.entries);
+                if !batch.requests.is_empty() {
+                    let answer = ledger.answer(&batch.requests, &self.limits);
+                    self.send(from, &SyncMessage::Batch(answer));
+                }
+            }
+        }
+        self.push(rng, &fresh, Some(from));
+        fresh
+    }
+
+    /// Pushes entries that are new here to the connected members (but not back to `source`).
+    pub fn push(&mut self, rng: &mut Rng, entries: &[Entry], source: Option<PeerId>) {
+        if entries.is_empty() {
+            return;
+        }
+        let targets: Vec<PeerId> = self
+            .peers
+            .keys()
+            .filter(|p| Some(**p) != source)
+            .copied()
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let (beats, others): (Vec<&Entry>, Vec<&Entry>) =
+            entries.iter().partition(|e| e.bucket == names::HEALTHCHECK);
+        if !others.is_empty() {
+            for peer in &targets {
+                self.send_entries(*peer, &others);
+            }
+        }
+        if !beats.is_empty() {
+            let mut pool = targets;
+            for _ in 0..HEARTBEAT_FANOUT.min(pool.len()) {
+                let i = rng.below(pool.len() as u64) as usize;
+                let peer = pool.swap_remove(i);
+                self.send_entries(peer, &beats);
+            }
+        }
+    }
+
+    /// Runs the periodic exchange when due.
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger) {
+        if self.next_round.is_none_or(|t| t > now) {
+            return;
+        }
+        self.next_round = Some(now + ANTI_ENTROPY_INTERVAL);
+        if self.peers.is_empty() {
+            return;
+        }
+        self.turn = self.turn.wrapping_add(1);
+        let peer = self.peers.keys().nth(self.turn % self.peers.len()).copied();
+        if let Some(peer) = peer {
+            self.send_digest(unix_ms, ledger, peer);
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_round
+    }
+
+    /// The next message to send: the peer and the encoded sync message.
+    pub fn poll_message(&mut self) -> Option<(PeerId, Vec<u8>)> {
+        self.out.pop_front()
+    }
+
+    fn apply(
+        &mut self,
+        ledger: &mut Ledger,
+        unix_ms: u64,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Vec<Entry> {
+        let mut fresh = Vec::new();
+        for e in entries {
+            match ledger.apply(e.clone(), unix_ms) {
+                Ok(Applied::New | Applied::Replaced) => {
+                    self.stats.entries_fresh += 1;
+                    fresh.push(e);
+                }
+                Ok(Applied::Stale) => self.stats.entries_stale += 1,
+                Err(err) => {
+                    self.stats.entries_refused += 1;
+                    log::debug!("ledger entry refused: {err}");
+                }
+            }
+        }
+        fresh
+    }
+
+    fn send_digest(&mut self, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
+        let digest = ledger.digest(&self.limits, unix_ms);
+        self.send(peer, &SyncMessage::Digest(digest));
+    }
+
+    /// Sends entries in as many batches as their size needs.
+    fn send_entries(&mut self, peer: PeerId, entries: &[&Entry]) {
+        // Half the message limit per batch leaves room for the framing.
+        let budget = self.limits.max_message_bytes / 2;
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for e in entries {
+            let len = e.encoded_len();
+            if !batch.is_empty() && (size + len > budget || batch.len() >= self.limits.max_entries)
+            {
+                self.send_batch(peer, std::mem::take(&mut batch));
+                size = 0;
+            }
+            size += len;
+            batch.push((*e).clone());
+        }
+        if !batch.is_empty() {
+            self.send_batch(peer, batch);
+        }
+    }
+
+    fn send_batch(&mut self, peer: PeerId, entries: Vec<Entry>) {
+        let msg = SyncMessage::Batch(Batch {
+            entries,
+            requests: Vec::new(),
+        });
+        self.send(peer, &msg);
+    }
+
+    fn send(&mut self, peer: PeerId, msg: &SyncMessage) {
+        let mut buf = Vec::new();
+        match msg.encode(&self.limits, &mut buf) {
+            Ok(()) => {
+                self.stats.messages_out += 1;
+                self.stats.bytes_out += buf.len() as u64;
+                self.out.push_back((peer, buf));
+            }
+            Err(e) => log::warn!("ledger message to {peer} not encodable: {e}"),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! What a node knows of its cluster (one `network_id`), read from the ledger: who the nodes are,
+//! which are alive, which role each holds and who leads.
+//!
+//! Each node announces itself under `<network_id>/<uuid>-uuid` (its asked-for role and hostname;
+//! the entry's writer is its peer id) and beats under `healthcheck/<uuid>`. A node is *live* when
+//! its latest heartbeat's version is less than the liveness timeout older than this node's
+//! hybrid-logical time (the highest of its wall clock and every version it has seen). Versions
+//! are stamped by the writers, so the age needs no clock synchronisation beyond what the HLC
+//! already gives (writers' clocks are pulled up to the newest time they have seen; the age is off
+//! by at most about one heartbeat interval), and a heartbeat learned late through anti-entropy
+//! still shows its true age.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Role;
+use crate::identity::PeerId;
+use crate::ledger::{Ledger, names};
+
+use super::fnv32a;
+
+/// Key suffix of a node's announcement.
+pub const UUID_SUFFIX: &str = names::UUID_SUFFIX;
+
+/// The value of `<network_id>/<uuid>-uuid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The role the node asks for (`auto`, `master`, `worker`, `none`).
+    #[serde(rename = "Role")]
+    pub role: String,
+    /// Its hostname.
+    #[serde(rename = "Hostname")]
+    pub hostname: String,
+}
+
+impl Announcement {
+    /// The announcement of a node asking for `role`.
+    pub fn new(role: Role, hostname: &str) -> Self {
+        Self {
+            role: role.as_str().to_string(),
+            hostname: hostname.to_string(),
+        }
+    }
+
+    /// The asked-for role; unknown words read as `auto`.
+    pub fn asked(&self) -> Role {
+        match self.role.as_str() {
+            "master" => Role::Master,
+            "worker" => Role::Worker,
+            "none" => Role::None,
+            _ => Role::Auto,
+        }
+    }
+
+    /// The JSON value.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// One node of the cluster as seen from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Its peer id (the writer of its announcement).
+    pub peer: PeerId,
+    /// The role it asks for.
+    pub asked: Role,
+    /// Its hostname.
+    pub hostname: String,
+    /// Heard from within the liveness timeout.
+    pub live: bool,
+    /// Age of its last heartbeat in milliseconds (`None`: never heard).
+    pub heartbeat_age_ms: Option<u64>,
+    /// Its role in the ledger (`<uuid>-role`), if any.
+    pub role: Option<String>,
+    /// FNV-32a of its uuid (the leader is the live node with the highest).
+    pub rank: u32,
+}
+
+impl NodeView {
+    /// Takes part in elections and counts towards `minimum_nodes` (`p2p.role: none` does not).
+    pub fn eligible(&self) -> bool {
+        self.asked != Role::None
+    }
+}
+
+/// The cluster of one `network_id` as seen from one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Nodes by uuid.
+    pub nodes: BTreeMap<String, NodeView>,
+    /// The leader: the live eligible node with the highest rank (then uuid).
+    pub leader: Option<String>,
+}
+
+impl View {
+    /// Reads the view of `network_id` from `ledger` at hybrid-logical time `hlc_now_ms`.
+    pub fn read(ledger: &Ledger, network_id: &str, hlc_now_ms: u64, timeout_ms: u64) -> View {
+        let bucket = names::network_bucket(network_id);
+        let mut nodes = BTreeMap::new();
+        let mut roles: BTreeMap<String, String> = BTreeMap::new();
+        for (key, value) in ledger.bucket(bucket) {
+            if let Some(uuid) = key.strip_suffix(names::ROLE_SUFFIX) {
+                if let Ok(role) = std::str::from_utf8(value) {
+                    if names::is_role(role) {
+                        roles.insert(uuid.to_string(), role.to_string());
+                    }
+                }
+                continue;
+            }
+            let Some(uuid) = key.strip_suffix(UUID_SUFFIX) else {
+                continue;
+            };
+            let Some(entry) = ledger.entry(bucket, key) else {
+                continue;
+            };
+            let Ok(ann) = serde_json::from_slice::<Announcement>(value) else {
+                continue;
+            };
+            let age = ledger
+                .entry(names::HEALTHCHECK, uuid)
+                .filter(|e| e.value.is_some())
+                .map(|e| hlc_now_ms.saturating_sub(e.version.millis()));
+            nodes.insert(
+                uuid.to_string(),
+                NodeView {
+                    peer: entry.writer,
+                    asked: ann.asked(),
+                    hostname: ann.hostname,
+                    live: age.is_some_and(|a| a < timeout_ms),
+                    heartbeat_age_ms: age,
+                    role: None,
+                    rank: fnv32a(uuid),
+                },
+            );
+        }
+        for (uuid, role) in roles {
+            if let Some(n) = nodes.get_mut(&uuid) {
+                n.role = Some(role);
+            }
+        }
+        let leader = nodes
+            .iter()
+            .filter(|(_, n)| n.live && n.eligible())
+            .max_by(|(a, na), (b, nb)| na.rank.cmp(&nb.rank).then_with(|| a.cmp(b)))
+            .map(|(u, _)| u.clone());
+        View { nodes, leader }
+    }
+
+    /// Uuids of the live eligible nodes.
+    pub fn live_eligible(&self) -> impl Iterator<Item = (&String, &NodeView)> {
+        self.nodes.iter().filter(|(_, n)| n.live && n.eligible())
+    }
+
+    /// How many live eligible nodes there are.
+    pub fn live_eligible_count(&self) -> usize {
+        self.live_eligible().count()
+    }
+
+    /// The youngest heartbeat age that will cross `timeout_ms` next (for the timer).
+    pub fn next_expiry_ms(&self, timeout_ms: u64) -> Option<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.live)
+            .filter_map(|n| n.heartbeat_age_ms)
+            .map(|age| timeout_ms.saturating_sub(age))
+            .min()
+    }
+}
