@@ -6,7 +6,8 @@
 //! a bound, addresses are unique and ledgers are equal once the network is healed and quiet.
 //!
 //! Seeds: `SIM_SEED=<n>` replays one (the failure message prints the command); `SIM_SEEDS=<count>`
-//! sets how many run (default 1,000 per scenario).
+//! sets how many run: by default 1,000 per scenario in release builds (`make test` runs this target
+//! with `--release`) and 20 in debug builds (the plain `cargo test` pass, a smoke run).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,7 +24,7 @@ fn seeds() -> Vec<u64> {
     let count = std::env::var("SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1000);
+        .unwrap_or(if cfg!(debug_assertions) { 20 } else { 1000 });
     (1..=count).collect()
 }
 
@@ -95,12 +96,30 @@ impl Lab {
     /// when `SIM_EVENTS` is set) and panics.
     fn run_until(&mut self, until: Duration) {
         if let Err(e) = self.sim.run_until(until) {
-            for (t, h, event) in self.sim.events() {
-                if let kairos_p2p::node::NodeEvent::Cluster(c) = event {
-                    eprintln!("{t:?} host {}: {c}", h.0);
-                }
-            }
+            self.dump_events();
             panic!("{e} (SIM_EVENTS=1 prints the cluster events)");
+        }
+    }
+
+    fn dump_events(&self) {
+        for (t, h, event) in self.sim.events() {
+            if let kairos_p2p::node::NodeEvent::Cluster(c) = event {
+                eprintln!("{t:?} host {}: {c}", h.0);
+            }
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            let c = self.sim.node(*h).and_then(|n| n.cluster());
+            eprintln!(
+                "host {} {}: running {} role {:?} leader {:?} master {:?} address {:?} live {:?}",
+                h.0,
+                self.settings[i].uuid,
+                self.sim.is_running(*h),
+                c.and_then(|c| c.role()),
+                c.and_then(|c| c.leader()),
+                c.and_then(|c| c.master()),
+                c.and_then(|c| c.address()),
+                c.map(|c| c.view().live_eligible_count()),
+            );
         }
     }
 
@@ -124,6 +143,7 @@ impl Lab {
                 return Some(self.sim.now());
             }
             if self.sim.now() >= until {
+                self.dump_events();
                 return None;
             }
             let next = (self.sim.now() + ms(50)).min(until);
@@ -364,6 +384,7 @@ fn late_joiners_become_workers() {
                 "late joiner {i}"
             );
         }
+        lab.run_for(secs(3)); // addresses settle after roles for nodes that just joined
         lab.check_roles(0);
         lab.check_addresses();
     });
@@ -411,7 +432,9 @@ fn forced_roles_are_respected() {
         for (i, role) in forced.iter().enumerate() {
             let mut s = ClusterSettings::defaults(&uuid(i));
             s.role = *role;
-            lab.add_within(lan, net, s, 3000);
+            // The forced master is there from the start; see the test below for a late one.
+            let spread = if i == 0 { 1 } else { 3000 };
+            lab.add_within(lan, net, s, spread);
         }
         lab.run_until_roles(secs(20)).expect("roles");
         lab.run_for(secs(3));

@@ -1,12 +1,15 @@
-//! Simulator benchmarks: discovery of 1,000 nodes through the DHT, idle traffic of a small LAN,
-//! and the simulator's own speed. Prints a table; asserts nothing.
+//! Simulator benchmarks: discovery of 1,000 nodes through the DHT, idle traffic of a small LAN
+//! (overlay alone and with the cluster layer), time to roles for 3 to 1,000 nodes, ledger
+//! catch-up, and the simulator's own speed. Prints a table; asserts nothing.
 //!
 //! `cargo bench --bench sim`; `SIM_SEED` picks the seed, `SIM_BENCH_NODES` the size of the big
-//! run (default 1000, as subnets of 100), `SIM_BENCH_IDLE_SECS` the idle measurement (default
+//! runs (default 1000, as subnets of 100), `SIM_BENCH_IDLE_SECS` the idle measurement (default
 //! 300).
 
 use std::time::{Duration, Instant};
 
+use kairos_p2p::cluster::ClusterSettings;
+use kairos_p2p::ledger::catch_up_report;
 use kairos_p2p::sim::metrics::total_traffic;
 use kairos_p2p::sim::seed::seeds;
 use kairos_p2p::sim::{
@@ -223,7 +226,127 @@ fn big_discovery(seed: u64, nodes: u64, rows: &mut Vec<Row>) {
     );
 }
 
-fn idle_lan(seed: u64, dht: bool, idle: Duration, rows: &mut Vec<Row>) {
+/// Median and 99th percentile of `v` (sorted here).
+fn median_p99(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+/// One formation: `nodes` nodes (subnets of 100, DHT from one bootstrap node beyond one subnet)
+/// started within a second; returns the seconds from the moment `minimum_nodes` (2) are up and
+/// connected to the moment every node holds a role, and the wall time.
+fn formation(seed: u64, nodes: u64) -> (Option<f64>, Duration) {
+    let per_subnet = 100.min(nodes.max(1));
+    let subnets = nodes.div_ceil(per_subnet);
+    let mut sim = Sim::new(SimConfig::new(seed));
+    let net = sim.add_network();
+    let lans: Vec<_> = (0..subnets)
+        .map(|_| {
+            sim.add_subnet(LinkParams::lan(), LinkParams::uplink())
+                .expect("subnet")
+        })
+        .collect();
+    let mut settings = sim.default_settings(net).expect("settings");
+    settings.dht = subnets > 1;
+    let mut hosts = Vec::new();
+    for i in 0..nodes {
+        let lan = lans[(i / per_subnet) as usize];
+        let h = sim.add_node(lan, net, settings.clone()).expect("node");
+        sim.set_cluster(h, ClusterSettings::defaults(&format!("node-{i}")));
+        if i == 0 && subnets > 1 {
+            sim.start(h).expect("start");
+            settings.bootstrap = vec![(sim.addr(h).expect("addr"), sim.peer_id(h))];
+        } else {
+            let at = Duration::from_millis(sim.rng().below(1_000));
+            sim.schedule(at, Action::Start(h));
+        }
+        hosts.push(h);
+    }
+    let wall = Instant::now();
+    let step = Duration::from_millis(10);
+    let mut connected_at = None;
+    let limit = Duration::from_secs(120);
+    while sim.now() < limit {
+        sim.run_for(step).expect("run");
+        if connected_at.is_none() {
+            let up = hosts
+                .iter()
+                .filter(|h| sim.node(**h).is_some_and(|n| !n.connected().is_empty()))
+                .count();
+            if up >= 2 {
+                connected_at = Some(sim.now());
+            }
+        }
+        let all = hosts.iter().all(|h| {
+            sim.node(*h)
+                .and_then(|n| n.cluster())
+                .is_some_and(|c| c.role().is_some())
+        });
+        if all {
+            let from = connected_at.unwrap_or_default();
+            return (Some((sim.now() - from).as_secs_f64()), wall.elapsed());
+        }
+    }
+    (None, wall.elapsed())
+}
+
+fn roles(seed: u64, nodes: u64, runs: u64, rows: &mut Vec<Row>) {
+    let mut took = Vec::new();
+    let mut wall = Duration::ZERO;
+    let mut failed = 0;
+    for i in 0..runs {
+        let (t, w) = formation(seed.wrapping_add(i), nodes);
+        wall += w;
+        match t {
+            Some(t) => took.push(t),
+            None => failed += 1,
+        }
+    }
+    let value = if took.is_empty() {
+        format!("no formation within 120 s in {runs} runs")
+    } else {
+        let (median, p99) = median_p99(&mut took);
+        format!(
+            "median {median:.2} s, p99 {p99:.2} s over {} runs{} ({:.1} s wall per run)",
+            took.len(),
+            if failed > 0 {
+                format!(", {failed} never formed")
+            } else {
+                String::new()
+            },
+            wall.as_secs_f64() / runs as f64
+        )
+    };
+    row(
+        rows,
+        format!("{nodes} nodes: minimum_nodes connected -> every node holds a role"),
+        value,
+        "3 s (10 real)",
+    );
+}
+
+fn catch_up(rows: &mut Vec<Row>) {
+    let wall = Instant::now();
+    match catch_up_report(200, 1000, 7) {
+        Ok(r) => row(
+            rows,
+            "ledger catch-up after 1,000 changes (200 members)",
+            format!(
+                "{} messages, {} bytes, {} entries, {:.1} ms compute, converged {}",
+                r.messages.len(),
+                r.total_bytes,
+                r.entries_sent,
+                wall.elapsed().as_secs_f64() * 1000.0,
+                r.converged
+            ),
+            "1 RTT",
+        ),
+        Err(e) => row(rows, "ledger catch-up", format!("failed: {e}"), "1 RTT"),
+    }
+}
+
+fn idle_lan(seed: u64, dht: bool, cluster: bool, idle: Duration, rows: &mut Vec<Row>) {
     let mut sim = Sim::new(SimConfig::new(seed));
     let net = sim.add_network();
     let lan = sim
@@ -232,8 +355,11 @@ fn idle_lan(seed: u64, dht: bool, idle: Duration, rows: &mut Vec<Row>) {
     let mut settings = sim.default_settings(net).expect("settings");
     settings.dht = dht;
     let hosts: Vec<HostId> = (0..11)
-        .map(|_| {
+        .map(|i| {
             let h = sim.add_node(lan, net, settings.clone()).expect("node");
+            if cluster {
+                sim.set_cluster(h, ClusterSettings::defaults(&format!("node-{i}")));
+            }
             let at = Duration::from_millis(sim.rng().below(2_000));
             sim.schedule(at, Action::Start(h));
             h
@@ -250,8 +376,9 @@ fn idle_lan(seed: u64, dht: bool, idle: Duration, rows: &mut Vec<Row>) {
     row(
         rows,
         format!(
-            "idle, 10 peers on a LAN, DHT {}: B/s per node sent+received",
-            if dht { "on" } else { "off" }
+            "idle, 10 peers on a LAN, DHT {}{}: B/s per node sent+received",
+            if dht { "on" } else { "off" },
+            if cluster { ", cluster layer" } else { "" }
         ),
         format!(
             "{:.0} (sent {:.0}: {}; received {:.0})",
@@ -271,8 +398,14 @@ fn main() {
     let idle = Duration::from_secs(env_num("SIM_BENCH_IDLE_SECS", 300));
     let mut rows = Vec::new();
     let wall = Instant::now();
-    idle_lan(seed, true, idle, &mut rows);
-    idle_lan(seed, false, idle, &mut rows);
+    idle_lan(seed, true, false, idle, &mut rows);
+    idle_lan(seed, false, false, idle, &mut rows);
+    idle_lan(seed, true, true, idle, &mut rows);
+    catch_up(&mut rows);
+    roles(seed, 3, 100, &mut rows);
+    roles(seed, 10, 100, &mut rows);
+    roles(seed, 100, 10, &mut rows);
+    roles(seed, nodes, 1, &mut rows);
     big_discovery(seed, nodes, &mut rows);
     let width = rows.iter().map(|r| r.what.len()).max().unwrap_or(0);
     println!(
