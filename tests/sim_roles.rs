@@ -470,3 +470,28 @@ fn two_network_ids_share_one_token() {
         },
     );
 }
+
+#[test]
+fn a_second_node_with_the_same_uuid_steps_aside() {
+    run_seeded(
+        TARGET,
+        "a_second_node_with_the_same_uuid_steps_aside",
+        &seeds(),
+        |seed| {
+            let (mut lab, lan, net) = Lab::new(seed, 0.0);
+            // Two boxes cloned from one disk (same machine-id and hostname) and a third one.
+            lab.add_within(lan, net, ClusterSettings::defaults("clone"), 2000);
+            lab.add_within(lan, net, ClusterSettings::defaults("clone"), 2000);
+            lab.add_within(lan, net, ClusterSettings::defaults(&uuid(2)), 2000);
+            lab.run_until(secs(15));
+            let clones: Vec<Option<String>> = (0..2).map(|i| lab.role(i)).collect();
+            assert_eq!(
+                clones.iter().filter(|r| r.is_some()).count(),
+                1,
+                "exactly one clone takes part: {clones:?}"
+            );
+            assert!(lab.role(2).is_some(), "the third node has a role");
+            lab.check_roles(0);
+        },
+    );
+}

@@ -168,6 +168,13 @@ pub enum ClusterEvent {
     },
     /// A VPN address was allocated or changed, or a static address clashes.
     Address(ipam::IpamEvent),
+    /// Another running node uses this node's uuid; this node takes no part in the cluster.
+    DuplicateUuid {
+        /// The uuid.
+        uuid: String,
+        /// The other node's peer id.
+        peer: PeerId,
+    },
 }
 
 impl ClusterEvent {
@@ -178,6 +185,7 @@ impl ClusterEvent {
             ClusterEvent::MasterLost { .. }
                 | ClusterEvent::MasterRefused
                 | ClusterEvent::RoleRemoved
+                | ClusterEvent::DuplicateUuid { .. }
                 | ClusterEvent::Address(ipam::IpamEvent::Clash { .. } | ipam::IpamEvent::Exhausted)
         )
     }
@@ -217,6 +225,11 @@ impl std::fmt::Display for ClusterEvent {
                 f,
                 "static VPN address {addr} is also configured on {other_uuid}: fix ADDRESS on one"
             ),
+            ClusterEvent::DuplicateUuid { uuid, peer } => write!(
+                f,
+                "node {peer} uses this node's uuid {uuid} too (cloned disk?): set $UUID or \
+                 regenerate /etc/machine-id; this node takes no part in the cluster meanwhile"
+            ),
             ClusterEvent::Address(IpamEvent::Exhausted) => {
                 write!(f, "no free VPN address left in the prefix")
             }
@@ -254,6 +267,8 @@ pub struct Cluster {
     master: Option<String>,
     master_lost: bool,
     refused: bool,
+    /// Times another peer id announced our uuid (see [`Cluster::pass`]).
+    foreign_announcements: u32,
     events: VecDeque<ClusterEvent>,
     save: SaveState,
 }
@@ -277,7 +292,7 @@ impl Cluster {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication: Replication::new(limits),
+            replication: Replication::new(limits, settings.heartbeat_interval()),
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,
@@ -292,6 +307,7 @@ impl Cluster {
             master: None,
             master_lost: false,
             refused: false,
+            foreign_announcements: 0,
             events: VecDeque::new(),
             save: SaveState::default(),
             ledger,
@@ -444,7 +460,10 @@ impl Cluster {
             self.replication.poll_timeout(),
             self.heartbeat_at,
             self.check_at,
-            self.ipam.as_ref().and_then(ipam::Ipam::poll_timeout),
+            self.ipam
+                .as_ref()
+                .filter(|_| !self.stepped_aside())
+                .and_then(ipam::Ipam::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -452,6 +471,11 @@ impl Cluster {
     }
 
     // ---- internals ----
+
+    /// Another running node has our uuid and we gave way (see [`Cluster::pass`]).
+    fn stepped_aside(&self) -> bool {
+        self.foreign_announcements >= 2
+    }
 
     fn hlc_now_ms(&self) -> u64 {
         self.unix_ms.max(self.ledger.max_version().millis())
@@ -466,8 +490,9 @@ impl Cluster {
     }
 
     fn write_all(&mut self, now: Instant, writes: Vec<Write>) {
-        let mut fresh: Vec<Entry> = Vec::new();
+        let mut fresh: Vec<(Entry, bool)> = Vec::new();
         for w in writes {
+            let previous = self.ledger.entry(&w.bucket, &w.key).map(|e| e.version);
             let res = match &w.value {
                 Some(v) => self.ledger.put(
                     &self.identity,
@@ -486,7 +511,10 @@ impl Cluster {
                 ),
             };
             match res {
-                Ok(e) => fresh.push(e),
+                Ok(e) => {
+                    let news = self.replication.is_news(previous, &e);
+                    fresh.push((e, news));
+                }
                 Err(e) => log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key),
             }
         }
@@ -527,6 +555,33 @@ impl Cluster {
         let me = s.uuid.clone();
         let view = View::read(&self.ledger, &bucket, self.hlc_now_ms(), timeout_ms);
         let mut writes = Vec::new();
+
+        // Our uuid announced by another peer id: a stale announcement of ours from before a
+        // wiped state (announce again, once), or a second running node with our uuid (a cloned
+        // disk: same machine-id and hostname). The second time, step aside loudly.
+        if let Some(other) = view
+            .nodes
+            .get(&me)
+            .map(|n| n.peer)
+            .filter(|p| *p != self.me)
+        {
+            self.foreign_announcements += 1;
+            if self.foreign_announcements == 1 {
+                let ann = Announcement::new(s.role, &s.hostname);
+                writes.push(Write::put(&bucket, &names::uuid_key(&me), ann.to_json()));
+            } else if self.foreign_announcements == 2 {
+                self.events.push_back(ClusterEvent::DuplicateUuid {
+                    uuid: me,
+                    peer: other,
+                });
+            }
+            if self.stepped_aside() {
+                self.view = view;
+                self.check_at = None;
+                return Vec::new();
+            }
+            return writes;
+        }
 
         let live: BTreeSet<String> = view.live_eligible().map(|(u, _)| u.clone()).collect();
         if live != self.live_set || self.view_changed_at.is_none() {

@@ -7,17 +7,20 @@
 //! - Entries that are new to a node (its own writes and what it learns) are pushed at once, as a
 //!   [`Batch`] without requests, to every connected member except the one they came from; the
 //!   frequent `healthcheck` heartbeats go to [`HEARTBEAT_FANOUT`] random members only (epidemic
-//!   spreading reaches everybody in a few hops, anti-entropy does the rest).
+//!   spreading reaches everybody in a few hops, anti-entropy does the rest), except a heartbeat
+//!   that is news (the first of a node, or one after a silence): that one goes everywhere, so a
+//!   node that appears is seen live at once.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::PeerId;
-use crate::ledger::{Applied, Batch, Entry, Ledger, SyncLimits, SyncMessage, names};
+use crate::ledger::{Applied, Batch, Entry, Hlc, Ledger, SyncLimits, SyncMessage, names};
 use crate::rng::Rng;
 
-/// How often a node runs a digest exchange with one connected member.
-pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a node runs a digest exchange with one connected member (pushes carry the news;
+/// this repairs what a lost connection missed).
+pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 /// Members each fresh heartbeat is pushed to.
 pub const HEARTBEAT_FANOUT: usize = 2;
 
@@ -52,12 +55,14 @@ pub struct Replication {
     next_round: Option<Instant>,
     turn: usize,
     synced: bool,
+    /// A heartbeat newer than the previous one of its node by more than this is news.
+    news_gap_ms: u64,
     stats: ReplicationStats,
 }
 
 impl Replication {
-    /// Replication with messages bounded by `limits`.
-    pub fn new(limits: SyncLimits) -> Self {
+    /// Replication with messages bounded by `limits`, for heartbeats every `heartbeat_interval`.
+    pub fn new(limits: SyncLimits, heartbeat_interval: Duration) -> Self {
         Self {
             limits,
             peers: BTreeMap::new(),
@@ -65,6 +70,7 @@ impl Replication {
             next_round: None,
             turn: 0,
             synced: false,
+            news_gap_ms: u64::try_from(heartbeat_interval.as_millis() * 3 / 2).unwrap_or(u64::MAX),
             stats: ReplicationStats::default(),
         }
     }
@@ -146,11 +152,21 @@ impl Replication {
             }
         }
         self.push(rng, &fresh, Some(from));
-        fresh
+        fresh.into_iter().map(|(e, _)| e).collect()
     }
 
-    /// Pushes entries that are new here to the connected members (but not back to `source`).
-    pub fn push(&mut self, rng: &mut Rng, entries: &[Entry], source: Option<PeerId>) {
+    /// Whether `entry`, replacing a stored version `previous`, is news that goes to every member:
+    /// anything but a heartbeat, a node's first heartbeat, or one after a silence.
+    pub fn is_news(&self, previous: Option<Hlc>, entry: &Entry) -> bool {
+        entry.bucket != names::HEALTHCHECK
+            || previous.is_none_or(|prev| {
+                entry.version.millis().saturating_sub(prev.millis()) > self.news_gap_ms
+            })
+    }
+
+    /// Pushes entries that are new here, each with whether it is news ([`Self::is_news`]), to the
+    /// connected members (but not back to `source`).
+    pub fn push(&mut self, rng: &mut Rng, entries: &[(Entry, bool)], source: Option<PeerId>) {
         if entries.is_empty() {
             return;
         }
@@ -163,11 +179,17 @@ impl Replication {
         if targets.is_empty() {
             return;
         }
-        let (beats, others): (Vec<&Entry>, Vec<&Entry>) =
-            entries.iter().partition(|e| e.bucket == names::HEALTHCHECK);
-        if !others.is_empty() {
+        let pick = |news: bool| -> Vec<&Entry> {
+            entries
+                .iter()
+                .filter(|(_, n)| *n == news)
+                .map(|(e, _)| e)
+                .collect()
+        };
+        let (news, beats) = (pick(true), pick(false));
+        if !news.is_empty() {
             for peer in &targets {
-                self.send_entries(*peer, &others);
+                self.send_entries(*peer, &news);
             }
         }
         if !beats.is_empty() {
@@ -211,13 +233,15 @@ impl Replication {
         ledger: &mut Ledger,
         unix_ms: u64,
         entries: impl IntoIterator<Item = Entry>,
-    ) -> Vec<Entry> {
+    ) -> Vec<(Entry, bool)> {
         let mut fresh = Vec::new();
         for e in entries {
+            let previous = ledger.entry(&e.bucket, &e.key).map(|p| p.version);
+            let news = self.is_news(previous, &e);
             match ledger.apply(e.clone(), unix_ms) {
                 Ok(Applied::New | Applied::Replaced) => {
                     self.stats.entries_fresh += 1;
-                    fresh.push(e);
+                    fresh.push((e, news));
                 }
                 Ok(Applied::Stale) => self.stats.entries_stale += 1,
                 Err(err) => {

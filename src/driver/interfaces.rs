@@ -53,10 +53,21 @@ pub fn list(exclude: &[&str]) -> io::Result<Vec<InterfaceAddr>> {
         };
         let broadcast = if flags & libc::IFF_BROADCAST as u32 != 0 && !ifa.ifa_ifu.is_null() {
             // SAFETY: with IFF_BROADCAST, ifa_ifu is the broadcast sockaddr.
-            match unsafe { sockaddr_ip(ifa.ifa_ifu) } {
-                Some(IpAddr::V4(b)) => Some(b),
+            let set = match unsafe { sockaddr_ip(ifa.ifa_ifu) } {
+                Some(IpAddr::V4(b)) if !b.is_unspecified() => Some(b),
                 _ => None,
-            }
+            };
+            // An address added without `brd` has 0.0.0.0 here: derive it from the netmask.
+            let netmask = if ifa.ifa_netmask.is_null() {
+                None
+            } else {
+                // SAFETY: ifa_netmask is non-null and points to a sockaddr.
+                unsafe { sockaddr_ip(ifa.ifa_netmask) }
+            };
+            set.or_else(|| match (ip, netmask) {
+                (IpAddr::V4(ip), Some(IpAddr::V4(mask))) => directed_broadcast(ip, mask),
+                _ => None,
+            })
         } else {
             None
         };
@@ -70,6 +81,14 @@ pub fn list(exclude: &[&str]) -> io::Result<Vec<InterfaceAddr>> {
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
+}
+
+/// The directed broadcast address of `ip` in the network of `mask` (none for /31 and /32, which
+/// have no broadcast address).
+fn directed_broadcast(ip: Ipv4Addr, mask: Ipv4Addr) -> Option<Ipv4Addr> {
+    let mask = u32::from(mask);
+    (mask.leading_ones() <= 30 && mask.count_ones() == mask.leading_ones())
+        .then(|| Ipv4Addr::from(u32::from(ip) | !mask))
 }
 
 /// Reads the IP of a sockaddr of family AF_INET or AF_INET6.
@@ -111,6 +130,22 @@ mod tests {
                     .iter()
                     .all(|a| a.name != name)
             );
+        }
+    }
+
+    #[test]
+    fn directed_broadcast_from_the_netmask() {
+        let table = [
+            ("10.66.0.3", "255.255.255.0", Some("10.66.0.255")),
+            ("192.168.7.9", "255.255.252.0", Some("192.168.7.255")),
+            ("10.0.0.1", "255.255.255.252", Some("10.0.0.3")),
+            ("10.0.0.1", "255.255.255.254", None),
+            ("10.0.0.1", "255.255.255.255", None),
+            ("10.0.0.1", "255.0.255.0", None),
+        ];
+        for (ip, mask, want) in table {
+            let got = directed_broadcast(ip.parse().unwrap(), mask.parse().unwrap());
+            assert_eq!(got, want.map(|w| w.parse().unwrap()), "{ip}/{mask}");
         }
     }
 }

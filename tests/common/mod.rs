@@ -222,6 +222,11 @@ impl Lab {
 
     /// Starts `kairos-p2p <args>` inside the host's namespace, logging to `<dir>/agent.log`.
     pub fn spawn(&mut self, host: &Host, args: &[&str]) -> usize {
+        self.spawn_with_env(host, args, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables (e.g. `UUID`).
+    pub fn spawn_with_env(&mut self, host: &Host, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -232,6 +237,7 @@ impl Lab {
             .args(args)
             .env("KAIROS_P2P_STATE_DIR", host.dir.join("state"))
             .env("KAIROS_P2P_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
