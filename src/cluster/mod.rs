@@ -12,6 +12,9 @@ pub mod election;
 pub mod ipam;
 pub mod replication;
 pub mod roles;
+#[cfg(test)]
+#[path = "tests.rs"]
+mod scenario_tests;
 pub mod view;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -33,6 +36,10 @@ use view::{Announcement, View};
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(1500);
 /// A ledger holding only new heartbeats is saved at most this often (flash wear).
 pub const LAZY_SAVE: Duration = Duration::from_secs(600);
+/// How long news waits for more news before an update pass reads them all: the pass reads the
+/// whole cluster bucket, and a burst of entries (a node joining a big network learns thousands)
+/// must not cost one pass each.
+pub const UPDATE_DELAY: Duration = Duration::from_millis(5);
 /// Bounds on update passes per input (each pass may write and trigger the next).
 const MAX_PASSES: usize = 4;
 
@@ -258,6 +265,7 @@ pub struct Cluster {
     started: Option<Instant>,
     heartbeat_at: Option<Instant>,
     check_at: Option<Instant>,
+    update_at: Option<Instant>,
     unix_ms: u64,
     live_set: BTreeSet<String>,
     view_changed_at: Option<Instant>,
@@ -298,6 +306,7 @@ impl Cluster {
             started: None,
             heartbeat_at: None,
             check_at: None,
+            update_at: None,
             unix_ms: 0,
             live_set: BTreeSet::new(),
             view_changed_at: None,
@@ -389,9 +398,11 @@ impl Cluster {
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
-        // Becoming synced lets this node vote and claim an address.
+        // Becoming synced lets this node vote and claim an address. Updates are batched: every
+        // entry that arrives within UPDATE_DELAY is read by one pass.
         if !fresh.is_empty() || was_synced != self.replication.is_synced() {
-            self.update(now);
+            self.note_changes(now);
+            self.update_at.get_or_insert(now + UPDATE_DELAY);
         }
     }
 
@@ -460,6 +471,7 @@ impl Cluster {
             self.replication.poll_timeout(),
             self.heartbeat_at,
             self.check_at,
+            self.update_at,
             self.ipam
                 .as_ref()
                 .filter(|_| !self.stepped_aside())
@@ -538,6 +550,7 @@ impl Cluster {
 
     /// One or more update passes until nothing more is written.
     fn update(&mut self, now: Instant) {
+        self.update_at = None;
         self.note_changes(now);
         for _ in 0..MAX_PASSES {
             let writes = self.pass(now);

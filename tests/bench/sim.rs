@@ -30,11 +30,10 @@ struct Row {
 }
 
 fn row(rows: &mut Vec<Row>, what: impl Into<String>, value: impl Into<String>, goal: &'static str) {
-    rows.push(Row {
-        what: what.into(),
-        value: value.into(),
-        goal,
-    });
+    let (what, value) = (what.into(), value.into());
+    // Progress as it goes: the big runs take minutes.
+    eprintln!("{what}: {value}");
+    rows.push(Row { what, value, goal });
 }
 
 /// Traffic of `hosts` since `before` (a snapshot of their metrics).

@@ -1,0 +1,1505 @@
+//! Tests of the cluster layer: the election under a hostile network, the acceptor rules, role
+//! assignment, the view, replication, settings from a configuration, and three nodes forming a
+//! cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
+use super::replication::{HEARTBEAT_FANOUT, Replication};
+use super::roles::{self, Assignment, RolePolicy};
+use super::view::{Announcement, NodeView, View};
+use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
+use crate::config::{self, HostFacts, P2pConfig, Role};
+use crate::identity::{Identity, PeerId};
+use crate::ledger::{Applied, Clock, Entry, Ledger, Limits, SyncLimits, names};
+use crate::rng::Rng;
+
+/// The cluster bucket of the tests (the default `network_id`).
+const BUCKET: &str = "kairos";
+/// 2026-01-01T00:00:00Z: the tests' wall clock starts here.
+const UNIX_BASE_MS: u64 = 1_767_225_600_000;
+
+/// A fixed identity per number.
+fn identity(n: u8) -> Identity {
+    Identity::from_seed([n; 32])
+}
+
+/// `uuids` ordered by rank (FNV-32a), highest first.
+fn by_rank(uuids: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = uuids.iter().map(|u| u.to_string()).collect();
+    v.sort_by_key(|u| std::cmp::Reverse(fnv32a(u)));
+    v
+}
+
+// ---- election model ----
+
+/// One member of the election model: its own durable ledger, an acceptor, maybe a proposer.
+struct Member {
+    uuid: String,
+    identity: Identity,
+    clock: Clock,
+    ledger: Ledger,
+    proposer: Option<Proposer>,
+}
+
+/// An entry on its way to member `to`.
+struct Delivery {
+    to: usize,
+    entry: Entry,
+}
+
+/// Members running the election through their own ledgers, the entries they write travelling
+/// over a network that may lose, duplicate and reorder them.
+struct ElectionModel {
+    members: Vec<Member>,
+    /// Entries in flight, delivered in any order.
+    in_flight: Vec<Delivery>,
+    /// A member only hears from members of its own group.
+    group: Vec<usize>,
+    quorum: usize,
+    /// Probability that one copy of an entry is lost.
+    drop: f64,
+    /// Probability that one copy of an entry arrives twice.
+    duplicate: f64,
+    unix_ms: u64,
+    /// Every candidate a proposer reported chosen, in order.
+    chosen: Vec<String>,
+    /// Every `(ballot, candidate)` ever accepted, with the acceptors that accepted it.
+    accepted: BTreeMap<(Ballot, String), BTreeSet<String>>,
+}
+
+impl ElectionModel {
+    /// `size` members `node-0`, `node-1`, ...; those in `proposers` also propose (themselves).
+    fn new(size: usize, proposers: &[usize], quorum: usize) -> Self {
+        let members = (0..size)
+            .map(|i| {
+                let uuid = format!("node-{i}");
+                Member {
+                    identity: identity(i as u8 + 1),
+                    clock: Clock::new(),
+                    ledger: Ledger::new(Limits::default()),
+                    proposer: proposers.contains(&i).then(|| Proposer::new(&uuid)),
+                    uuid,
+                }
+            })
+            .collect();
+        Self {
+            members,
+            in_flight: Vec::new(),
+            group: vec![0; size],
+            quorum,
+            drop: 0.0,
+            duplicate: 0.0,
+            unix_ms: UNIX_BASE_MS,
+            chosen: Vec::new(),
+            accepted: BTreeMap::new(),
+        }
+    }
+
+    /// One pass of member `i`, as the cluster layer runs it: vote on what it has seen, then, if
+    /// `propose`, take a proposer step on the same tally.
+    fn act(&mut self, i: usize, propose: bool, rng: &mut Rng) {
+        let m = &mut self.members[i];
+        let tally = Tally::read(&m.ledger, BUCKET);
+        let mut writes: Vec<Write> = election::accept(&tally, BUCKET, &m.uuid)
+            .into_iter()
+            .collect();
+        if let Some(proposer) = m.proposer.as_mut().filter(|_| propose) {
+            let step = proposer.step(
+                &tally,
+                BUCKET,
+                self.quorum,
+                Some(&m.uuid),
+                names::ROLE_MASTER,
+            );
+            self.chosen.extend(step.chosen);
+            writes.extend(step.writes);
+        }
+        for w in &writes {
+            self.write(i, w, rng);
+        }
+    }
+
+    /// Member `i` stores `w` and sends the entry to the other members of its group.
+    fn write(&mut self, i: usize, w: &Write, rng: &mut Rng) {
+        let m = &mut self.members[i];
+        let value = w.value.as_deref().expect("the election only puts");
+        if w.key.ends_with(election::VOTE_SUFFIX) {
+            let vote: Vote = serde_json::from_slice(value).expect("a vote");
+            if let Some(a) = vote.accepted {
+                let voters = self.accepted.entry((a.ballot, a.candidate)).or_default();
+                voters.insert(m.uuid.clone());
+            }
+        }
+        let entry = m
+            .ledger
+            .put(
+                &m.identity,
+                &mut m.clock,
+                &w.bucket,
+                &w.key,
+                value,
+                self.unix_ms,
+            )
+            .expect("ledger write");
+        for to in 0..self.members.len() {
+            if to == i || self.group[to] != self.group[i] || rng.chance(self.drop) {
+                continue;
+            }
+            let copies = if rng.chance(self.duplicate) { 2 } else { 1 };
+            for _ in 0..copies {
+                self.in_flight.push(Delivery {
+                    to,
+                    entry: entry.clone(),
+                });
+            }
+        }
+    }
+
+    /// Delivers the entry in flight at `index`; returns the member it reached if it was news
+    /// there.
+    fn deliver(&mut self, index: usize) -> Option<usize> {
+        let d = self.in_flight.swap_remove(index);
+        let applied = self.members[d.to]
+            .ledger
+            .apply(d.entry, self.unix_ms)
+            .expect("entries are valid");
+        (applied != Applied::Stale).then_some(d.to)
+    }
+
+    /// Delivers everything in flight, in random order.
+    fn deliver_all(&mut self, rng: &mut Rng) {
+        while !self.in_flight.is_empty() {
+            let index = rng.below(self.in_flight.len() as u64) as usize;
+            self.deliver(index);
+        }
+    }
+
+    /// Anti-entropy within each group: every member gets every entry its group holds.
+    fn anti_entropy(&mut self) {
+        let all: Vec<(usize, Entry)> = self
+            .members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| m.ledger.entries().map(move |e| (i, e.clone())))
+            .collect();
+        for (to, m) in self.members.iter_mut().enumerate() {
+            for (from, e) in &all {
+                if self.group[*from] == self.group[to] {
+                    m.ledger
+                        .apply(e.clone(), self.unix_ms)
+                        .expect("valid entry");
+                }
+            }
+        }
+    }
+
+    /// Member `i`'s proposer restarts: a new one, same uuid, same durable ledger.
+    fn restart_proposer(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if m.proposer.is_some() {
+            m.proposer = Some(Proposer::new(&m.uuid));
+        }
+    }
+
+    /// Rounds in which every member in `actors` acts once and everything is delivered, until
+    /// every member holds a commit; the number of rounds that took, if at most `max_rounds`.
+    fn rounds_until_committed(
+        &mut self,
+        actors: &[usize],
+        max_rounds: usize,
+        rng: &mut Rng,
+    ) -> Option<usize> {
+        for round in 1..=max_rounds {
+            for &i in actors {
+                self.act(i, true, rng);
+            }
+            self.deliver_all(rng);
+            self.unix_ms += 10;
+            if self.commit_everywhere() {
+                return Some(round);
+            }
+        }
+        None
+    }
+
+    /// True when every member's ledger holds a commit.
+    fn commit_everywhere(&self) -> bool {
+        self.members
+            .iter()
+            .all(|m| Tally::read(&m.ledger, BUCKET).commit.is_some())
+    }
+
+    /// Every distinct candidate ever chosen in the Paxos sense: accepted by a quorum under one
+    /// ballot, whether or not anybody noticed and committed it.
+    fn chosen_by_quorum(&self) -> BTreeSet<String> {
+        self.accepted
+            .iter()
+            .filter(|(_, voters)| voters.len() >= self.quorum)
+            .map(|((_, candidate), _)| candidate.clone())
+            .collect()
+    }
+
+    /// Every distinct candidate ever committed: those proposers reported chosen and the
+    /// `master-commit` values in any ledger now.
+    fn committed(&self) -> BTreeSet<String> {
+        let in_ledgers = self
+            .members
+            .iter()
+            .filter_map(|m| Tally::read(&m.ledger, BUCKET).commit)
+            .map(|c| c.candidate);
+        self.chosen.iter().cloned().chain(in_ledgers).collect()
+    }
+}
+
+/// One random schedule: a chaotic phase (any order, losses, duplicates, proposer restarts),
+/// then the network heals and one proposer (the leader) carries on alone. At most one master
+/// may ever be chosen, it must be one of the proposers, and the healed network must choose one.
+fn run_random_schedule(seed: u64) {
+    let mut rng = Rng::from_seed(seed);
+    let size = 3 + rng.below(5) as usize;
+    let proposers: Vec<usize> = (0..2 + rng.below(2) as usize).collect();
+    let quorum = election::quorum(2, size);
+    assert!(2 * quorum > size, "majority quorums intersect");
+    let mut model = ElectionModel::new(size, &proposers, quorum);
+    model.drop = [0.0, 0.1, 0.3][rng.below(3) as usize];
+    model.duplicate = 0.1;
+
+    // Proposers compete: mostly the one that believes it leads, plus stale ones, more or less
+    // often; who leads changes from time to time. Every member votes on what it has seen.
+    let stale = [2, 10, 30][rng.below(3) as usize];
+    // Members behind slow links learn late and act on old views.
+    let slow: Vec<bool> = (0..size).map(|_| rng.chance(0.3)).collect();
+    let mut leading = proposers[0];
+    for _ in 0..30 + rng.below(90) {
+        model.unix_ms += rng.below(50);
+        let any_proposer = proposers[rng.below(proposers.len() as u64) as usize];
+        match rng.below(100) {
+            0..=49 => {
+                for _ in 0..1 + rng.below(2 * size as u64) {
+                    if model.in_flight.is_empty() {
+                        break;
+                    }
+                    let index = rng.below(model.in_flight.len() as u64) as usize;
+                    if slow[model.in_flight[index].to] && rng.chance(0.75) {
+                        continue;
+                    }
+                    // A member reacts to news at once, as the cluster layer does, or later.
+                    if let Some(to) = model.deliver(index).filter(|_| rng.chance(0.5)) {
+                        model.act(to, to == leading, &mut rng);
+                    }
+                }
+            }
+            50 => model.restart_proposer(any_proposer),
+            51..=53 => leading = any_proposer,
+            54..=63 => model.act(leading, true, &mut rng),
+            n if n < 64 + stale => model.act(any_proposer, true, &mut rng),
+            _ => {
+                let i = rng.below(size as u64) as usize;
+                model.act(i, false, &mut rng);
+            }
+        }
+    }
+    let during_chaos = model.committed();
+    assert!(
+        during_chaos.len() <= 1,
+        "seed {seed}: two masters committed: {during_chaos:?}"
+    );
+    let by_quorum = model.chosen_by_quorum();
+    assert!(
+        by_quorum.len() <= 1,
+        "seed {seed}: two candidates accepted by a quorum: {by_quorum:?}"
+    );
+    assert!(
+        during_chaos.is_subset(&by_quorum),
+        "seed {seed}: committed unchosen"
+    );
+
+    model.drop = 0.0;
+    model.duplicate = 0.0;
+    model.deliver_all(&mut rng);
+    model.anti_entropy();
+    let leader = proposers[rng.below(proposers.len() as u64) as usize];
+    for (i, m) in model.members.iter_mut().enumerate() {
+        if i != leader {
+            m.proposer = None;
+        }
+    }
+    let everyone: Vec<usize> = (0..size).collect();
+    let rounds = model.rounds_until_committed(&everyone, 10, &mut rng);
+    assert!(
+        rounds.is_some(),
+        "seed {seed}: no commit after healing (size {size}, quorum {quorum})"
+    );
+    let committed = model.committed();
+    assert_eq!(committed.len(), 1, "seed {seed}: {committed:?}");
+    assert!(
+        during_chaos.is_subset(&committed),
+        "seed {seed}: the commit changed after healing"
+    );
+    assert_eq!(committed, model.chosen_by_quorum(), "seed {seed}");
+    let master = committed.first().expect("one commit");
+    assert!(
+        proposers.iter().any(|&p| model.members[p].uuid == *master),
+        "seed {seed}: {master} was never proposed"
+    );
+}
+
+#[test]
+fn election_chooses_at_most_one_master_under_random_schedules() {
+    for seed in 0..2_000 {
+        run_random_schedule(seed);
+    }
+}
+
+#[test]
+fn one_proposer_on_a_reliable_network_commits_its_pick() {
+    let mut rng = Rng::from_seed(1);
+    let mut model = ElectionModel::new(3, &[0], election::quorum(2, 3));
+    // Prepare, promises, accept request, accepts, commit.
+    let rounds = model.rounds_until_committed(&[0, 1, 2], 10, &mut rng);
+    assert_eq!(rounds, Some(5));
+    assert_eq!(model.chosen, ["node-0"]);
+    for m in &model.members {
+        let tally = Tally::read(&m.ledger, BUCKET);
+        assert_eq!(tally.commit.expect("committed").candidate, "node-0");
+        assert_eq!(
+            m.ledger.get(BUCKET, &names::role_key("node-0")),
+            Some(names::ROLE_MASTER.as_bytes())
+        );
+    }
+    // Once committed, nobody writes anything any more.
+    let sizes: Vec<usize> = model.members.iter().map(|m| m.ledger.len()).collect();
+    for i in 0..3 {
+        model.act(i, true, &mut rng);
+    }
+    assert!(model.in_flight.is_empty());
+    let after: Vec<usize> = model.members.iter().map(|m| m.ledger.len()).collect();
+    assert_eq!(sizes, after);
+}
+
+#[test]
+fn a_later_proposer_adopts_the_value_a_quorum_accepted() {
+    let mut rng = Rng::from_seed(2);
+    let mut model = ElectionModel::new(3, &[0, 2], 2);
+    // node-0 prepares, node-0 and node-1 promise, node-0 asks to accept itself, both accept:
+    // node-0 is chosen, but node-0 stops before it commits.
+    model.act(0, true, &mut rng);
+    model.deliver_all(&mut rng);
+    model.act(0, true, &mut rng);
+    model.act(1, true, &mut rng);
+    model.deliver_all(&mut rng);
+    model.act(0, true, &mut rng);
+    model.deliver_all(&mut rng);
+    model.act(0, true, &mut rng);
+    model.act(1, true, &mut rng);
+    model.deliver_all(&mut rng);
+    assert!(model.committed().is_empty());
+
+    // node-2 proposes itself, but must carry node-0 through.
+    let rounds = model.rounds_until_committed(&[1, 2], 10, &mut rng);
+    assert!(rounds.is_some(), "node-2 commits with node-1");
+    assert_eq!(model.chosen, ["node-0"]);
+}
+
+#[test]
+fn a_restarted_proposer_outbids_its_own_earlier_ballot() {
+    let mut rng = Rng::from_seed(3);
+    let mut model = ElectionModel::new(3, &[0], 2);
+    model.act(0, true, &mut rng);
+    model.deliver_all(&mut rng);
+    model.act(1, true, &mut rng);
+    model.act(2, true, &mut rng);
+    model.deliver_all(&mut rng);
+    model.restart_proposer(0);
+    model.act(0, true, &mut rng);
+    let ballot = Tally::read(&model.members[0].ledger, BUCKET)
+        .proposals
+        .into_iter()
+        .find(|(u, _)| u == "node-0")
+        .map(|(_, p)| p);
+    assert_eq!(
+        ballot,
+        Some(Proposal {
+            round: 2,
+            candidate: None
+        })
+    );
+    model.deliver_all(&mut rng);
+    assert!(
+        model
+            .rounds_until_committed(&[0, 1, 2], 10, &mut rng)
+            .is_some()
+    );
+    assert_eq!(model.chosen, ["node-0"]);
+}
+
+#[test]
+fn disjoint_quorums_let_two_masters_be_chosen() {
+    // The check above must be able to fail: quorum 1 in two partitioned groups lets each group
+    // choose its own master.
+    let mut rng = Rng::from_seed(4);
+    let mut model = ElectionModel::new(6, &[0, 3], 1);
+    model.group = vec![0, 0, 0, 1, 1, 1];
+    let everyone: Vec<usize> = (0..6).collect();
+    assert!(
+        model
+            .rounds_until_committed(&everyone, 10, &mut rng)
+            .is_some()
+    );
+    let committed: Vec<String> = model.committed().into_iter().collect();
+    assert_eq!(committed, ["node-0", "node-3"]);
+    assert_eq!(model.chosen_by_quorum().len(), 2);
+}
+
+#[test]
+fn partitioned_halves_with_majority_quorums_choose_nobody() {
+    let mut rng = Rng::from_seed(5);
+    let mut model = ElectionModel::new(6, &[0, 3], election::quorum(2, 6));
+    model.group = vec![0, 0, 0, 1, 1, 1];
+    let everyone: Vec<usize> = (0..6).collect();
+    assert_eq!(model.rounds_until_committed(&everyone, 20, &mut rng), None);
+    assert!(model.committed().is_empty());
+}
+
+#[test]
+fn quorums_are_majorities_and_at_least_minimum_nodes() {
+    assert_eq!(election::quorum(2, 1), 2);
+    assert_eq!(election::quorum(2, 3), 2);
+    assert_eq!(election::quorum(2, 4), 3);
+    assert_eq!(election::quorum(3, 3), 3);
+    assert_eq!(election::quorum(1, 7), 4);
+    for minimum in 1..5 {
+        for live in 1..30 {
+            assert!(2 * election::quorum(minimum, live) > live);
+        }
+    }
+}
+
+// ---- acceptor rules ----
+
+fn ballot(round: u64, proposer: &str) -> Ballot {
+    Ballot {
+        round,
+        proposer: proposer.to_string(),
+    }
+}
+
+/// `proposer`'s prepare at `round`.
+fn prepare(proposer: &str, round: u64) -> (String, Proposal) {
+    let proposal = Proposal {
+        round,
+        candidate: None,
+    };
+    (proposer.to_string(), proposal)
+}
+
+/// `proposer`'s accept request for `candidate` at `round`.
+fn accept_request(proposer: &str, round: u64, candidate: &str) -> (String, Proposal) {
+    let proposal = Proposal {
+        round,
+        candidate: Some(candidate.to_string()),
+    };
+    (proposer.to_string(), proposal)
+}
+
+fn vote(promised: Option<Ballot>, accepted: Option<(Ballot, &str)>) -> Vote {
+    Vote {
+        promised,
+        accepted: accepted.map(|(ballot, c)| Accepted {
+            ballot,
+            candidate: c.to_string(),
+        }),
+    }
+}
+
+/// The vote `accept` writes for acceptor `me`, or `None` when it writes nothing.
+fn vote_written(tally: &Tally) -> Option<Vote> {
+    election::accept(tally, BUCKET, "me").map(|w| {
+        assert_eq!((w.bucket.as_str(), w.key.as_str()), (BUCKET, "me-vote"));
+        serde_json::from_slice(&w.value.expect("a put")).expect("a vote")
+    })
+}
+
+#[test]
+fn acceptor_rules() {
+    struct Case {
+        name: &'static str,
+        before: Vote,
+        proposals: Vec<(String, Proposal)>,
+        after: Option<Vote>,
+    }
+    let cases = [
+        Case {
+            name: "promises a higher ballot",
+            before: vote(Some(ballot(1, "a")), None),
+            proposals: vec![prepare("b", 2)],
+            after: Some(vote(Some(ballot(2, "b")), None)),
+        },
+        Case {
+            name: "promises a first ballot",
+            before: Vote::default(),
+            proposals: vec![prepare("b", 1)],
+            after: Some(vote(Some(ballot(1, "b")), None)),
+        },
+        Case {
+            name: "ignores a lower round",
+            before: vote(Some(ballot(3, "a")), None),
+            proposals: vec![prepare("b", 2)],
+            after: None,
+        },
+        Case {
+            name: "ignores the same round from a lower uuid",
+            before: vote(Some(ballot(2, "z")), None),
+            proposals: vec![prepare("b", 2)],
+            after: None,
+        },
+        Case {
+            name: "ignores a prepare it already promised",
+            before: vote(Some(ballot(2, "b")), None),
+            proposals: vec![prepare("b", 2)],
+            after: None,
+        },
+        Case {
+            name: "accepts at the promised ballot",
+            before: vote(Some(ballot(2, "b")), None),
+            proposals: vec![accept_request("b", 2, "c")],
+            after: Some(vote(Some(ballot(2, "b")), Some((ballot(2, "b"), "c")))),
+        },
+        Case {
+            name: "accepts a higher ballot it never saw prepared",
+            before: vote(Some(ballot(2, "b")), Some((ballot(2, "b"), "c"))),
+            proposals: vec![accept_request("d", 5, "e")],
+            after: Some(vote(Some(ballot(5, "d")), Some((ballot(5, "d"), "e")))),
+        },
+        Case {
+            name: "refuses an accept below its promise",
+            before: vote(Some(ballot(3, "z")), None),
+            proposals: vec![accept_request("b", 3, "c"), accept_request("y", 2, "c")],
+            after: None,
+        },
+        Case {
+            name: "keeps its accepted value when promising higher",
+            before: vote(Some(ballot(2, "b")), Some((ballot(2, "b"), "c"))),
+            proposals: vec![accept_request("b", 2, "c"), prepare("d", 4)],
+            after: Some(vote(Some(ballot(4, "d")), Some((ballot(2, "b"), "c")))),
+        },
+        Case {
+            name: "writes nothing when nothing changes",
+            before: vote(Some(ballot(2, "b")), Some((ballot(2, "b"), "c"))),
+            proposals: vec![accept_request("b", 2, "c"), prepare("a", 1)],
+            after: None,
+        },
+        Case {
+            name: "takes proposals in ballot order, not in listed order",
+            before: Vote::default(),
+            proposals: vec![prepare("d", 3), accept_request("b", 2, "x")],
+            after: Some(vote(Some(ballot(3, "d")), Some((ballot(2, "b"), "x")))),
+        },
+    ];
+    for case in cases {
+        let tally = Tally {
+            proposals: case.proposals,
+            votes: vec![("me".to_string(), case.before)],
+            commit: None,
+        };
+        assert_eq!(vote_written(&tally), case.after, "{}", case.name);
+    }
+}
+
+#[test]
+fn acceptor_ignores_other_votes_and_stops_after_a_commit() {
+    let others = vec![(
+        "other".to_string(),
+        vote(Some(ballot(9, "z")), Some((ballot(9, "z"), "x"))),
+    )];
+    let mut tally = Tally {
+        proposals: vec![prepare("b", 2)],
+        votes: others,
+        commit: None,
+    };
+    assert_eq!(vote_written(&tally), Some(vote(Some(ballot(2, "b")), None)));
+    tally.commit = Some(election::Commit {
+        ballot: ballot(1, "a"),
+        candidate: "a".to_string(),
+    });
+    assert_eq!(vote_written(&tally), None);
+}
+
+// ---- role assignment ----
+
+/// A node of a hand-made view.
+struct Spec<'a> {
+    uuid: &'a str,
+    asked: Role,
+    live: bool,
+    role: Option<&'a str>,
+}
+
+fn spec<'a>(uuid: &'a str, asked: Role, live: bool, role: Option<&'a str>) -> Spec<'a> {
+    Spec {
+        uuid,
+        asked,
+        live,
+        role,
+    }
+}
+
+fn view_of(specs: &[Spec<'_>]) -> View {
+    let nodes = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let node = NodeView {
+                peer: identity(i as u8 + 1).peer_id(),
+                asked: s.asked,
+                hostname: s.uuid.to_string(),
+                live: s.live,
+                heartbeat_age_ms: Some(if s.live { 1_000 } else { 600_000 }),
+                role: s.role.map(str::to_string),
+                rank: fnv32a(s.uuid),
+            };
+            (s.uuid.to_string(), node)
+        })
+        .collect();
+    View {
+        nodes,
+        leader: None,
+    }
+}
+
+/// The role writes of an assignment by uuid (`None`: deleted); each key at most once.
+fn role_writes(a: &Assignment) -> BTreeMap<String, Option<String>> {
+    let map: BTreeMap<String, Option<String>> = a
+        .writes
+        .iter()
+        .map(|w| {
+            assert_eq!(w.bucket, BUCKET);
+            let uuid = w.key.strip_suffix(names::ROLE_SUFFIX).expect("a role key");
+            let value = w
+                .value
+                .as_ref()
+                .map(|v| String::from_utf8(v.clone()).unwrap());
+            (uuid.to_string(), value)
+        })
+        .collect();
+    assert_eq!(map.len(), a.writes.len(), "one write per key");
+    map
+}
+
+fn puts(pairs: &[(&str, &str)]) -> BTreeMap<String, Option<String>> {
+    pairs
+        .iter()
+        .map(|(u, r)| (u.to_string(), Some(r.to_string())))
+        .collect()
+}
+
+const NO_HA: RolePolicy = RolePolicy {
+    ha_masters: 0,
+    dynamic: false,
+};
+
+#[test]
+fn without_ha_the_master_gets_master_and_live_nodes_workers() {
+    let view = view_of(&[
+        spec("m", Role::Auto, true, None),
+        spec("a", Role::Auto, true, None),
+        spec("b", Role::Auto, true, None),
+        spec("dead", Role::Auto, false, None),
+    ]);
+    let a = roles::assign(&view, BUCKET, "m", NO_HA);
+    assert_eq!(
+        role_writes(&a),
+        puts(&[("m", "master"), ("a", "worker"), ("b", "worker")])
+    );
+    assert!(a.refused_masters.is_empty());
+}
+
+#[test]
+fn ha_slots_go_to_the_highest_ranks_then_workers() {
+    let r = by_rank(&["ant", "bee", "cat", "dog", "eel"]);
+    let mut specs = vec![spec("m", Role::Auto, true, None)];
+    specs.extend(r.iter().map(|u| spec(u, Role::Auto, true, None)));
+    let policy = RolePolicy {
+        ha_masters: 2,
+        dynamic: false,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", policy);
+    assert_eq!(
+        role_writes(&a),
+        puts(&[
+            ("m", "master/clusterinit"),
+            (&r[0], "master/ha"),
+            (&r[1], "master/ha"),
+            (&r[2], "worker"),
+            (&r[3], "worker"),
+            (&r[4], "worker"),
+        ])
+    );
+}
+
+#[test]
+fn asked_masters_come_first_and_are_refused_without_a_slot() {
+    let r = by_rank(&["ant", "bee", "cat"]);
+    let lowest = r[2].as_str();
+    let specs = [
+        spec("m", Role::Auto, true, Some("master/clusterinit")),
+        spec(&r[0], Role::Auto, true, None),
+        spec(&r[1], Role::Auto, true, None),
+        spec(lowest, Role::Master, true, None),
+    ];
+    let one_slot = RolePolicy {
+        ha_masters: 1,
+        dynamic: false,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", one_slot);
+    assert_eq!(
+        role_writes(&a),
+        puts(&[(lowest, "master/ha"), (&r[0], "worker"), (&r[1], "worker")])
+    );
+    assert!(a.refused_masters.is_empty());
+
+    // No HA: no slot, no role at all rather than a worker's.
+    let specs = [
+        spec("m", Role::Auto, true, Some("master")),
+        spec(&r[0], Role::Auto, true, None),
+        spec(lowest, Role::Master, true, None),
+    ];
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", NO_HA);
+    assert_eq!(role_writes(&a), puts(&[(&r[0], "worker")]));
+    assert_eq!(a.refused_masters, [lowest]);
+
+    // The only slot is taken.
+    let specs = [
+        spec("m", Role::Auto, true, Some("master/clusterinit")),
+        spec("h", Role::Auto, true, Some("master/ha")),
+        spec(lowest, Role::Master, true, None),
+    ];
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", one_slot);
+    assert!(a.writes.is_empty());
+    assert_eq!(a.refused_masters, [lowest]);
+}
+
+#[test]
+fn asked_workers_never_become_ha_masters() {
+    let r = by_rank(&["ant", "bee", "cat"]);
+    let specs = [
+        spec("m", Role::Auto, true, Some("master/clusterinit")),
+        spec(&r[0], Role::Worker, true, None),
+        spec(&r[1], Role::Auto, true, None),
+        spec(&r[2], Role::Worker, true, None),
+    ];
+    let policy = RolePolicy {
+        ha_masters: 2,
+        dynamic: true,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", policy);
+    assert_eq!(
+        role_writes(&a),
+        puts(&[(&r[0], "worker"), (&r[1], "master/ha"), (&r[2], "worker")])
+    );
+}
+
+#[test]
+fn existing_roles_are_sticky() {
+    let specs = [
+        spec("m", Role::Auto, false, Some("master/clusterinit")),
+        spec("h", Role::Auto, false, Some("master/ha")),
+        spec("w", Role::Auto, true, Some("worker")),
+        spec("gone", Role::Auto, false, Some("worker")),
+        spec("new", Role::Auto, true, None),
+    ];
+    let policy = RolePolicy {
+        ha_masters: 2,
+        dynamic: false,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", policy);
+    // One HA slot is free: the new node takes it; the worker is not promoted and dead nodes
+    // keep their roles.
+    assert_eq!(role_writes(&a), puts(&[("new", "master/ha")]));
+
+    // Everything assigned: nothing to write.
+    let specs = [
+        spec("m", Role::Auto, true, Some("master")),
+        spec("w", Role::Auto, true, Some("worker")),
+    ];
+    assert!(
+        roles::assign(&view_of(&specs), BUCKET, "m", NO_HA)
+            .writes
+            .is_empty()
+    );
+}
+
+#[test]
+fn dynamic_roles_free_dead_slots_and_promote_the_best_live_worker() {
+    let r = by_rank(&["ant", "bee", "cat"]);
+    let specs = [
+        spec("m", Role::Auto, false, Some("master/clusterinit")),
+        spec("h", Role::Auto, false, Some("master/ha")),
+        spec("dead-worker", Role::Auto, false, Some("worker")),
+        spec(&r[0], Role::Worker, true, Some("worker")),
+        spec(&r[1], Role::Auto, true, Some("worker")),
+        spec(&r[2], Role::Auto, true, Some("worker")),
+    ];
+    let policy = RolePolicy {
+        ha_masters: 1,
+        dynamic: true,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", policy);
+    let mut expected = puts(&[(&r[1], "master/ha")]);
+    expected.insert("h".to_string(), None);
+    expected.insert("dead-worker".to_string(), None);
+    assert_eq!(role_writes(&a), expected);
+
+    // The same view without dynamic roles changes nothing.
+    let sticky = RolePolicy {
+        ha_masters: 1,
+        dynamic: false,
+    };
+    assert!(
+        roles::assign(&view_of(&specs), BUCKET, "m", sticky)
+            .writes
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_dead_master_is_never_replaced() {
+    let specs = [
+        spec("m", Role::Auto, false, Some("master")),
+        spec("a", Role::Auto, true, Some("worker")),
+        spec("b", Role::Master, true, None),
+    ];
+    let policy = RolePolicy {
+        ha_masters: 0,
+        dynamic: true,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", policy);
+    assert!(a.writes.is_empty());
+    assert_eq!(a.refused_masters, ["b"]);
+}
+
+#[test]
+fn nodes_with_role_none_get_nothing() {
+    let specs = [
+        spec("m", Role::Auto, true, None),
+        spec("observer", Role::None, true, None),
+    ];
+    let policy = RolePolicy {
+        ha_masters: 2,
+        dynamic: true,
+    };
+    let a = roles::assign(&view_of(&specs), BUCKET, "m", policy);
+    assert_eq!(role_writes(&a), puts(&[("m", "master/clusterinit")]));
+}
+
+// ---- view ----
+
+/// A ledger several nodes write to, in time order.
+struct SharedLedger {
+    ledger: Ledger,
+    clock: Clock,
+}
+
+impl SharedLedger {
+    fn new() -> Self {
+        Self {
+            ledger: Ledger::new(Limits::default()),
+            clock: Clock::new(),
+        }
+    }
+
+    fn put(&mut self, who: &Identity, bucket: &str, key: &str, value: &[u8], unix_ms: u64) {
+        let e = self
+            .ledger
+            .put(who, &mut self.clock, bucket, key, value, unix_ms)
+            .expect("ledger write");
+        assert_eq!(e.version.millis(), unix_ms, "written in time order");
+    }
+
+    fn announce(&mut self, who: &Identity, uuid: &str, asked: Role, unix_ms: u64) {
+        let ann = Announcement::new(asked, &format!("host-{uuid}"));
+        self.put(who, BUCKET, &names::uuid_key(uuid), &ann.to_json(), unix_ms);
+    }
+
+    fn beat(&mut self, who: &Identity, uuid: &str, unix_ms: u64) {
+        self.put(who, names::HEALTHCHECK, uuid, b"1", unix_ms);
+    }
+}
+
+const TIMEOUT_MS: u64 = 60_000;
+
+#[test]
+fn view_liveness_follows_heartbeat_age() {
+    let now = UNIX_BASE_MS + 1_000_000;
+    let ids: Vec<Identity> = (1..=5).map(identity).collect();
+    let uuids = ["alpha", "bravo", "charlie", "delta", "echo"];
+    let mut s = SharedLedger::new();
+    for (i, (id, uuid)) in ids.iter().zip(uuids).enumerate() {
+        s.announce(id, uuid, Role::Auto, UNIX_BASE_MS + i as u64);
+    }
+    s.beat(&ids[4], "echo", now - 80_000);
+    s.beat(&ids[1], "bravo", now - TIMEOUT_MS);
+    s.beat(&ids[2], "charlie", now - TIMEOUT_MS + 1);
+    s.beat(&ids[0], "alpha", now - 10_000);
+    s.ledger
+        .delete(
+            &ids[4],
+            &mut s.clock,
+            names::HEALTHCHECK,
+            "echo",
+            now - 5_000,
+        )
+        .expect("delete");
+
+    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    let state = |u: &str| {
+        let n = &view.nodes[u];
+        (n.live, n.heartbeat_age_ms)
+    };
+    assert_eq!(state("alpha"), (true, Some(10_000)));
+    assert_eq!(state("bravo"), (false, Some(TIMEOUT_MS)));
+    assert_eq!(state("charlie"), (true, Some(TIMEOUT_MS - 1)));
+    assert_eq!(state("delta"), (false, None));
+    assert_eq!(state("echo"), (false, None));
+    assert_eq!(view.live_eligible_count(), 2);
+    // charlie expires in 1 ms.
+    assert_eq!(view.next_expiry_ms(TIMEOUT_MS), Some(1));
+}
+
+#[test]
+fn view_leader_is_the_live_eligible_node_of_highest_rank() {
+    let now = UNIX_BASE_MS + 1_000_000;
+    let r = by_rank(&["ant", "bee", "cat", "dog"]);
+    let ids: Vec<Identity> = (1..=4).map(identity).collect();
+    let asked = [Role::None, Role::Auto, Role::Auto, Role::Master];
+    let mut s = SharedLedger::new();
+    for (i, uuid) in r.iter().enumerate() {
+        s.announce(&ids[i], uuid, asked[i], UNIX_BASE_MS + i as u64);
+    }
+    // r[1] is dead; the others beat recently.
+    s.beat(&ids[1], &r[1], now - 2 * TIMEOUT_MS);
+    for i in [0, 2, 3] {
+        s.beat(&ids[i], &r[i], now - 1_000 + i as u64);
+    }
+    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    assert_eq!(view.leader.as_deref(), Some(r[2].as_str()));
+    assert!(view.nodes[&r[0]].live && !view.nodes[&r[0]].eligible());
+    let live: Vec<&String> = view.live_eligible().map(|(u, _)| u).collect();
+    assert_eq!(
+        live,
+        BTreeSet::from([&r[2], &r[3]])
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+    for (uuid, n) in &view.nodes {
+        assert_eq!(n.rank, fnv32a(uuid));
+    }
+
+    // Nobody live: no leader.
+    let later = View::read(&s.ledger, BUCKET, now + 2 * TIMEOUT_MS, TIMEOUT_MS);
+    assert_eq!(later.leader, None);
+}
+
+#[test]
+fn view_leader_ties_on_rank_go_to_the_higher_uuid() {
+    assert_eq!(fnv32a("costarring"), fnv32a("liquid"));
+    let now = UNIX_BASE_MS + 1_000_000;
+    let mut s = SharedLedger::new();
+    let (a, b) = (identity(1), identity(2));
+    s.announce(&a, "costarring", Role::Auto, UNIX_BASE_MS);
+    s.announce(&b, "liquid", Role::Auto, UNIX_BASE_MS + 1);
+    s.beat(&a, "costarring", now - 1_000);
+    s.beat(&b, "liquid", now - 999);
+    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    assert_eq!(view.leader.as_deref(), Some("liquid"));
+}
+
+#[test]
+fn view_reads_roles_and_skips_garbage() {
+    let now = UNIX_BASE_MS + 1_000_000;
+    let (a, b, c) = (identity(1), identity(2), identity(3));
+    let mut s = SharedLedger::new();
+    s.announce(&a, "alpha", Role::Worker, UNIX_BASE_MS);
+    let odd = Announcement {
+        role: "boss".to_string(),
+        hostname: "host-bravo".to_string(),
+    };
+    s.put(&b, BUCKET, "bravo-uuid", &odd.to_json(), UNIX_BASE_MS + 1);
+    s.put(&c, BUCKET, "charlie-uuid", b"{not json", UNIX_BASE_MS + 2);
+    s.put(&a, BUCKET, "alpha-role", b"worker", UNIX_BASE_MS + 3);
+    s.put(&a, BUCKET, "bravo-role", b"captain", UNIX_BASE_MS + 4);
+    s.put(&a, BUCKET, "zulu-role", b"master", UNIX_BASE_MS + 5);
+    s.put(
+        &a,
+        "other-network",
+        "delta-uuid",
+        &odd.to_json(),
+        UNIX_BASE_MS + 6,
+    );
+
+    // An empty network id reads the default bucket.
+    let view = View::read(&s.ledger, "", now, TIMEOUT_MS);
+    let uuids: Vec<&str> = view.nodes.keys().map(String::as_str).collect();
+    assert_eq!(uuids, ["alpha", "bravo"]);
+    let alpha = &view.nodes["alpha"];
+    assert_eq!(alpha.peer, a.peer_id());
+    assert_eq!(alpha.asked, Role::Worker);
+    assert_eq!(alpha.hostname, "host-alpha");
+    assert_eq!(alpha.role.as_deref(), Some("worker"));
+    let bravo = &view.nodes["bravo"];
+    assert_eq!(bravo.peer, b.peer_id());
+    assert_eq!(bravo.asked, Role::Auto);
+    assert_eq!(bravo.role, None);
+    assert_eq!(view.leader, None, "nobody beats");
+}
+
+// ---- replication ----
+
+/// The heartbeat interval of the replicas (the default liveness timeout's quarter).
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// A ledger and its replication, as one node runs them.
+struct Replica {
+    identity: Identity,
+    clock: Clock,
+    ledger: Ledger,
+    replication: Replication,
+    rng: Rng,
+}
+
+impl Replica {
+    fn new(n: u8) -> Self {
+        let limits = Limits::default();
+        Self {
+            identity: identity(n),
+            clock: Clock::new(),
+            ledger: Ledger::new(limits),
+            replication: Replication::new(
+                SyncLimits::for_ledger(&limits, 1 << 20),
+                HEARTBEAT_INTERVAL,
+            ),
+            rng: Rng::from_seed(u64::from(n)),
+        }
+    }
+
+    fn peer(&self) -> PeerId {
+        self.identity.peer_id()
+    }
+
+    fn put(&mut self, bucket: &str, key: &str, value: &str, unix_ms: u64) -> Entry {
+        self.ledger
+            .put(
+                &self.identity,
+                &mut self.clock,
+                bucket,
+                key,
+                value.as_bytes(),
+                unix_ms,
+            )
+            .expect("ledger write")
+    }
+
+    /// Writes `bucket/key` and pushes it as the node does (not back to `source`); returns the
+    /// peers the messages it queued go to.
+    fn write_and_push(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        unix_ms: u64,
+        source: Option<PeerId>,
+    ) -> BTreeSet<PeerId> {
+        let previous = self.ledger.entry(bucket, key).map(|e| e.version);
+        let entry = self.put(bucket, key, "v", unix_ms);
+        let news = self.replication.is_news(previous, &entry);
+        self.replication
+            .push(&mut self.rng, &[(entry, news)], source);
+        self.outbox().into_iter().map(|(p, _)| p).collect()
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        self.ledger.entries().cloned().collect()
+    }
+
+    fn outbox(&mut self) -> Vec<(PeerId, Vec<u8>)> {
+        std::iter::from_fn(|| self.replication.poll_message()).collect()
+    }
+}
+
+/// Connects replicas `a` and `b` (both ends, as the node does).
+fn connect(replicas: &mut [Replica], a: usize, b: usize, now: Instant) {
+    let (pa, pb) = (replicas[a].peer(), replicas[b].peer());
+    for (me, other) in [(a, pb), (b, pa)] {
+        let r = &mut replicas[me];
+        r.replication.connected(now, UNIX_BASE_MS, &r.ledger, other);
+    }
+}
+
+/// Hands `messages` sent by replica `from` to their targets.
+fn hand_over(replicas: &mut [Replica], from: usize, messages: Vec<(PeerId, Vec<u8>)>) {
+    let sender = replicas[from].peer();
+    for (to, bytes) in messages {
+        let r = replicas
+            .iter_mut()
+            .find(|r| r.peer() == to)
+            .expect("a known peer");
+        r.replication
+            .handle_message(UNIX_BASE_MS, &mut r.ledger, &mut r.rng, sender, &bytes);
+    }
+}
+
+/// Delivers messages until none is left; returns how many were delivered.
+fn pump(replicas: &mut [Replica]) -> usize {
+    let mut delivered = 0;
+    loop {
+        let mut any = false;
+        for from in 0..replicas.len() {
+            let out = replicas[from].outbox();
+            any |= !out.is_empty();
+            delivered += out.len();
+            hand_over(replicas, from, out);
+        }
+        if !any {
+            return delivered;
+        }
+        assert!(delivered < 10_000, "replication does not quiesce");
+    }
+}
+
+#[test]
+fn two_ledgers_converge_after_connecting() {
+    let mut r = vec![Replica::new(1), Replica::new(2)];
+    for key in ["a1", "a2", "a3"] {
+        r[0].put(BUCKET, key, "from a", UNIX_BASE_MS + 1_000);
+    }
+    r[0].put(BUCKET, "shared", "older", UNIX_BASE_MS + 1_000);
+    r[1].put(BUCKET, "b1", "from b", UNIX_BASE_MS + 2_000);
+    r[1].put(names::HEALTHCHECK, "b", "1", UNIX_BASE_MS + 2_000);
+    r[1].put(BUCKET, "shared", "newer", UNIX_BASE_MS + 2_000);
+    assert!(!r[0].replication.is_synced());
+
+    connect(&mut r, 0, 1, Instant::now());
+    assert!(pump(&mut r) > 0);
+    assert_eq!(r[0].entries(), r[1].entries());
+    assert_eq!(r[0].ledger.len(), 6);
+    assert_eq!(r[0].ledger.get(BUCKET, "shared"), Some(&b"newer"[..]));
+    assert!(r[0].replication.is_synced() && r[1].replication.is_synced());
+    assert_eq!(r[0].replication.stats().entries_fresh, 3);
+    assert_eq!(r[1].replication.stats().entries_fresh, 3);
+    assert_eq!(r[0].replication.stats().rejected, 0);
+}
+
+#[test]
+fn three_ledgers_in_a_chain_converge() {
+    let mut r: Vec<Replica> = (1..=3).map(Replica::new).collect();
+    for (i, replica) in r.iter_mut().enumerate() {
+        for k in 0..4 {
+            replica.put(BUCKET, &format!("n{i}-k{k}"), "v", UNIX_BASE_MS + 100 * k);
+        }
+    }
+    // 0 - 1 - 2: what 0 and 2 hold reaches the other end through 1.
+    let now = Instant::now();
+    connect(&mut r, 0, 1, now);
+    connect(&mut r, 1, 2, now);
+    pump(&mut r);
+    let first = r[0].entries();
+    assert_eq!(first.len(), 12);
+    assert!(r.iter().all(|x| x.entries() == first));
+    assert!(r.iter().all(|x| x.replication.is_synced()));
+}
+
+#[test]
+fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
+    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
+    let now = Instant::now();
+    for peer in 1..4 {
+        connect(&mut r, 0, peer, now);
+    }
+    pump(&mut r);
+    let peers: BTreeSet<PeerId> = r[1..].iter().map(Replica::peer).collect();
+
+    let t = UNIX_BASE_MS + 5_000;
+    let previous = r[0].ledger.entry(BUCKET, "fresh").map(|e| e.version);
+    let e = r[0].put(BUCKET, "fresh", "v", t);
+    assert!(r[0].replication.is_news(previous, &e));
+    let hub = &mut r[0];
+    hub.replication.push(&mut hub.rng, &[(e, true)], None);
+    let out = hub.outbox();
+    assert_eq!(out.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>(), peers);
+    hand_over(&mut r, 0, out);
+    assert!(
+        r[1..]
+            .iter()
+            .all(|x| x.ledger.get(BUCKET, "fresh") == Some(&b"v"[..]))
+    );
+    // The spokes' only peer is the hub, where the entry came from: nothing is pushed back.
+    assert!(r[1..].iter_mut().all(|x| x.outbox().is_empty()));
+
+    // A node's first heartbeat is news, the next one on time is routine, one after a silence
+    // is news again.
+    let hub = &mut r[0];
+    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
+    let beat = |hub: &mut Replica, at: u64| hub.write_and_push(names::HEALTHCHECK, "hub", at, None);
+    assert_eq!(beat(hub, t), peers);
+    let routine = beat(hub, t + interval);
+    assert_eq!(routine.len(), HEARTBEAT_FANOUT);
+    assert!(routine.is_subset(&peers));
+    assert_eq!(beat(hub, t + 5 * interval), peers);
+
+    let source = r[1].peer();
+    let targets = r[0].write_and_push(BUCKET, "relayed", t + 6 * interval, Some(source));
+    assert_eq!(targets.len(), 2);
+    assert!(!targets.contains(&source));
+}
+
+#[test]
+fn malformed_messages_are_counted_not_fatal() {
+    let mut r = vec![Replica::new(1), Replica::new(2)];
+    r[1].put(BUCKET, "k", "v", UNIX_BASE_MS);
+    connect(&mut r, 0, 1, Instant::now());
+    let digest = r[0].outbox().pop().expect("a digest").1;
+    let from = r[1].peer();
+    let target = &mut r[0];
+    for bytes in [&b"garbage"[..], &[], &digest[..digest.len() / 2]] {
+        let fresh = target.replication.handle_message(
+            UNIX_BASE_MS,
+            &mut target.ledger,
+            &mut target.rng,
+            from,
+            bytes,
+        );
+        assert!(fresh.is_empty());
+    }
+    let stats = target.replication.stats();
+    assert_eq!((stats.messages_in, stats.rejected), (3, 3));
+    assert!(target.outbox().is_empty(), "nothing answered");
+    assert!(target.ledger.is_empty());
+    // The connection still works.
+    pump(&mut r);
+    assert_eq!(r[0].entries(), r[1].entries());
+    assert_eq!(r[0].ledger.len(), 1);
+}
+
+// ---- settings from the configuration ----
+
+/// The `p2p` block of a one-file configuration.
+fn p2p(yaml: &str) -> P2pConfig {
+    let host = HostFacts {
+        machine_id: "f0e1d2c3b4a5968778695a4b3c2d1e0f".to_string(),
+        hostname: "host-1".to_string(),
+    };
+    config::parse(&[(Path::new("test.yaml"), yaml)], &host)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .p2p
+}
+
+fn settings(yaml: &str) -> ClusterSettings {
+    ClusterSettings::from_config(&p2p(yaml), "uuid-1", "host-1", 1 << 20)
+}
+
+#[test]
+fn settings_from_an_empty_config_are_the_defaults() {
+    let s = ClusterSettings::from_config(&p2p(""), "uuid-1", "uuid-1", 20 * 1024 * 1024);
+    assert_eq!(s, ClusterSettings::defaults("uuid-1"));
+    assert_eq!(s.minimum_nodes, 2);
+    assert_eq!(s.network_id, "kairos");
+    assert!(s.ipam.as_ref().is_some_and(|i| i.static_address.is_none()));
+}
+
+#[test]
+fn settings_from_config() {
+    let s = settings(
+        "p2p:\n  network_id: prod\n  role: master\n  minimum_nodes: 3\n  dynamic_roles: true\n  liveness_timeout: 90\n  auto:\n    enable: false\n    ha:\n      enable: true\n      master_nodes: 2\n",
+    );
+    assert_eq!(s.network_id, "prod");
+    assert_eq!((s.uuid.as_str(), s.hostname.as_str()), ("uuid-1", "host-1"));
+    assert_eq!(s.role, Role::Master);
+    assert!(!s.auto);
+    assert_eq!(s.minimum_nodes, 3);
+    assert_eq!(
+        s.roles,
+        RolePolicy {
+            ha_masters: 2,
+            dynamic: true
+        }
+    );
+    assert_eq!(s.roles.master_role(), names::ROLE_MASTER_CLUSTERINIT);
+    assert_eq!(s.liveness_timeout, Duration::from_secs(90));
+    assert_eq!(s.ledger_limits, Limits::for_max_message_size(1 << 20));
+    assert_eq!(s.max_message_bytes, 1 << 20);
+
+    let s = settings("p2p:\n  auto:\n    ha:\n      enable: false\n      master_nodes: 3\n");
+    assert_eq!(s.roles.ha_masters, 0);
+    assert_eq!(s.roles.master_role(), names::ROLE_MASTER);
+    assert!(s.auto && !s.roles.dynamic);
+}
+
+#[test]
+fn settings_vpn_addresses() {
+    assert_eq!(settings("p2p:\n  vpn:\n    create: false\n").ipam, None);
+
+    let s = settings("p2p:\n  vpn:\n    env:\n      ADDRESS: 10.5.0.9/24\n      DHCP: \"off\"\n");
+    let ipam = s.ipam.expect("an allocator");
+    assert_eq!(ipam.static_address, Some(Ipv4Addr::new(10, 5, 0, 9)));
+    assert_eq!(ipam.network.prefix_len, 24);
+    assert_eq!(ipam.hostname, "host-1");
+
+    let s = settings("p2p:\n  vpn:\n    env:\n      ADDRESS: 10.5.0.9/24\n      DHCP: true\n");
+    let ipam = s.ipam.expect("an allocator");
+    assert_eq!(ipam.static_address, None);
+    assert_eq!(ipam.network.addr, Ipv4Addr::new(10, 5, 0, 9));
+}
+
+// ---- three clusters ----
+
+/// `Cluster`s connected to each other directly, on a virtual clock.
+struct Wired {
+    nodes: Vec<Cluster>,
+    peers: Vec<PeerId>,
+    base: Instant,
+    now: Instant,
+}
+
+impl Wired {
+    fn new(uuids: &[&str]) -> Self {
+        let base = Instant::now();
+        let mut nodes = Vec::new();
+        let mut peers = Vec::new();
+        for (i, uuid) in uuids.iter().enumerate() {
+            let id = identity(100 + i as u8);
+            peers.push(id.peer_id());
+            let settings = ClusterSettings::defaults(uuid);
+            nodes.push(Cluster::new(&id, settings, Ledger::default(), i as u64));
+        }
+        Self {
+            nodes,
+            peers,
+            base,
+            now: base,
+        }
+    }
+
+    fn unix_ms(&self) -> u64 {
+        UNIX_BASE_MS + (self.now - self.base).as_millis() as u64
+    }
+
+    /// Starts every node, then connects every pair.
+    fn start(&mut self) {
+        let (now, ms) = (self.now, self.unix_ms());
+        for n in &mut self.nodes {
+            n.handle_timeout(now, ms);
+        }
+        for i in 0..self.nodes.len() {
+            for j in 0..self.nodes.len() {
+                if i != j {
+                    self.nodes[i].peer_connected(now, ms, self.peers[j]);
+                }
+            }
+        }
+        self.deliver();
+    }
+
+    /// Delivers messages until none is left.
+    fn deliver(&mut self) {
+        let (now, ms) = (self.now, self.unix_ms());
+        for _ in 0..10_000 {
+            let mut any = false;
+            for from in 0..self.nodes.len() {
+                while let Some((to, bytes)) = self.nodes[from].poll_message() {
+                    let j = self.peers.iter().position(|p| *p == to).expect("a peer");
+                    self.nodes[j].handle_message(now, ms, self.peers[from], &bytes);
+                    any = true;
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+        panic!("messages do not quiesce");
+    }
+
+    /// Runs every timer due within `duration`.
+    fn run_for(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        for _ in 0..100_000 {
+            let next = self.nodes.iter().filter_map(Cluster::poll_timeout).min();
+            let Some(next) = next.filter(|t| *t <= end) else {
+                self.now = end;
+                return;
+            };
+            self.now = self.now.max(next);
+            let (now, ms) = (self.now, self.unix_ms());
+            for n in &mut self.nodes {
+                if n.poll_timeout().is_some_and(|t| t <= now) {
+                    n.handle_timeout(now, ms);
+                }
+            }
+            self.deliver();
+        }
+        panic!("timers do not advance");
+    }
+}
+
+#[test]
+fn three_clusters_elect_one_master_and_two_workers() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    for n in &mut w.nodes {
+        n.saved();
+    }
+    w.run_for(Duration::from_secs(10));
+
+    let master = by_rank(&uuids).remove(0);
+    let mut addresses = BTreeSet::new();
+    for (n, uuid) in w.nodes.iter_mut().zip(uuids) {
+        assert_eq!(n.master(), Some(master.as_str()), "{uuid}");
+        assert_eq!(n.leader(), Some(master.as_str()), "{uuid}");
+        let role = if uuid == master { "master" } else { "worker" };
+        assert_eq!(n.role(), Some(role), "{uuid}");
+        assert_eq!(n.view().live_eligible_count(), 3);
+        let addr = n.address().expect("an address");
+        assert_eq!(addr.octets()[..3], [10, 1, 0]);
+        addresses.insert(addr);
+
+        let events: Vec<ClusterEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+        let elected = ClusterEvent::MasterElected {
+            uuid: master.clone(),
+        };
+        assert_eq!(events.iter().filter(|e| **e == elected).count(), 1);
+        assert!(events.contains(&ClusterEvent::RoleAssigned {
+            role: role.to_string()
+        }));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            ClusterEvent::Address(ipam::IpamEvent::Assigned { addr: a, .. }) if *a == addr
+        )));
+        assert!(!events.iter().any(ClusterEvent::is_alarm), "{events:?}");
+    }
+    assert_eq!(addresses.len(), 3, "distinct addresses");
+    let masters = w.nodes[0]
+        .view()
+        .nodes
+        .values()
+        .filter(|n| n.role.as_deref() == Some(names::ROLE_MASTER))
+        .count();
+    assert_eq!(masters, 1);
+
+    // Role writes must reach the disk; after a save only heartbeats follow, saved lazily.
+    let now = w.now;
+    assert!(w.nodes.iter().all(|n| n.save_due(now)));
+    for n in &mut w.nodes {
+        n.saved();
+    }
+    assert!(w.nodes.iter().all(|n| !n.save_due(now)));
+    w.run_for(Duration::from_secs(60));
+    let now = w.now;
+    assert!(w.nodes.iter().all(|n| !n.save_due(now)));
+    w.run_for(LAZY_SAVE);
+    let now = w.now;
+    assert!(w.nodes.iter().all(|n| n.save_due(now)));
+    assert!(w.nodes.iter().all(|n| n.role().is_some()));
+}
