@@ -244,6 +244,7 @@ p2p:
   bootstrap_peers: []
   minimum_nodes: 2
   dynamic_roles: false
+  liveness_timeout: 60
   dns: false
   loglevel: "info"
   vpn:
