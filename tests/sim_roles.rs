@@ -495,3 +495,115 @@ fn a_second_node_with_the_same_uuid_steps_aside() {
         },
     );
 }
+
+/// Settings with a short liveness timeout, so deaths are noticed within the scenario.
+fn quick(i: usize) -> ClusterSettings {
+    let mut s = ClusterSettings::defaults(&uuid(i));
+    s.liveness_timeout = secs(8);
+    s
+}
+
+#[test]
+fn a_lost_master_is_reported_and_never_replaced() {
+    run_seeded(
+        TARGET,
+        "a_lost_master_is_reported_and_never_replaced",
+        &seeds(),
+        |seed| {
+            let (mut lab, lan, net) = Lab::new(seed, 0.02);
+            for i in 0..4 {
+                lab.add_within(lan, net, quick(i), 1000);
+            }
+            lab.run_until_roles(secs(15)).expect("roles");
+            let master = (0..4)
+                .find(|i| lab.role(*i).as_deref() == Some(names::ROLE_MASTER))
+                .expect("a master");
+            let roles: Vec<Option<String>> = (0..4).map(|i| lab.role(i)).collect();
+            lab.sim.crash(lab.hosts[master]).unwrap();
+            // Past the timeout: everybody says so, nobody replaces it (the simulator would stop
+            // with an invariant error at a second master).
+            lab.run_for(secs(20));
+            for i in (0..4).filter(|i| *i != master) {
+                let c = lab
+                    .sim
+                    .node(lab.hosts[i])
+                    .and_then(|n| n.cluster())
+                    .unwrap();
+                assert!(c.master_lost(), "node {i} does not report the lost master");
+                assert_eq!(lab.role(i), roles[i], "node {i} changed role");
+            }
+            // Back with its state: master again, no longer lost.
+            lab.sim.start(lab.hosts[master]).unwrap();
+            lab.run_for(secs(5));
+            assert_eq!(lab.role(master).as_deref(), Some(names::ROLE_MASTER));
+            for i in 0..4 {
+                let c = lab
+                    .sim
+                    .node(lab.hosts[i])
+                    .and_then(|n| n.cluster())
+                    .unwrap();
+                assert!(!c.master_lost(), "node {i} still reports the master lost");
+            }
+        },
+    );
+}
+
+#[test]
+fn dynamic_roles_refill_a_dead_ha_slot() {
+    run_seeded(
+        TARGET,
+        "dynamic_roles_refill_a_dead_ha_slot",
+        &seeds(),
+        |seed| {
+            let (mut lab, lan, net) = Lab::new(seed, 0.02);
+            for i in 0..5 {
+                let mut s = quick(i);
+                s.roles.ha_masters = 1;
+                s.roles.dynamic = true;
+                lab.add_within(lan, net, s, 1000);
+            }
+            lab.run_until_roles(secs(15)).expect("roles");
+            let ha = (0..5)
+                .find(|i| lab.role(*i).as_deref() == Some(names::ROLE_MASTER_HA))
+                .expect("an HA master");
+            lab.sim.crash(lab.hosts[ha]).unwrap();
+            lab.run_for(secs(20));
+            let live_ha = (0..5)
+                .filter(|i| *i != ha && lab.role(*i).as_deref() == Some(names::ROLE_MASTER_HA))
+                .count();
+            assert_eq!(live_ha, 1, "the dead HA master's slot is refilled");
+            lab.check_roles(1);
+            // It comes back: it gets a role again (a worker now: the slot is taken).
+            lab.sim.start(lab.hosts[ha]).unwrap();
+            lab.run_for(secs(6));
+            if lab.role(ha).as_deref() != Some(names::ROLE_WORKER) {
+                lab.dump_events();
+            }
+            assert_eq!(lab.role(ha).as_deref(), Some(names::ROLE_WORKER));
+            lab.check_roles(1);
+        },
+    );
+}
+
+#[test]
+fn without_auto_nodes_take_the_role_they_ask_for() {
+    run_seeded(
+        TARGET,
+        "without_auto_nodes_take_the_role_they_ask_for",
+        &seeds(),
+        |seed| {
+            let (mut lab, lan, net) = Lab::new(seed, 0.0);
+            let asked = [Role::Master, Role::Worker, Role::Auto];
+            for (i, role) in asked.iter().enumerate() {
+                let mut s = ClusterSettings::defaults(&uuid(i));
+                s.auto = false;
+                s.role = *role;
+                lab.add_within(lan, net, s, 1000);
+            }
+            lab.run_for(secs(8));
+            assert_eq!(lab.role(0).as_deref(), Some(names::ROLE_MASTER));
+            assert_eq!(lab.role(1).as_deref(), Some(names::ROLE_WORKER));
+            assert_eq!(lab.role(2), None, "no automatic role without auto.enable");
+        },
+    );
+}

@@ -357,6 +357,11 @@ impl Cluster {
         self.master.as_deref()
     }
 
+    /// The chosen master has not been heard from for the liveness timeout.
+    pub fn master_lost(&self) -> bool {
+        self.master_lost
+    }
+
     /// This node's settled VPN address.
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.ipam.as_ref().and_then(ipam::Ipam::address)
@@ -649,7 +654,13 @@ impl Cluster {
                         }
                     }
                     Some(commit) => {
-                        let a = roles::assign(&view, &bucket, &commit.candidate, s.roles);
+                        // Declaring others dead on stale news (a leader just restarted and
+                        // not yet synced) would take live nodes' roles away.
+                        let policy = RolePolicy {
+                            dynamic: s.roles.dynamic && self.replication.is_synced(),
+                            ..s.roles
+                        };
+                        let a = roles::assign(&view, &bucket, &commit.candidate, policy);
                         writes.extend(a.writes);
                         if self.ledger.get(&bucket, names::LEADER_AUTO) != Some(me.as_bytes()) {
                             writes.push(Write::put(&bucket, names::LEADER_AUTO, me.clone()));
