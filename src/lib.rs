@@ -16,4 +16,5 @@ pub mod overlay;
 pub mod rng;
 pub mod sim;
 pub mod token;
+pub mod vpn;
 pub mod wire;

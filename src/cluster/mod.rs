@@ -596,6 +596,7 @@ impl Cluster {
             if self.stepped_aside() {
                 self.view = view;
                 self.check_at = None;
+                self.my_role = None;
                 return Vec::new();
             }
             return writes;
