@@ -1,0 +1,72 @@
+//! The status page served at `GET /`: one self-contained HTML file (inline CSS and script, no
+//! external assets) that polls `/api/summary`, `/api/machines` and `/api/nodes` every 2 s and
+//! shows this node and its peers.
+//!
+//! Stable element ids for tests: `node` (this node; fields `node-id`, `node-hostname`,
+//! `node-role`, `node-address`, `node-network`, `node-version`, `node-uptime`, `node-peers`),
+//! `peers` (the table; one `tr` per peer in `peers-body`, with `data-peer` set to the peer id and
+//! cells classed `hostname`, `peer-id`, `vpn-address`, `addresses`, `role`, `online`, `link`,
+//! `rtt`, `traffic-in`, `traffic-out`), `peers-empty` and `status` (last update or error).
+
+use super::http::{CONTENT_TYPE_HTML, Response};
+
+/// The page.
+pub const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The page as a response.
+#[must_use]
+pub fn status_page() -> Response {
+    Response::content(CONTENT_TYPE_HTML, STATUS_PAGE.as_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_is_small_and_self_contained() {
+        assert!(STATUS_PAGE.len() < 20 * 1024, "{} bytes", STATUS_PAGE.len());
+        assert!(STATUS_PAGE.starts_with("<!doctype html>"));
+        for external in ["http://", "https://", "src=", "href=", "@import", "url("] {
+            assert!(
+                !STATUS_PAGE.contains(external),
+                "external reference {external}"
+            );
+        }
+        // Untrusted ledger data (hostnames, roles) only ever goes through textContent.
+        assert!(!STATUS_PAGE.contains("innerHTML"));
+        assert!(!STATUS_PAGE.contains("insertAdjacentHTML"));
+    }
+
+    #[test]
+    fn page_has_the_stable_ids_and_polls_the_api() {
+        for id in [
+            "id=\"node\"",
+            "id=\"node-id\"",
+            "id=\"node-hostname\"",
+            "id=\"node-role\"",
+            "id=\"node-address\"",
+            "id=\"node-network\"",
+            "id=\"node-version\"",
+            "id=\"node-uptime\"",
+            "id=\"node-peers\"",
+            "id=\"peers\"",
+            "id=\"peers-body\"",
+            "id=\"peers-empty\"",
+            "id=\"status\"",
+        ] {
+            assert!(STATUS_PAGE.contains(id), "missing {id}");
+        }
+        for endpoint in ["'/api/summary'", "'/api/machines'", "'/api/nodes'"] {
+            assert!(STATUS_PAGE.contains(endpoint), "missing {endpoint}");
+        }
+        assert!(STATUS_PAGE.contains("2000"));
+    }
+
+    #[test]
+    fn page_response_is_html() {
+        let response = status_page();
+        assert_eq!(response.content_type, CONTENT_TYPE_HTML);
+        assert_eq!(response.body, STATUS_PAGE.as_bytes());
+    }
+}
