@@ -37,10 +37,10 @@ clippy:
 unit-test:
 	$(CARGO) test --locked
 
-# The simulator's role and election properties over 1,000 seeds per scenario (about 1.5 min
-# optimised; the debug pass of unit-test runs 20 seeds of each).
+# The simulator's role and election properties over 1,000 seeds per scenario, optimised (the
+# debug pass of unit-test runs 20 seeds of each).
 sim-properties:
-	$(CARGO) test --locked --release --test sim_roles
+	$(CARGO) test --locked --profile sim --test sim_roles
 
 lint: fmt-check clippy
 
