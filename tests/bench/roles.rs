@@ -5,8 +5,8 @@
 //! namespaces); skips with a message otherwise.
 //!
 //! Each size runs twice: with an IPv4 broadcast address on eth0 (as DHCP clients set it), and as
-//! `Lab::add_host` leaves it (`ip addr add` without `brd`: no IPv4 broadcast address, so LAN
-//! beacons only travel over IPv6 multicast, usable once duplicate address detection is done).
+//! `Lab::add_host` leaves it (`ip addr add` without `brd`: the driver then derives the directed
+//! broadcast address from the netmask).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -229,7 +229,7 @@ fn main() {
         let lan = if broadcast {
             "eth0 with broadcast address"
         } else {
-            "eth0 without broadcast address (IPv6 beacons only)"
+            "eth0 without broadcast address (derived from the netmask)"
         };
         let goal = if nodes == 10 {
             format!("< {} s", GOAL.as_secs())
