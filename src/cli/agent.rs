@@ -17,6 +17,8 @@ use crate::{host, logging};
 
 /// The ledger snapshot in the state directory.
 pub const LEDGER_FILE: &str = "ledger.snapshot";
+/// The API's unix socket in the state directory.
+pub const API_SOCKET: &str = "api.sock";
 
 /// Runs the agent until a signal stops it.
 pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
@@ -96,6 +98,8 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         lan: cfg.p2p.vpn.settings.mdns,
         exclude_interfaces: vec![cfg.p2p.vpn.settings.iface.clone()],
         ledger_path: Some(ledger_path),
+        api_listen: Some(cfg.p2p.vpn.settings.api_listen),
+        api_socket: Some(state_dir.join(API_SOCKET)),
     };
     match driver::run(node, &driver_settings) {
         Ok(()) => ExitCode::SUCCESS,

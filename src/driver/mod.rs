@@ -1,6 +1,7 @@
 //! The only code that touches the OS for the overlay: one thread, one `mio::Poll`, the UDP
 //! sockets, the timers and the shutdown signal, feeding the sans-IO [`Node`].
 
+pub mod api;
 pub mod interfaces;
 pub mod signal;
 pub mod socket;
@@ -42,6 +43,10 @@ pub struct DriverSettings {
     pub exclude_interfaces: Vec<String>,
     /// Where the ledger snapshot is kept (`None`: not persisted).
     pub ledger_path: Option<PathBuf>,
+    /// The local HTTP API on TCP (`APILISTEN`, loopback; `None`: not served on TCP).
+    pub api_listen: Option<SocketAddr>,
+    /// The local HTTP API on a unix socket, mode 0600 (`None`: not served on one).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
@@ -137,6 +142,12 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         node.peer_id(),
         settings.listen.ip()
     );
+    let mut api = api::Api::bind(
+        poll.registry(),
+        settings.api_listen,
+        settings.api_socket.as_deref(),
+        Instant::now(),
+    );
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
     let mut out = Vec::with_capacity(RECV_BUF);
@@ -167,7 +178,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(INTERFACE_REFRESH)
-            .min(next_refresh.saturating_duration_since(Instant::now()));
+            .min(next_refresh.saturating_duration_since(Instant::now()))
+            .min(api.poll_timeout().map_or(INTERFACE_REFRESH, |t| {
+                t.saturating_duration_since(Instant::now())
+            }));
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(DriverError::Os(e));
@@ -194,9 +208,11 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                         return Ok(());
                     }
                 }
+                token if api::Api::owns(token) => api.ready(poll.registry(), token, &mut node),
                 _ => {}
             }
         }
+        api.handle_timeouts(poll.registry(), &mut node);
         if node.poll_timeout().is_some_and(|t| t <= now) {
             node.handle_timeout(now, unix);
         }

@@ -379,6 +379,16 @@ impl Node {
         &self.transport
     }
 
+    /// For a relayed connection's address, the member forwarding its packets.
+    pub fn relay_via(&self, addr: &SocketAddr) -> Option<PeerId> {
+        self.relays.get(addr).map(|path| path.relay)
+    }
+
+    /// Members heard through LAN beacons (`None`: LAN discovery is off).
+    pub fn lan_peer_count(&self) -> Option<usize> {
+        self.lan.as_ref().map(LanDiscovery::peer_count)
+    }
+
     /// The DHT, when enabled.
     pub fn kad(&self) -> Option<&Kad> {
         self.kad.as_ref()
