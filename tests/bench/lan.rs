@@ -7,31 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, generate_token, log_lines, peer_id_of, wait_for, write_config};
+use common::{
+    Host, Lab, eth0_bytes, generate_token, log_lines, peer_id_of, wait_for, write_config,
+};
 
 const NODES: usize = 10;
 const RUNS: usize = 3;
 const IDLE: Duration = Duration::from_secs(60);
-
-/// Bytes received + sent on the host's eth0.
-fn eth0_bytes(lab: &Lab, h: &Host) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &h.ns,
-            "cat",
-            "/sys/class/net/eth0/statistics/rx_bytes",
-            "/sys/class/net/eth0/statistics/tx_bytes",
-        ])
-        .output()
-        .unwrap();
-    let _ = lab;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
-        .sum()
-}
 
 fn one_run(run: usize, measure_idle: bool) -> (Duration, Option<f64>) {
     let mut lab = Lab::new(&format!("bl{run}"));
@@ -76,9 +58,9 @@ fn one_run(run: usize, measure_idle: bool) -> (Duration, Option<f64>) {
     let meshed = known.unwrap_or(Duration::MAX);
     let idle = measure_idle.then(|| {
         std::thread::sleep(Duration::from_secs(5));
-        let before: u64 = hosts.iter().map(|h| eth0_bytes(&lab, h)).sum();
+        let before: u64 = hosts.iter().map(eth0_bytes).sum();
         std::thread::sleep(IDLE);
-        let after: u64 = hosts.iter().map(|h| eth0_bytes(&lab, h)).sum();
+        let after: u64 = hosts.iter().map(eth0_bytes).sum();
         (after - before) as f64 / IDLE.as_secs_f64() / NODES as f64
     });
     (meshed, idle)

@@ -14,7 +14,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, generate_token, log_lines, wait_for, write_config};
+use common::{Host, Lab, eth0_bytes, generate_token, log_lines, wait_for, write_config};
 
 const SIZES: [usize; 2] = [3, 10];
 const RUNS: usize = 3;
@@ -27,25 +27,6 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// Bytes received + sent on the host's eth0.
-fn eth0_bytes(h: &Host) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &h.ns,
-            "cat",
-            "/sys/class/net/eth0/statistics/rx_bytes",
-            "/sys/class/net/eth0/statistics/tx_bytes",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
-        .sum()
 }
 
 /// The last value logged after `needle`.

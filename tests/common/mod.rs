@@ -356,3 +356,22 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Bytes received + sent on the host's eth0 (for traffic measurements).
+pub fn eth0_bytes(h: &Host) -> u64 {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.ns,
+            "cat",
+            "/sys/class/net/eth0/statistics/rx_bytes",
+            "/sys/class/net/eth0/statistics/tx_bytes",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum()
+}
