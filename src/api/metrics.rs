@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::vpn::VpnStats;
+
 /// Where one discovery mechanism stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DiscoveryState {
@@ -74,6 +76,8 @@ pub struct Metrics {
     pub ledger_bytes: u64,
     /// Ledger entries stored since start (new or replacing, local writes included).
     pub ledger_applied: u64,
+    /// The VPN packet path's counters (`None`: no VPN).
+    pub vpn: Option<VpnStats>,
 }
 
 /// Renders `metrics` in the Prometheus text format 0.0.4: every family has `# HELP` and
@@ -228,7 +232,57 @@ pub fn render_prometheus(metrics: &Metrics) -> String {
         "Ledger entries stored since start, local writes included.",
     );
     sample(&mut out, "ledger_applied_total", &[], m.ledger_applied);
+    if let Some(vpn) = &m.vpn {
+        render_vpn(&mut out, vpn);
+    }
     out
+}
+
+/// The VPN families: packets and bytes each way, drops by direction and reason.
+fn render_vpn(out: &mut String, vpn: &VpnStats) {
+    family(
+        out,
+        "vpn_packets_total",
+        "counter",
+        "VPN packets carried, by direction (out: read from the TUN interface and sent).",
+    );
+    sample(
+        out,
+        "vpn_packets_total",
+        &[("direction", "out")],
+        vpn.packets_out,
+    );
+    sample(
+        out,
+        "vpn_packets_total",
+        &[("direction", "in")],
+        vpn.packets_in,
+    );
+    family(
+        out,
+        "vpn_bytes_total",
+        "counter",
+        "Bytes of the VPN packets carried, by direction.",
+    );
+    sample(
+        out,
+        "vpn_bytes_total",
+        &[("direction", "out")],
+        vpn.bytes_out,
+    );
+    sample(out, "vpn_bytes_total", &[("direction", "in")], vpn.bytes_in);
+    family(
+        out,
+        "vpn_dropped_total",
+        "counter",
+        "VPN packets dropped, by direction and reason.",
+    );
+    for (direction, drops) in [("out", &vpn.dropped_out), ("in", &vpn.dropped_in)] {
+        for (reason, count) in drops.iter() {
+            let labels = [("direction", direction), ("reason", reason.name())];
+            sample(out, "vpn_dropped_total", &labels, count);
+        }
+    }
 }
 
 /// The `# HELP` and `# TYPE` lines of a family (help texts are constants without `\` or newline).
@@ -293,6 +347,13 @@ mod tests {
             ledger_entries: 42,
             ledger_bytes: 4096,
             ledger_applied: 50,
+            vpn: Some(VpnStats {
+                packets_out: 11,
+                bytes_out: 1100,
+                packets_in: 12,
+                bytes_in: 1200,
+                ..VpnStats::default()
+            }),
         }
     }
 
@@ -349,6 +410,12 @@ mod tests {
             "kairos_p2p_ledger_entries 42\n",
             "kairos_p2p_ledger_bytes 4096\n",
             "kairos_p2p_ledger_applied_total 50\n",
+            "kairos_p2p_vpn_packets_total{direction=\"out\"} 11\n",
+            "kairos_p2p_vpn_packets_total{direction=\"in\"} 12\n",
+            "kairos_p2p_vpn_bytes_total{direction=\"out\"} 1100\n",
+            "kairos_p2p_vpn_bytes_total{direction=\"in\"} 1200\n",
+            "kairos_p2p_vpn_dropped_total{direction=\"in\",reason=\"spoofed_source\"} 0\n",
+            "kairos_p2p_vpn_dropped_total{direction=\"out\",reason=\"unreachable\"} 0\n",
             "# HELP kairos_p2p_handshakes_total Overlay handshakes by result.\n",
             "# TYPE kairos_p2p_handshakes_total counter\n",
             "# TYPE kairos_p2p_peers_connected gauge\n",

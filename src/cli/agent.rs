@@ -1,7 +1,7 @@
 //! `kairos-p2p agent`: load the configuration, bring the node up and run the event loop.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::args::AgentArgs;
@@ -14,6 +14,7 @@ use crate::identity::{self, Identity, PeerId};
 use crate::ledger::Ledger;
 use crate::node::bootstrap::{BootstrapHost, BootstrapPeer};
 use crate::node::{Node, NodeSettings};
+use crate::token::NetworkToken;
 use crate::vpn::VpnSettings;
 use crate::{host, logging};
 
@@ -55,20 +56,6 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
     if settings.dht && settings.bootstrap.is_empty() {
         log::info!("DHT on without bootstrap peers: it grows from the LAN neighbours found");
     }
-    let seed = match getrandom::u64() {
-        Ok(seed) => seed,
-        Err(e) => {
-            log::error!("system random generator failed: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let mut node = match Node::new(&identity, &token, settings, seed) {
-        Ok(node) => node,
-        Err(e) => {
-            log::error!("cannot start the overlay: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
     let cluster_settings = ClusterSettings::from_config(
         &cfg.p2p,
         &uuid,
@@ -76,25 +63,10 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         token.max_message_size,
     );
     let ledger_path = state_dir.join(LEDGER_FILE);
-    let ledger = match Ledger::load(&ledger_path, cluster_settings.ledger_limits) {
-        Ok(ledger) => ledger,
-        Err(e) => {
-            // Nothing is lost that the peers do not hold: start empty and catch up from them.
-            log::warn!("{e}; starting from an empty ledger (peers will resend it)");
-            Ledger::new(cluster_settings.ledger_limits)
-        }
+    let mut node = match start_node(&identity, &token, settings, cluster_settings, &ledger_path) {
+        Ok(node) => node,
+        Err(code) => return code,
     };
-    log::info!(
-        "ledger: {} entries from {}",
-        ledger.len(),
-        ledger_path.display()
-    );
-    node.attach_cluster(Cluster::new(
-        &identity,
-        cluster_settings,
-        ledger,
-        seed ^ 0x5eed,
-    ));
     let vpn = &cfg.p2p.vpn;
     if vpn.create {
         node.attach_vpn(VpnSettings {
@@ -117,7 +89,50 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         }),
         report_connected: false,
     };
-    match driver::run(node, &driver_settings) {
+    run_driver(node, &driver_settings)
+}
+
+/// A node with its cluster layer, the ledger loaded from `ledger_path` (empty if unreadable).
+pub(super) fn start_node(
+    identity: &Identity,
+    token: &NetworkToken,
+    settings: NodeSettings,
+    cluster_settings: ClusterSettings,
+    ledger_path: &Path,
+) -> Result<Node, ExitCode> {
+    let seed = getrandom::u64().map_err(|e| {
+        log::error!("system random generator failed: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })?;
+    let mut node = Node::new(identity, token, settings, seed).map_err(|e| {
+        log::error!("cannot start the overlay: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })?;
+    let ledger = match Ledger::load(ledger_path, cluster_settings.ledger_limits) {
+        Ok(ledger) => ledger,
+        Err(e) => {
+            // Nothing is lost that the peers do not hold: start empty and catch up from them.
+            log::warn!("{e}; starting from an empty ledger (peers will resend it)");
+            Ledger::new(cluster_settings.ledger_limits)
+        }
+    };
+    log::info!(
+        "ledger: {} entries from {}",
+        ledger.len(),
+        ledger_path.display()
+    );
+    node.attach_cluster(Cluster::new(
+        identity,
+        cluster_settings,
+        ledger,
+        seed ^ 0x5eed,
+    ));
+    Ok(node)
+}
+
+/// Runs the event loop until a signal; a failure is logged and becomes the exit status.
+pub(super) fn run_driver(node: Node, settings: &DriverSettings) -> ExitCode {
+    match driver::run(node, settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
+use crate::config::Ipv4Cidr;
+
 /// kairos-p2p: a k3s cluster from one cloud-config, over an encrypted peer-to-peer network.
 /// Also answers to the name `kairosctl`.
 #[derive(FromArgs, Debug)]
@@ -30,6 +32,8 @@ pub enum Command {
     Validate(ValidateArgs),
     /// `agent`
     Agent(AgentArgs),
+    /// `bridge`
+    Bridge(BridgeArgs),
     /// `version`
     Version(VersionArgs),
 }
@@ -77,6 +81,59 @@ pub struct AgentArgs {
     /// UDP address of the overlay, QUIC and DHT (default: 0.0.0.0:7120)
     #[argh(option, default = "default_listen()")]
     pub listen: SocketAddr,
+}
+
+/// Join the network from a workstation: a VPN interface and the local API, no cluster role.
+/// Needs root (or CAP_NET_ADMIN) for the VPN interface.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "bridge")]
+pub struct BridgeArgs {
+    /// the network token (default: $NETWORK_TOKEN, else $EDGEVPNTOKEN)
+    #[argh(option)]
+    pub network_token: Option<String>,
+
+    /// the VPN interface to create (default: kairos0)
+    #[argh(option, default = "String::from(\"kairos0\")")]
+    pub interface: String,
+
+    /// this workstation's VPN address and the VPN prefix (default: 10.1.0.254/24)
+    #[argh(option, default = "default_bridge_address()")]
+    pub address: Ipv4Cidr,
+
+    /// the VPN interface's MTU (default: 1200, as the nodes')
+    #[argh(option, default = "crate::config::DEFAULT_MTU")]
+    pub mtu: u16,
+
+    /// where the local HTTP API listens (default: 127.0.0.1:8080)
+    #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 8080))")]
+    pub api: SocketAddr,
+
+    /// allow a non-loopback --api address (the API has no authentication: anyone who reaches
+    /// it can read and write the ledger)
+    #[argh(switch)]
+    pub api_allow_remote: bool,
+
+    /// the cluster (p2p.network_id) whose ledger the bridge reads (default: kairos)
+    #[argh(
+        option,
+        default = "String::from(crate::ledger::names::DEFAULT_NETWORK_ID)"
+    )]
+    pub network_id: String,
+
+    /// UDP address of the overlay (default: 0.0.0.0:0, any free port)
+    #[argh(option, default = "SocketAddr::from(([0, 0, 0, 0], 0))")]
+    pub listen: SocketAddr,
+
+    /// find nodes on the local network only (no DHT)
+    #[argh(switch)]
+    pub disable_dht: bool,
+}
+
+fn default_bridge_address() -> Ipv4Cidr {
+    Ipv4Cidr {
+        addr: std::net::Ipv4Addr::new(10, 1, 0, 254),
+        prefix_len: 24,
+    }
 }
 
 fn default_listen() -> SocketAddr {

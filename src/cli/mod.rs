@@ -2,6 +2,7 @@
 
 mod agent;
 mod args;
+mod bridge;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,7 @@ fn run(cli: Cli) -> ExitCode {
         },
         Command::Validate(args) => validate(args.config),
         Command::Agent(args) => agent::run(&args, cli.state_dir),
+        Command::Bridge(args) => bridge::run(&args, cli.state_dir),
         Command::Version(_) => {
             println!("{}", version_line());
             ExitCode::SUCCESS

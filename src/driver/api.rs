@@ -495,6 +495,8 @@ impl ApiState for State<'_> {
             ("control_rejected", n.control_rejected),
             ("datagram_unused", n.datagrams_unused),
             ("relay_dropped", n.relay_dropped),
+            ("vpn_queue_full", n.vpn_queue_full),
+            ("vpn_send_failed", n.vpn_send_failed),
             ("sync_rejected", r.rejected),
             ("ledger_bad_signature", l.bad_signature),
             ("ledger_invalid", l.invalid),
@@ -524,6 +526,7 @@ impl ApiState for State<'_> {
             ledger_entries: self.ledger.len() as u64,
             ledger_bytes: self.ledger.total_bytes() as u64,
             ledger_applied: l.applied,
+            vpn: self.node.vpn().map(|v| *v.stats()),
         }
     }
 }

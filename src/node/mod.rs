@@ -22,6 +22,8 @@ pub mod bootstrap;
 pub mod control;
 pub mod members;
 pub mod relay;
+#[cfg(test)]
+mod vpn_tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};

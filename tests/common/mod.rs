@@ -375,3 +375,45 @@ pub fn eth0_bytes(h: &Host) -> u64 {
         .filter_map(|l| l.trim().parse::<u64>().ok())
         .sum()
 }
+
+impl Lab {
+    /// Kills child `index` with SIGKILL (no clean shutdown) and waits for it.
+    pub fn kill(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The body of `GET target` from an agent's API unix socket (`<state dir>/api.sock`).
+pub fn unix_get(socket: &Path, target: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as rendered), 0 when absent.
+pub fn metric(metrics: &str, sample: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
