@@ -195,7 +195,8 @@ mod tests {
         };
         let only_edgevpn = |k: &str| (k == "EDGEVPNTOKEN").then(|| "from-edgevpn".to_string());
         let blank = |k: &str| (k == "NETWORK_TOKEN").then(|| "  ".to_string());
-        let cases: [(Option<&str>, &dyn Fn(&str) -> Option<String>, Option<&str>); 5] = [
+        type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+        let cases: [(Option<&str>, Env, Option<&str>); 5] = [
             (Some("flag"), &env, Some("flag")),
             (None, &env, Some("from-network-token")),
             (None, &only_edgevpn, Some("from-edgevpn")),
