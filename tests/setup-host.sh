@@ -12,7 +12,10 @@ cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 # Debian packages: tool -> package.
-declare -A packages=([gcc]=gcc [python3]=python3 [ip]=iproute2 [iptables]=iptables)
+# chromium and chromedriver: the status page test (tests/netns_status_page.rs) runs headless
+# Chromium against a real agent.
+declare -A packages=([gcc]=gcc [python3]=python3 [ip]=iproute2 [iptables]=iptables
+  [chromium]=chromium [chromedriver]=chromium-driver)
 missing=()
 for tool in "${!packages[@]}"; do
   need_cmd "$tool" || missing+=("${packages[$tool]}")

@@ -1,12 +1,19 @@
 //! The status page served at `GET /`: one self-contained HTML file (inline CSS and script, no
-//! external assets) that polls `/api/summary`, `/api/machines` and `/api/nodes` every 2 s and
-//! shows this node and its peers.
+//! external assets) that polls `api/summary`, `api/machines`, `api/nodes` and `api/metrics`
+//! every 2 s (URLs relative to the page, so it works through any listen address or proxy prefix)
+//! and shows this node and its peers. Below 40rem wide each peer is a block of labelled cells.
+//! When a poll fails the page says `API unreachable (...)` in `status` and dims the last data it
+//! showed.
 //!
 //! Stable element ids for tests: `node` (this node; fields `node-id`, `node-hostname`,
-//! `node-role`, `node-address`, `node-network`, `node-version`, `node-uptime`, `node-peers`),
-//! `peers` (the table; one `tr` per peer in `peers-body`, with `data-peer` set to the peer id and
-//! cells classed `hostname`, `peer-id`, `vpn-address`, `addresses`, `role`, `online`, `link`,
-//! `rtt`, `traffic-in`, `traffic-out`), `peers-empty` and `status` (last update or error).
+//! `node-uuid`, `node-role`, `node-address`, `node-network`, `node-version`, `node-uptime`,
+//! `node-peers`, `node-traffic`), `peers` (the table; one `tr` per peer in `peers-body`, classed
+//! `peer online` or `peer offline`, with `data-peer` set to the full peer id and cells classed
+//! `hostname` (with a `uuid` line), `peer-id` (shortened; the full id in `title`), `vpn-address`,
+//! `role`, `state` (`online` or `offline`, in a span classed `yes` or `no`), `link`
+//! (direct/relayed and RTT), `traffic-in`, `traffic-out`, `addresses`; each cell's text is in a
+//! `span`), `peers-empty` (shown while there are no peers) and `status` (last update, or the
+//! error; class `ok` or `err`).
 
 use super::http::{CONTENT_TYPE_HTML, Response};
 
@@ -44,12 +51,14 @@ mod tests {
             "id=\"node\"",
             "id=\"node-id\"",
             "id=\"node-hostname\"",
+            "id=\"node-uuid\"",
             "id=\"node-role\"",
             "id=\"node-address\"",
             "id=\"node-network\"",
             "id=\"node-version\"",
             "id=\"node-uptime\"",
             "id=\"node-peers\"",
+            "id=\"node-traffic\"",
             "id=\"peers\"",
             "id=\"peers-body\"",
             "id=\"peers-empty\"",
@@ -57,10 +66,17 @@ mod tests {
         ] {
             assert!(STATUS_PAGE.contains(id), "missing {id}");
         }
-        for endpoint in ["'/api/summary'", "'/api/machines'", "'/api/nodes'"] {
+        // Relative to the page, not to the origin's root.
+        for endpoint in [
+            "'api/summary'",
+            "'api/machines'",
+            "'api/nodes'",
+            "'api/metrics'",
+        ] {
             assert!(STATUS_PAGE.contains(endpoint), "missing {endpoint}");
         }
         assert!(STATUS_PAGE.contains("2000"));
+        assert!(STATUS_PAGE.contains("API unreachable"));
     }
 
     #[test]
