@@ -417,9 +417,8 @@ impl ApiState for State<'_> {
                         .unwrap_or(p.addr),
                     path: via.map_or(PeerPath::Direct, |via| PeerPath::Relayed { via }),
                     rtt: Some(p.rtt),
-                    // Per-connection byte counts are not kept by the transport.
-                    bytes_in: 0,
-                    bytes_out: 0,
+                    bytes_in: p.bytes_in,
+                    bytes_out: p.bytes_out,
                 }
             })
             .collect()

@@ -425,6 +425,10 @@ pub struct PeerInfo {
     pub inbound: bool,
     /// The connection in use.
     pub conn: ConnId,
+    /// UDP payload bytes received on this connection (QUIC packets, all frames).
+    pub bytes_in: u64,
+    /// UDP payload bytes sent on this connection.
+    pub bytes_out: u64,
 }
 
 /// Packets and messages dropped, by reason.
@@ -788,12 +792,15 @@ impl Transport {
     pub fn peers(&self) -> impl Iterator<Item = PeerInfo> + '_ {
         self.by_peer.iter().filter_map(|(peer, ch)| {
             let c = self.conns.get(ch)?;
+            let stats = c.conn.stats();
             Some(PeerInfo {
                 peer: *peer,
                 addr: c.conn.remote_address(),
                 rtt: c.conn.rtt(),
                 inbound: c.inbound,
                 conn: c.id,
+                bytes_in: stats.udp_rx.bytes,
+                bytes_out: stats.udp_tx.bytes,
             })
         })
     }
