@@ -23,6 +23,9 @@ pub const LEDGER_FILE: &str = "ledger.snapshot";
 /// The API's unix socket in the state directory.
 pub const API_SOCKET: &str = "api.sock";
 
+/// QUIC packets per batch the transport may build for the driver's UDP GSO sends.
+const GSO_BATCH: usize = 16;
+
 /// Runs the agent until a signal stops it.
 pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
     let (cfg, host_facts) = match load_config(args.config.clone()) {
@@ -104,6 +107,9 @@ pub(super) fn start_node(
         log::error!("system random generator failed: {e}");
         ExitCode::from(EXIT_FAILURE)
     })?;
+    let mut settings = settings;
+    // The driver sends the transport's batches with UDP GSO (one system call per batch).
+    settings.transport.max_gso_segments = GSO_BATCH;
     let mut node = Node::new(identity, token, settings, seed).map_err(|e| {
         log::error!("cannot start the overlay: {e}");
         ExitCode::from(EXIT_USAGE)

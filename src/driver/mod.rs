@@ -116,6 +116,8 @@ struct Sockets {
     overlay: UdpSocket,
     beacon_v4: Option<UdpSocket>,
     beacon_v6: Option<UdpSocket>,
+    /// UDP GSO works on the overlay socket (cleared after the kernel refused it once).
+    gso: std::cell::Cell<bool>,
 }
 
 /// Runs `node` until SIGINT or SIGTERM, then closes its connections and returns.
@@ -301,6 +303,7 @@ fn bind_sockets(settings: &DriverSettings) -> Result<Sockets, DriverError> {
         overlay: UdpSocket::from_std(overlay),
         beacon_v4: None,
         beacon_v6: None,
+        gso: std::cell::Cell::new(true),
     };
     if settings.lan {
         let opts = SocketOptions {
@@ -477,9 +480,9 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
         };
         match t.destination {
             Destination::Addr(addr) => match t.segment_size {
-                Some(size) if size > 0 => payload
-                    .chunks(size)
-                    .for_each(|p| send(&sockets.overlay, p, addr)),
+                Some(size) if size > 0 && payload.len() > size => {
+                    send_batch(sockets, payload, size, addr)
+                }
                 _ => send(&sockets.overlay, payload, addr),
             },
             Destination::LanBroadcast => {
@@ -495,6 +498,24 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
             }
         }
     }
+}
+
+/// Sends a batch of equal-size datagrams with one GSO call, or one by one where GSO fails.
+fn send_batch(sockets: &Sockets, payload: &[u8], size: usize, to: SocketAddr) {
+    if sockets.gso.get() {
+        match socket::send_segments(&sockets.overlay, payload, size as u16, to) {
+            Ok(_) => return,
+            // A full buffer drops the batch, as it drops single packets; QUIC retransmits.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log::info!("UDP GSO unavailable ({e}); sending datagrams one by one");
+                sockets.gso.set(false);
+            }
+        }
+    }
+    payload
+        .chunks(size)
+        .for_each(|p| send(&sockets.overlay, p, to));
 }
 
 fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {

@@ -5,6 +5,11 @@ use std::mem;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
+/// Receive and send buffer size asked for (the kernel doubles it for its bookkeeping).
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+/// Most segments one UDP GSO send may carry (the kernel's `UDP_MAX_SEGMENTS`).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
 /// How a socket is set up before `bind`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SocketOptions {
@@ -42,14 +47,61 @@ pub fn bind_udp(addr: SocketAddr, options: SocketOptions) -> io::Result<UdpSocke
         // Dual-stack sockets would make the v4/v6 beacon pair collide on one port.
         set_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
     }
-    // Large buffers absorb bursts of VPN traffic between two loop turns.
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        let _ = set_int(raw, libc::SOL_SOCKET, opt, 4 << 20);
+    // Large buffers absorb bursts of VPN traffic between two loop turns: past the system's
+    // rmem_max/wmem_max when we may (root), else up to them.
+    for (forced, opt) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set_int(raw, libc::SOL_SOCKET, forced, SOCKET_BUFFER).is_err() {
+            let _ = set_int(raw, libc::SOL_SOCKET, opt, SOCKET_BUFFER);
+        }
     }
     let (storage, len) = sockaddr(&addr);
     // SAFETY: `storage` holds a valid sockaddr of `len` bytes for this family.
     cvt(unsafe { libc::bind(raw, (&raw const storage).cast(), len) })?;
     Ok(socket)
+}
+
+/// Sends `payload` to `to` as datagrams of `segment` bytes each (the last may be shorter) in one
+/// system call, with UDP generic segmentation offload (`UDP_SEGMENT`, Linux 4.18+).
+pub fn send_segments(
+    socket: &impl AsRawFd,
+    payload: &[u8],
+    segment: u16,
+    to: SocketAddr,
+) -> io::Result<usize> {
+    let (mut addr, addr_len) = sockaddr(&to);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the sendmsg call,
+    // and the control buffer is large and aligned enough for one cmsg carrying a u16.
+    unsafe {
+        let mut msg: libc::msghdr = mem::zeroed();
+        msg.msg_name = (&raw mut addr).cast();
+        msg.msg_namelen = addr_len;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        let space = libc::CMSG_SPACE(mem::size_of::<u16>() as u32) as usize;
+        debug_assert!(space <= mem::size_of_val(&control));
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+        libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
+        let sent = libc::sendmsg(socket.as_raw_fd(), &raw const msg, 0);
+        if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        }
+    }
 }
 
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
