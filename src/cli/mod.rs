@@ -2,6 +2,12 @@
 
 mod agent;
 mod args;
+mod client;
+mod commands;
+mod kubeconfig;
+mod roles;
+mod status;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +80,9 @@ fn run(cli: Cli) -> ExitCode {
             println!("{}", version_line());
             ExitCode::SUCCESS
         }
+        Command::GetKubeconfig(args) => commands::get_kubeconfig(&args),
+        Command::Role(args) => commands::role(&args),
+        Command::Status(args) => commands::status(&args),
     }
 }
 
