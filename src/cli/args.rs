@@ -99,14 +99,11 @@ pub struct VersionArgs {}
 #[argh(subcommand, name = "get-kubeconfig")]
 pub struct GetKubeconfigArgs {
     /// the cluster's p2p.network_id (default: kairos)
-    #[argh(
-        option,
-        default = "String::from(crate::ledger::names::DEFAULT_NETWORK_ID)"
-    )]
+    #[argh(option, default = "default_network_id()")]
     pub network_id: String,
 
     /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "String::from(super::client::DEFAULT_API)")]
+    #[argh(option, default = "default_api()")]
     pub api: String,
 }
 
@@ -133,14 +130,11 @@ pub enum RoleCommand {
 #[argh(subcommand, name = "list")]
 pub struct RoleListArgs {
     /// the cluster's p2p.network_id (default: kairos)
-    #[argh(
-        option,
-        default = "String::from(crate::ledger::names::DEFAULT_NETWORK_ID)"
-    )]
+    #[argh(option, default = "default_network_id()")]
     pub network_id: String,
 
     /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "String::from(super::client::DEFAULT_API)")]
+    #[argh(option, default = "default_api()")]
     pub api: String,
 }
 
@@ -158,14 +152,11 @@ pub struct RoleSetArgs {
     pub role: String,
 
     /// the cluster's p2p.network_id (default: kairos)
-    #[argh(
-        option,
-        default = "String::from(crate::ledger::names::DEFAULT_NETWORK_ID)"
-    )]
+    #[argh(option, default = "default_network_id()")]
     pub network_id: String,
 
     /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "String::from(super::client::DEFAULT_API)")]
+    #[argh(option, default = "default_api()")]
     pub api: String,
 }
 
@@ -175,6 +166,14 @@ pub struct RoleSetArgs {
 #[argh(subcommand, name = "status")]
 pub struct StatusArgs {
     /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "String::from(super::client::DEFAULT_API)")]
+    #[argh(option, default = "default_api()")]
     pub api: String,
+}
+
+fn default_network_id() -> String {
+    crate::ledger::names::DEFAULT_NETWORK_ID.to_string()
+}
+
+fn default_api() -> String {
+    super::client::DEFAULT_API.to_string()
 }
