@@ -3,66 +3,29 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Host, Lab, generate_token, peer_id_of, wait_for, write_config};
+use common::{
+    api_exchange, api_get_json as get_json, api_request as request, api_socket as socket,
+    lab_with_hosts, peer_id_of, wait_for,
+};
 
-fn socket(host: &Host) -> PathBuf {
-    host.dir.join("state").join("api.sock")
-}
+use kairos_p2p::api::{MAX_BODY_BYTES, MAX_HEADER_BYTES};
 
-/// Sends `raw` on a fresh connection and returns everything the agent sent back.
-fn exchange(path: &Path, raw: &[u8]) -> String {
-    let mut stream = UnixStream::connect(path).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream.write_all(raw).unwrap();
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out).expect("response");
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `(status line, headers, body)` of one request with `Connection: close`.
-fn request(path: &Path, method: &str, target: &str) -> (String, String, String) {
-    let raw = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
-    let response = exchange(path, raw.as_bytes());
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or((response.as_str(), ""));
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_string(), headers.to_string(), body.to_string())
-}
-
-fn get_json(path: &Path, target: &str) -> serde_json::Value {
-    let (status, headers, body) = request(path, "GET", target);
-    assert_eq!(status, "HTTP/1.1 200 OK", "{target}");
-    assert!(
-        headers.to_ascii_lowercase().contains("application/json"),
-        "{target}: {headers}"
-    );
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: {e}: {body}"))
+/// The status code of a raw response (0 when there is none).
+fn status_code(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
 fn two_agents_serve_the_api_on_their_unix_sockets() {
-    let mut lab = Lab::new("api2");
-    let token = generate_token();
-    let config = write_config(
-        &lab.dir,
-        "config.yaml",
-        &format!("#cloud-config\np2p:\n  network_token: \"{token}\"\n  disable_dht: true\n"),
-    );
-    let config = config.to_str().unwrap().to_string();
-    let hosts: Vec<Host> = (1..=2)
-        .map(|i| lab.add_host(i, &format!("10.78.0.{i}/24")))
-        .collect();
+    let (mut lab, config, hosts) = lab_with_hosts("api2", "10.78.0", 2, "");
     for (i, h) in hosts.iter().enumerate() {
         let uuid = format!("netns-api-node-{}", i + 1);
         lab.spawn_with_env(h, &["agent", "--config", &config], &[("UUID", &uuid)]);
@@ -130,16 +93,65 @@ fn two_agents_serve_the_api_on_their_unix_sockets() {
     assert!(headers.contains("text/html"), "{headers}");
     assert!(body.to_ascii_lowercase().contains("<html"), "{body}");
 
-    // A malformed request: 4xx, and the agent keeps serving.
-    let response = exchange(&a, b"NONSENSE\r\n\r\n");
-    let code: u16 = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    assert!((400..500).contains(&code), "{response}");
-    let summary = get_json(&a, "/api/summary");
-    assert_eq!(summary["NodeID"].as_str(), Some(me.as_str()));
+    // Every other edgevpn endpoint answers JSON.
+    for target in [
+        "/api/users",
+        "/api/services",
+        "/api/blockchain",
+        "/api/ledger",
+        "/api/ledger/kairos",
+        "/api/metrics",
+        "/api/nodes",
+    ] {
+        get_json(&a, target);
+    }
+    let (status, _, _) = request(&a, "PUT", "/api/ledger/gone/k1/v");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(get_json(&a, "/api/ledger/gone")["k1"], "\"v\"");
+    let (status, _, _) = request(&a, "DELETE", "/api/ledger/gone");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(get_json(&a, "/api/ledger/gone"), serde_json::Value::Null);
+
+    // Malformed and oversize requests: 4xx, and the agent keeps serving.
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(MAX_HEADER_BYTES)
+    );
+    let big_body = format!(
+        "PUT /api/ledger/b/k/v HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        MAX_BODY_BYTES + 1
+    );
+    let long_value = format!(
+        "PUT /api/ledger/b/k/{} HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "v".repeat(65 * 1024)
+    );
+    let cases: [(&str, &[u8]); 8] = [
+        ("garbage", b"NONSENSE\r\n\r\n"),
+        ("binary", b"\x00\xff\x16\x03\x01\r\n\r\n"),
+        ("bad method", b"BREW /api/summary HTTP/1.1\r\n\r\n"),
+        ("wrong method", b"POST /api/summary HTTP/1.1\r\n\r\n"),
+        ("bad path", b"GET /api/ledger/%zz HTTP/1.1\r\n\r\n"),
+        ("header too large", big_header.as_bytes()),
+        ("body too large", big_body.as_bytes()),
+        ("value too large", long_value.as_bytes()),
+    ];
+    for (what, raw) in cases {
+        let response = api_exchange(&a, raw);
+        let code = status_code(&response);
+        // An unknown method gets 501 Not Implemented (RFC 9110 15.6.2); the rest 4xx.
+        let allowed = if what == "bad method" {
+            400..502
+        } else {
+            400..500
+        };
+        assert!(allowed.contains(&code), "{what}: {response}");
+        let summary = get_json(&a, "/api/summary");
+        assert_eq!(
+            summary["NodeID"].as_str(),
+            Some(me.as_str()),
+            "after {what}"
+        );
+    }
 
     // A clean stop removes the socket.
     assert!(lab.stop(0).success(), "clean stop");

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, generate_token, wait_for, write_config};
+use common::{Host, Lab, lab_with_hosts, wait_for};
 
 /// How long a run may take to give every agent its role and address.
 const ROLES_WITHIN: Duration = Duration::from_secs(30);
@@ -139,17 +139,7 @@ fn check_run(hosts: &[Host], uuids: &[String], skip: &[usize], outcomes: &[Outco
 
 #[test]
 fn three_agents_elect_one_master_and_keep_roles_and_addresses_across_a_restart() {
-    let mut lab = Lab::new("roles3");
-    let token = generate_token();
-    let config = write_config(
-        &lab.dir,
-        "config.yaml",
-        &format!("#cloud-config\np2p:\n  network_token: \"{token}\"\n  disable_dht: true\n"),
-    );
-    let config = config.to_str().unwrap().to_string();
-    let hosts: Vec<Host> = (1..=3)
-        .map(|i| lab.add_host(i, &format!("10.79.0.{i}/24")))
-        .collect();
+    let (mut lab, config, hosts) = lab_with_hosts("roles3", "10.79.0", 3, "");
     let uuids: Vec<String> = (1..=3).map(|i| format!("netns-roles-node-{i}")).collect();
 
     // First start, empty state.

@@ -520,7 +520,7 @@ fn summary(state: &dyn ApiState) -> Summary {
 }
 
 /// edgevpn's `types.Machine`, as stored in the `machines` bucket (missing fields read as empty).
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(default)]
 struct MachineRecord {
     #[serde(rename = "PeerID")]
@@ -540,18 +540,8 @@ struct MachineRecord {
 /// edgevpn's `api/types.Machine` (the record and three flags), plus the peer's cluster role.
 #[derive(Serialize)]
 struct Machine {
-    #[serde(rename = "PeerID")]
-    peer_id: String,
-    #[serde(rename = "Hostname")]
-    hostname: String,
-    #[serde(rename = "OS")]
-    os: String,
-    #[serde(rename = "Arch")]
-    arch: String,
-    #[serde(rename = "Address")]
-    address: String,
-    #[serde(rename = "Version")]
-    version: String,
+    #[serde(flatten)]
+    record: MachineRecord,
     #[serde(rename = "Connected")]
     connected: bool,
     #[serde(rename = "OnChain")]
@@ -630,12 +620,7 @@ fn machines(state: &dyn ApiState) -> Vec<Machine> {
             on_chain: presence.known(&record.peer_id),
             online: presence.online(&record.peer_id),
             role: presence.role(&record.peer_id),
-            peer_id: record.peer_id,
-            hostname: record.hostname,
-            os: record.os,
-            arch: record.arch,
-            address: record.address,
-            version: record.version,
+            record,
         })
         .collect()
 }

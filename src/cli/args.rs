@@ -36,6 +36,12 @@ pub enum Command {
     Bridge(BridgeArgs),
     /// `version`
     Version(VersionArgs),
+    /// `get-kubeconfig`
+    GetKubeconfig(GetKubeconfigArgs),
+    /// `role`
+    Role(RoleArgs),
+    /// `status`
+    Status(StatusArgs),
 }
 
 /// Print a new network token (edgevpn/Kairos format) made with the system's secure random
@@ -144,3 +150,87 @@ fn default_listen() -> SocketAddr {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "version")]
 pub struct VersionArgs {}
+
+/// Print the cluster's kubeconfig from the ledger, pointed at the master's address.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "get-kubeconfig")]
+pub struct GetKubeconfigArgs {
+    /// the cluster's p2p.network_id (default: kairos)
+    #[argh(option, default = "default_network_id()")]
+    pub network_id: String,
+
+    /// URL of the agent's API (default: http://127.0.0.1:8080)
+    #[argh(option, default = "default_api()")]
+    pub api: String,
+}
+
+/// List or set node roles.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "role")]
+pub struct RoleArgs {
+    #[argh(subcommand)]
+    pub command: RoleCommand,
+}
+
+/// The `role` subcommands.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum RoleCommand {
+    /// `role list`
+    List(RoleListArgs),
+    /// `role set`
+    Set(RoleSetArgs),
+}
+
+/// List the cluster's nodes with their roles.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+pub struct RoleListArgs {
+    /// the cluster's p2p.network_id (default: kairos)
+    #[argh(option, default = "default_network_id()")]
+    pub network_id: String,
+
+    /// URL of the agent's API (default: http://127.0.0.1:8080)
+    #[argh(option, default = "default_api()")]
+    pub api: String,
+}
+
+/// Set a node's role (master, master/clusterinit, master/ha or worker); set it before the node
+/// joins, as with Kairos.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "set")]
+pub struct RoleSetArgs {
+    /// the node's uuid (as `role list` shows it)
+    #[argh(positional)]
+    pub uuid: String,
+
+    /// the role
+    #[argh(positional)]
+    pub role: String,
+
+    /// the cluster's p2p.network_id (default: kairos)
+    #[argh(option, default = "default_network_id()")]
+    pub network_id: String,
+
+    /// URL of the agent's API (default: http://127.0.0.1:8080)
+    #[argh(option, default = "default_api()")]
+    pub api: String,
+}
+
+/// Print what the status page shows: this node and every other with address, role, online state
+/// and traffic.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {
+    /// URL of the agent's API (default: http://127.0.0.1:8080)
+    #[argh(option, default = "default_api()")]
+    pub api: String,
+}
+
+fn default_network_id() -> String {
+    crate::ledger::names::DEFAULT_NETWORK_ID.to_string()
+}
+
+fn default_api() -> String {
+    super::client::DEFAULT_API.to_string()
+}

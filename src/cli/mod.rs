@@ -3,6 +3,12 @@
 mod agent;
 mod args;
 mod bridge;
+mod client;
+mod commands;
+mod kubeconfig;
+mod roles;
+mod status;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +82,9 @@ fn run(cli: Cli) -> ExitCode {
             println!("{}", version_line());
             ExitCode::SUCCESS
         }
+        Command::GetKubeconfig(args) => commands::get_kubeconfig(&args),
+        Command::Role(args) => commands::role(&args),
+        Command::Status(args) => commands::status(&args),
     }
 }
 

@@ -1057,6 +1057,39 @@ fn view_reads_roles_and_skips_garbage() {
     assert_eq!(view.leader, None, "nobody beats");
 }
 
+#[test]
+fn view_reads_roles_set_through_the_api() {
+    let now = UNIX_BASE_MS + 1_000_000;
+    let mut s = SharedLedger::new();
+    let ids: Vec<Identity> = (1..=3).map(identity).collect();
+    for (i, uuid) in ["alpha", "bravo", "charlie"].iter().enumerate() {
+        s.announce(&ids[i], uuid, Role::Auto, UNIX_BASE_MS + i as u64);
+    }
+    // What the API stores for `kairosctl role set` (edgevpn's Go client) and for a curl PUT.
+    let kairos = serde_json::to_string(&crate::ledger::edgevpn::client_segment("master/ha"));
+    let curl = serde_json::to_string("worker");
+    let bogus = serde_json::to_string(&crate::ledger::edgevpn::client_segment("captain"));
+    for (uuid, value, ms) in [
+        ("alpha", kairos, 10),
+        ("bravo", curl, 11),
+        ("charlie", bogus, 12),
+    ] {
+        let value = value.unwrap();
+        s.put(
+            &ids[0],
+            BUCKET,
+            &names::role_key(uuid),
+            value.as_bytes(),
+            UNIX_BASE_MS + ms,
+        );
+    }
+    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    let role = |u: &str| view.nodes[u].role.clone();
+    assert_eq!(role("alpha").as_deref(), Some("master/ha"));
+    assert_eq!(role("bravo").as_deref(), Some("worker"));
+    assert_eq!(role("charlie"), None);
+}
+
 // ---- replication ----
 
 /// The heartbeat interval of the replicas (the default liveness timeout's quarter).

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
 use crate::identity::PeerId;
-use crate::ledger::{Ledger, names};
+use crate::ledger::{Ledger, edgevpn, names};
 
 use super::fnv32a;
 
@@ -102,10 +102,10 @@ impl View {
         let mut roles: BTreeMap<String, String> = BTreeMap::new();
         for (key, value) in ledger.bucket(bucket) {
             if let Some(uuid) = key.strip_suffix(names::ROLE_SUFFIX) {
-                if let Ok(role) = std::str::from_utf8(value) {
-                    if names::is_role(role) {
-                        roles.insert(uuid.to_string(), role.to_string());
-                    }
+                // Also as Kairos' tools store it (`kairosctl role set`, through the API).
+                let role = edgevpn::text(&String::from_utf8_lossy(value));
+                if names::is_role(&role) {
+                    roles.insert(uuid.to_string(), role);
                 }
                 continue;
             }

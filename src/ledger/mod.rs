@@ -57,6 +57,7 @@
 #![warn(missing_docs)]
 
 mod catchup;
+pub mod edgevpn;
 mod entry;
 mod hlc;
 pub mod names;

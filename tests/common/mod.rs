@@ -5,7 +5,8 @@
 #![allow(dead_code)] // Each test binary uses part of the lab.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,6 +266,73 @@ impl Drop for Lab {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
     }
+}
+
+/// A lab of `count` hosts at `<subnet>.<i>/24` (i from 1) and the path of one cloud-config for
+/// all of them: a fresh token, LAN discovery only, then `p2p_extra` (lines indented under `p2p:`).
+pub fn lab_with_hosts(
+    test: &str,
+    subnet: &str,
+    count: usize,
+    p2p_extra: &str,
+) -> (Lab, String, Vec<Host>) {
+    let mut lab = Lab::new(test);
+    let token = generate_token();
+    let config = write_config(
+        &lab.dir,
+        "config.yaml",
+        &format!(
+            "#cloud-config\np2p:\n  network_token: \"{token}\"\n  disable_dht: true\n{p2p_extra}"
+        ),
+    );
+    let config = config.to_str().unwrap().to_string();
+    let hosts = (1..=count)
+        .map(|i| lab.add_host(i, &format!("{subnet}.{i}/24")))
+        .collect();
+    (lab, config, hosts)
+}
+
+/// The agent's API unix socket (the test process reaches it directly: unix sockets are not
+/// network-namespaced).
+pub fn api_socket(host: &Host) -> PathBuf {
+    host.dir.join("state").join("api.sock")
+}
+
+/// Sends `raw` on a fresh API connection and returns everything the agent sent back.
+pub fn api_exchange(path: &Path, raw: &[u8]) -> String {
+    let mut stream = UnixStream::connect(path).expect("connect to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The agent may answer and close before reading everything (oversize requests).
+    let _ = stream.write_all(raw);
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `(status line, headers, body)` of one API request with `Connection: close`.
+pub fn api_request(path: &Path, method: &str, target: &str) -> (String, String, String) {
+    let raw = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    let response = api_exchange(path, raw.as_bytes());
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or((response.as_str(), ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_string(), body.to_string())
+}
+
+/// `GET target` as JSON, asserting a 200 with a JSON content type.
+pub fn api_get_json(path: &Path, target: &str) -> serde_json::Value {
+    let (status, headers, body) = api_request(path, "GET", target);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{target}");
+    assert!(
+        headers.to_ascii_lowercase().contains("application/json"),
+        "{target}: {headers}"
+    );
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: {e}: {body}"))
 }
 
 /// Writes a cloud-config for a test.
