@@ -200,11 +200,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             node.set_local_addrs(now, announced(&addrs, settings.listen, port));
             next_refresh = now + INTERFACE_REFRESH;
         }
+        // VPN packets first: they are what someone waits for.
+        if let Some(t) = &tun {
+            write_vpn_packets(&mut node, t);
+        }
         persister.run(&mut node, now, false);
         flush(&mut node, &sockets, &targets, &mut out);
         drain_events(&mut node);
         if let Some(t) = &mut tun {
-            write_vpn_packets(&mut node, t);
             follow_vpn_address(&node, t);
         }
         if !reported {
@@ -230,7 +233,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         let (now, unix) = clocks();
         if std::mem::take(&mut backlog.overlay) {
-            backlog.overlay = read_all(&mut node, &sockets.overlay, &mut buf, now, unix);
+            backlog.overlay = read_overlay(&mut node, &sockets.overlay, &mut buf, now, unix);
         }
         if let Some(t) = &mut tun {
             if std::mem::take(&mut backlog.tun) {
@@ -240,7 +243,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         for event in &events {
             match event.token() {
                 OVERLAY => {
-                    backlog.overlay = read_all(&mut node, &sockets.overlay, &mut buf, now, unix)
+                    backlog.overlay = read_overlay(&mut node, &sockets.overlay, &mut buf, now, unix)
                 }
                 TUN => {
                     if let Some(t) = &mut tun {
@@ -299,6 +302,9 @@ fn bind_sockets(settings: &DriverSettings) -> Result<Sockets, DriverError> {
         },
     )
     .map_err(|e| DriverError::Bind(settings.listen, e))?;
+    if !socket::enable_gro(&overlay) {
+        log::debug!("UDP GRO unavailable: one datagram per read");
+    }
     let mut sockets = Sockets {
         overlay: UdpSocket::from_std(overlay),
         beacon_v4: None,
@@ -389,6 +395,32 @@ fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, u
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // ICMP errors surface here (port unreachable): the peer's problem, not ours.
+            Err(e) => log::trace!("recv: {e}"),
+        }
+    }
+    true
+}
+
+/// Reads the overlay socket (datagrams or GRO runs of them) until it is empty or the turn's
+/// budget is spent (then true).
+fn read_overlay(
+    node: &mut Node,
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    now: Instant,
+    unix: u64,
+) -> bool {
+    for _ in 0..MAX_READS_PER_WAKE {
+        match socket::recv_segments(socket, buf) {
+            Ok(r) => {
+                let data = buf.get(..r.len).unwrap_or_default();
+                let size = r.segment_size.unwrap_or(r.len).max(1);
+                for datagram in data.chunks(size) {
+                    node.handle_datagram(now, unix, r.from, None, datagram);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => log::trace!("recv: {e}"),
         }
     }
