@@ -8,11 +8,13 @@ use super::args::AgentArgs;
 use super::{EXIT_FAILURE, EXIT_USAGE, load_config};
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
+use crate::driver::tun::TunSettings;
 use crate::driver::{self, DriverSettings};
 use crate::identity::{self, Identity, PeerId};
 use crate::ledger::Ledger;
 use crate::node::bootstrap::{BootstrapHost, BootstrapPeer};
 use crate::node::{Node, NodeSettings};
+use crate::vpn::VpnSettings;
 use crate::{host, logging};
 
 /// The ledger snapshot in the state directory.
@@ -93,13 +95,27 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         ledger,
         seed ^ 0x5eed,
     ));
+    let vpn = &cfg.p2p.vpn;
+    if vpn.create {
+        node.attach_vpn(VpnSettings {
+            local: vpn.settings.address,
+            mtu: vpn.settings.mtu,
+        });
+    } else {
+        log::info!("p2p.vpn.create is false: no VPN interface (the overlay and the API run)");
+    }
     let driver_settings = DriverSettings {
         listen: args.listen,
-        lan: cfg.p2p.vpn.settings.mdns,
-        exclude_interfaces: vec![cfg.p2p.vpn.settings.iface.clone()],
+        lan: vpn.settings.mdns,
+        exclude_interfaces: vec![vpn.settings.iface.clone()],
         ledger_path: Some(ledger_path),
-        api_listen: Some(cfg.p2p.vpn.settings.api_listen),
+        api_listen: Some(vpn.settings.api_listen),
         api_socket: Some(state_dir.join(API_SOCKET)),
+        tun: vpn.create.then(|| TunSettings {
+            name: vpn.settings.iface.clone(),
+            mtu: vpn.settings.mtu,
+        }),
+        report_connected: false,
     };
     match driver::run(node, &driver_settings) {
         Ok(()) => ExitCode::SUCCESS,

@@ -279,6 +279,8 @@ pub struct Cluster {
     foreign_announcements: u32,
     events: VecDeque<ClusterEvent>,
     save: SaveState,
+    /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
+    machines_generation: u64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -319,6 +321,7 @@ impl Cluster {
             foreign_announcements: 0,
             events: VecDeque::new(),
             save: SaveState::default(),
+            machines_generation: 0,
             ledger,
             clock: Clock::new(),
             settings,
@@ -365,6 +368,11 @@ impl Cluster {
     /// This node's settled VPN address.
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.ipam.as_ref().and_then(ipam::Ipam::address)
+    }
+
+    /// A number that changes whenever the `machines` bucket (VPN address → peer) changes.
+    pub fn machines_generation(&self) -> u64 {
+        self.machines_generation
     }
 
     /// Replication counters.
@@ -547,7 +555,14 @@ impl Cluster {
                 LedgerEvent::Changed { bucket, .. } if bucket == names::HEALTHCHECK => {
                     self.save.lazy_since.get_or_insert(now);
                 }
-                _ => self.save.urgent = true,
+                LedgerEvent::Changed { bucket, .. } if bucket != names::MACHINES => {
+                    self.save.urgent = true;
+                }
+                // A machine entry, or a resync (which may hide one).
+                LedgerEvent::Changed { .. } | LedgerEvent::Resync => {
+                    self.machines_generation += 1;
+                    self.save.urgent = true;
+                }
             }
         }
         any

@@ -5,9 +5,11 @@ pub mod api;
 pub mod interfaces;
 pub mod signal;
 pub mod socket;
+pub mod tun;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,17 +17,21 @@ use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::config::Ipv4Cidr;
 use crate::discovery::lan::{BEACON_MULTICAST_V6, BEACON_PORT};
 use crate::node::{Destination, Node, NodeEvent};
 use signal::ShutdownSignal;
 use socket::{SocketOptions, bind_udp};
+use tun::{TunDevice, TunError, TunSettings};
 
 const OVERLAY: Token = Token(0);
 const BEACON_V4: Token = Token(1);
 const BEACON_V6: Token = Token(2);
 const SIGNAL: Token = Token(3);
+const TUN: Token = Token(4);
 
-/// Datagrams read from one socket per wake-up before the others get their turn.
+/// Datagrams (or TUN packets) read from one source per turn before the others get theirs; a
+/// source left with more to read is read again on the next turn without waiting.
 const MAX_READS_PER_WAKE: usize = 256;
 /// How often interface addresses are re-read (DHCP renewals, cables plugged in).
 const INTERFACE_REFRESH: Duration = Duration::from_secs(2);
@@ -47,6 +53,10 @@ pub struct DriverSettings {
     pub api_listen: Option<SocketAddr>,
     /// The local HTTP API on a unix socket, mode 0600 (`None`: not served on one).
     pub api_socket: Option<PathBuf>,
+    /// The VPN's TUN interface (`None`: no VPN interface, `vpn.create: false`).
+    pub tun: Option<TunSettings>,
+    /// Print one line to stdout once the node is connected and sees other VPN nodes (`bridge`).
+    pub report_connected: bool,
 }
 
 /// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
@@ -86,6 +96,8 @@ pub enum DriverError {
     Bind(SocketAddr, io::Error),
     /// The poller or the signal pipe failed.
     Os(io::Error),
+    /// The TUN interface could not be set up.
+    Tun(TunError),
 }
 
 impl std::fmt::Display for DriverError {
@@ -93,6 +105,7 @@ impl std::fmt::Display for DriverError {
         match self {
             Self::Bind(addr, e) => write!(f, "cannot bind UDP {addr}: {e}"),
             Self::Os(e) => write!(f, "event loop: {e}"),
+            Self::Tun(e) => write!(f, "{e}"),
         }
     }
 }
@@ -122,6 +135,16 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         registry
             .register(s, BEACON_V6, Interest::READABLE)
             .map_err(DriverError::Os)?;
+    }
+    let mut tun = match &settings.tun {
+        Some(t) => Some(TunDevice::open(t).map_err(DriverError::Tun)?),
+        None => None,
+    };
+    if let Some(t) = &tun {
+        registry
+            .register(&mut SourceFd(&t.as_raw_fd()), TUN, Interest::READABLE)
+            .map_err(DriverError::Os)?;
+        log::info!("VPN interface {} created", t.name());
     }
     let mut shutdown = ShutdownSignal::install().map_err(DriverError::Os)?;
     registry
@@ -159,6 +182,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         path: settings.ledger_path.clone(),
         retry_at: None,
     };
+    // Sources read up to MAX_READS_PER_WAKE last turn with more left: mio only reports new
+    // readiness, so they are read again without waiting.
+    let mut backlog = Backlog::default();
+    let mut reported = !settings.report_connected;
 
     loop {
         let now = Instant::now();
@@ -174,6 +201,13 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         persister.run(&mut node, now, false);
         flush(&mut node, &sockets, &targets, &mut out);
         drain_events(&mut node);
+        if let Some(t) = &mut tun {
+            write_vpn_packets(&mut node, t);
+            follow_vpn_address(&node, t);
+        }
+        if !reported {
+            reported = report_connected(&node);
+        }
         let timeout = node
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
@@ -182,23 +216,42 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .min(api.poll_timeout().map_or(INTERFACE_REFRESH, |t| {
                 t.saturating_duration_since(Instant::now())
             }));
+        let timeout = if backlog.any() {
+            Duration::ZERO
+        } else {
+            timeout
+        };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(DriverError::Os(e));
             }
         }
         let (now, unix) = clocks();
+        if std::mem::take(&mut backlog.overlay) {
+            backlog.overlay = read_all(&mut node, &sockets.overlay, &mut buf, now, unix);
+        }
+        if let Some(t) = &mut tun {
+            if std::mem::take(&mut backlog.tun) {
+                backlog.tun = read_tun(&mut node, t, now);
+            }
+        }
         for event in &events {
             match event.token() {
-                OVERLAY => read_all(&mut node, &sockets.overlay, &mut buf, now, unix),
-                BEACON_V4 => sockets
-                    .beacon_v4
-                    .iter()
-                    .for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
-                BEACON_V6 => sockets
-                    .beacon_v6
-                    .iter()
-                    .for_each(|s| read_all(&mut node, s, &mut buf, now, unix)),
+                OVERLAY => {
+                    backlog.overlay = read_all(&mut node, &sockets.overlay, &mut buf, now, unix)
+                }
+                TUN => {
+                    if let Some(t) = &mut tun {
+                        backlog.tun = read_tun(&mut node, t, now);
+                    }
+                }
+                // Beacons are few: whatever is left waits for the next one.
+                BEACON_V4 => sockets.beacon_v4.iter().for_each(|s| {
+                    read_all(&mut node, s, &mut buf, now, unix);
+                }),
+                BEACON_V6 => sockets.beacon_v6.iter().for_each(|s| {
+                    read_all(&mut node, s, &mut buf, now, unix);
+                }),
                 SIGNAL => {
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
@@ -321,7 +374,8 @@ fn announced(
     out
 }
 
-fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, unix: u64) {
+/// Reads datagrams until the socket is empty or the turn's budget is spent (then true).
+fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, unix: u64) -> bool {
     for _ in 0..MAX_READS_PER_WAKE {
         match socket.recv_from(buf) {
             Ok((n, from)) => {
@@ -329,12 +383,90 @@ fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, u
                     node.handle_datagram(now, unix, from, None, bytes);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // ICMP errors surface here (port unreachable): the peer's problem, not ours.
             Err(e) => log::trace!("recv: {e}"),
         }
     }
+    true
+}
+
+/// Sources with more to read than one turn took.
+#[derive(Debug, Default)]
+struct Backlog {
+    overlay: bool,
+    tun: bool,
+}
+
+impl Backlog {
+    fn any(&self) -> bool {
+        self.overlay || self.tun
+    }
+}
+
+/// Reads packets from the TUN interface into the node until none is left or the turn's budget
+/// is spent (then true).
+fn read_tun(node: &mut Node, tun: &mut TunDevice, now: Instant) -> bool {
+    for _ in 0..MAX_READS_PER_WAKE {
+        match tun.read_packet() {
+            Ok(Some(packet)) => {
+                // Drops are counted by the VPN path (see /metrics).
+                let _ = node.send_vpn_packet(now, packet);
+            }
+            Ok(None) => return false,
+            Err(e) => {
+                log::warn!("reading the TUN interface {}: {e}", tun.name());
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Writes the VPN packets peers sent us to the TUN interface.
+fn write_vpn_packets(node: &mut Node, tun: &TunDevice) {
+    while let Some(packet) = node.poll_vpn_packet() {
+        tun.write_packet(&packet);
+    }
+}
+
+/// Gives the TUN interface the address the cluster settled on, and moves it when it changes.
+fn follow_vpn_address(node: &Node, tun: &mut TunDevice) {
+    let (Some(addr), Some(vpn)) = (node.cluster().and_then(|c| c.address()), node.vpn()) else {
+        return;
+    };
+    let wanted = Ipv4Cidr {
+        addr,
+        prefix_len: vpn.local().prefix_len,
+    };
+    if tun.address() == Some(wanted) {
+        return;
+    }
+    match tun.set_address(wanted) {
+        Ok(()) => log::info!("VPN address {wanted} on {}", tun.name()),
+        Err(e) => log::warn!("{e}"),
+    }
+}
+
+/// Prints one line once this node is connected to a member and knows another VPN node's
+/// address; true once printed.
+fn report_connected(node: &Node) -> bool {
+    let Some(vpn) = node.vpn() else {
+        return true;
+    };
+    let others = vpn.routes().len().saturating_sub(usize::from(
+        vpn.routes().owner(vpn.local().addr) == Some(node.peer_id()),
+    ));
+    if node.connected().is_empty() || others == 0 {
+        return false;
+    }
+    println!(
+        "connected: {} peer(s) online, {others} VPN node(s) reachable; this node is {}",
+        node.connected().len(),
+        vpn.local()
+    );
+    true
 }
 
 fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut Vec<u8>) {

@@ -41,6 +41,7 @@ use crate::overlay::{
 };
 use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
+use crate::vpn::{self, Vpn, VpnSettings};
 use control::{Control, MemberInfo};
 use members::{Change, MemberTable, Source};
 use relay::RelayPaths;
@@ -78,6 +79,9 @@ pub const PUNCH_WAIT: Duration = Duration::from_secs(5);
 pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(120);
 /// Relayed paths tracked (each is a virtual address and a few bytes).
 pub const MAX_RELAY_PATHS: usize = 1024;
+/// VPN packets accepted from peers and not yet taken by [`Node::poll_vpn_packet`]; more are
+/// dropped (the driver drains them after every input, so this only bounds a stalled TUN).
+pub const MAX_VPN_QUEUE: usize = 4096;
 
 /// Tunables of a node. [`Default`] gives the documented values.
 #[derive(Debug, Clone)]
@@ -197,8 +201,12 @@ pub struct NodeStats {
     pub dht_rejected: u64,
     /// Control messages that did not decode.
     pub control_rejected: u64,
-    /// Datagrams received while nothing consumes them.
+    /// Datagrams received while nothing consumes them (no VPN).
     pub datagrams_unused: u64,
+    /// VPN packets dropped because the queue to the TUN interface was full.
+    pub vpn_queue_full: u64,
+    /// VPN packets routed to a peer whose connection refused them (send buffer, closing).
+    pub vpn_send_failed: u64,
     /// QUIC packets this node forwarded for two other members.
     pub relayed: u64,
     /// Relay frames dropped (malformed, receiver not connected, queue full).
@@ -260,6 +268,11 @@ pub struct Node {
     stats: NodeStats,
     scratch: Vec<u8>,
     cluster: Option<Cluster>,
+    vpn: Option<Vpn>,
+    /// The cluster's `machines` generation the VPN routes were read at.
+    vpn_routes_at: Option<u64>,
+    /// Accepted VPN packets for the TUN interface.
+    vpn_in: VecDeque<Bytes>,
     /// The wall clock of the last input, in unix milliseconds.
     unix_ms: u64,
 }
@@ -328,6 +341,9 @@ impl Node {
             stats: NodeStats::default(),
             scratch: Vec::new(),
             cluster: None,
+            vpn: None,
+            vpn_routes_at: None,
+            vpn_in: VecDeque::new(),
             unix_ms: 0,
         })
     }
@@ -345,6 +361,19 @@ impl Node {
     /// The cluster layer, mutably (ledger writes from the API or k3s set-up, saves).
     pub fn cluster_mut(&mut self) -> Option<&mut Cluster> {
         self.cluster.as_mut()
+    }
+
+    /// Adds the VPN packet path; its routes come from the cluster layer's `machines` bucket, its
+    /// address from the cluster's allocator (or the static one in `settings`).
+    pub fn attach_vpn(&mut self, settings: VpnSettings) {
+        self.vpn = Some(Vpn::new(settings));
+        self.vpn_routes_at = None;
+        self.sync_vpn();
+    }
+
+    /// The VPN packet path, if attached.
+    pub fn vpn(&self) -> Option<&Vpn> {
+        self.vpn.as_ref()
     }
 
     // ---- getters ----
@@ -526,6 +555,36 @@ impl Node {
         }
     }
 
+    /// Sends `packet`, read from the TUN interface, to the member owning its destination as one
+    /// QUIC datagram. When the owner is a member we are not connected to, a connection is started
+    /// (the packet is dropped, as a router drops packets while it resolves a neighbour).
+    pub fn send_vpn_packet(&mut self, now: Instant, packet: Bytes) -> Result<PeerId, vpn::Drop> {
+        let Some(vpn) = &mut self.vpn else {
+            return Err(vpn::Drop::Unreachable);
+        };
+        let transport = &mut self.transport;
+        let mut owner = None;
+        let routed = vpn.route_outgoing(&packet, |peer| {
+            owner = Some(*peer);
+            transport.max_datagram_size(peer)
+        });
+        match routed {
+            Ok(peer) => {
+                if self.transport.send_datagram(&peer, packet).is_err() {
+                    self.stats.vpn_send_failed += 1;
+                }
+                Ok(peer)
+            }
+            Err(vpn::Drop::Unreachable) => {
+                if let Some(peer) = owner {
+                    self.connect_on_demand(now, peer);
+                }
+                Err(vpn::Drop::Unreachable)
+            }
+            Err(reason) => Err(reason),
+        }
+    }
+
     /// Sends a control message to a connected member.
     pub fn send_control(&mut self, peer: &PeerId, msg: &Control) {
         let mut buf = std::mem::take(&mut self.scratch);
@@ -615,6 +674,12 @@ impl Node {
         self.events.pop_front()
     }
 
+    /// The next VPN packet to write to the TUN interface (checked: it comes from the member
+    /// owning its source address and is addressed to us).
+    pub fn poll_vpn_packet(&mut self) -> Option<Bytes> {
+        self.vpn_in.pop_front()
+    }
+
     // ---- internals ----
 
     fn announced_addrs(&self) -> Vec<SocketAddr> {
@@ -694,6 +759,58 @@ impl Node {
         for (peer, bytes) in messages {
             self.send_control(&peer, &Control::Ledger(bytes));
         }
+        self.sync_vpn();
+    }
+
+    /// Brings the VPN's address and routes in line with the cluster layer.
+    fn sync_vpn(&mut self) {
+        let (Some(vpn), Some(cluster)) = (&mut self.vpn, &self.cluster) else {
+            return;
+        };
+        if let Some(addr) = cluster.address() {
+            if addr != vpn.local().addr {
+                let local = crate::config::Ipv4Cidr {
+                    addr,
+                    ..vpn.local()
+                };
+                vpn.set_local(local, cluster.ledger());
+            }
+        }
+        let generation = cluster.machines_generation();
+        if self.vpn_routes_at != Some(generation) {
+            self.vpn_routes_at = Some(generation);
+            vpn.update_routes(cluster.ledger());
+        }
+    }
+
+    /// A VPN packet wants `peer`, a member we have no connection to: dial it now unless a dial
+    /// is under way or backing off.
+    fn connect_on_demand(&mut self, now: Instant, peer: PeerId) {
+        if peer == self.me || self.connected.contains_key(&peer) {
+            return;
+        }
+        let idle = self
+            .dials
+            .get(&peer)
+            .is_none_or(|d| d.pending.is_none() && d.next_attempt <= now);
+        if idle && self.members.get(&peer).is_some() {
+            self.dial(now, peer);
+        }
+    }
+
+    /// A datagram that is not a relay frame: a VPN packet.
+    fn on_vpn_datagram(&mut self, peer: PeerId, bytes: Bytes) {
+        let Some(vpn) = &mut self.vpn else {
+            self.stats.datagrams_unused += 1;
+            return;
+        };
+        if vpn.accept_incoming(peer, &bytes).is_ok() {
+            if self.vpn_in.len() >= MAX_VPN_QUEUE {
+                self.stats.vpn_queue_full += 1;
+            } else {
+                self.vpn_in.push_back(bytes);
+            }
+        }
     }
 
     fn on_transport_event(&mut self, now: Instant, event: TransportEvent) {
@@ -757,7 +874,7 @@ impl Node {
             TransportEvent::Datagram { peer, bytes } if RelayFrame::is_relay_frame(&bytes) => {
                 self.on_relay_frame(now, peer, &bytes);
             }
-            TransportEvent::Datagram { .. } => self.stats.datagrams_unused += 1,
+            TransportEvent::Datagram { peer, bytes } => self.on_vpn_datagram(peer, bytes),
             TransportEvent::HandshakeFailed { conn, addr, reason } => {
                 self.stats.dials_failed += 1;
                 log::debug!("handshake with {addr} failed: {reason}");
