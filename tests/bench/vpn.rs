@@ -348,9 +348,8 @@ impl Pair {
             "netns",
             &pair.ns[1],
         ])?;
-        for side in 0..2 {
-            let (ns, dev) = (&pair.ns[side], pair.veth[side].as_str());
-            let cidr = format!("{}/24", VETH[side]);
+        for ((ns, dev), addr) in pair.ns.iter().zip(&pair.veth).zip(VETH) {
+            let cidr = format!("{addr}/24");
             ns_run(ns, &["ip", "link", "set", "lo", "up"])?;
             ns_run(ns, &["ip", "addr", "add", &cidr, "dev", dev])?;
             ns_run(ns, &["ip", "link", "set", dev, "up"])?;
@@ -504,6 +503,8 @@ fn measure(pair: &Pair, target: &str, daemons: &[u32], mtu: String, secs: u64) -
         *p += 1;
         *p
     };
+    // One ping first so neither ARP nor a tunnel handshake lands in the sample.
+    ping_once(&pair.ns[0], target);
     let rtt = ping_rtt(&pair.ns[0], target);
     let one = iperf(pair, target, 1, daemons, secs, next_port());
     let four = iperf(pair, target, 4, daemons, secs, next_port());
@@ -577,12 +578,12 @@ fn wg_row(pair: &Pair, kind: Wg, secs: u64) -> Result<Measured, String> {
         ));
     }
     let mut daemons = Vec::new();
-    for side in 0..2 {
-        let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", iface[side]));
+    for (side, dev) in iface.iter().enumerate() {
+        let sock = PathBuf::from(format!("/var/run/wireguard/{dev}.sock"));
         SOCKETS.lock().unwrap_or_else(|e| e.into_inner()).push(sock);
         let args: Vec<&str> = match kind {
-            Wg::Boringtun => vec![&binary, "-f", "--disable-drop-privileges", &iface[side]],
-            Wg::WireguardGo => vec![&binary, "-f", &iface[side]],
+            Wg::Boringtun => vec![&binary, "-f", "--disable-drop-privileges", dev],
+            Wg::WireguardGo => vec![&binary, "-f", dev],
         };
         let env = [
             ("WG_SUDO", "1"),
