@@ -96,6 +96,17 @@ fn install_signal_cleanup() {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            if old.sa_sigaction == libc::SIG_IGN {
+                if sig == libc::SIGHUP {
+                    // nohup: the caller wants us to outlive the terminal.
+                    continue;
+                }
+                // A shell starts background jobs with SIGINT ignored, and an ignored signal
+                // never reaches sigwait: a Ctrl-C or `kill -INT` should still clean up.
+                libc::signal(sig, libc::SIG_DFL);
+            }
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -847,7 +858,9 @@ fn hub(secs: u64) -> Result<Hub, String> {
         .filter_map(|&p| status_kb(p, "VmHWM"))
         .max();
     drop(servers);
+    let dir = lab.dir.clone();
     drop(lab);
+    let _ = fs::remove_dir_all(dir);
     names.iter().for_each(|n| unregister(n));
     Ok(Hub {
         peers_up,
