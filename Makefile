@@ -47,8 +47,10 @@ lint: fmt-check clippy
 test: deps lint unit-test sim-properties cross-test
 	@echo "make test: all steps passed"
 
-# Benchmarks print numbers and ratios; they assert nothing.
+# Benchmarks print numbers and ratios; they assert nothing. The VPN bench compares against
+# iperf3 over the raw link, boringtun-cli and wireguard-go: setup-tools.sh installs them.
 bench: deps
+	@bash tests/bench/setup-tools.sh
 	$(CARGO) bench --locked
 
 demo:
