@@ -265,6 +265,10 @@ impl Drop for Lab {
         for ns in self.namespaces.iter().rev() {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
+        // The agents' logs stay for a failed test to be read.
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
