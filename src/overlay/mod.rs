@@ -21,8 +21,9 @@ mod tests;
 
 pub use tls::{ALPN, CertRejection, CipherPreference};
 pub use transport::{
-    ConnId, ConnectError, DisconnectReason, DropStats, HandshakeFailure, PeerInfo, SendError,
-    Transmit, Transport, TransportError, TransportEvent, TransportSettings, TransportStats,
+    ConnId, ConnectError, DisconnectReason, DropStats, HandshakeFailure, MIN_PATH_MTU, PeerInfo,
+    SendError, Transmit, Transport, TransportError, TransportEvent, TransportSettings,
+    TransportStats,
 };
 
 /// True when a UDP payload starting with `first_byte` may be QUIC.

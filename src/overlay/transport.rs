@@ -105,9 +105,12 @@ pub struct TransportSettings {
     /// at least 1200 (QUIC's minimum). A DATAGRAM frame then carries a VPN packet of up to 1414
     /// bytes ([`Transport::max_datagram_size`] tells exactly), more than the default VPN MTU of
     /// 1200 (EDGEVPNMTU). If the path is narrower, quinn-proto's black-hole detection falls back
-    /// to 1200-byte packets, whose datagrams carry 1162 bytes: a VPN MTU of at most 1162 never
-    /// depends on the path.
+    /// to [`min_mtu`](Self::min_mtu).
     pub initial_mtu: u16,
+    /// The UDP payload size a connection falls back to when larger packets are lost (default
+    /// [`MIN_PATH_MTU`], 1238: a 1200-byte VPN packet in one DATAGRAM frame, so Kairos' default
+    /// EDGEVPNMTU works on every path; see `crate::vpn`). At least 1200, at most `initial_mtu`.
+    pub min_mtu: u16,
     /// Probe for a larger path MTU (needs a socket that never fragments: IP_PMTUDISC_DO /
     /// IPV6_DONTFRAG). Default false.
     pub allow_mtu_discovery: bool,
@@ -143,12 +146,18 @@ pub struct TransportSettings {
     pub ciphers: CipherPreference,
 }
 
+/// Default [`TransportSettings::min_mtu`]: QUIC packets of a 1200-byte VPN packet in a DATAGRAM
+/// frame (1200 + 38 bytes quinn-proto reserves). On the wire: 1266 bytes over IPv4, 1286 over
+/// IPv6; only an IPv6 path of exactly 1280 to 1285 bytes would not carry it.
+pub const MIN_PATH_MTU: u16 = 1238;
+
 impl Default for TransportSettings {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(30),
             keep_alive: None,
             initial_mtu: 1452,
+            min_mtu: MIN_PATH_MTU,
             allow_mtu_discovery: false,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE as usize,
             datagram_receive_buffer: 1 << 20,
@@ -681,6 +690,9 @@ impl Transport {
         if settings.initial_mtu < 1200 {
             return invalid("initial_mtu", "below QUIC's minimum of 1200");
         }
+        if settings.min_mtu < 1200 || settings.min_mtu > settings.initial_mtu {
+            return invalid("min_mtu", "outside 1200..=initial_mtu");
+        }
         if settings.max_message_size == 0 {
             return invalid("max_message_size", "must be positive");
         }
@@ -703,6 +715,7 @@ impl Transport {
                 .max_idle_timeout(Some(idle))
                 .keep_alive_interval(settings.keep_alive)
                 .initial_mtu(mtu)
+                .min_mtu(settings.min_mtu.min(mtu))
                 .datagram_receive_buffer_size(Some(settings.datagram_receive_buffer))
                 .datagram_send_buffer_size(settings.datagram_send_buffer)
                 .max_concurrent_bidi_streams(VarInt::from_u32(0))

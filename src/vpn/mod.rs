@@ -46,19 +46,18 @@
 //!   datagram on the two outer connections, within their 1414.
 //! - Narrower paths (PPPoE 1492, 1460 on Google Cloud, 1450 under VXLAN, 1420 under WireGuard)
 //!   lose or fragment the 1452-byte packets; quinn-proto's black-hole detection then falls back
-//!   to QUIC's floor of 1200 ([`QUIC_MIN_UDP_PAYLOAD`]) for the rest of the connection (MTU
-//!   discovery is off): datagrams of at most 1200 − 38 = 1162 bytes. quinn-proto's own default
-//!   `initial_mtu` is that 1200 too.
+//!   to the transport's `min_mtu` for the rest of the connection (MTU discovery is off). QUIC's
+//!   own floor would be 1200 ([`QUIC_MIN_UDP_PAYLOAD`]), whose datagrams carry only
+//!   1200 − 38 = 1162 bytes; the transport sets `min_mtu` to [`MIN_PATH_MTU`] = 1200 + 38 = 1238
+//!   instead, so a fallen-back connection still carries a full [`DEFAULT_MTU`] packet.
 //!
-//! Kairos' default `EDGEVPNMTU` of 1200: alone in its QUIC packet, a 1200-byte VPN packet makes
-//! 1200 + 32 = 1232 bytes of UDP payload, 1280 bytes on IPv6, IPv6's minimum link MTU: it would
-//! cross any path unfragmented. Direct and relayed connections carry it while their path takes
-//! 1452-byte packets; after a fallback quinn-proto refuses it (1200 > 1162: it reserves 6 bytes
-//! more than a 1200-byte packet needs), so packets of 1163 to 1200 bytes are dropped
-//! ([`Drop::OverDatagramLimit`]) and TCP stalls on full-size segments. The largest MTU any direct
-//! connection carries whatever its path is 1162: [`DEFAULT_MTU`]. (A relayed path whose outer
-//! connection fell back carries nothing at all: an inner QUIC packet is at least 1200 bytes, 1233
-//! with its relay header. That is for the transport to handle, not the VPN MTU.)
+//! [`DEFAULT_MTU`] is Kairos' `EDGEVPNMTU` default, 1200, kept: alone in its QUIC packet a
+//! 1200-byte VPN packet makes at most 1200 + 32 = 1232 bytes of UDP payload (quinn reserves 6
+//! bytes more than it needs: 1238), 1266 bytes on IPv4 and 1286 on IPv6. It crosses every IPv4
+//! path of 1266 bytes or more and every IPv6 path but one of exactly 1280 to 1285 bytes, without
+//! fragmentation, whatever the path. (A relayed path whose outer connection fell back carries
+//! nothing at all: an inner QUIC packet is at least 1200 bytes, 1233 with its relay header. That
+//! is for the transport to handle, not the VPN MTU.)
 //!
 //! With a larger MTU configured, [`Vpn::route_outgoing`] refuses the packets the peer's
 //! connection cannot take and counts them.
@@ -72,6 +71,7 @@ use std::net::Ipv4Addr;
 use crate::config::Ipv4Cidr;
 use crate::identity::PeerId;
 use crate::ledger::Ledger;
+use crate::overlay::MIN_PATH_MTU;
 
 use packet::IpHeader;
 use routes::Routes;
@@ -99,9 +99,9 @@ pub const DATAGRAM_OVERHEAD: u16 = SHORT_HEADER_FLAGS_LEN
     + AEAD_TAG_LEN
     + DATAGRAM_FRAME_BOUND;
 
-/// The recommended VPN MTU, 1162: the largest packet a direct connection carries whatever its
-/// path (see the module documentation; Kairos' `EDGEVPNMTU` default is 1200).
-pub const DEFAULT_MTU: u16 = QUIC_MIN_UDP_PAYLOAD - DATAGRAM_OVERHEAD;
+/// The default VPN MTU, Kairos' 1200: the largest packet a direct connection carries whatever
+/// its path, given the transport's [`MIN_PATH_MTU`] (see the module documentation).
+pub const DEFAULT_MTU: u16 = MIN_PATH_MTU - DATAGRAM_OVERHEAD;
 
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

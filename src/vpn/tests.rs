@@ -348,7 +348,13 @@ fn drop_reasons_are_listed_once_with_distinct_names() {
 #[test]
 fn mtu_arithmetic() {
     assert_eq!(DATAGRAM_OVERHEAD, 38);
-    assert_eq!(DEFAULT_MTU, 1162);
+    assert_eq!(DEFAULT_MTU, 1200);
+    assert_eq!(
+        DEFAULT_MTU,
+        crate::config::DEFAULT_MTU,
+        "Kairos' EDGEVPNMTU default"
+    );
+    assert_eq!(QUIC_MIN_UDP_PAYLOAD - DATAGRAM_OVERHEAD, 1162);
     let direct = TransportSettings::default().initial_mtu;
     assert_eq!(direct, 1500 - 40 - 8, "a 1500-byte IPv6 path");
     assert_eq!(direct - DATAGRAM_OVERHEAD, 1414);
@@ -371,6 +377,7 @@ fn measured_max_datagram(initial_mtu: u16, relayed: bool) -> (usize, usize) {
     let keys = token.key_schedule();
     let settings = TransportSettings {
         initial_mtu,
+        min_mtu: initial_mtu.min(crate::overlay::MIN_PATH_MTU),
         ..TransportSettings::default()
     };
     let (ia, ib) = (identity(1), identity(2));
@@ -421,6 +428,12 @@ fn quinn_datagram_limits_match_the_arithmetic() {
         (
             "direct, QUIC floor",
             QUIC_MIN_UDP_PAYLOAD,
+            false,
+            QUIC_MIN_UDP_PAYLOAD - DATAGRAM_OVERHEAD,
+        ),
+        (
+            "direct, fallen back to the transport's floor",
+            crate::overlay::MIN_PATH_MTU,
             false,
             DEFAULT_MTU,
         ),
