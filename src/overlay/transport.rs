@@ -146,6 +146,9 @@ pub struct TransportSettings {
     pub ciphers: CipherPreference,
 }
 
+/// Size of each receive buffer incoming packets are copied into.
+const RX_POOL_CHUNK: usize = 64 * 1024;
+
 /// Default [`TransportSettings::min_mtu`]: QUIC packets of a 1200-byte VPN packet in a DATAGRAM
 /// frame (1200 + 38 bytes quinn-proto reserves). On the wire: 1266 bytes over IPv4, 1286 over
 /// IPv6; only an IPv6 path of exactly 1280 to 1285 bytes would not carry it.
@@ -651,6 +654,8 @@ pub struct Transport {
     next_id: u64,
     stats: TransportStats,
     scratch: Vec<u8>,
+    /// Receive buffer packets are cut from (see [`Transport::handle_datagram`]).
+    rx_pool: BytesMut,
 }
 
 impl fmt::Debug for Transport {
@@ -784,6 +789,7 @@ impl Transport {
             next_id: 0,
             stats: TransportStats::default(),
             scratch: Vec::new(),
+            rx_pool: BytesMut::new(),
         })
     }
 
@@ -866,9 +872,16 @@ impl Transport {
         }
         let mut buf = mem::take(&mut self.scratch);
         buf.clear();
+        // Packets are copied into shared receive buffers (what quinn-proto keeps of one, a
+        // datagram's data, refers to it): no allocation per packet.
+        if self.rx_pool.capacity() < bytes.len() {
+            self.rx_pool.reserve(RX_POOL_CHUNK.max(bytes.len()));
+        }
+        self.rx_pool.extend_from_slice(bytes);
+        let packet = self.rx_pool.split();
         match self
             .endpoint
-            .handle(now, from, local_ip, None, BytesMut::from(bytes), &mut buf)
+            .handle(now, from, local_ip, None, packet, &mut buf)
         {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(c) = self.conns.get_mut(&ch) {
