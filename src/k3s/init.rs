@@ -199,16 +199,17 @@ fn is_ours(path: &Path) -> bool {
 }
 
 fn systemd_unit(plan: &Plan, env_file: &str, exec: &str) -> String {
-    let (kind, after) = if plan.role.is_server() {
-        ("notify", "")
+    // k3s servers tell systemd when they are up; agents do not.
+    let kind = if plan.role.is_server() {
+        "notify"
     } else {
-        ("exec", "")
+        "exec"
     };
     format!(
         "# {WRITTEN_BY}: k3s for the role {role}\n\
          [Unit]\nDescription=Lightweight Kubernetes ({role}, {WRITTEN_BY})\n\
          Documentation=https://k3s.io\nWants=network-online.target\n\
-         After=network-online.target{after}\n\n\
+         After=network-online.target\n\n\
          [Service]\nType={kind}\nEnvironmentFile=-{env_file}\n\
          KillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nLimitNPROC=infinity\n\
          LimitCORE=infinity\nTasksMax=infinity\nTimeoutStartSec=0\nRestart=always\n\

@@ -263,6 +263,15 @@ mod tests {
             .collect()
     }
 
+    /// (name, config lines, role, expected args, expected env).
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        K3sRole,
+        Vec<&'a str>,
+        Vec<(&'a str, &'a str)>,
+    );
+
     #[test]
     fn plans() {
         use K3sRole::*;
@@ -280,7 +289,7 @@ mod tests {
         let agent_user = "k3s-agent:\n  args: [--node-label=x=y]\n  env: {K3S_NODE_NAME: n1}\n";
         let db_vip = format!("{db}{kubevip}");
         let both_users = format!("{k3s_user}{agent_user}");
-        let cases: Vec<(&str, &str, K3sRole, Vec<&str>, Vec<(&str, &str)>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "plain master",
                 "",

@@ -525,4 +525,224 @@ mod tests {
         assert!(e.contains("KAIROS_P2P_K3S") && e.contains("nope"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A k3s stand-in shell script: logs its arguments and K3S_TOKEN, writes the node token and
+    /// k3s.yaml under the root (servers), runs until SIGTERM.
+    fn fake_k3s(dir: &std::path::Path, root: &Root) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(dir).unwrap();
+        let bin = dir.join("k3s");
+        let script = format!(
+            "#!/bin/sh\necho \"$* token=$K3S_TOKEN root=$KAIROS_P2P_ROOT\" >> {log}\n\
+             if [ \"$1\" = server ]; then\n  mkdir -p {tokdir} {yamldir}\n  \
+             echo 'K10fake::server:secret' > {tokdir}/node-token\n  \
+             printf 'apiVersion: v1\\nclusters:\\n- cluster:\\n    server: https://127.0.0.1:6443\\n' > {yamldir}/k3s.yaml\nfi\n\
+             trap 'exit 0' TERM\nwhile true; do sleep 0.05; done\n",
+            log = dir.join("runs").display(),
+            tokdir = root.path("/var/lib/rancher/k3s/server").display(),
+            yamldir = root.path("/etc/rancher/k3s").display(),
+        );
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    struct Harness {
+        _poll: mio::Poll,
+        commands: std::sync::mpsc::Sender<Command>,
+        reports: std::sync::mpsc::Receiver<Report>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Harness {
+        fn start(settings: WorkerSettings) -> Self {
+            let poll = mio::Poll::new().unwrap();
+            let waker = Arc::new(Waker::new(poll.registry(), mio::Token(1)).unwrap());
+            let (commands, rx) = std::sync::mpsc::channel();
+            let (tx, reports) = std::sync::mpsc::channel();
+            let w = Worker::new(settings, tx, waker);
+            let thread = Some(std::thread::spawn(move || w.run(rx)));
+            Self {
+                _poll: poll,
+                commands,
+                reports,
+                thread,
+            }
+        }
+
+        /// Reports until `until` says stop (or 10 s pass).
+        fn wait(&self, mut until: impl FnMut(&Report) -> bool) -> Vec<Report> {
+            let end = Instant::now() + Duration::from_secs(10);
+            let mut seen = Vec::new();
+            while Instant::now() < end {
+                if let Ok(r) = self.reports.recv_timeout(Duration::from_millis(50)) {
+                    let done = until(&r);
+                    seen.push(r);
+                    if done {
+                        return seen;
+                    }
+                }
+            }
+            panic!("timed out; reports: {seen:?}");
+        }
+
+        fn stop(mut self) {
+            self.commands.send(Command::Stop).unwrap();
+            self.thread.take().unwrap().join().unwrap();
+        }
+    }
+
+    fn settings(dir: &std::path::Path, config: &str) -> WorkerSettings {
+        let root = Root::new(dir.join("root"));
+        let text = format!("#cloud-config\np2p:\n  network_id: t\n{config}");
+        let config = crate::config::parse(
+            &[(std::path::Path::new("t.yaml"), &text)],
+            &crate::config::HostFacts::default(),
+        )
+        .unwrap();
+        let bin = fake_k3s(&dir.join("bin"), &root);
+        WorkerSettings {
+            config,
+            state_dir: dir.join("state"),
+            root,
+            init: InitSystem::None,
+            binary: Some(bin),
+            path: None,
+            timing: Timing {
+                ready_retry: Duration::from_millis(50),
+                connect_timeout: Duration::from_millis(200),
+                retry: Duration::from_millis(100),
+                child_check: Duration::from_millis(20),
+                supervise: SuperviseTiming {
+                    backoff_min: Duration::from_millis(50),
+                    grace: Duration::from_secs(2),
+                    ..SuperviseTiming::default()
+                },
+            },
+        }
+    }
+
+    fn want(role: K3sRole, ip: std::net::IpAddr) -> Want {
+        Want {
+            facts: Facts {
+                role,
+                node_ip: ip,
+                iface: "edgevpn0".into(),
+                master: None,
+                node_token: None,
+                cluster_initialised: false,
+            },
+            publish_address: ip.to_string(),
+            lan_iface: "eth0".into(),
+        }
+    }
+
+    /// The cluster-init master: supervised, waits for its API, publishes, records its markers;
+    /// restarted, it resumes without `--cluster-init` and publishes again.
+    #[test]
+    fn cluster_init_master_publishes_and_resumes() {
+        let dir = std::env::temp_dir().join(format!("kp2p-worker-ci-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // The "API": a listener on a loopback address of its own, port 6443.
+        let ip: std::net::IpAddr = format!(
+            "127.77.{}.{}",
+            std::process::id() % 200,
+            1 + std::process::id() % 250
+        )
+        .parse()
+        .unwrap();
+        let _api = std::net::TcpListener::bind((ip, crate::k3s::API_PORT)).unwrap();
+        let s = settings(&dir, "  auto:\n    ha:\n      master_nodes: 1\n");
+        let runs = dir.join("bin/runs");
+        let markers = Markers::new(&s.state_dir);
+
+        let h = Harness::start(s.clone());
+        h.commands
+            .send(Command::Apply(want(K3sRole::ClusterInit, ip)))
+            .unwrap();
+        let seen = h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        let data = seen
+            .iter()
+            .find_map(|r| match r {
+                Report::Publish(d) => Some(d.clone()),
+                _ => None,
+            })
+            .expect("published before running");
+        assert_eq!(data.node_token, "K10fake::server:secret");
+        assert_eq!(data.address, ip.to_string());
+        assert!(String::from_utf8_lossy(&data.kubeconfig).contains("127.0.0.1:6443"));
+        assert!(markers.cluster_initialised());
+        let deployed = markers.deployed().unwrap().unwrap();
+        assert_eq!(deployed.role, "master/clusterinit");
+        h.stop();
+        let first = std::fs::read_to_string(&runs).unwrap();
+        assert_eq!(first.lines().count(), 1, "{first}");
+        assert!(first.contains("server --node-ip="), "{first}");
+        assert!(first.contains("--cluster-init"), "{first}");
+        assert!(
+            first.contains(&format!(
+                "root={}",
+                std::env::var(crate::k3s::ROOT_ENV).unwrap_or_default()
+            )),
+            "the child inherits KAIROS_P2P_ROOT: {first}"
+        );
+
+        // Restart (the node rebooted): no second cluster-init, same plan, published again.
+        let h = Harness::start(s.clone());
+        h.commands
+            .send(Command::Apply(want(K3sRole::ClusterInit, ip)))
+            .unwrap();
+        let seen = h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        assert!(seen.iter().any(|r| matches!(r, Report::Publish(_))));
+        // The files of the first run make it ready at once: let the child start before stopping.
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&runs).map_or(0, |t| t.lines().count()) < 2 {
+            assert!(Instant::now() < end, "the second run never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h.stop();
+        let all = std::fs::read_to_string(&runs).unwrap();
+        let second = all.lines().nth(1).unwrap();
+        assert!(!second.contains("--cluster-init"), "{all}");
+        assert_eq!(
+            markers.deployed().unwrap().unwrap(),
+            deployed,
+            "nothing redone"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A worker: joins with K3S_URL/K3S_TOKEN; a missing binary is reported and retried.
+    #[test]
+    fn worker_joins_and_a_missing_binary_is_retried() {
+        let dir = std::env::temp_dir().join(format!("kp2p-worker-w-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = settings(&dir, "");
+        let real = s.binary.replace(dir.join("bin/k3s-later")).unwrap();
+        let h = Harness::start(s.clone());
+        let mut w = want(K3sRole::Worker, "10.1.0.9".parse().unwrap());
+        w.facts.master = Some("10.1.0.1".into());
+        w.facts.node_token = Some("K10fake::server:secret".into());
+        h.commands.send(Command::Apply(w.clone())).unwrap();
+        let seen = h.wait(|r| matches!(r, Report::State(K3sState::Failed(_))));
+        let Some(Report::State(K3sState::Failed(why))) = seen.last() else {
+            unreachable!()
+        };
+        assert!(
+            why.contains("k3s binary not found") && why.contains("k3s-later"),
+            "{why}"
+        );
+        // The binary appears: the next attempt finds it.
+        std::fs::copy(&real, dir.join("bin/k3s-later")).unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        h.stop();
+        let runs = std::fs::read_to_string(dir.join("bin/runs")).unwrap();
+        assert!(
+            runs.starts_with("agent --with-node-id --node-ip=10.1.0.9 --flannel-iface=edgevpn0 token=K10fake::server:secret"),
+            "{runs}"
+        );
+        assert!(!s.root.path(crate::k3s::NODE_TOKEN_FILE).exists());
+        s.binary = Some(real);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
