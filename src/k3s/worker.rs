@@ -275,6 +275,7 @@ impl Worker {
                     job.bin = bin;
                     job.step = Step::Install;
                 }
+                self.report(Report::State(K3sState::Starting));
             }
             Err(why) => {
                 self.fail(format!(
