@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod driver;
 pub mod host;
 pub mod identity;
+pub mod k3s;
 pub mod ledger;
 pub mod logging;
 pub mod node;

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub ledger_applied: u64,
     /// The VPN packet path's counters (`None`: no VPN).
     pub vpn: Option<VpnStats>,
+    /// Where k3s stands ([`K3sState::name`](crate::k3s::K3sState::name); `None`: no k3s).
+    pub k3s_state: Option<&'static str>,
 }
 
 /// Renders `metrics` in the Prometheus text format 0.0.4: every family has `# HELP` and
@@ -102,6 +104,23 @@ pub fn render_prometheus(metrics: &Metrics) -> String {
     );
     let role = m.role.as_deref().unwrap_or("none");
     sample(&mut out, "role", &[("role", role)], 1);
+
+    if let Some(state) = m.k3s_state {
+        family(
+            &mut out,
+            "k3s_state",
+            "gauge",
+            "1 for the state this node's k3s is in (see the README's k3s section).",
+        );
+        for name in crate::k3s::K3sState::NAMES {
+            sample(
+                &mut out,
+                "k3s_state",
+                &[("state", name)],
+                u8::from(name == state),
+            );
+        }
+    }
 
     family(
         &mut out,
@@ -354,7 +373,21 @@ mod tests {
                 bytes_in: 1200,
                 ..VpnStats::default()
             }),
+            k3s_state: Some("running"),
         }
+    }
+
+    #[test]
+    fn k3s_state_is_one_of_the_names() {
+        let text = render_prometheus(&sample_metrics());
+        assert_well_formed(&text);
+        assert!(
+            text.contains("kairos_p2p_k3s_state{state=\"running\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("kairos_p2p_k3s_state{state=\"failed\"} 0\n"));
+        let none = render_prometheus(&Metrics::default());
+        assert!(!none.contains("k3s_state"), "no k3s, no family");
     }
 
     /// Every line is a comment or `name{labels} value`, and every family has HELP and TYPE

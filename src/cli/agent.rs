@@ -91,6 +91,7 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
             mtu: vpn.settings.mtu,
         }),
         report_connected: false,
+        k3s: crate::k3s::K3sSettings::from_env(&cfg, &uuid, &state_dir),
     };
     run_driver(node, &driver_settings)
 }

@@ -122,6 +122,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
             mtu: args.mtu,
         }),
         report_connected: true,
+        k3s: None,
     };
     run_driver(node, &driver_settings)
 }

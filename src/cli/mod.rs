@@ -5,7 +5,7 @@ mod args;
 mod bridge;
 mod client;
 mod commands;
-mod kubeconfig;
+pub(crate) mod kubeconfig;
 mod roles;
 mod status;
 mod table;

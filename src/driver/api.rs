@@ -526,6 +526,7 @@ impl ApiState for State<'_> {
             ledger_bytes: self.ledger.total_bytes() as u64,
             ledger_applied: l.applied,
             vpn: self.node.vpn().map(|v| *v.stats()),
+            k3s_state: self.node.k3s_state().map(crate::k3s::K3sState::name),
         }
     }
 }

@@ -29,6 +29,8 @@ const BEACON_V4: Token = Token(1);
 const BEACON_V6: Token = Token(2);
 const SIGNAL: Token = Token(3);
 const TUN: Token = Token(4);
+/// The k3s worker thread's waker (see `crate::k3s`).
+const K3S: Token = Token(15);
 
 /// Datagrams (or TUN packets) read from one source per turn before the others get theirs; a
 /// source left with more to read is read again on the next turn without waiting.
@@ -57,6 +59,8 @@ pub struct DriverSettings {
     pub tun: Option<TunSettings>,
     /// Print one line to stdout once the node is connected and sees other VPN nodes (`bridge`).
     pub report_connected: bool,
+    /// Set up and run k3s for the node's role (`None`: no k3s, e.g. `bridge`, `role: none`).
+    pub k3s: Option<crate::k3s::K3sSettings>,
 }
 
 /// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
@@ -173,6 +177,13 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         settings.api_socket.as_deref(),
         Instant::now(),
     );
+    // Dropped on return: stops the worker thread and a supervised k3s.
+    let mut k3s = match &settings.k3s {
+        Some(s) => {
+            Some(crate::k3s::K3s::start(s.clone(), poll.registry(), K3S).map_err(DriverError::Os)?)
+        }
+        None => None,
+    };
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
     let mut out = Vec::with_capacity(RECV_BUF);
@@ -199,6 +210,9 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             targets = beacon_targets(&addrs, &sockets);
             node.set_local_addrs(now, announced(&addrs, settings.listen, port));
             next_refresh = now + INTERFACE_REFRESH;
+        }
+        if let Some(k) = &mut k3s {
+            k.turn(&mut node, now);
         }
         // VPN packets first: they are what someone waits for.
         if let Some(t) = &tun {

@@ -275,6 +275,8 @@ pub struct Node {
     vpn_routes_at: Option<u64>,
     /// Accepted VPN packets for the TUN interface.
     vpn_in: VecDeque<Bytes>,
+    /// Where k3s stands (set by the driver's k3s layer; `None`: no k3s on this node).
+    k3s_state: Option<crate::k3s::K3sState>,
     /// The wall clock of the last input, in unix milliseconds.
     unix_ms: u64,
 }
@@ -346,6 +348,7 @@ impl Node {
             vpn: None,
             vpn_routes_at: None,
             vpn_in: VecDeque::new(),
+            k3s_state: None,
             unix_ms: 0,
         })
     }
@@ -376,6 +379,16 @@ impl Node {
     /// The VPN packet path, if attached.
     pub fn vpn(&self) -> Option<&Vpn> {
         self.vpn.as_ref()
+    }
+
+    /// Where this node's k3s stands (`None`: this node runs no k3s).
+    pub fn k3s_state(&self) -> Option<&crate::k3s::K3sState> {
+        self.k3s_state.as_ref()
+    }
+
+    /// Records where this node's k3s stands (the driver's k3s layer), for the API.
+    pub fn set_k3s_state(&mut self, state: Option<crate::k3s::K3sState>) {
+        self.k3s_state = state;
     }
 
     // ---- getters ----

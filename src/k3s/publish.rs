@@ -1,0 +1,235 @@
+//! The master's join data: when its k3s API is ready, what it publishes in the ledger and how
+//! the other nodes read it back.
+//!
+//! Keys of the cluster bucket `<network_id>`, as provider-kairos names them (its edgevpn client
+//! writes `<uuid>-<thing>`): `token-nodetoken` (the node token), `ip-master` (the address nodes
+//! join: the KubeVIP EIP if set, else the master's node address) and `master-kubeconfig`
+//! (k3s.yaml, base64url without padding). This agent stores the plain text; readers go through
+//! [`edgevpn::text`](crate::ledger::edgevpn::text), so values written by Kairos' Go client read
+//! the same.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use super::files;
+use super::{API_PORT, K3S_YAML, NODE_TOKEN_FILE, Root};
+use crate::cluster::Write;
+use crate::ledger::{Ledger, edgevpn, names};
+
+/// What a ready master publishes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinData {
+    /// The node token (trimmed).
+    pub node_token: String,
+    /// The contents of k3s.yaml.
+    pub kubeconfig: Vec<u8>,
+    /// The address other nodes join (`ip-master`).
+    pub address: String,
+}
+
+impl std::fmt::Debug for JoinData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinData")
+            .field("address", &self.address)
+            .field("kubeconfig_bytes", &self.kubeconfig.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the API is not ready yet (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// No node-token file yet (k3s has not created its datastore).
+    NoNodeToken(String),
+    /// Nothing answers TCP on the API port.
+    NoApi(String),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::NoNodeToken(why) | NotReady::NoApi(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Readiness of a server: `<root>/var/lib/rancher/k3s/server/node-token` exists and is not
+/// empty, and a TCP connection to `<node_ip>:6443` succeeds within `timeout`.
+pub fn ready(root: &Root, node_ip: IpAddr, timeout: Duration) -> Result<(), NotReady> {
+    let token = root.path(NODE_TOKEN_FILE);
+    match files::read(&token) {
+        Ok(Some(b)) if !b.trim_ascii().is_empty() => {}
+        Ok(Some(_)) => {
+            return Err(NotReady::NoNodeToken(format!(
+                "{} is empty",
+                token.display()
+            )));
+        }
+        Ok(None) => {
+            return Err(NotReady::NoNodeToken(format!(
+                "{} does not exist yet",
+                token.display()
+            )));
+        }
+        Err(e) => return Err(NotReady::NoNodeToken(e.to_string())),
+    }
+    let addr = SocketAddr::new(node_ip, API_PORT);
+    TcpStream::connect_timeout(&addr, timeout)
+        .map(drop)
+        .map_err(|e| NotReady::NoApi(format!("the k3s API at {addr} does not answer: {e}")))
+}
+
+/// Reads the join data of a ready server under `root`.
+pub fn read_join_data(root: &Root, address: &str) -> Result<JoinData, String> {
+    let token_path = root.path(NODE_TOKEN_FILE);
+    let token = files::read(&token_path)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} does not exist", token_path.display()))?;
+    let node_token = String::from_utf8(token)
+        .map_err(|_| format!("{} is not text", token_path.display()))?
+        .trim()
+        .to_string();
+    if node_token.is_empty() {
+        return Err(format!("{} is empty", token_path.display()));
+    }
+    let yaml_path = root.path(K3S_YAML);
+    let kubeconfig = files::read(&yaml_path)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} does not exist", yaml_path.display()))?;
+    if kubeconfig.trim_ascii().is_empty() {
+        return Err(format!("{} is empty", yaml_path.display()));
+    }
+    Ok(JoinData {
+        node_token,
+        kubeconfig,
+        address: address.to_string(),
+    })
+}
+
+/// The ledger writes that publish `data` in `bucket`, leaving out values the ledger already
+/// holds (by their text, whoever wrote them).
+pub fn writes(ledger: &Ledger, bucket: &str, data: &JoinData) -> Vec<Write> {
+    let wanted = [
+        (names::NODE_TOKEN, data.node_token.clone()),
+        (names::KUBECONFIG, URL_SAFE_NO_PAD.encode(&data.kubeconfig)),
+        (names::IP_MASTER, data.address.clone()),
+    ];
+    wanted
+        .into_iter()
+        .filter(|(key, value)| read(ledger, bucket, key).as_deref() != Some(value.as_str()))
+        .map(|(key, value)| Write::put(bucket, key, value))
+        .collect()
+}
+
+/// The text of `bucket/key` (as written by us or by Kairos' Go client), trimmed; `None` when
+/// absent or empty.
+pub fn read(ledger: &Ledger, bucket: &str, key: &str) -> Option<String> {
+    let raw = ledger.get(bucket, key)?;
+    let text = edgevpn::text(&String::from_utf8_lossy(raw));
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::kubeconfig;
+    use crate::identity::Identity;
+    use crate::ledger::{Clock, Limits};
+
+    const K3S_YAML_TEXT: &str = "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: LS0tLS1CRUdJTi==\n    server: https://127.0.0.1:6443\n  name: default\nkind: Config\n";
+
+    fn root(name: &str) -> Root {
+        let d = std::env::temp_dir().join(format!("kp2p-publish-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Root::new(d)
+    }
+
+    fn apply(ledger: &mut Ledger, writes: &[Write]) {
+        let id = Identity::from_seed([7; 32]);
+        let mut clock = Clock::new();
+        for w in writes {
+            let v = w.value.as_deref().unwrap();
+            ledger
+                .put(&id, &mut clock, &w.bucket, &w.key, v, 1_700_000_000_000)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn readiness_needs_the_token_file_and_the_api() {
+        let r = root("ready");
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Duration::from_millis(500);
+        let e = ready(&r, lo, t).unwrap_err();
+        assert!(matches!(e, NotReady::NoNodeToken(_)), "{e}");
+        files::write(&r.path(NODE_TOKEN_FILE), b"K10abc::server:xyz\n", 0o600).unwrap();
+        // Nothing on 127.0.0.1:6443 in the test environment (unless a real k3s runs there).
+        if TcpStream::connect_timeout(&SocketAddr::new(lo, API_PORT), t).is_err() {
+            assert!(matches!(ready(&r, lo, t), Err(NotReady::NoApi(_))));
+        }
+        std::fs::remove_dir_all(r.dir()).unwrap();
+    }
+
+    #[test]
+    fn published_values_read_back_through_get_kubeconfig() {
+        let r = root("values");
+        files::write(&r.path(NODE_TOKEN_FILE), b"K10abc::server:xyz\n", 0o600).unwrap();
+        files::write(&r.path(K3S_YAML), K3S_YAML_TEXT.as_bytes(), 0o600).unwrap();
+        let data = read_join_data(&r, "10.1.0.1").unwrap();
+        assert_eq!(data.node_token, "K10abc::server:xyz");
+        assert!(!format!("{data:?}").contains("K10abc"));
+
+        let mut ledger = Ledger::new(Limits::for_max_message_size(20 * 1024 * 1024));
+        let w = writes(&ledger, "kairos", &data);
+        assert_eq!(w.len(), 3);
+        apply(&mut ledger, &w);
+        assert!(
+            writes(&ledger, "kairos", &data).is_empty(),
+            "published once"
+        );
+
+        // What get-kubeconfig does with the two values.
+        let stored = read(&ledger, "kairos", names::KUBECONFIG).unwrap();
+        let address = read(&ledger, "kairos", names::IP_MASTER).unwrap();
+        let yaml = kubeconfig::kubeconfig(&stored, &address).unwrap();
+        assert_eq!(yaml, K3S_YAML_TEXT.replace("127.0.0.1", "10.1.0.1"));
+        // What a joining node reads.
+        assert_eq!(
+            read(&ledger, "kairos", names::NODE_TOKEN).as_deref(),
+            Some("K10abc::server:xyz")
+        );
+
+        // Values Kairos' Go client wrote read the same.
+        let go = |s: &str| serde_json::to_string(&edgevpn::client_segment(s)).unwrap();
+        let mut kairos = Ledger::new(Limits::for_max_message_size(20 * 1024 * 1024));
+        apply(
+            &mut kairos,
+            &[
+                Write::put("kairos", names::NODE_TOKEN, go("K10abc::server:xyz")),
+                Write::put("kairos", names::IP_MASTER, go("10.1.0.1")),
+                Write::put(
+                    "kairos",
+                    names::KUBECONFIG,
+                    go(&URL_SAFE_NO_PAD.encode(K3S_YAML_TEXT)),
+                ),
+            ],
+        );
+        assert!(writes(&kairos, "kairos", &data).is_empty(), "same values");
+        std::fs::remove_dir_all(r.dir()).unwrap();
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let r = root("missing");
+        let e = read_join_data(&r, "10.1.0.1").unwrap_err();
+        assert!(e.contains("node-token"), "{e}");
+        files::write(&r.path(NODE_TOKEN_FILE), b"tok", 0o600).unwrap();
+        let e = read_join_data(&r, "10.1.0.1").unwrap_err();
+        assert!(e.contains("k3s.yaml"), "{e}");
+        std::fs::remove_dir_all(r.dir()).unwrap();
+    }
+}
