@@ -743,9 +743,10 @@ fn without_the_vpn_kubevip_cluster_on_lan_addresses() {
         Some(master.host.ip.as_str()),
         "--node-ip is the LAN address: {what}"
     );
-    assert!(
-        !server.has_flag("flannel-iface"),
-        "no --flannel-iface without the VPN: {what}"
+    assert_eq!(
+        server.flag("flannel-iface").as_deref(),
+        Some("eth0"),
+        "--flannel-iface is the LAN interface without the VPN: {what}"
     );
     assert!(
         server.flag_values("tls-san").iter().any(|s| s == eip),
@@ -756,7 +757,12 @@ fn without_the_vpn_kubevip_cluster_on_lan_addresses() {
         let lan = c.nodes[i].host.ip.clone();
         assert_agent_of(&c, i, &master.host.ip, &token, &lan, false);
         let r = c.nodes[i].ready().unwrap();
-        assert!(!r.has_flag("flannel-iface"), "{}", c.nodes[i].host.ns);
+        assert_eq!(
+            r.flag("flannel-iface").as_deref(),
+            Some("eth0"),
+            "{}",
+            c.nodes[i].host.ns
+        );
     }
     for n in &c.nodes {
         let vpn = Command::new("ip")

@@ -229,10 +229,10 @@ impl K3s {
         } else {
             (None, None)
         };
-        let publish_address = match (kv.enable, kv.eip) {
-            (true, Some(eip)) => eip.to_string(),
-            _ => node_ip.to_string(),
-        };
+        // Nodes join the master's own address, as with Kairos: it answers as soon as k3s does,
+        // while the EIP only answers once kube-vip runs (the EIP is in the certificate through
+        // --tls-san, and joined agents learn every server from k3s itself).
+        let publish_address = node_ip.to_string();
         Ok(Want {
             facts: Facts {
                 role,

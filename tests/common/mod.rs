@@ -237,6 +237,9 @@ impl Lab {
             .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
             .args(args)
             .env("KAIROS_P2P_STATE_DIR", host.dir.join("state"))
+            // System paths (k3s files, init system) under the host's own root: a test never
+            // touches this machine's k3s or services, even where k3s is installed.
+            .env("KAIROS_P2P_ROOT", host.dir.join("root"))
             .env("KAIROS_P2P_LOG", "debug")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
