@@ -575,10 +575,13 @@ impl Cluster {
         for _ in 0..MAX_PASSES {
             let writes = self.pass(now);
             if writes.is_empty() {
-                break;
+                return;
             }
             self.write_all(now, writes);
         }
+        // Still writing (a lone node runs a whole election by itself, one step per pass): go on
+        // at the next timeout rather than wait for a message or the next heartbeat.
+        self.update_at.get_or_insert(now + UPDATE_DELAY);
     }
 
     fn pass(&mut self, now: Instant) -> Vec<Write> {

@@ -1536,3 +1536,31 @@ fn three_clusters_elect_one_master_and_two_workers() {
     assert!(w.nodes.iter().all(|n| n.save_due(now)));
     assert!(w.nodes.iter().all(|n| n.role().is_some()));
 }
+
+/// A node alone with `minimum_nodes: 1` (a one-box cluster) runs the whole election by itself,
+/// one step per update pass: it must not stall until the next heartbeat.
+#[test]
+fn a_lone_node_with_minimum_nodes_one_becomes_master_right_after_settling() {
+    let mut settings = ClusterSettings::defaults("solo");
+    settings.minimum_nodes = 1;
+    let settle = settings.settle;
+    let limits = settings.ledger_limits;
+    let mut cluster = Cluster::new(&identity(1), settings, Ledger::new(limits), 7);
+    let start = Instant::now();
+    let mut now = start;
+    let unix = |now: Instant| 1_700_000_000_000 + now.duration_since(start).as_millis() as u64;
+    cluster.handle_timeout(now, unix(now));
+    while cluster.role().is_none() && now < start + Duration::from_secs(60) {
+        now = cluster
+            .poll_timeout()
+            .expect("a timer is always set")
+            .max(now);
+        cluster.handle_timeout(now, unix(now));
+    }
+    assert_eq!(cluster.role(), Some(names::ROLE_MASTER));
+    let took = now.duration_since(start);
+    assert!(
+        took <= settle + Duration::from_millis(100),
+        "master after {took:?}, settle is {settle:?}"
+    );
+}
