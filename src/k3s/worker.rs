@@ -50,7 +50,9 @@ impl Default for Timing {
     fn default() -> Self {
         Self {
             supervise: SuperviseTiming::default(),
-            ready_retry: Duration::from_secs(2),
+            // A file check and a TCP connect to our own node: cheap, and the whole cluster waits
+            // for the master's API to be seen ready.
+            ready_retry: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(2),
             retry: Duration::from_secs(30),
             child_check: Duration::from_millis(500),
