@@ -297,6 +297,12 @@ fn status_page_in_headless_chromium_shows_the_node_and_its_peers() {
     assert_eq!(element_text(&dom, "node-uuid"), expected.uuid);
     assert_eq!(element_text(&dom, "node-address"), expected.address);
     assert_eq!(element_text(&dom, "node-role"), expected.role);
+    // No k3s binary in this lab: the page says where k3s stands (failed, retried), not a dash.
+    let k3s = element_text(&dom, "node-k3s");
+    assert!(
+        k3s.starts_with("failed: k3s binary not found"),
+        "k3s: {k3s}"
+    );
     // The node's totals from /api/metrics: it has been talking to its peers.
     let traffic = element_text(&dom, "node-traffic");
     assert!(

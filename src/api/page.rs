@@ -6,7 +6,7 @@
 //! showed.
 //!
 //! Stable element ids for tests: `node` (this node; fields `node-id`, `node-hostname`,
-//! `node-uuid`, `node-role`, `node-address`, `node-network`, `node-version`, `node-uptime`,
+//! `node-uuid`, `node-role`, `node-k3s`, `node-address`, `node-network`, `node-version`, `node-uptime`,
 //! `node-peers`, `node-traffic`), `peers` (the table; one `tr` per peer in `peers-body`, classed
 //! `peer online` or `peer offline`, with `data-peer` set to the full peer id and cells classed
 //! `hostname` (with a `uuid` line), `peer-id` (shortened; the full id in `title`), `vpn-address`,
@@ -52,6 +52,7 @@ mod tests {
             "id=\"node-id\"",
             "id=\"node-hostname\"",
             "id=\"node-uuid\"",
+            "id=\"node-k3s\"",
             "id=\"node-role\"",
             "id=\"node-address\"",
             "id=\"node-network\"",

@@ -7,7 +7,7 @@
 //!
 //! | route | body |
 //! |---|---|
-//! | `GET /api/summary` | `types.Summary`, plus this node's `UUID`, `Hostname`, `Role`, `Address`, `NetworkID`, `Version`, `UptimeSeconds` |
+//! | `GET /api/summary` | `types.Summary`, plus this node's `UUID`, `Hostname`, `Role`, `Address`, `NetworkID`, `Version`, `UptimeSeconds`, `K3s` |
 //! | `GET /api/machines` | `[api/types.Machine]`: the `machines` bucket with `Connected`, `OnChain`, `Online`, plus `Role` |
 //! | `GET /api/nodes` | `[api/types.Peer]` (`ID`, `Online`) of the online nodes, plus `UUID`, `Hostname`, `Role`, `Addresses`, `Connected`, `Relayed`, `RttMs`, `BytesIn`, `BytesOut` |
 //! | `GET /api/peerstore` | `[api/types.Peer]` of every member known |
@@ -84,6 +84,8 @@ pub struct NodeInfo {
     pub version: &'static str,
     /// Time since the agent started.
     pub uptime: Duration,
+    /// Where this node's k3s stands (`None`: no k3s layer, e.g. a bridge).
+    pub k3s: Option<String>,
 }
 
 /// How packets reach a connected peer.
@@ -494,6 +496,9 @@ struct Summary {
     version: &'static str,
     #[serde(rename = "UptimeSeconds")]
     uptime_seconds: u64,
+    /// Where this node's k3s stands (`""`: no k3s layer).
+    #[serde(rename = "K3s")]
+    k3s: String,
 }
 
 fn summary(state: &dyn ApiState) -> Summary {
@@ -516,6 +521,7 @@ fn summary(state: &dyn ApiState) -> Summary {
         network_id: node.network_id,
         version: node.version,
         uptime_seconds: node.uptime.as_secs(),
+        k3s: node.k3s.unwrap_or_default(),
     }
 }
 
@@ -971,6 +977,7 @@ mod tests {
                 network_id: "kairos".to_string(),
                 version: "0.1.0",
                 uptime: Duration::from_secs(125),
+                k3s: Some("running (pid 42)".to_string()),
             },
             peers: vec![
                 PeerStatus {
@@ -1134,6 +1141,7 @@ mod tests {
         assert_eq!(v["NetworkID"], "kairos");
         assert_eq!(v["Version"], "0.1.0");
         assert_eq!(v["UptimeSeconds"], 125);
+        assert_eq!(v["K3s"], "running (pid 42)");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Summary {
     pub network_id: String,
     pub version: String,
     pub uptime_seconds: u64,
+    /// Where this node's k3s stands (empty: no k3s layer).
+    pub k3s: String,
 }
 
 /// One entry of `GET /api/nodes` (online nodes).
@@ -83,6 +85,7 @@ pub fn render(
         "This node   {} ({})\n\
          Peer ID     {}\n\
          Role        {}\n\
+         k3s         {}\n\
          VPN address {}\n\
          Network     {}: {} machines, {} peers connected, {} members known\n\
          Traffic     in {}, out {}\n\
@@ -91,6 +94,7 @@ pub fn render(
         or_dash(&summary.uuid),
         summary.node_id,
         or_dash(&summary.role),
+        or_dash(&summary.k3s),
         or_dash(&summary.address),
         summary.network_id,
         summary.machines,
@@ -228,7 +232,8 @@ mod tests {
         let summary: Summary = serde_json::from_value(json!({
             "Machines": 3, "OnChainNodes": 1, "Peers": 2, "NodeID": "12D3me",
             "UUID": "u1", "Hostname": "node1", "Role": "master", "Address": "10.1.0.1",
-            "NetworkID": "kairos", "Version": "0.1.0", "UptimeSeconds": 3725, "Files": 0
+            "NetworkID": "kairos", "Version": "0.1.0", "UptimeSeconds": 3725, "Files": 0,
+            "K3s": "running (pid 42)"
         }))
         .unwrap();
         let nodes: Vec<Node> = serde_json::from_value(json!([
@@ -255,6 +260,7 @@ mod tests {
             "This node   node1 (u1)\n\
              Peer ID     12D3me\n\
              Role        master\n\
+             k3s         running (pid 42)\n\
              VPN address 10.1.0.1\n\
              Network     kairos: 3 machines, 1 peers connected, 2 members known\n\
              Traffic     in 4.0 KiB, out 10 B\n\

@@ -400,6 +400,7 @@ impl ApiState for State<'_> {
             network_id: settings.map(|s| s.network_id.clone()).unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.now.saturating_duration_since(self.started),
+            k3s: self.node.k3s_state().map(ToString::to_string),
         }
     }
 
