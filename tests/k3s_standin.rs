@@ -28,21 +28,29 @@ impl Drop for Procs {
     }
 }
 
-/// `k3s-standin <args>` in the host's namespace with root `root`; output to `<root>/out.log`.
-fn spawn(host: &Host, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+/// `k3s-standin <args>` in the host's namespace with root `root` and a clean K3S_* environment.
+fn standin(host: &Host, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     fs::create_dir_all(root).unwrap();
-    let out = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(root.join("out.log"))
-        .unwrap();
-    Command::new("ip")
+    let mut command = Command::new("ip");
+    command
         .args(["netns", "exec", &host.ns, STANDIN])
         .args(args)
         .env("KAIROS_P2P_ROOT", root)
         .env_remove("K3S_URL")
         .env_remove("K3S_TOKEN")
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    command
+}
+
+/// Starts the stand-in; output to `<root>/out.log`.
+fn spawn(host: &Host, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut command = standin(host, root, args, env);
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("out.log"))
+        .unwrap();
+    command
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
@@ -52,16 +60,7 @@ fn spawn(host: &Host, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Child
 
 /// Runs the stand-in to completion (for the ones that must exit).
 fn run(host: &Host, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    fs::create_dir_all(root).unwrap();
-    Command::new("ip")
-        .args(["netns", "exec", &host.ns, STANDIN])
-        .args(args)
-        .env("KAIROS_P2P_ROOT", root)
-        .env_remove("K3S_URL")
-        .env_remove("K3S_TOKEN")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap()
+    standin(host, root, args, env).output().unwrap()
 }
 
 /// `GET http://<addr>/<path>` from inside a namespace: (status, body).
