@@ -42,7 +42,8 @@ impl fmt::Display for TunError {
             Self::Permission(name) => write!(
                 f,
                 "cannot create the TUN interface {name}: permission denied; the VPN needs root \
-                 (or CAP_NET_ADMIN): run as root, or set p2p.vpn.create: false"
+                 (or CAP_NET_ADMIN): run as root (an agent can also run without a VPN: \
+                 p2p.vpn.create: false)"
             ),
             Self::Os(what, e) => write!(f, "{what}: {e}"),
         }
