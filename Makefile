@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench
+.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz
 
 all: build
 
@@ -13,6 +13,7 @@ help:
 	@echo "make demo        four agents in namespaces form a k3s cluster (as root; HA=1 for HA)"
 	@echo "make release     optimised host binary in target/release/kairos-p2p"
 	@echo "make bench       benchmarks (simulator, real agents in namespaces; needs root)"
+	@echo "make fuzz        libFuzzer on every parser (FUZZ_SECONDS each, default 180; nightly)"
 	@echo "make cross       static ARM binaries (aarch64, armv7)"
 	@echo "make cross-test  run the ARM binaries and the aarch64 unit tests under qemu"
 	@echo "make install     install the binary, kairosctl link and service units (DESTDIR, PREFIX)"
@@ -56,6 +57,18 @@ bench: deps
 # The one-machine cluster demo (as root): four agents in network namespaces form a k3s cluster
 # (k3s stand-in unless k3s is on PATH), then a bridge fetches the kubeconfig. HA=1: HA + KubeVIP.
 HA ?= 0
+
+# Fuzzing with libFuzzer (cargo-fuzz on the nightly toolchain, installed on first use): every
+# target in tests/fuzz for FUZZ_SECONDS each; a crash stops with its input in
+# tests/fuzz/artifacts/<target>/. `make fuzz FUZZ_TARGETS=wire FUZZ_SECONDS=600` narrows it.
+FUZZ_SECONDS ?= 180
+FUZZ_TARGETS ?= token config wire http node
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	  $(CARGO) +nightly fuzz run --fuzz-dir tests/fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 demo:
 	@HA="$(HA)" bash tests/demo.sh
 
