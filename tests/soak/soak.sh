@@ -7,7 +7,9 @@
 # root (`KAIROS_P2P_ROOT`) under the work dir. No k3s by default: the agents retry it every 30 s.
 # While the soak runs:
 #   - iperf3 bursts every IPERF_EVERY s (60): IPERF_PAIRS (2) random pairs, IPERF_SECS (5) s
-#     each, over the VPN addresses;
+#     each, over the VPN addresses; first a ring where every agent sends and receives once (and
+#     a restarted agent sends to and receives from a neighbour), since an agent's first bursts
+#     allocate buffers (RSS steps of ~1-1.5 MB that stay flat) that are warm-up, not growth;
 #   - ledger writes every LEDGER_EVERY s (15) through a random agent's API (<state>/api.sock):
 #     a PUT with a new value, and every fourth time a DELETE of a key;
 #   - churn every CHURN_EVERY s (300; DURATION/3 for runs shorter than 15 min): kill -9 one
@@ -204,16 +206,24 @@ event formed "overlay up"
 say "overlay up after $(($(date +%s) - soak_start))s; soak runs until ${DURATION}s (iperf3 every ${IPERF_EVERY}s, ledger every ${LEDGER_EVERY}s, churn every ${CHURN_EVERY}s)"
 
 port=5400
+# iperf_burst [a-b ...]: the given pairs (a sends to b) at once, else IPERF_PAIRS random ones.
 iperf_burst() {
-  local n=$IPERF_PAIRS k a b used=" " clients=() servers=() pairs=()
-  for k in $(seq 1 "$n"); do
-    # Distinct random pairs (a sends to b).
-    for _ in $(seq 1 20); do
-      a=$((RANDOM % NODES + 1))
-      b=$((RANDOM % NODES + 1))
-      [ "$a" != "$b" ] && [[ "$used" != *" $a-$b "* ]] && break
+  local k a b used=" " clients=() servers=() pairs=() want=("$@")
+  if [ "${#want[@]}" = 0 ]; then
+    for k in $(seq 1 "$IPERF_PAIRS"); do
+      # Distinct random pairs.
+      for _ in $(seq 1 20); do
+        a=$((RANDOM % NODES + 1))
+        b=$((RANDOM % NODES + 1))
+        [ "$a" != "$b" ] && [[ "$used" != *" $a-$b "* ]] && break
+      done
+      used+="$a-$b "
+      want+=("$a-$b")
     done
-    used+="$a-$b "
+  fi
+  for k in "${want[@]}"; do
+    a=${k%-*}
+    b=${k#*-}
     port=$((port + 1))
     [ "$port" -gt 5499 ] && port=5401
     timeout $((IPERF_SECS + 30)) ip netns exec "$prefix-n$b" iperf3 -s -1 -p "$port" \
@@ -290,9 +300,22 @@ churn() {
   sleep 2
   start_agent "$i"
   event churn "n$i killed (pid $old), restarted as pid ${agent[$i]} (incarnation ${incarn[$i]})"
+  # The new incarnation sends and receives once within its own warm-up (priming, as above).
+  local j=$((i % NODES + 1)) _t
+  for _t in $(seq 1 30); do
+    ip netns exec "$prefix-n$j" ping -c 1 -W 1 -q "$VPN.$i" >/dev/null 2>&1 && break
+    sleep 1
+  done
+  iperf_burst "$i-$j" "$j-$i"
   say "churn: n$i kill -9 pid $old, restarted as pid ${agent[$i]} (incarnation ${incarn[$i]})"
 }
 
+# Priming: every agent sends and receives once (a ring) during the warm-up, so that the buffers
+# a first burst allocates (a step of ~1-1.5 MB that then stays flat) are not counted as growth.
+ring=()
+for i in $(seq 1 $NODES); do ring+=("$i-$((i % NODES + 1))"); done
+say "priming: iperf3 ring over the VPN (every agent sends and receives once)"
+iperf_burst "${ring[@]}"
 next_iperf=$(($(date +%s) - soak_start + 5))
 next_ledger=$(($(date +%s) - soak_start))
 next_churn=$CHURN_EVERY
