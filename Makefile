@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz
+.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz soak
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make release     optimised host binary in target/release/kairos-p2p"
 	@echo "make bench       benchmarks (simulator, real agents in namespaces; needs root)"
 	@echo "make fuzz        libFuzzer on every parser (FUZZ_SECONDS each, default 180; nightly)"
+	@echo "make soak        10 agents under traffic and churn for DURATION s (3600); memory/fd report (root)"
 	@echo "make cross       static ARM binaries (aarch64, armv7)"
 	@echo "make cross-test  run the ARM binaries and the aarch64 unit tests under qemu"
 	@echo "make install     install the binary, kairosctl link and service units (DESTDIR, PREFIX)"
@@ -71,5 +72,13 @@ fuzz:
 	done
 demo:
 	@HA="$(HA)" bash tests/demo.sh
+
+# The soak (as root): 10 agents in network namespaces with iperf3 bursts, ledger writes and
+# churn for DURATION seconds, sampling RSS, fds and CPU; prints the slopes and PASS/FAIL lines
+# (< 1 MB/hour RSS growth after warm-up, no fd growth). See tests/soak/soak.sh.
+DURATION ?= 3600
+soak: deps
+	$(CARGO) build --release --locked
+	@DURATION="$(DURATION)" bash tests/soak/soak.sh
 
 include cross/Makefile.inc
