@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lab, generate_token, log_lines, peer_id_of, wait_for, write_config};
+use common::{Lab, generate_token, lan_config, log_lines, peer_id_of, wait_for, write_config};
 
 #[test]
 fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
@@ -60,22 +60,8 @@ fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
 #[test]
 fn an_agent_with_another_token_never_connects() {
     let mut lab = Lab::new("tok");
-    let good = write_config(
-        &lab.dir,
-        "good.yaml",
-        &format!(
-            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
-            generate_token()
-        ),
-    );
-    let bad = write_config(
-        &lab.dir,
-        "bad.yaml",
-        &format!(
-            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
-            generate_token()
-        ),
-    );
+    let good = lan_config(&lab.dir, "good.yaml");
+    let bad = lan_config(&lab.dir, "bad.yaml");
     let a = lab.add_host(1, "10.78.0.1/24");
     let b = lab.add_host(2, "10.78.0.2/24");
     let outsider = lab.add_host(3, "10.78.0.3/24");

@@ -23,7 +23,7 @@ mod standin;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, generate_token, log_lines, write_config};
+use common::{Host, Lab, is_root, lan_config, log_lines};
 use standin::{STANDIN, read_log};
 
 const SIZES: [usize; 2] = [4, 10];
@@ -32,13 +32,6 @@ const DEFAULT_RUNS: usize = 5;
 const LIMIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 const GOAL: Duration = Duration::from_secs(5);
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
 
 fn runs() -> usize {
     std::env::var("KAIROS_BENCH_FORMATION_RUNS")
@@ -93,14 +86,7 @@ fn secs(d: Duration) -> String {
 fn one_run(nodes: usize, run: usize) -> Result<Times, String> {
     // A one-letter name: veth names (pid, lab number, name, host) must fit in 15 bytes.
     let mut lab = Lab::new("f");
-    let config = write_config(
-        &lab.dir,
-        "config.yaml",
-        &format!(
-            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
-            generate_token()
-        ),
-    );
+    let config = lan_config(&lab.dir, "config.yaml");
     let config = config.to_str().unwrap().to_string();
     let cluster: Vec<Node> = (1..=nodes)
         .map(|i| {

@@ -7,9 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    Host, Lab, eth0_bytes, generate_token, log_lines, peer_id_of, wait_for, write_config,
-};
+use common::{Host, Lab, eth0_bytes, lan_config, log_lines, peer_id_of, wait_for};
 
 const NODES: usize = 10;
 const RUNS: usize = 3;
@@ -17,14 +15,7 @@ const IDLE: Duration = Duration::from_secs(60);
 
 fn one_run(run: usize, measure_idle: bool) -> (Duration, Option<f64>) {
     let mut lab = Lab::new(&format!("bl{run}"));
-    let config = write_config(
-        &lab.dir,
-        "config.yaml",
-        &format!(
-            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
-            generate_token()
-        ),
-    );
+    let config = lan_config(&lab.dir, "config.yaml");
     let hosts: Vec<Host> = (1..=NODES)
         .map(|i| lab.add_host(i, &format!("10.90.{run}.{i}/24")))
         .collect();

@@ -14,20 +14,13 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, eth0_bytes, generate_token, log_lines, wait_for, write_config};
+use common::{Host, Lab, eth0_bytes, is_root, lan_config, log_lines, wait_for};
 
 const SIZES: [usize; 2] = [3, 10];
 const RUNS: usize = 3;
 const LIMIT: Duration = Duration::from_secs(60);
 const IDLE: Duration = Duration::from_secs(60);
 const GOAL: Duration = Duration::from_secs(3);
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
 
 /// The last value logged after `needle`.
 fn last(h: &Host, needle: &str) -> Option<String> {
@@ -56,14 +49,7 @@ fn set_broadcast(lab: &Lab, h: &Host, cidr: &str) {
 fn one_run(nodes: usize, run: usize, broadcast: bool, measure_idle: bool) -> RunResult {
     // A one-letter name: veth names (pid, lab number, name, host) must fit in 15 bytes.
     let mut lab = Lab::new("r");
-    let config = write_config(
-        &lab.dir,
-        "config.yaml",
-        &format!(
-            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
-            generate_token()
-        ),
-    );
+    let config = lan_config(&lab.dir, "config.yaml");
     let subnet = nodes * 10 + run + if broadcast { 100 } else { 0 };
     let mut hosts = Vec::new();
     for i in 1..=nodes {

@@ -25,7 +25,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Lab, wait_for, write_config};
+use common::{Lab, is_root, wait_for, write_config};
 
 /// Prefix of the pair's namespaces: `kpbvpn<pid>-a`, `kpbvpn<pid>-b`.
 const PREFIX: &str = "kpbvpn";
@@ -151,11 +151,6 @@ fn sweep_stale() {
 
 // ---------------------------------------------------------------------------------------------
 // Small process helpers.
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")

@@ -492,3 +492,22 @@ pub fn metric(metrics: &str, sample: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Whether this process runs as root (benchmarks skip their namespace parts otherwise).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Writes `<dir>/<name>`: a cloud-config with a new network token and the DHT off (LAN only),
+/// the configuration most labs give every agent.
+pub fn lan_config(dir: &Path, name: &str) -> PathBuf {
+    write_config(
+        dir,
+        name,
+        &format!(
+            "#cloud-config\np2p:\n  network_token: \"{}\"\n  disable_dht: true\n",
+            generate_token()
+        ),
+    )
+}
