@@ -738,6 +738,12 @@ mod tests {
         // The binary appears: the next attempt finds it.
         std::fs::copy(&real, dir.join("bin/k3s-later")).unwrap();
         h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        // Running is reported once the child is spawned: let it log its arguments before stopping.
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(dir.join("bin/runs")).map_or(true, |t| t.is_empty()) {
+            assert!(Instant::now() < end, "the fake k3s never logged its run");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         h.stop();
         let runs = std::fs::read_to_string(dir.join("bin/runs")).unwrap();
         assert!(
