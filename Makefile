@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz soak
+.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz fuzz-short soak
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make release     optimised host binary in target/release/kairos-p2p"
 	@echo "make bench       benchmarks (simulator, real agents in namespaces; needs root)"
 	@echo "make fuzz        libFuzzer on every parser (FUZZ_SECONDS each, default 180; nightly)"
+	@echo "make fuzz-short  30 s of each fuzz target (part of make test)"
 	@echo "make soak        10 agents under traffic and churn for DURATION s (3600); memory/fd report (root)"
 	@echo "make cross       static ARM binaries (aarch64, armv7)"
 	@echo "make cross-test  run the ARM binaries and the aarch64 unit tests under qemu"
@@ -46,7 +47,7 @@ sim-properties:
 
 lint: fmt-check clippy
 
-test: deps lint unit-test sim-properties cross-test
+test: deps lint unit-test sim-properties fuzz-short cross-test
 	@echo "make test: all steps passed"
 
 # Benchmarks print numbers and ratios; they assert nothing. The VPN bench compares against
@@ -60,16 +61,18 @@ bench: deps
 HA ?= 0
 
 # Fuzzing with libFuzzer (cargo-fuzz on the nightly toolchain, installed on first use): every
-# target in tests/fuzz for FUZZ_SECONDS each; a crash stops with its input in
-# tests/fuzz/artifacts/<target>/. `make fuzz FUZZ_TARGETS=wire FUZZ_SECONDS=600` narrows it.
+# target in tests/fuzz for FUZZ_SECONDS each, from the committed seeds and regression inputs; a
+# crash stops with its input in tests/fuzz/artifacts/<target>/ (see tests/fuzz/run.sh).
+# `make fuzz FUZZ_TARGETS=wire FUZZ_SECONDS=600` narrows it. `make test` runs fuzz-short: 30 s of
+# each target, two at a time.
 FUZZ_SECONDS ?= 180
 FUZZ_TARGETS ?= token config wire http node
 fuzz:
-	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	@for t in $(FUZZ_TARGETS); do \
-	  echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
-	  $(CARGO) +nightly fuzz run --fuzz-dir tests/fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
-	done
+	@bash tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-short:
+	@FUZZ_JOBS=2 bash tests/fuzz/run.sh 30 $(FUZZ_TARGETS)
+
 demo:
 	@HA="$(HA)" bash tests/demo.sh
 

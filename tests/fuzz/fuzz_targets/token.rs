@@ -1,9 +1,8 @@
-//! The network token decoder (cloud-config values, `--network-token`, `$EDGEVPNTOKEN`).
+//! libFuzzer target `token`: see `bodies::token` in tests/fuzz/bodies.rs.
 #![no_main]
 
-use kairos_p2p::token::NetworkToken;
-use libfuzzer_sys::fuzz_target;
+#[path = "../bodies.rs"]
+#[allow(dead_code)] // Each target uses one of the shared bodies.
+mod bodies;
 
-fuzz_target!(|data: &[u8]| {
-    let _ = NetworkToken::decode(&String::from_utf8_lossy(data));
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::token(data));
