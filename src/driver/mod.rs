@@ -65,6 +65,86 @@ pub struct DriverSettings {
 
 /// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
 const SAVE_RETRY: Duration = Duration::from_secs(5);
+/// First wait before the TUN interface is made again after it went away; doubled on each
+/// failure in a row.
+const TUN_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between two attempts to make the TUN interface again.
+const TUN_RETRY_MAX: Duration = Duration::from_secs(4);
+/// A TUN interface that lived this long before failing starts the back-off over.
+const TUN_STABLE: Duration = Duration::from_secs(30);
+
+/// Local failures the driver lived through, served as `kairos_p2p_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalErrors {
+    /// Ledger snapshots that could not be written (disk full, read-only, permissions).
+    pub ledger_save: u64,
+    /// Times the TUN interface went away (deleted, or its file descriptor failed).
+    pub tun_lost: u64,
+    /// Failed attempts to make the TUN interface again.
+    pub tun_open: u64,
+    /// Packets read from the TUN interface with an error that did not lose it.
+    pub tun_read: u64,
+    /// VPN packets the TUN interface refused, or that arrived while it was gone.
+    pub tun_write: u64,
+    /// API connections that could not be accepted (out of file descriptors).
+    pub api_accept: u64,
+}
+
+impl LocalErrors {
+    /// `(kind, count)` pairs for [`crate::api::Metrics::errors`].
+    fn as_metrics(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("ledger_save", self.ledger_save),
+            ("tun_lost", self.tun_lost),
+            ("tun_open", self.tun_open),
+            ("tun_read", self.tun_read),
+            ("tun_write", self.tun_write),
+            ("api_accept", self.api_accept),
+        ]
+    }
+}
+
+/// Exponential back-off for a resource that keeps failing: `min`, doubled on every failure,
+/// capped at `max`, back to `min` once the resource worked for `stable`.
+#[derive(Debug, Clone)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    stable: Duration,
+    next: Duration,
+    working_since: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration, stable: Duration) -> Self {
+        Self {
+            min,
+            max,
+            stable,
+            next: min,
+            working_since: None,
+        }
+    }
+
+    /// The resource works again from `now`.
+    fn succeeded(&mut self, now: Instant) {
+        self.working_since = Some(now);
+    }
+
+    /// The resource failed at `now`: how long to wait before trying again.
+    fn failed(&mut self, now: Instant) -> Duration {
+        if self
+            .working_since
+            .take()
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.stable)
+        {
+            self.next = self.min;
+        }
+        let wait = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        wait
+    }
+}
 
 /// Saves the ledger when the cluster layer asks, before anything it wrote is sent.
 struct Persister {
@@ -73,7 +153,7 @@ struct Persister {
 }
 
 impl Persister {
-    fn run(&mut self, node: &mut Node, now: Instant, force: bool) {
+    fn run(&mut self, node: &mut Node, now: Instant, force: bool, errors: &mut LocalErrors) {
         let (Some(path), Some(cluster)) = (&self.path, node.cluster_mut()) else {
             return;
         };
@@ -82,12 +162,98 @@ impl Persister {
         }
         match cluster.ledger().save(path) {
             Ok(()) => {
+                if self.retry_at.take().is_some() {
+                    log::info!("ledger snapshot {} saved again", path.display());
+                }
                 cluster.saved();
-                self.retry_at = None;
             }
             Err(e) => {
-                log::warn!("{e}; retrying in {} s", SAVE_RETRY.as_secs());
+                errors.ledger_save += 1;
+                log::error!(
+                    "{e}; the agent keeps running on the ledger in memory and tries again in {} s",
+                    SAVE_RETRY.as_secs()
+                );
                 self.retry_at = Some(now + SAVE_RETRY);
+            }
+        }
+    }
+}
+
+/// The VPN's TUN interface, made again with a back-off whenever it goes away.
+struct Tun {
+    settings: TunSettings,
+    device: Option<TunDevice>,
+    /// When the device is gone: when to try to make it again.
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Tun {
+    fn open(settings: &TunSettings, registry: &mio::Registry) -> Result<Self, DriverError> {
+        let device = TunDevice::open(settings).map_err(DriverError::Tun)?;
+        registry
+            .register(&mut SourceFd(&device.as_raw_fd()), TUN, Interest::READABLE)
+            .map_err(DriverError::Os)?;
+        log::info!("VPN interface {} created", device.name());
+        let mut backoff = Backoff::new(TUN_RETRY_MIN, TUN_RETRY_MAX, TUN_STABLE);
+        backoff.succeeded(Instant::now());
+        Ok(Self {
+            settings: settings.clone(),
+            device: Some(device),
+            retry_at: None,
+            backoff,
+        })
+    }
+
+    /// The device failed with `error`: closes it and plans the next attempt.
+    fn lost(
+        &mut self,
+        registry: &mio::Registry,
+        now: Instant,
+        error: &io::Error,
+        e: &mut LocalErrors,
+    ) {
+        if let Some(device) = self.device.take() {
+            let _ = registry.deregister(&mut SourceFd(&device.as_raw_fd()));
+        }
+        e.tun_lost += 1;
+        let wait = self.backoff.failed(now);
+        self.retry_at = Some(now + wait);
+        log::error!(
+            "VPN interface {} is gone ({error}); VPN traffic is dropped until it is made again in {:.2} s",
+            self.settings.name,
+            wait.as_secs_f64()
+        );
+    }
+
+    /// Makes the device again when it is gone and its back-off has passed.
+    fn reopen(&mut self, registry: &mio::Registry, now: Instant, e: &mut LocalErrors) {
+        if self.device.is_some() || self.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let opened = TunDevice::open(&self.settings).and_then(|device| {
+            registry
+                .register(&mut SourceFd(&device.as_raw_fd()), TUN, Interest::READABLE)
+                .map_err(|err| {
+                    TunError::Os(
+                        format!("VPN interface {}: event loop", self.settings.name),
+                        err,
+                    )
+                })?;
+            Ok(device)
+        });
+        match opened {
+            Ok(device) => {
+                log::info!("VPN interface {} made again", device.name());
+                self.backoff.succeeded(now);
+                self.device = Some(device);
+                self.retry_at = None;
+            }
+            Err(err) => {
+                e.tun_open += 1;
+                let wait = self.backoff.failed(now);
+                self.retry_at = Some(now + wait);
+                log::error!("{err}; trying again in {:.2} s", wait.as_secs_f64());
             }
         }
     }
@@ -143,15 +309,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .map_err(DriverError::Os)?;
     }
     let mut tun = match &settings.tun {
-        Some(t) => Some(TunDevice::open(t).map_err(DriverError::Tun)?),
+        Some(t) => Some(Tun::open(t, registry)?),
         None => None,
     };
-    if let Some(t) = &tun {
-        registry
-            .register(&mut SourceFd(&t.as_raw_fd()), TUN, Interest::READABLE)
-            .map_err(DriverError::Os)?;
-        log::info!("VPN interface {} created", t.name());
-    }
+    let mut errors = LocalErrors::default();
     let mut shutdown = ShutdownSignal::install().map_err(DriverError::Os)?;
     registry
         .register(
@@ -215,14 +376,15 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             k.turn(&mut node, now);
         }
         // VPN packets first: they are what someone waits for.
-        if let Some(t) = &tun {
-            write_vpn_packets(&mut node, t);
+        if let Some(t) = &mut tun {
+            t.reopen(poll.registry(), now, &mut errors);
+            write_vpn_packets(&mut node, t, poll.registry(), now, &mut errors);
         }
-        persister.run(&mut node, now, false);
+        persister.run(&mut node, now, false, &mut errors);
         flush(&mut node, &sockets, &targets, &mut out);
         drain_events(&mut node);
-        if let Some(t) = &mut tun {
-            follow_vpn_address(&node, t);
+        if let Some(device) = tun.as_mut().and_then(|t| t.device.as_mut()) {
+            follow_vpn_address(&node, device);
         }
         if !reported {
             reported = report_connected(&node);
@@ -234,7 +396,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .min(next_refresh.saturating_duration_since(Instant::now()))
             .min(api.poll_timeout().map_or(INTERFACE_REFRESH, |t| {
                 t.saturating_duration_since(Instant::now())
-            }));
+            }))
+            .min(
+                tun.as_ref()
+                    .and_then(|t| t.retry_at)
+                    .map_or(INTERFACE_REFRESH, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    }),
+            );
         let timeout = if backlog.any() {
             Duration::ZERO
         } else {
@@ -251,7 +420,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         if let Some(t) = &mut tun {
             if std::mem::take(&mut backlog.tun) {
-                backlog.tun = read_tun(&mut node, t, now);
+                backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
             }
         }
         for event in &events {
@@ -261,7 +430,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                 }
                 TUN => {
                     if let Some(t) = &mut tun {
-                        backlog.tun = read_tun(&mut node, t, now);
+                        backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
                     }
                 }
                 // Beacons are few: whatever is left waits for the next one.
@@ -275,16 +444,18 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
                         node.shutdown(now);
-                        persister.run(&mut node, now, true);
+                        persister.run(&mut node, now, true, &mut errors);
                         flush(&mut node, &sockets, &targets, &mut out);
                         return Ok(());
                     }
                 }
-                token if api::Api::owns(token) => api.ready(poll.registry(), token, &mut node),
+                token if api::Api::owns(token) => {
+                    api.ready(poll.registry(), token, &mut node, &mut errors)
+                }
                 _ => {}
             }
         }
-        api.handle_timeouts(poll.registry(), &mut node);
+        api.handle_timeouts(poll.registry(), &mut node, &errors);
         if node.poll_timeout().is_some_and(|t| t <= now) {
             node.handle_timeout(now, unix);
         }
@@ -456,16 +627,30 @@ impl Backlog {
 
 /// Reads packets from the TUN interface into the node until none is left or the turn's budget
 /// is spent (then true).
-fn read_tun(node: &mut Node, tun: &mut TunDevice, now: Instant) -> bool {
+fn read_tun(
+    node: &mut Node,
+    tun: &mut Tun,
+    registry: &mio::Registry,
+    now: Instant,
+    errors: &mut LocalErrors,
+) -> bool {
+    let Some(device) = &mut tun.device else {
+        return false;
+    };
     for _ in 0..MAX_READS_PER_WAKE {
-        match tun.read_packet() {
+        match device.read_packet() {
             Ok(Some(packet)) => {
                 // Drops are counted by the VPN path (see /metrics).
                 let _ = node.send_vpn_packet(now, packet);
             }
             Ok(None) => return false,
+            Err(e) if tun::device_gone(&e) => {
+                tun.lost(registry, now, &e, errors);
+                return false;
+            }
             Err(e) => {
-                log::warn!("reading the TUN interface {}: {e}", tun.name());
+                errors.tun_read += 1;
+                log::warn!("reading the VPN interface {}: {e}", device.name());
                 return false;
             }
         }
@@ -473,10 +658,28 @@ fn read_tun(node: &mut Node, tun: &mut TunDevice, now: Instant) -> bool {
     true
 }
 
-/// Writes the VPN packets peers sent us to the TUN interface.
-fn write_vpn_packets(node: &mut Node, tun: &TunDevice) {
+/// Writes the VPN packets peers sent us to the TUN interface (dropped and counted while it is
+/// gone).
+fn write_vpn_packets(
+    node: &mut Node,
+    tun: &mut Tun,
+    registry: &mio::Registry,
+    now: Instant,
+    errors: &mut LocalErrors,
+) {
     while let Some(packet) = node.poll_vpn_packet() {
-        tun.write_packet(&packet);
+        let Some(device) = &tun.device else {
+            errors.tun_write += 1;
+            continue;
+        };
+        match device.write_packet(&packet) {
+            Ok(()) => {}
+            Err(e) if tun::device_gone(&e) => tun.lost(registry, now, &e, errors),
+            Err(e) => {
+                errors.tun_write += 1;
+                log::trace!("TUN write: {e}");
+            }
+        }
     }
 }
 
@@ -597,5 +800,51 @@ fn drain_events(node: &mut Node) {
             NodeEvent::Cluster(event) if event.is_alarm() => log::warn!("{event}"),
             NodeEvent::Cluster(event) => log::info!("{event}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_restarts_after_a_stable_run() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(250), ms(4000), Duration::from_secs(30));
+        let t0 = Instant::now();
+        b.succeeded(t0);
+        let waits: Vec<Duration> = (0..7).map(|i| b.failed(t0 + ms(i))).collect();
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 4000, 4000, 4000].map(ms),
+            "doubles, capped"
+        );
+        // Working again, but failing again soon after: the back-off keeps its length.
+        b.succeeded(t0 + ms(10));
+        assert_eq!(b.failed(t0 + ms(20)), ms(4000));
+        // Working for longer than the stable time: back to the first wait.
+        b.succeeded(t0 + ms(100));
+        assert_eq!(b.failed(t0 + ms(100) + Duration::from_secs(30)), ms(250));
+        assert_eq!(b.failed(t0 + Duration::from_secs(31)), ms(500));
+    }
+
+    #[test]
+    fn every_local_error_kind_is_exported_once() {
+        let errors = LocalErrors {
+            ledger_save: 1,
+            tun_lost: 2,
+            tun_open: 3,
+            tun_read: 4,
+            tun_write: 5,
+            api_accept: 6,
+        };
+        let exported = errors.as_metrics();
+        let mut kinds: Vec<&str> = exported.iter().map(|(k, _)| *k).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), exported.len(), "distinct kinds");
+        let mut counts: Vec<u64> = exported.iter().map(|(_, c)| *c).collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 2, 3, 4, 5, 6], "every field exported");
     }
 }
