@@ -70,6 +70,8 @@ const SAVE_RETRY: Duration = Duration::from_secs(5);
 const TUN_RETRY_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between two attempts to make the TUN interface again.
 const TUN_RETRY_MAX: Duration = Duration::from_secs(4);
+/// After the TUN interface refused its address, the next attempt waits this long.
+const ADDRESS_RETRY: Duration = Duration::from_secs(1);
 /// A TUN interface that lived this long before failing starts the back-off over.
 const TUN_STABLE: Duration = Duration::from_secs(30);
 
@@ -86,6 +88,8 @@ pub struct LocalErrors {
     pub tun_read: u64,
     /// VPN packets the TUN interface refused, or that arrived while it was gone.
     pub tun_write: u64,
+    /// Failed attempts to give the TUN interface its address.
+    pub tun_address: u64,
     /// API connections that could not be accepted (out of file descriptors).
     pub api_accept: u64,
 }
@@ -99,6 +103,7 @@ impl LocalErrors {
             ("tun_open", self.tun_open),
             ("tun_read", self.tun_read),
             ("tun_write", self.tun_write),
+            ("tun_address", self.tun_address),
             ("api_accept", self.api_accept),
         ]
     }
@@ -186,6 +191,8 @@ struct Tun {
     /// When the device is gone: when to try to make it again.
     retry_at: Option<Instant>,
     backoff: Backoff,
+    /// When the device refused its address: when to try again.
+    address_retry_at: Option<Instant>,
 }
 
 impl Tun {
@@ -202,7 +209,47 @@ impl Tun {
             device: Some(device),
             retry_at: None,
             backoff,
+            address_retry_at: None,
         })
+    }
+
+    /// When the driver must wake up for the device (to make it again, or set its address).
+    fn next_attempt(&self) -> Option<Instant> {
+        self.retry_at.into_iter().chain(self.address_retry_at).min()
+    }
+
+    /// Gives the device the address the cluster settled on (again after it was made again),
+    /// and moves it when it changes.
+    fn follow_address(&mut self, node: &Node, now: Instant, errors: &mut LocalErrors) {
+        // A wait that is over is forgotten: it must not keep the event loop awake.
+        if self.address_retry_at.is_some_and(|t| now >= t) {
+            self.address_retry_at = None;
+        }
+        let (Some(device), Some(addr), Some(vpn)) = (
+            &mut self.device,
+            node.cluster().and_then(|c| c.address()),
+            node.vpn(),
+        ) else {
+            return;
+        };
+        let wanted = Ipv4Cidr {
+            addr,
+            prefix_len: vpn.local().prefix_len,
+        };
+        if device.address() == Some(wanted) || self.address_retry_at.is_some() {
+            return;
+        }
+        match device.set_address(wanted) {
+            Ok(()) => {
+                self.address_retry_at = None;
+                log::info!("VPN address {wanted} on {}", device.name());
+            }
+            Err(e) => {
+                errors.tun_address += 1;
+                self.address_retry_at = Some(now + ADDRESS_RETRY);
+                log::error!("{e}; trying again in {} s", ADDRESS_RETRY.as_secs());
+            }
+        }
     }
 
     /// The device failed with `error`: closes it and plans the next attempt.
@@ -248,6 +295,7 @@ impl Tun {
                 self.backoff.succeeded(now);
                 self.device = Some(device);
                 self.retry_at = None;
+                self.address_retry_at = None;
             }
             Err(err) => {
                 e.tun_open += 1;
@@ -383,8 +431,8 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         persister.run(&mut node, now, false, &mut errors);
         flush(&mut node, &sockets, &targets, &mut out);
         drain_events(&mut node);
-        if let Some(device) = tun.as_mut().and_then(|t| t.device.as_mut()) {
-            follow_vpn_address(&node, device);
+        if let Some(t) = &mut tun {
+            t.follow_address(&node, now, &mut errors);
         }
         if !reported {
             reported = report_connected(&node);
@@ -399,7 +447,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             }))
             .min(
                 tun.as_ref()
-                    .and_then(|t| t.retry_at)
+                    .and_then(Tun::next_attempt)
                     .map_or(INTERFACE_REFRESH, |t| {
                         t.saturating_duration_since(Instant::now())
                     }),
@@ -683,24 +731,6 @@ fn write_vpn_packets(
     }
 }
 
-/// Gives the TUN interface the address the cluster settled on, and moves it when it changes.
-fn follow_vpn_address(node: &Node, tun: &mut TunDevice) {
-    let (Some(addr), Some(vpn)) = (node.cluster().and_then(|c| c.address()), node.vpn()) else {
-        return;
-    };
-    let wanted = Ipv4Cidr {
-        addr,
-        prefix_len: vpn.local().prefix_len,
-    };
-    if tun.address() == Some(wanted) {
-        return;
-    }
-    match tun.set_address(wanted) {
-        Ok(()) => log::info!("VPN address {wanted} on {}", tun.name()),
-        Err(e) => log::warn!("{e}"),
-    }
-}
-
 /// Prints one line once this node is connected to a member and knows another VPN node's
 /// address; true once printed.
 fn report_connected(node: &Node) -> bool {
@@ -836,7 +866,8 @@ mod tests {
             tun_open: 3,
             tun_read: 4,
             tun_write: 5,
-            api_accept: 6,
+            tun_address: 6,
+            api_accept: 7,
         };
         let exported = errors.as_metrics();
         let mut kinds: Vec<&str> = exported.iter().map(|(k, _)| *k).collect();
@@ -845,6 +876,6 @@ mod tests {
         assert_eq!(kinds.len(), exported.len(), "distinct kinds");
         let mut counts: Vec<u64> = exported.iter().map(|(_, c)| *c).collect();
         counts.sort_unstable();
-        assert_eq!(counts, [1, 2, 3, 4, 5, 6], "every field exported");
+        assert_eq!(counts, [1, 2, 3, 4, 5, 6, 7], "every field exported");
     }
 }
