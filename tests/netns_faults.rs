@@ -278,6 +278,11 @@ fn the_cluster_converges_again_after_packet_loss_a_cut_link_and_kill_9() {
         panic!("the master did not rejoin after its link came back");
     }
     report("master's link cut and restored", took.unwrap());
+    for line in metrics(&hosts[master]).lines() {
+        if line.starts_with("kairos_p2p_errors_total{") && !line.ends_with(" 0") {
+            eprintln!("master after the cut: {line}");
+        }
+    }
     assert_eq!(roles(&hosts), before_roles, "same roles after the cut");
     assert_eq!(
         masters_ever_elected(&hosts),

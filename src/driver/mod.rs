@@ -92,6 +92,10 @@ pub struct LocalErrors {
     pub tun_address: u64,
     /// API connections that could not be accepted (out of file descriptors).
     pub api_accept: u64,
+    /// UDP receives that failed other than for an ICMP report (out of memory, ...).
+    pub socket_recv: u64,
+    /// UDP datagrams the kernel would not send (full buffer, no route, firewall).
+    pub socket_send: u64,
 }
 
 impl LocalErrors {
@@ -105,6 +109,8 @@ impl LocalErrors {
             ("tun_write", self.tun_write),
             ("tun_address", self.tun_address),
             ("api_accept", self.api_accept),
+            ("socket_recv", self.socket_recv),
+            ("socket_send", self.socket_send),
         ]
     }
 }
@@ -429,7 +435,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             write_vpn_packets(&mut node, t, poll.registry(), now, &mut errors);
         }
         persister.run(&mut node, now, false, &mut errors);
-        flush(&mut node, &sockets, &targets, &mut out);
+        flush(&mut node, &sockets, &targets, &mut out, &mut errors);
         drain_events(&mut node);
         if let Some(t) = &mut tun {
             t.follow_address(&node, now, &mut errors);
@@ -464,7 +470,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         let (now, unix) = clocks();
         if std::mem::take(&mut backlog.overlay) {
-            backlog.overlay = read_overlay(&mut node, &sockets.overlay, &mut buf, now, unix);
+            backlog.overlay = read_overlay(
+                &mut node,
+                &sockets.overlay,
+                &mut buf,
+                now,
+                unix,
+                &mut errors,
+            );
         }
         if let Some(t) = &mut tun {
             if std::mem::take(&mut backlog.tun) {
@@ -474,7 +487,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         for event in &events {
             match event.token() {
                 OVERLAY => {
-                    backlog.overlay = read_overlay(&mut node, &sockets.overlay, &mut buf, now, unix)
+                    backlog.overlay = read_overlay(
+                        &mut node,
+                        &sockets.overlay,
+                        &mut buf,
+                        now,
+                        unix,
+                        &mut errors,
+                    )
                 }
                 TUN => {
                     if let Some(t) = &mut tun {
@@ -482,18 +502,22 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                     }
                 }
                 // Beacons are few: whatever is left waits for the next one.
-                BEACON_V4 => sockets.beacon_v4.iter().for_each(|s| {
-                    read_all(&mut node, s, &mut buf, now, unix);
-                }),
-                BEACON_V6 => sockets.beacon_v6.iter().for_each(|s| {
-                    read_all(&mut node, s, &mut buf, now, unix);
-                }),
+                BEACON_V4 | BEACON_V6 => {
+                    let socket = if event.token() == BEACON_V4 {
+                        &sockets.beacon_v4
+                    } else {
+                        &sockets.beacon_v6
+                    };
+                    if let Some(s) = socket {
+                        read_all(&mut node, s, &mut buf, (now, unix), &mut errors);
+                    }
+                }
                 SIGNAL => {
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
                         node.shutdown(now);
                         persister.run(&mut node, now, true, &mut errors);
-                        flush(&mut node, &sockets, &targets, &mut out);
+                        flush(&mut node, &sockets, &targets, &mut out, &mut errors);
                         return Ok(());
                     }
                 }
@@ -617,7 +641,13 @@ fn announced(
 }
 
 /// Reads datagrams until the socket is empty or the turn's budget is spent (then true).
-fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, unix: u64) -> bool {
+fn read_all(
+    node: &mut Node,
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    (now, unix): (Instant, u64),
+    errors: &mut LocalErrors,
+) -> bool {
     for _ in 0..MAX_READS_PER_WAKE {
         match socket.recv_from(buf) {
             Ok((n, from)) => {
@@ -626,9 +656,8 @@ fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, u
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // ICMP errors surface here (port unreachable): the peer's problem, not ours.
-            Err(e) => log::trace!("recv: {e}"),
+            Err(e) if !recv_failed(&e, errors) => {}
+            Err(_) => return false,
         }
     }
     true
@@ -642,6 +671,7 @@ fn read_overlay(
     buf: &mut [u8],
     now: Instant,
     unix: u64,
+    errors: &mut LocalErrors,
 ) -> bool {
     for _ in 0..MAX_READS_PER_WAKE {
         match socket::recv_segments(socket, buf) {
@@ -653,9 +683,31 @@ fn read_overlay(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => log::trace!("recv: {e}"),
+            Err(e) if !recv_failed(&e, errors) => {}
+            Err(_) => return false,
         }
+    }
+    true
+}
+
+/// Sorts a receive error: true when the socket failed (counted, logged at 1, 2, 4, 8, ...
+/// failures; reading stops until the next readiness, so a lasting failure cannot spin), false
+/// when it only reported an ICMP message or an interrupted call (reading goes on).
+fn recv_failed(e: &io::Error, errors: &mut LocalErrors) -> bool {
+    if e.kind() == io::ErrorKind::Interrupted {
+        return false;
+    }
+    if socket::peer_reported(e) {
+        // Port or host unreachable: the peer's problem, not ours.
+        log::trace!("recv: {e}");
+        return false;
+    }
+    errors.socket_recv += 1;
+    if errors.socket_recv.is_power_of_two() {
+        log::warn!(
+            "receiving on UDP: {e} ({} failure(s) so far)",
+            errors.socket_recv
+        );
     }
     true
 }
@@ -751,7 +803,13 @@ fn report_connected(node: &Node) -> bool {
     true
 }
 
-fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut Vec<u8>) {
+fn flush(
+    node: &mut Node,
+    sockets: &Sockets,
+    targets: &[SocketAddr],
+    out: &mut Vec<u8>,
+    errors: &mut LocalErrors,
+) {
     let now = Instant::now();
     while let Some(t) = node.poll_transmit(now, out) {
         let Some(payload) = out.get(..t.len) else {
@@ -760,9 +818,9 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
         match t.destination {
             Destination::Addr(addr) => match t.segment_size {
                 Some(size) if size > 0 && payload.len() > size => {
-                    send_batch(sockets, payload, size, addr)
+                    send_batch(sockets, payload, size, addr, errors)
                 }
-                _ => send(&sockets.overlay, payload, addr),
+                _ => send(&sockets.overlay, payload, addr, errors),
             },
             Destination::LanBroadcast => {
                 for target in targets {
@@ -771,7 +829,7 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
                         SocketAddr::V6(_) => sockets.beacon_v6.as_ref(),
                     };
                     if let Some(s) = socket {
-                        send(s, payload, *target);
+                        send(s, payload, *target, errors);
                     }
                 }
             }
@@ -780,26 +838,47 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
 }
 
 /// Sends a batch of equal-size datagrams with one GSO call, or one by one where GSO fails.
-fn send_batch(sockets: &Sockets, payload: &[u8], size: usize, to: SocketAddr) {
+fn send_batch(
+    sockets: &Sockets,
+    payload: &[u8],
+    size: usize,
+    to: SocketAddr,
+    errors: &mut LocalErrors,
+) {
     if sockets.gso.get() {
         match socket::send_segments(&sockets.overlay, payload, size as u16, to) {
             Ok(_) => return,
             // A full buffer drops the batch, as it drops single packets; QUIC retransmits.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => {
+            Err(e) if socket::gso_unsupported(&e) => {
                 log::info!("UDP GSO unavailable ({e}); sending datagrams one by one");
                 sockets.gso.set(false);
             }
+            // No route, a firewall: the batch is lost as one datagram would be, and GSO
+            // stays on.
+            Err(e) => return send_failed(to, &e, errors),
         }
     }
     payload
         .chunks(size)
-        .for_each(|p| send(&sockets.overlay, p, to));
+        .for_each(|p| send(&sockets.overlay, p, to, errors));
 }
 
-fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {
-    // A full socket buffer drops the packet, as the network would; QUIC retransmits.
+fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr, errors: &mut LocalErrors) {
+    // A full socket buffer drops the packet, as the network would; QUIC retransmits. So do a
+    // missing route or a firewall: counted, logged at 1, 2, 4, 8, ... failures.
     if let Err(e) = socket.send_to(payload, to) {
+        send_failed(to, &e, errors);
+    }
+}
+
+fn send_failed(to: SocketAddr, e: &io::Error, errors: &mut LocalErrors) {
+    errors.socket_send += 1;
+    if errors.socket_send.is_power_of_two() && e.kind() != io::ErrorKind::WouldBlock {
+        log::warn!(
+            "sending on UDP to {to}: {e} ({} send(s) failed so far)",
+            errors.socket_send
+        );
+    } else {
         log::trace!("send to {to}: {e}");
     }
 }
@@ -868,6 +947,8 @@ mod tests {
             tun_write: 5,
             tun_address: 6,
             api_accept: 7,
+            socket_recv: 8,
+            socket_send: 9,
         };
         let exported = errors.as_metrics();
         let mut kinds: Vec<&str> = exported.iter().map(|(k, _)| *k).collect();
@@ -876,6 +957,6 @@ mod tests {
         assert_eq!(kinds.len(), exported.len(), "distinct kinds");
         let mut counts: Vec<u64> = exported.iter().map(|(_, c)| *c).collect();
         counts.sort_unstable();
-        assert_eq!(counts, [1, 2, 3, 4, 5, 6, 7], "every field exported");
+        assert_eq!(counts, [1, 2, 3, 4, 5, 6, 7, 8, 9], "every field exported");
     }
 }
