@@ -458,6 +458,33 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
     assert!(pings(&hosts[1], &addrs[0]), "the VPN works on a full disk");
     assert!(lab.running(children[0]), "the agent runs on a full disk");
 
+    // kill -9 on the full disk, and a restart there: it comes back with its address.
+    lab.kill(children[0]);
+    let restarted = Instant::now();
+    let agent = lab.spawn_with_env(&hosts[0], &args, &[("UUID", "netns-diskfull-node-1")]);
+    let back = wait_for(CONVERGE, || {
+        vpn_addr(&hosts[0]).as_deref() == Some(addrs[0].as_str()) && pings(&hosts[1], &addrs[0])
+    });
+    if back.is_none() {
+        dump(&hosts);
+        panic!("the agent did not come back on a full disk");
+    }
+    report(
+        "kill -9 and restart on the full state disk",
+        restarted.elapsed(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || holds(
+            &hosts[0],
+            "faults",
+            "nospace-key",
+            "written-on-a-full-disk"
+        ))
+        .is_some(),
+        "the write made before the crash came back from the peer"
+    );
+    let pid = lab.pid(agent);
+
     // Space comes back: the snapshot is written again, with the write made meanwhile.
     fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
@@ -502,7 +529,7 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
     );
     let share = cpu_share(pid, Duration::from_secs(2));
     assert!(share < 0.25, "no busy loop after the TUN loss: {share:.2}");
-    assert!(lab.running(children[0]), "the agent runs on");
+    assert!(lab.running(agent), "the agent runs on");
     for line in log_lines(&hosts[0], " ERROR ") {
         eprintln!("agent 1 logged: {line}");
     }
