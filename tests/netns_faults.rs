@@ -527,8 +527,53 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
         !log_lines(&hosts[0], "VPN interface edgevpn0 is gone").is_empty(),
         "a clear error"
     );
-    let share = cpu_share(pid, Duration::from_secs(2));
-    assert!(share < 0.25, "no busy loop after the TUN loss: {share:.2}");
+
+    // 6. Deleted, and its name taken at once by another kind of interface: making it again
+    // fails until the name is free, with a growing back-off and without a busy loop.
+    let count = |kind: &str| {
+        metric(
+            &metrics(&hosts[0]),
+            &format!("kairos_p2p_errors_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    let (lost_before, open_before) = (count("tun_lost"), count("tun_open"));
+    let squat = "ip link del edgevpn0 && ip link add edgevpn0 type bridge";
+    sh(&["ip", "netns", "exec", &hosts[0].ns, "sh", "-c", squat]).unwrap();
+    let squatted = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(5), || count("tun_lost") > lost_before).is_some(),
+        "the loss is noticed"
+    );
+    let share = cpu_share(pid, Duration::from_secs(3));
+    eprintln!("TUN name taken: agent CPU {:.1}% of a core", share * 100.0);
+    assert!(
+        share < 0.25,
+        "no busy loop while the TUN cannot be made: {share:.2}"
+    );
+    let failed = count("tun_open") - open_before;
+    eprintln!(
+        "TUN name taken: {failed} failed attempt(s) in {:.1} s",
+        squatted.elapsed().as_secs_f64()
+    );
+    assert!(
+        (1..=6).contains(&failed),
+        "attempts back off (0.25, 0.5, 1, 2, 4 s): {failed} in {:?}",
+        squatted.elapsed()
+    );
+    assert!(
+        lab.running(agent),
+        "the agent runs on while its TUN cannot be made"
+    );
+    sh(&["ip", "-n", &hosts[0].ns, "link", "del", "edgevpn0"]).unwrap();
+    let freed = Instant::now();
+    let back = wait_for(CONVERGE, || {
+        vpn_addr(&hosts[0]).as_deref() == Some(addrs[0].as_str()) && pings(&hosts[1], &addrs[0])
+    });
+    if back.is_none() {
+        dump(&hosts);
+        panic!("the VPN interface was not made again once its name was free");
+    }
+    report("TUN name taken, then freed (from freed)", freed.elapsed());
     assert!(lab.running(agent), "the agent runs on");
     for line in log_lines(&hosts[0], " ERROR ") {
         eprintln!("agent 1 logged: {line}");
