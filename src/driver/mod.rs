@@ -865,16 +865,19 @@ fn send_batch(
 
 fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr, errors: &mut LocalErrors) {
     // A full socket buffer drops the packet, as the network would; QUIC retransmits. So do a
-    // missing route or a firewall: counted, logged at 1, 2, 4, 8, ... failures.
+    // missing route or a firewall.
     if let Err(e) = socket.send_to(payload, to) {
         send_failed(to, &e, errors);
     }
 }
 
+/// Counts a datagram the kernel would not send. Not a warning: it happens in normal operation
+/// (IPv6 beacons before the link-local address is ready, a peer's address family without a
+/// route, a link down) and the network layer above copes, as with a lost packet.
 fn send_failed(to: SocketAddr, e: &io::Error, errors: &mut LocalErrors) {
     errors.socket_send += 1;
-    if errors.socket_send.is_power_of_two() && e.kind() != io::ErrorKind::WouldBlock {
-        log::warn!(
+    if errors.socket_send.is_power_of_two() {
+        log::debug!(
             "sending on UDP to {to}: {e} ({} send(s) failed so far)",
             errors.socket_send
         );
