@@ -1,6 +1,7 @@
 //! Real faults on real agents in network namespaces, each followed by a measured recovery:
 //! 20% random packet loss, a link cut for longer than the liveness timeout, kill -9 of the
-//! master and of a worker, a full state disk, and the TUN interface deleted under the agent.
+//! master and of a worker, a full state disk (with a kill -9 there), and the TUN interface
+//! deleted under the agent (once freely, once with its name taken by another interface).
 //! Every scenario prints `fault: <name>: converged again in X.XX s`; the bounds asserted are
 //! generous (these are tests, not benchmarks).
 
