@@ -204,7 +204,8 @@ impl Api {
                     self.add(registry, Stream::Tcp(stream));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Interrupted, or a client gone before it was accepted: take the next one.
+                Err(e) if accept_again(&e) => {}
                 // Out of file descriptors or memory: the connection stays queued until the next
                 // one arrives (edge-triggered readiness: no busy loop meanwhile).
                 Err(e) => return accept_failed(errors, &e),
@@ -220,7 +221,8 @@ impl Api {
             match listener.accept() {
                 Ok((stream, _)) => self.add(registry, Stream::Unix(stream)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Interrupted, or a client gone before it was accepted: take the next one.
+                Err(e) if accept_again(&e) => {}
                 // Out of file descriptors or memory: the connection stays queued until the next
                 // one arrives (edge-triggered readiness: no busy loop meanwhile).
                 Err(e) => return accept_failed(errors, &e),
@@ -286,6 +288,14 @@ impl Drop for Api {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Whether accept failed for this one call or this one client only.
+fn accept_again(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
 /// Logs and counts a failed accept.
@@ -547,6 +557,24 @@ impl ApiState for State<'_> {
             ledger_applied: l.applied,
             vpn: self.node.vpn().map(|v| *v.stats()),
             k3s_state: self.node.k3s_state().map(crate::k3s::K3sState::name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_clients_failure_lets_accept_go_on() {
+        for again in [libc::EINTR, libc::ECONNABORTED, libc::EPROTO] {
+            assert!(
+                accept_again(&io::Error::from_raw_os_error(again)),
+                "{again}"
+            );
+        }
+        for stop in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!accept_again(&io::Error::from_raw_os_error(stop)), "{stop}");
         }
     }
 }
