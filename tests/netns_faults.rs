@@ -1,7 +1,8 @@
 //! Real faults on real agents in network namespaces, each followed by a measured recovery:
 //! 20% random packet loss, a link cut for longer than the liveness timeout, kill -9 of the
 //! master and of a worker, a full state disk (with a kill -9 there), and the TUN interface
-//! deleted under the agent (once freely, once with its name taken by another interface).
+//! deleted under the agent (once freely, once with its name taken by another interface), and
+//! the agent out of file descriptors.
 //! Every scenario prints `fault: <name>: converged again in X.XX s`; the bounds asserted are
 //! generous (these are tests, not benchmarks).
 
@@ -575,6 +576,41 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
         panic!("the VPN interface was not made again once its name was free");
     }
     report("TUN name taken, then freed (from freed)", freed.elapsed());
+    assert!(lab.running(agent), "the agent runs on");
+
+    // 7. Out of file descriptors: API connections cannot be accepted; the agent logs it, stays
+    // idle and keeps forwarding, and serves again once descriptors are back.
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let pid_arg = pid.to_string();
+    let limit = |soft: &str| {
+        let nofile = format!("--nofile={soft}:");
+        sh(&["prlimit", "--pid", &pid_arg, &nofile]).unwrap();
+    };
+    limit(&fds.to_string());
+    let queued = std::os::unix::net::UnixStream::connect(api_socket(&hosts[0])).unwrap();
+    let refused = wait_for(Duration::from_secs(5), || {
+        !log_lines(&hosts[0], "API: cannot accept a connection").is_empty()
+    });
+    let share = cpu_share(pid, Duration::from_secs(2));
+    let forwarding = pings(&hosts[1], &addrs[0]);
+    limit("1024");
+    assert!(refused.is_some(), "the failed accept is logged");
+    eprintln!("out of fds: agent CPU {:.1}% of a core", share * 100.0);
+    assert!(share < 0.25, "no busy loop out of fds: {share:.2}");
+    assert!(forwarding, "the VPN works out of fds");
+    drop(queued);
+    let restored = Instant::now();
+    let serves = wait_for(Duration::from_secs(10), || {
+        metric(
+            &metrics(&hosts[0]),
+            "kairos_p2p_errors_total{kind=\"api_accept\"}",
+        ) >= 1
+    });
+    assert!(
+        serves.is_some(),
+        "the API serves again and counted the failure"
+    );
+    report("out of file descriptors, then restored", restored.elapsed());
     assert!(lab.running(agent), "the agent runs on");
     for line in log_lines(&hosts[0], " ERROR ") {
         eprintln!("agent 1 logged: {line}");
