@@ -66,6 +66,9 @@ pub struct Metrics {
     pub handshakes_failed: u64,
     /// Inputs dropped, as `(reason, count)` with distinct reasons (e.g. `("not_quic", 3)`).
     pub drops: Vec<(&'static str, u64)>,
+    /// Local failures the agent lived through (disk full, TUN interface gone, ...), as
+    /// `(kind, count)` with distinct kinds (e.g. `("ledger_save", 2)`).
+    pub errors: Vec<(&'static str, u64)>,
     /// LAN beacons.
     pub lan_discovery: DiscoveryState,
     /// The DHT.
@@ -216,6 +219,15 @@ pub fn render_prometheus(metrics: &Metrics) -> String {
     for (reason, count) in &m.drops {
         sample(&mut out, "dropped_total", &[("reason", *reason)], count);
     }
+    family(
+        &mut out,
+        "errors_total",
+        "counter",
+        "Local failures the agent kept running through (and retries with back-off), by kind.",
+    );
+    for (kind, count) in &m.errors {
+        sample(&mut out, "errors_total", &[("kind", *kind)], count);
+    }
 
     family(
         &mut out,
@@ -361,6 +373,7 @@ mod tests {
             handshakes_ok: 7,
             handshakes_failed: 2,
             drops: vec![("not_quic", 3), ("tickets_refused", 0)],
+            errors: vec![("ledger_save", 2), ("tun_lost", 0)],
             lan_discovery: DiscoveryState::Active,
             dht_discovery: DiscoveryState::Searching,
             ledger_entries: 42,
@@ -436,6 +449,9 @@ mod tests {
             "kairos_p2p_handshakes_total{result=\"failed\"} 2\n",
             "kairos_p2p_dropped_total{reason=\"not_quic\"} 3\n",
             "kairos_p2p_dropped_total{reason=\"tickets_refused\"} 0\n",
+            "kairos_p2p_errors_total{kind=\"ledger_save\"} 2\n",
+            "kairos_p2p_errors_total{kind=\"tun_lost\"} 0\n",
+            "# TYPE kairos_p2p_errors_total counter\n",
             "kairos_p2p_discovery_state{mechanism=\"lan\",state=\"active\"} 1\n",
             "kairos_p2p_discovery_state{mechanism=\"lan\",state=\"searching\"} 0\n",
             "kairos_p2p_discovery_state{mechanism=\"dht\",state=\"searching\"} 1\n",

@@ -115,6 +115,10 @@ pub(super) fn start_node(
         log::error!("cannot start the overlay: {e}");
         ExitCode::from(EXIT_USAGE)
     })?;
+    let stale = Ledger::remove_stale_temporaries(ledger_path);
+    if stale > 0 {
+        log::info!("removed {stale} temporary ledger file(s) left by an interrupted save");
+    }
     let ledger = match Ledger::load(ledger_path, cluster_settings.ledger_limits) {
         Ok(ledger) => ledger,
         Err(e) => {

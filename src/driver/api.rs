@@ -13,6 +13,7 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 
+use super::LocalErrors;
 use crate::api::{
     ApiState, ClusterNode, Connection, DiscoveryState, MAX_FEED, MemberStatus, Metrics, NodeInfo,
     PeerPath, PeerStatus, handle,
@@ -163,16 +164,22 @@ impl Api {
     }
 
     /// Handles readiness of one of the API's tokens.
-    pub fn ready(&mut self, registry: &Registry, token: Token, node: &mut Node) {
+    pub fn ready(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        node: &mut Node,
+        errors: &mut LocalErrors,
+    ) {
         match token {
-            TCP_LISTENER => self.accept_tcp(registry),
-            UNIX_LISTENER => self.accept_unix(registry),
-            Token(t) => self.serve(registry, t.wrapping_sub(FIRST_CONN), node),
+            TCP_LISTENER => self.accept_tcp(registry, errors),
+            UNIX_LISTENER => self.accept_unix(registry, errors),
+            Token(t) => self.serve(registry, t.wrapping_sub(FIRST_CONN), node, errors),
         }
     }
 
     /// Fires the connections' timers that are due.
-    pub fn handle_timeouts(&mut self, registry: &Registry, node: &mut Node) {
+    pub fn handle_timeouts(&mut self, registry: &Registry, node: &mut Node, errors: &LocalErrors) {
         let now = Instant::now();
         for i in 0..self.clients.len() {
             let due = self.clients[i]
@@ -183,12 +190,12 @@ impl Api {
                 if let Some(c) = self.clients[i].as_mut() {
                     c.conn.handle_timeout(now);
                 }
-                self.serve(registry, i, node);
+                self.serve(registry, i, node, errors);
             }
         }
     }
 
-    fn accept_tcp(&mut self, registry: &Registry) {
+    fn accept_tcp(&mut self, registry: &Registry, errors: &mut LocalErrors) {
         loop {
             let Some(listener) = &self.tcp else { return };
             match listener.accept() {
@@ -197,16 +204,16 @@ impl Api {
                     self.add(registry, Stream::Tcp(stream));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::debug!("API accept: {e}");
-                    return;
-                }
+                // Interrupted, or a client gone before it was accepted: take the next one.
+                Err(e) if accept_again(&e) => {}
+                // Out of file descriptors or memory: the connection stays queued until the next
+                // one arrives (edge-triggered readiness: no busy loop meanwhile).
+                Err(e) => return accept_failed(errors, &e),
             }
         }
     }
 
-    fn accept_unix(&mut self, registry: &Registry) {
+    fn accept_unix(&mut self, registry: &Registry, errors: &mut LocalErrors) {
         loop {
             let Some((listener, _)) = &self.unix else {
                 return;
@@ -214,11 +221,11 @@ impl Api {
             match listener.accept() {
                 Ok((stream, _)) => self.add(registry, Stream::Unix(stream)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::debug!("API accept: {e}");
-                    return;
-                }
+                // Interrupted, or a client gone before it was accepted: take the next one.
+                Err(e) if accept_again(&e) => {}
+                // Out of file descriptors or memory: the connection stays queued until the next
+                // one arrives (edge-triggered readiness: no busy loop meanwhile).
+                Err(e) => return accept_failed(errors, &e),
             }
         }
     }
@@ -242,11 +249,11 @@ impl Api {
     }
 
     /// Moves bytes both ways on connection `i`, answers its requests, and closes it when done.
-    fn serve(&mut self, registry: &Registry, i: usize, node: &mut Node) {
+    fn serve(&mut self, registry: &Registry, i: usize, node: &mut Node, errors: &LocalErrors) {
         let Some(Some(client)) = self.clients.get_mut(i) else {
             return;
         };
-        let state_parts = (self.started, &self.empty);
+        let state_parts = (self.started, &self.empty, errors);
         pump(client, &mut self.buf, node, state_parts);
         if client.broken || client.conn.is_finished() {
             client.stream.deregister(registry);
@@ -283,6 +290,20 @@ impl Drop for Api {
     }
 }
 
+/// Whether accept failed for this one call or this one client only.
+fn accept_again(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    ) || e.raw_os_error() == Some(libc::EPROTO)
+}
+
+/// Logs and counts a failed accept.
+fn accept_failed(errors: &mut LocalErrors, e: &io::Error) {
+    errors.api_accept += 1;
+    log::warn!("API: cannot accept a connection: {e}");
+}
+
 /// Binds the unix socket at `path` (a stale file there is removed first), readable and
 /// writable by the owner only.
 fn bind_unix(registry: &Registry, path: &Path) -> io::Result<UnixListener> {
@@ -303,7 +324,7 @@ fn pump(
     client: &mut Client,
     buf: &mut [u8],
     node: &mut Node,
-    (started, empty): (Instant, &Ledger),
+    (started, empty, errors): (Instant, &Ledger, &LocalErrors),
 ) {
     loop {
         let mut progress = false;
@@ -329,7 +350,7 @@ fn pump(
         }
         while let Some(request) = client.conn.poll_request() {
             let outcome = {
-                let state = State::new(node, started, empty);
+                let state = State::new(node, started, empty, errors);
                 handle(&request, &state)
             };
             if !outcome.writes.is_empty() {
@@ -373,10 +394,16 @@ struct State<'a> {
     ledger: &'a Ledger,
     started: Instant,
     now: Instant,
+    errors: &'a LocalErrors,
 }
 
 impl<'a> State<'a> {
-    fn new(node: &'a Node, started: Instant, empty: &'a Ledger) -> State<'a> {
+    fn new(
+        node: &'a Node,
+        started: Instant,
+        empty: &'a Ledger,
+        errors: &'a LocalErrors,
+    ) -> State<'a> {
         let cluster = node.cluster();
         State {
             node,
@@ -384,6 +411,7 @@ impl<'a> State<'a> {
             ledger: cluster.map_or(empty, Cluster::ledger),
             started,
             now: Instant::now(),
+            errors,
         }
     }
 }
@@ -521,6 +549,7 @@ impl ApiState for State<'_> {
             handshakes_ok: t.handshakes_ok,
             handshakes_failed: t.handshakes_failed,
             drops,
+            errors: self.errors.as_metrics(),
             lan_discovery: discovery(self.node.lan_peer_count()),
             dht_discovery: discovery(self.node.kad().map(|k| k.routing_table().len())),
             ledger_entries: self.ledger.len() as u64,
@@ -528,6 +557,24 @@ impl ApiState for State<'_> {
             ledger_applied: l.applied,
             vpn: self.node.vpn().map(|v| *v.stats()),
             k3s_state: self.node.k3s_state().map(crate::k3s::K3sState::name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_clients_failure_lets_accept_go_on() {
+        for again in [libc::EINTR, libc::ECONNABORTED, libc::EPROTO] {
+            assert!(
+                accept_again(&io::Error::from_raw_os_error(again)),
+                "{again}"
+            );
+        }
+        for stop in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!accept_again(&io::Error::from_raw_os_error(stop)), "{stop}");
         }
     }
 }

@@ -65,6 +65,97 @@ pub struct DriverSettings {
 
 /// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
 const SAVE_RETRY: Duration = Duration::from_secs(5);
+/// First wait before the TUN interface is made again after it went away; doubled on each
+/// failure in a row.
+const TUN_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between two attempts to make the TUN interface again.
+const TUN_RETRY_MAX: Duration = Duration::from_secs(4);
+/// After the TUN interface refused its address, the next attempt waits this long.
+const ADDRESS_RETRY: Duration = Duration::from_secs(1);
+/// A TUN interface that lived this long before failing starts the back-off over.
+const TUN_STABLE: Duration = Duration::from_secs(30);
+
+/// Local failures the driver lived through, served as `kairos_p2p_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalErrors {
+    /// Ledger snapshots that could not be written (disk full, read-only, permissions).
+    pub ledger_save: u64,
+    /// Times the TUN interface went away (deleted, or its file descriptor failed).
+    pub tun_lost: u64,
+    /// Failed attempts to make the TUN interface again.
+    pub tun_open: u64,
+    /// Packets read from the TUN interface with an error that did not lose it.
+    pub tun_read: u64,
+    /// VPN packets the TUN interface refused, or that arrived while it was gone.
+    pub tun_write: u64,
+    /// Failed attempts to give the TUN interface its address.
+    pub tun_address: u64,
+    /// API connections that could not be accepted (out of file descriptors).
+    pub api_accept: u64,
+    /// UDP receives that failed other than for an ICMP report (out of memory, ...).
+    pub socket_recv: u64,
+    /// UDP datagrams the kernel would not send (full buffer, no route, firewall).
+    pub socket_send: u64,
+}
+
+impl LocalErrors {
+    /// `(kind, count)` pairs for [`crate::api::Metrics::errors`].
+    fn as_metrics(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("ledger_save", self.ledger_save),
+            ("tun_lost", self.tun_lost),
+            ("tun_open", self.tun_open),
+            ("tun_read", self.tun_read),
+            ("tun_write", self.tun_write),
+            ("tun_address", self.tun_address),
+            ("api_accept", self.api_accept),
+            ("socket_recv", self.socket_recv),
+            ("socket_send", self.socket_send),
+        ]
+    }
+}
+
+/// Exponential back-off for a resource that keeps failing: `min`, doubled on every failure,
+/// capped at `max`, back to `min` once the resource worked for `stable`.
+#[derive(Debug, Clone)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    stable: Duration,
+    next: Duration,
+    working_since: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration, stable: Duration) -> Self {
+        Self {
+            min,
+            max,
+            stable,
+            next: min,
+            working_since: None,
+        }
+    }
+
+    /// The resource works again from `now`.
+    fn succeeded(&mut self, now: Instant) {
+        self.working_since = Some(now);
+    }
+
+    /// The resource failed at `now`: how long to wait before trying again.
+    fn failed(&mut self, now: Instant) -> Duration {
+        if self
+            .working_since
+            .take()
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.stable)
+        {
+            self.next = self.min;
+        }
+        let wait = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        wait
+    }
+}
 
 /// Saves the ledger when the cluster layer asks, before anything it wrote is sent.
 struct Persister {
@@ -73,7 +164,7 @@ struct Persister {
 }
 
 impl Persister {
-    fn run(&mut self, node: &mut Node, now: Instant, force: bool) {
+    fn run(&mut self, node: &mut Node, now: Instant, force: bool, errors: &mut LocalErrors) {
         let (Some(path), Some(cluster)) = (&self.path, node.cluster_mut()) else {
             return;
         };
@@ -82,12 +173,141 @@ impl Persister {
         }
         match cluster.ledger().save(path) {
             Ok(()) => {
+                if self.retry_at.take().is_some() {
+                    log::info!("ledger snapshot {} saved again", path.display());
+                }
                 cluster.saved();
-                self.retry_at = None;
             }
             Err(e) => {
-                log::warn!("{e}; retrying in {} s", SAVE_RETRY.as_secs());
+                errors.ledger_save += 1;
+                log::error!(
+                    "{e}; the agent keeps running on the ledger in memory and tries again in {} s",
+                    SAVE_RETRY.as_secs()
+                );
                 self.retry_at = Some(now + SAVE_RETRY);
+            }
+        }
+    }
+}
+
+/// The VPN's TUN interface, made again with a back-off whenever it goes away.
+struct Tun {
+    settings: TunSettings,
+    device: Option<TunDevice>,
+    /// When the device is gone: when to try to make it again.
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    /// When the device refused its address: when to try again.
+    address_retry_at: Option<Instant>,
+}
+
+impl Tun {
+    fn open(settings: &TunSettings, registry: &mio::Registry) -> Result<Self, DriverError> {
+        let device = TunDevice::open(settings).map_err(DriverError::Tun)?;
+        registry
+            .register(&mut SourceFd(&device.as_raw_fd()), TUN, Interest::READABLE)
+            .map_err(DriverError::Os)?;
+        log::info!("VPN interface {} created", device.name());
+        let mut backoff = Backoff::new(TUN_RETRY_MIN, TUN_RETRY_MAX, TUN_STABLE);
+        backoff.succeeded(Instant::now());
+        Ok(Self {
+            settings: settings.clone(),
+            device: Some(device),
+            retry_at: None,
+            backoff,
+            address_retry_at: None,
+        })
+    }
+
+    /// When the driver must wake up for the device (to make it again, or set its address).
+    fn next_attempt(&self) -> Option<Instant> {
+        self.retry_at.into_iter().chain(self.address_retry_at).min()
+    }
+
+    /// Gives the device the address the cluster settled on (again after it was made again),
+    /// and moves it when it changes.
+    fn follow_address(&mut self, node: &Node, now: Instant, errors: &mut LocalErrors) {
+        // A wait that is over is forgotten: it must not keep the event loop awake.
+        if self.address_retry_at.is_some_and(|t| now >= t) {
+            self.address_retry_at = None;
+        }
+        let (Some(device), Some(addr), Some(vpn)) = (
+            &mut self.device,
+            node.cluster().and_then(|c| c.address()),
+            node.vpn(),
+        ) else {
+            return;
+        };
+        let wanted = Ipv4Cidr {
+            addr,
+            prefix_len: vpn.local().prefix_len,
+        };
+        if device.address() == Some(wanted) || self.address_retry_at.is_some() {
+            return;
+        }
+        match device.set_address(wanted) {
+            Ok(()) => {
+                self.address_retry_at = None;
+                log::info!("VPN address {wanted} on {}", device.name());
+            }
+            Err(e) => {
+                errors.tun_address += 1;
+                self.address_retry_at = Some(now + ADDRESS_RETRY);
+                log::error!("{e}; trying again in {} s", ADDRESS_RETRY.as_secs());
+            }
+        }
+    }
+
+    /// The device failed with `error`: closes it and plans the next attempt.
+    fn lost(
+        &mut self,
+        registry: &mio::Registry,
+        now: Instant,
+        error: &io::Error,
+        e: &mut LocalErrors,
+    ) {
+        if let Some(device) = self.device.take() {
+            let _ = registry.deregister(&mut SourceFd(&device.as_raw_fd()));
+        }
+        e.tun_lost += 1;
+        let wait = self.backoff.failed(now);
+        self.retry_at = Some(now + wait);
+        log::error!(
+            "VPN interface {} is gone ({error}); VPN traffic is dropped until it is made again in {:.2} s",
+            self.settings.name,
+            wait.as_secs_f64()
+        );
+    }
+
+    /// Makes the device again when it is gone and its back-off has passed.
+    fn reopen(&mut self, registry: &mio::Registry, now: Instant, e: &mut LocalErrors) {
+        if self.device.is_some() || self.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let opened = TunDevice::open(&self.settings).and_then(|device| {
+            registry
+                .register(&mut SourceFd(&device.as_raw_fd()), TUN, Interest::READABLE)
+                .map_err(|err| {
+                    TunError::Os(
+                        format!("VPN interface {}: event loop", self.settings.name),
+                        err,
+                    )
+                })?;
+            Ok(device)
+        });
+        match opened {
+            Ok(device) => {
+                log::info!("VPN interface {} made again", device.name());
+                self.backoff.succeeded(now);
+                self.device = Some(device);
+                self.retry_at = None;
+                self.address_retry_at = None;
+            }
+            Err(err) => {
+                e.tun_open += 1;
+                let wait = self.backoff.failed(now);
+                self.retry_at = Some(now + wait);
+                log::error!("{err}; trying again in {:.2} s", wait.as_secs_f64());
             }
         }
     }
@@ -143,15 +363,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .map_err(DriverError::Os)?;
     }
     let mut tun = match &settings.tun {
-        Some(t) => Some(TunDevice::open(t).map_err(DriverError::Tun)?),
+        Some(t) => Some(Tun::open(t, registry)?),
         None => None,
     };
-    if let Some(t) = &tun {
-        registry
-            .register(&mut SourceFd(&t.as_raw_fd()), TUN, Interest::READABLE)
-            .map_err(DriverError::Os)?;
-        log::info!("VPN interface {} created", t.name());
-    }
+    let mut errors = LocalErrors::default();
     let mut shutdown = ShutdownSignal::install().map_err(DriverError::Os)?;
     registry
         .register(
@@ -215,14 +430,15 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             k.turn(&mut node, now);
         }
         // VPN packets first: they are what someone waits for.
-        if let Some(t) = &tun {
-            write_vpn_packets(&mut node, t);
+        if let Some(t) = &mut tun {
+            t.reopen(poll.registry(), now, &mut errors);
+            write_vpn_packets(&mut node, t, poll.registry(), now, &mut errors);
         }
-        persister.run(&mut node, now, false);
-        flush(&mut node, &sockets, &targets, &mut out);
+        persister.run(&mut node, now, false, &mut errors);
+        flush(&mut node, &sockets, &targets, &mut out, &mut errors);
         drain_events(&mut node);
         if let Some(t) = &mut tun {
-            follow_vpn_address(&node, t);
+            t.follow_address(&node, now, &mut errors);
         }
         if !reported {
             reported = report_connected(&node);
@@ -234,7 +450,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .min(next_refresh.saturating_duration_since(Instant::now()))
             .min(api.poll_timeout().map_or(INTERFACE_REFRESH, |t| {
                 t.saturating_duration_since(Instant::now())
-            }));
+            }))
+            .min(
+                tun.as_ref()
+                    .and_then(Tun::next_attempt)
+                    .map_or(INTERFACE_REFRESH, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    }),
+            );
         let timeout = if backlog.any() {
             Duration::ZERO
         } else {
@@ -247,44 +470,64 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         let (now, unix) = clocks();
         if std::mem::take(&mut backlog.overlay) {
-            backlog.overlay = read_overlay(&mut node, &sockets.overlay, &mut buf, now, unix);
+            backlog.overlay = read_overlay(
+                &mut node,
+                &sockets.overlay,
+                &mut buf,
+                now,
+                unix,
+                &mut errors,
+            );
         }
         if let Some(t) = &mut tun {
             if std::mem::take(&mut backlog.tun) {
-                backlog.tun = read_tun(&mut node, t, now);
+                backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
             }
         }
         for event in &events {
             match event.token() {
                 OVERLAY => {
-                    backlog.overlay = read_overlay(&mut node, &sockets.overlay, &mut buf, now, unix)
+                    backlog.overlay = read_overlay(
+                        &mut node,
+                        &sockets.overlay,
+                        &mut buf,
+                        now,
+                        unix,
+                        &mut errors,
+                    )
                 }
                 TUN => {
                     if let Some(t) = &mut tun {
-                        backlog.tun = read_tun(&mut node, t, now);
+                        backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
                     }
                 }
                 // Beacons are few: whatever is left waits for the next one.
-                BEACON_V4 => sockets.beacon_v4.iter().for_each(|s| {
-                    read_all(&mut node, s, &mut buf, now, unix);
-                }),
-                BEACON_V6 => sockets.beacon_v6.iter().for_each(|s| {
-                    read_all(&mut node, s, &mut buf, now, unix);
-                }),
+                BEACON_V4 | BEACON_V6 => {
+                    let socket = if event.token() == BEACON_V4 {
+                        &sockets.beacon_v4
+                    } else {
+                        &sockets.beacon_v6
+                    };
+                    if let Some(s) = socket {
+                        read_all(&mut node, s, &mut buf, (now, unix), &mut errors);
+                    }
+                }
                 SIGNAL => {
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
                         node.shutdown(now);
-                        persister.run(&mut node, now, true);
-                        flush(&mut node, &sockets, &targets, &mut out);
+                        persister.run(&mut node, now, true, &mut errors);
+                        flush(&mut node, &sockets, &targets, &mut out, &mut errors);
                         return Ok(());
                     }
                 }
-                token if api::Api::owns(token) => api.ready(poll.registry(), token, &mut node),
+                token if api::Api::owns(token) => {
+                    api.ready(poll.registry(), token, &mut node, &mut errors)
+                }
                 _ => {}
             }
         }
-        api.handle_timeouts(poll.registry(), &mut node);
+        api.handle_timeouts(poll.registry(), &mut node, &errors);
         if node.poll_timeout().is_some_and(|t| t <= now) {
             node.handle_timeout(now, unix);
         }
@@ -398,7 +641,13 @@ fn announced(
 }
 
 /// Reads datagrams until the socket is empty or the turn's budget is spent (then true).
-fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, unix: u64) -> bool {
+fn read_all(
+    node: &mut Node,
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    (now, unix): (Instant, u64),
+    errors: &mut LocalErrors,
+) -> bool {
     for _ in 0..MAX_READS_PER_WAKE {
         match socket.recv_from(buf) {
             Ok((n, from)) => {
@@ -407,9 +656,8 @@ fn read_all(node: &mut Node, socket: &UdpSocket, buf: &mut [u8], now: Instant, u
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // ICMP errors surface here (port unreachable): the peer's problem, not ours.
-            Err(e) => log::trace!("recv: {e}"),
+            Err(e) if !recv_failed(&e, errors) => {}
+            Err(_) => return false,
         }
     }
     true
@@ -423,6 +671,7 @@ fn read_overlay(
     buf: &mut [u8],
     now: Instant,
     unix: u64,
+    errors: &mut LocalErrors,
 ) -> bool {
     for _ in 0..MAX_READS_PER_WAKE {
         match socket::recv_segments(socket, buf) {
@@ -434,9 +683,31 @@ fn read_overlay(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => log::trace!("recv: {e}"),
+            Err(e) if !recv_failed(&e, errors) => {}
+            Err(_) => return false,
         }
+    }
+    true
+}
+
+/// Sorts a receive error: true when the socket failed (counted, logged at 1, 2, 4, 8, ...
+/// failures; reading stops until the next readiness, so a lasting failure cannot spin), false
+/// when it only reported an ICMP message or an interrupted call (reading goes on).
+fn recv_failed(e: &io::Error, errors: &mut LocalErrors) -> bool {
+    if e.kind() == io::ErrorKind::Interrupted {
+        return false;
+    }
+    if socket::peer_reported(e) {
+        // Port or host unreachable: the peer's problem, not ours.
+        log::trace!("recv: {e}");
+        return false;
+    }
+    errors.socket_recv += 1;
+    if errors.socket_recv.is_power_of_two() {
+        log::warn!(
+            "receiving on UDP: {e} ({} failure(s) so far)",
+            errors.socket_recv
+        );
     }
     true
 }
@@ -456,16 +727,30 @@ impl Backlog {
 
 /// Reads packets from the TUN interface into the node until none is left or the turn's budget
 /// is spent (then true).
-fn read_tun(node: &mut Node, tun: &mut TunDevice, now: Instant) -> bool {
+fn read_tun(
+    node: &mut Node,
+    tun: &mut Tun,
+    registry: &mio::Registry,
+    now: Instant,
+    errors: &mut LocalErrors,
+) -> bool {
+    let Some(device) = &mut tun.device else {
+        return false;
+    };
     for _ in 0..MAX_READS_PER_WAKE {
-        match tun.read_packet() {
+        match device.read_packet() {
             Ok(Some(packet)) => {
                 // Drops are counted by the VPN path (see /metrics).
                 let _ = node.send_vpn_packet(now, packet);
             }
             Ok(None) => return false,
+            Err(e) if tun::device_gone(&e) => {
+                tun.lost(registry, now, &e, errors);
+                return false;
+            }
             Err(e) => {
-                log::warn!("reading the TUN interface {}: {e}", tun.name());
+                errors.tun_read += 1;
+                log::warn!("reading the VPN interface {}: {e}", device.name());
                 return false;
             }
         }
@@ -473,28 +758,28 @@ fn read_tun(node: &mut Node, tun: &mut TunDevice, now: Instant) -> bool {
     true
 }
 
-/// Writes the VPN packets peers sent us to the TUN interface.
-fn write_vpn_packets(node: &mut Node, tun: &TunDevice) {
+/// Writes the VPN packets peers sent us to the TUN interface (dropped and counted while it is
+/// gone).
+fn write_vpn_packets(
+    node: &mut Node,
+    tun: &mut Tun,
+    registry: &mio::Registry,
+    now: Instant,
+    errors: &mut LocalErrors,
+) {
     while let Some(packet) = node.poll_vpn_packet() {
-        tun.write_packet(&packet);
-    }
-}
-
-/// Gives the TUN interface the address the cluster settled on, and moves it when it changes.
-fn follow_vpn_address(node: &Node, tun: &mut TunDevice) {
-    let (Some(addr), Some(vpn)) = (node.cluster().and_then(|c| c.address()), node.vpn()) else {
-        return;
-    };
-    let wanted = Ipv4Cidr {
-        addr,
-        prefix_len: vpn.local().prefix_len,
-    };
-    if tun.address() == Some(wanted) {
-        return;
-    }
-    match tun.set_address(wanted) {
-        Ok(()) => log::info!("VPN address {wanted} on {}", tun.name()),
-        Err(e) => log::warn!("{e}"),
+        let Some(device) = &tun.device else {
+            errors.tun_write += 1;
+            continue;
+        };
+        match device.write_packet(&packet) {
+            Ok(()) => {}
+            Err(e) if tun::device_gone(&e) => tun.lost(registry, now, &e, errors),
+            Err(e) => {
+                errors.tun_write += 1;
+                log::trace!("TUN write: {e}");
+            }
+        }
     }
 }
 
@@ -518,7 +803,13 @@ fn report_connected(node: &Node) -> bool {
     true
 }
 
-fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut Vec<u8>) {
+fn flush(
+    node: &mut Node,
+    sockets: &Sockets,
+    targets: &[SocketAddr],
+    out: &mut Vec<u8>,
+    errors: &mut LocalErrors,
+) {
     let now = Instant::now();
     while let Some(t) = node.poll_transmit(now, out) {
         let Some(payload) = out.get(..t.len) else {
@@ -527,9 +818,9 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
         match t.destination {
             Destination::Addr(addr) => match t.segment_size {
                 Some(size) if size > 0 && payload.len() > size => {
-                    send_batch(sockets, payload, size, addr)
+                    send_batch(sockets, payload, size, addr, errors)
                 }
-                _ => send(&sockets.overlay, payload, addr),
+                _ => send(&sockets.overlay, payload, addr, errors),
             },
             Destination::LanBroadcast => {
                 for target in targets {
@@ -538,7 +829,7 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
                         SocketAddr::V6(_) => sockets.beacon_v6.as_ref(),
                     };
                     if let Some(s) = socket {
-                        send(s, payload, *target);
+                        send(s, payload, *target, errors);
                     }
                 }
             }
@@ -547,26 +838,50 @@ fn flush(node: &mut Node, sockets: &Sockets, targets: &[SocketAddr], out: &mut V
 }
 
 /// Sends a batch of equal-size datagrams with one GSO call, or one by one where GSO fails.
-fn send_batch(sockets: &Sockets, payload: &[u8], size: usize, to: SocketAddr) {
+fn send_batch(
+    sockets: &Sockets,
+    payload: &[u8],
+    size: usize,
+    to: SocketAddr,
+    errors: &mut LocalErrors,
+) {
     if sockets.gso.get() {
         match socket::send_segments(&sockets.overlay, payload, size as u16, to) {
             Ok(_) => return,
             // A full buffer drops the batch, as it drops single packets; QUIC retransmits.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => {
+            Err(e) if socket::gso_unsupported(&e) => {
                 log::info!("UDP GSO unavailable ({e}); sending datagrams one by one");
                 sockets.gso.set(false);
             }
+            // No route, a firewall: the batch is lost as one datagram would be, and GSO
+            // stays on.
+            Err(e) => return send_failed(to, &e, errors),
         }
     }
     payload
         .chunks(size)
-        .for_each(|p| send(&sockets.overlay, p, to));
+        .for_each(|p| send(&sockets.overlay, p, to, errors));
 }
 
-fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {
-    // A full socket buffer drops the packet, as the network would; QUIC retransmits.
+fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr, errors: &mut LocalErrors) {
+    // A full socket buffer drops the packet, as the network would; QUIC retransmits. So do a
+    // missing route or a firewall.
     if let Err(e) = socket.send_to(payload, to) {
+        send_failed(to, &e, errors);
+    }
+}
+
+/// Counts a datagram the kernel would not send. Not a warning: it happens in normal operation
+/// (IPv6 beacons before the link-local address is ready, a peer's address family without a
+/// route, a link down) and the network layer above copes, as with a lost packet.
+fn send_failed(to: SocketAddr, e: &io::Error, errors: &mut LocalErrors) {
+    errors.socket_send += 1;
+    if errors.socket_send.is_power_of_two() {
+        log::debug!(
+            "sending on UDP to {to}: {e} ({} send(s) failed so far)",
+            errors.socket_send
+        );
+    } else {
         log::trace!("send to {to}: {e}");
     }
 }
@@ -597,5 +912,54 @@ fn drain_events(node: &mut Node) {
             NodeEvent::Cluster(event) if event.is_alarm() => log::warn!("{event}"),
             NodeEvent::Cluster(event) => log::info!("{event}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_restarts_after_a_stable_run() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(250), ms(4000), Duration::from_secs(30));
+        let t0 = Instant::now();
+        b.succeeded(t0);
+        let waits: Vec<Duration> = (0..7).map(|i| b.failed(t0 + ms(i))).collect();
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 4000, 4000, 4000].map(ms),
+            "doubles, capped"
+        );
+        // Working again, but failing again soon after: the back-off keeps its length.
+        b.succeeded(t0 + ms(10));
+        assert_eq!(b.failed(t0 + ms(20)), ms(4000));
+        // Working for longer than the stable time: back to the first wait.
+        b.succeeded(t0 + ms(100));
+        assert_eq!(b.failed(t0 + ms(100) + Duration::from_secs(30)), ms(250));
+        assert_eq!(b.failed(t0 + Duration::from_secs(31)), ms(500));
+    }
+
+    #[test]
+    fn every_local_error_kind_is_exported_once() {
+        let errors = LocalErrors {
+            ledger_save: 1,
+            tun_lost: 2,
+            tun_open: 3,
+            tun_read: 4,
+            tun_write: 5,
+            tun_address: 6,
+            api_accept: 7,
+            socket_recv: 8,
+            socket_send: 9,
+        };
+        let exported = errors.as_metrics();
+        let mut kinds: Vec<&str> = exported.iter().map(|(k, _)| *k).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), exported.len(), "distinct kinds");
+        let mut counts: Vec<u64> = exported.iter().map(|(_, c)| *c).collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 2, 3, 4, 5, 6, 7, 8, 9], "every field exported");
     }
 }

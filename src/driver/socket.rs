@@ -164,6 +164,33 @@ pub fn recv_segments(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Receiv
     }
 }
 
+/// Whether a UDP GSO send failed because the kernel or the device cannot segment (old
+/// kernels: `EINVAL`/`ENOPROTOOPT`; devices without checksum offload: `EIO`), rather than for
+/// the network's sake (no route, a firewall, a full buffer): only then is GSO given up.
+pub fn gso_unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
+}
+
+/// Whether a receive error is one the kernel queued for an ICMP message about an earlier send
+/// (port or host unreachable, packet too big): reported once, the socket is fine.
+pub fn peer_reported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+                | libc::EMSGSIZE
+                | libc::EPROTO
+        )
+    )
+}
+
 /// The socket address in `storage` (IPv4 or IPv6).
 fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {
@@ -300,6 +327,44 @@ mod tests {
             got.extend_from_slice(&buf[..r.len]);
         }
         assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn network_errors_do_not_turn_gso_off() {
+        for unsupported in [libc::EINVAL, libc::EIO, libc::ENOPROTOOPT] {
+            assert!(gso_unsupported(&io::Error::from_raw_os_error(unsupported)));
+        }
+        for network in [libc::EPERM, libc::ENETUNREACH, libc::ENOBUFS, libc::EAGAIN] {
+            assert!(!gso_unsupported(&io::Error::from_raw_os_error(network)));
+        }
+    }
+
+    #[test]
+    fn icmp_errors_are_told_from_socket_failures() {
+        for reported in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::EMSGSIZE] {
+            assert!(peer_reported(&io::Error::from_raw_os_error(reported)));
+        }
+        for failure in [libc::ENOMEM, libc::ENOBUFS, libc::EBADF] {
+            assert!(!peer_reported(&io::Error::from_raw_os_error(failure)));
+        }
+    }
+
+    #[test]
+    fn an_icmp_error_is_read_once_and_the_socket_goes_on() {
+        let socket = bind_udp("127.0.0.1:0".parse().unwrap(), SocketOptions::default()).unwrap();
+        let closed = bind_udp("127.0.0.1:0".parse().unwrap(), SocketOptions::default()).unwrap();
+        let to = closed.local_addr().unwrap();
+        drop(closed);
+        // Connected-less sockets get ICMP errors on Linux only with IP_RECVERR; a connected
+        // one gets port unreachable as ECONNREFUSED on its next receive.
+        socket.connect(to).unwrap();
+        socket.send(b"anyone?").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut buf = [0u8; 16];
+        let first = recv_segments(&socket, &mut buf).unwrap_err();
+        assert!(peer_reported(&first), "{first}");
+        let second = recv_segments(&socket, &mut buf).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::WouldBlock, "reported once");
     }
 
     #[test]

@@ -162,13 +162,14 @@ impl TunDevice {
         }
     }
 
-    /// Writes one packet; false when the kernel refused it (the packet is lost, as on a link).
-    pub fn write_packet(&self, packet: &[u8]) -> bool {
-        match self.device.send(packet) {
-            Ok(_) => true,
-            Err(e) => {
-                log::trace!("TUN write: {e}");
-                false
+    /// Writes one packet; an error when the kernel refused it (the packet is lost, as on a
+    /// link; see [`device_gone`] for whether the interface is still there).
+    pub fn write_packet(&self, packet: &[u8]) -> io::Result<()> {
+        loop {
+            match self.device.send(packet) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -180,6 +181,15 @@ impl AsRawFd for TunDevice {
     }
 }
 
+/// Whether a read or write error means the interface is gone (deleted with `ip link del`,
+/// its namespace removed, the driver unloaded) rather than one packet lost.
+pub fn device_gone(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO | libc::EIO | libc::EPIPE)
+    )
+}
+
 /// The netmask of a prefix length (clamped to 32).
 fn prefix_mask(prefix_len: u8) -> Ipv4Addr {
     let bits = u32::from(prefix_len.min(32));
@@ -189,6 +199,20 @@ fn prefix_mask(prefix_len: u8) -> Ipv4Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_interfaces_are_told_from_lost_packets() {
+        for gone in [libc::EBADFD, libc::ENODEV, libc::EIO, libc::ENXIO] {
+            assert!(device_gone(&io::Error::from_raw_os_error(gone)), "{gone}");
+        }
+        for transient in [libc::ENOBUFS, libc::EAGAIN, libc::EINVAL, libc::ENOMEM] {
+            assert!(
+                !device_gone(&io::Error::from_raw_os_error(transient)),
+                "{transient}"
+            );
+        }
+        assert!(!device_gone(&io::Error::other("no errno")));
+    }
 
     #[test]
     fn prefix_masks() {

@@ -54,7 +54,7 @@ impl Ledger {
                 path: path.to_path_buf(),
                 error: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
             })?;
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let tmp = dir.join(temporary_name(&name, std::process::id()));
         let written = write_private(&tmp, &bytes).and_then(|()| fs::rename(&tmp, path));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
@@ -63,6 +63,29 @@ impl Ledger {
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&dir))
+    }
+
+    /// Removes the temporary files that saves of earlier runs left next to `path` when they
+    /// were killed half-way (each run names its own after its pid, so they would pile up on a
+    /// small disk); returns how many. Call it before this run saves.
+    pub fn remove_stale_temporaries(path: &Path) -> usize {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return 0;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let name = name.to_string_lossy();
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| is_temporary_of(&e.file_name().to_string_lossy(), &name))
+            .filter(|e| fs::remove_file(e.path()).is_ok())
+            .count()
     }
 
     /// Loads a snapshot. A missing file is an empty ledger; an unreadable or corrupt one is an
@@ -198,6 +221,20 @@ impl Ledger {
         while ledger.poll_event().is_some() {}
         Ok(ledger)
     }
+}
+
+/// The temporary file a save by process `pid` writes before renaming it over `name`.
+fn temporary_name(name: &str, pid: u32) -> String {
+    format!(".{name}.{pid}.tmp")
+}
+
+/// Whether `file` is a temporary file of a save of `name` (by any process).
+fn is_temporary_of(file: &str, name: &str) -> bool {
+    file.strip_prefix('.')
+        .and_then(|f| f.strip_prefix(name))
+        .and_then(|f| f.strip_prefix('.'))
+        .and_then(|f| f.strip_suffix(".tmp"))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The largest snapshot `limits` can produce, with room for the header and checksum.

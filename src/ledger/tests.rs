@@ -775,6 +775,45 @@ fn save_and_load_round_trip_privately() {
 }
 
 #[test]
+fn temporaries_of_killed_saves_are_removed_and_nothing_else() {
+    let dir = temp_dir("stale");
+    let path = dir.join("ledger.bin");
+    sample_ledger().save(&path).unwrap();
+    for leftover in [".ledger.bin.123.tmp", ".ledger.bin.4567.tmp"] {
+        fs::write(dir.join(leftover), b"half a snapshot").unwrap();
+    }
+    for other in [
+        "ledger.bin.1.tmp",
+        ".ledger.bin..tmp",
+        ".ledger.bin.12x.tmp",
+        ".other.bin.1.tmp",
+        "keep",
+    ] {
+        fs::write(dir.join(other), b"not ours").unwrap();
+    }
+    assert_eq!(Ledger::remove_stale_temporaries(&path), 2);
+    let mut left: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            ".ledger.bin..tmp",
+            ".ledger.bin.12x.tmp",
+            ".other.bin.1.tmp",
+            "keep",
+            "ledger.bin",
+            "ledger.bin.1.tmp"
+        ]
+    );
+    assert!(!Ledger::load(&path, Limits::default()).unwrap().is_empty());
+    assert_eq!(Ledger::remove_stale_temporaries(&dir.join("absent/x")), 0);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn quarantine_survives_a_restart() {
     let dir = temp_dir("quarantine");
     let path = dir.join("ledger.bin");

@@ -511,3 +511,15 @@ pub fn lan_config(dir: &Path, name: &str) -> PathBuf {
         ),
     )
 }
+
+impl Lab {
+    /// The process id of child `index` (`ip netns exec` execs the agent: it is the agent's).
+    pub fn pid(&self, index: usize) -> u32 {
+        self.children[index].id()
+    }
+
+    /// Whether child `index` is still running.
+    pub fn running(&mut self, index: usize) -> bool {
+        matches!(self.children[index].try_wait(), Ok(None))
+    }
+}
