@@ -196,30 +196,32 @@ impl Api {
     }
 
     fn accept_tcp(&mut self, registry: &Registry, errors: &mut LocalErrors) {
-        loop {
-            let Some(listener) = &self.tcp else { return };
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    self.add(registry, Stream::Tcp(stream));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // Interrupted, or a client gone before it was accepted: take the next one.
-                Err(e) if accept_again(&e) => {}
-                // Out of file descriptors or memory: the connection stays queued until the next
-                // one arrives (edge-triggered readiness: no busy loop meanwhile).
-                Err(e) => return accept_failed(errors, &e),
-            }
-        }
+        self.accept_each(registry, errors, |api| {
+            let listener = api.tcp.as_ref()?;
+            Some(listener.accept().map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                Stream::Tcp(stream)
+            }))
+        });
     }
 
     fn accept_unix(&mut self, registry: &Registry, errors: &mut LocalErrors) {
-        loop {
-            let Some((listener, _)) = &self.unix else {
-                return;
-            };
-            match listener.accept() {
-                Ok((stream, _)) => self.add(registry, Stream::Unix(stream)),
+        self.accept_each(registry, errors, |api| {
+            let (listener, _) = api.unix.as_ref()?;
+            Some(listener.accept().map(|(stream, _)| Stream::Unix(stream)))
+        });
+    }
+
+    /// Takes every connection `accept` yields until the listener is empty (or absent: `None`).
+    fn accept_each(
+        &mut self,
+        registry: &Registry,
+        errors: &mut LocalErrors,
+        accept: impl Fn(&Self) -> Option<io::Result<Stream>>,
+    ) {
+        while let Some(accepted) = accept(self) {
+            match accepted {
+                Ok(stream) => self.add(registry, stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // Interrupted, or a client gone before it was accepted: take the next one.
                 Err(e) if accept_again(&e) => {}
