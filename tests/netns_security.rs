@@ -4,8 +4,9 @@
 //! One end-to-end run, under umask 000 and at trace level: three agents form a k3s cluster
 //! (k3s stand-in), an outsider with another token sits on the same LAN, a bridge joins and
 //! `get-kubeconfig` fetches the kubeconfig through it. Then:
-//! - every agent's API socket is a 0600 socket, every state directory 0700, every file in it
-//!   private, and every file under a host that holds a secret private;
+//! - every agent's API socket is a 0600 socket, its TCP API unreachable from the LAN, every
+//!   state directory 0700, every file in it private, and every file under a host that holds a
+//!   secret private;
 //! - no log line of any agent, the bridge, the outsider or `get-kubeconfig` holds the network
 //!   token, its decoded secrets, a derived key, a node key, the k3s token or the kubeconfig's
 //!   client key;
@@ -151,12 +152,27 @@ fn e2e_no_secret_in_any_log_and_every_secret_file_private() {
     let kubeconfig = fetched.1.clone();
 
     // The API sockets while the agents run.
-    for h in members.iter().chain([outsider]) {
-        let sock = api_socket(h);
+    let bridge_socket = bridge.dir.join("state/bridge/api.sock");
+    for sock in members
+        .iter()
+        .chain([outsider])
+        .map(api_socket)
+        .chain([bridge_socket])
+    {
         let meta = fs::symlink_metadata(&sock).unwrap();
         assert!(meta.file_type().is_socket(), "{}", sock.display());
         assert_eq!(mode(&sock), 0o600, "{}", sock.display());
     }
+    // The TCP API (default APILISTEN 127.0.0.1:8080) answers on the member's loopback and is
+    // not reachable from the LAN.
+    let (local, _, err) = run_in(&members[0], &["status", "--api", "http://127.0.0.1:8080"]);
+    assert!(local, "status on the member's loopback: {err}");
+    let remote = format!("http://{}:8080", members[0].ip);
+    let (reached, out, _) = run_in(bridge, &["status", "--api", &remote]);
+    assert!(
+        !reached,
+        "the member's API answered {remote} from the LAN: {out}"
+    );
     let outsider_id = peer_id_of(outsider);
     for i in (0..5).rev() {
         lab.stop(i);
@@ -222,6 +238,18 @@ fn e2e_no_secret_in_any_log_and_every_secret_file_private() {
     ));
     secrets.retain(|(_, v)| v.len() >= 12);
 
+    // The k3s token did reach every member's k3s (so it went through the agents), and the
+    // secrets are what the kubeconfig printed holds.
+    for r in &roots {
+        let standin_log = fs::read_to_string(standin::log_path(r)).unwrap_or_default();
+        assert!(
+            standin_log.contains(standin::secret_of(&node_token)),
+            "{}: the k3s token reached this member's k3s",
+            r.display()
+        );
+    }
+    assert!(kubeconfig.contains(&client_key));
+
     // 1. No secret in any log.
     let mut logs: Vec<(String, String)> = hosts
         .iter()
@@ -282,7 +310,10 @@ fn e2e_no_secret_in_any_log_and_every_secret_file_private() {
         }
         let mut all = Vec::new();
         walk(&h.dir, &mut all);
-        for f in all.iter().filter(|f| !f.ends_with("agent.log")) {
+        // The logs are the test's (agent.log) and the stand-in's (which records the tokens it
+        // was given, as a positive control below), not files the agent writes.
+        let ours = |f: &&PathBuf| !f.ends_with("agent.log") && !f.ends_with("k3s-standin.log");
+        for f in all.iter().filter(ours) {
             let text = String::from_utf8_lossy(&fs::read(f).unwrap_or_default()).into_owned();
             if let Some(s) = secret_values.iter().find(|s| text.contains(**s)) {
                 assert_eq!(

@@ -593,12 +593,14 @@ fn mode(path: &Path) -> u32 {
 fn secret_files_are_private_under_umask_000() {
     permissive_umask();
     let dir = TempDir::new("security-files");
-    let state = dir.0.join("state");
+    let state = dir.0.join("var/lib/state");
 
-    // The node key and its directory.
+    // The node key and its directory, missing parents included.
     let identity = Identity::load_or_create(&state).unwrap();
     assert_eq!(mode(&state.join(kairos_p2p::identity::KEY_FILE)), 0o600);
-    assert_eq!(mode(&state), 0o700);
+    for d in [dir.0.join("var"), dir.0.join("var/lib"), state.clone()] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
 
     // The ledger snapshot (it holds the k3s token and the kubeconfig).
     let mut l = Ledger::new(Limits::default());
