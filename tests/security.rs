@@ -18,7 +18,7 @@
 //! | Key files are 0600 | `identity::tests::key_is_created_once_private_and_reloaded`, here `secret_files_are_private_under_umask_000`, netns e2e (every file of every state dir) |
 //! | Kubeconfig copies are 0600 | `get-kubeconfig` writes no file (stdout only); the ledger snapshot that holds the kubeconfig and the k3s token: here `secret_files_are_private_under_umask_000` and the netns e2e |
 //! | k3s env files with `K3S_TOKEN`, the cluster-init marker are 0600 | here `secret_files_are_private_under_umask_000`, `k3s::init::tests::systemd_files` / `openrc_files` |
-//! | No secret appears in logs at any level | `k3s::plan::tests::secret_flags_are_hidden_in_logs`, `token::keys::tests::debug_is_redacted`, `netns_security::e2e_no_secret_in_any_log_and_every_secret_file_private` (trace logs of 3 agents, a bridge, an outsider, get-kubeconfig, grepped for the token, its keys, node keys, k3s token, kubeconfig key) |
+//! | No secret appears in logs at any level | `k3s::plan::tests::secret_flags_are_hidden_in_logs`, `token::keys::tests::debug_is_redacted`, `config_errors::token_never_appears_in_messages`, here `debug_of_a_configuration_shows_no_secret` (k3s env/args, HA datastore, `EDGEVPNTOKEN`), `netns_security::e2e_no_secret_in_any_log_and_every_secret_file_private` (trace logs of 3 agents, a bridge, an outsider, get-kubeconfig, grepped for the token, its keys, node keys, k3s token, kubeconfig key) |
 
 mod common;
 
@@ -721,4 +721,42 @@ fn a_non_loopback_api_is_refused_unless_allowed() {
     );
     assert!(code.is_some_and(|c| c != 0), "bridge: exit {code:?}: {err}");
     assert!(err.contains("--api-allow-remote"), "{err}");
+}
+
+#[test]
+fn debug_of_a_configuration_shows_no_secret() {
+    let token = common::generate_token();
+    let text = format!(
+        "#cloud-config\np2p:\n  network_token: \"{token}\"\n  auto:\n    ha:\n      enable: true\n      \
+         master_nodes: 1\n      external_db: \"postgres://k3s:db-pa55word@db:5432/k3s\"\n  \
+         vpn:\n    env:\n      EDGEVPNTOKEN: \"{token}\"\nk3s:\n  args:\n  - --token=arg-t0ken-secret\n  \
+         - --agent-token\n  - agent-t0ken-secret\n  env:\n    K3S_TOKEN: env-t0ken-secret\n\
+         k3s-agent:\n  env:\n    K3S_TOKEN: agent-env-t0ken-secret\n"
+    );
+    let host = kairos_p2p::config::HostFacts {
+        machine_id: "f0e1d2c3b4a5968778695a4b3c2d1e0f".to_owned(),
+        hostname: "node1".to_owned(),
+    };
+    let config = kairos_p2p::config::parse(&[(Path::new("x.yaml"), &text)], &host)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let parsed: kairos_p2p::token::NetworkToken = token.parse().unwrap();
+    let shown = format!("{config:?} {config:#?}");
+    for secret in [
+        token.as_str(),
+        &parsed.otp.dht.key,
+        &parsed.otp.crypto.key,
+        &parsed.room,
+        &parsed.rendezvous,
+        &parsed.mdns,
+        "db-pa55word",
+        "arg-t0ken-secret",
+        "agent-t0ken-secret",
+        "env-t0ken-secret",
+    ] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    // The rest is still there to debug with.
+    for visible in ["db:5432/k3s", "K3S_TOKEN", "--agent-token", "EDGEVPNTOKEN"] {
+        assert!(shown.contains(visible), "{visible} missing from {shown}");
+    }
 }
