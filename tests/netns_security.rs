@@ -218,6 +218,7 @@ fn e2e_no_secret_in_any_log_and_every_secret_file_private() {
         "k3s token secret".into(),
         standin::secret_of(&node_token).to_string(),
     ));
+    secrets.extend(encodings("k3s node token", node_token.as_bytes()));
     let client_key = kubeconfig
         .lines()
         .find_map(|l| l.trim().strip_prefix("client-key-data:"))

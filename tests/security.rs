@@ -18,7 +18,7 @@
 //! | Key files are 0600 | `identity::tests::key_is_created_once_private_and_reloaded`, here `secret_files_are_private_under_umask_000`, netns e2e (every file of every state dir) |
 //! | Kubeconfig copies are 0600 | `get-kubeconfig` writes no file (stdout only); the ledger snapshot that holds the kubeconfig and the k3s token: here `secret_files_are_private_under_umask_000` and the netns e2e |
 //! | k3s env files with `K3S_TOKEN`, the cluster-init marker are 0600 | here `secret_files_are_private_under_umask_000`, `k3s::init::tests::systemd_files` / `openrc_files` |
-//! | No secret appears in logs at any level | `k3s::plan::tests::secret_flags_are_hidden_in_logs`, `token::keys::tests::debug_is_redacted`, `config_errors::token_never_appears_in_messages`, here `debug_of_a_configuration_shows_no_secret` (k3s env/args, HA datastore, `EDGEVPNTOKEN`), `netns_security::e2e_no_secret_in_any_log_and_every_secret_file_private` (trace logs of 3 agents, a bridge, an outsider, get-kubeconfig, grepped for the token, its keys, node keys, k3s token, kubeconfig key) |
+//! | No secret appears in logs at any level | `k3s::plan::tests::secret_flags_are_hidden_in_logs`, `token::keys::tests::debug_is_redacted`, `config_errors::token_never_appears_in_messages`, here `debug_of_a_configuration_shows_no_secret` (k3s env/args, HA datastore, `EDGEVPNTOKEN`) and `debug_of_ledger_writes_and_entries_shows_no_value`, `netns_security::e2e_no_secret_in_any_log_and_every_secret_file_private` (trace logs of 3 agents, a bridge, an outsider, get-kubeconfig, grepped for the token, its keys, node keys, k3s token, kubeconfig key) |
 
 mod common;
 
@@ -758,5 +758,39 @@ fn debug_of_a_configuration_shows_no_secret() {
     // The rest is still there to debug with.
     for visible in ["db:5432/k3s", "K3S_TOKEN", "--agent-token", "EDGEVPNTOKEN"] {
         assert!(shown.contains(visible), "{visible} missing from {shown}");
+    }
+}
+
+#[test]
+fn debug_of_ledger_writes_and_entries_shows_no_value() {
+    let secret = "K10cafe::server:ledger-value-s3cret";
+    let write = Write::put("kairos", "token-nodetoken", secret);
+    let identity = Identity::from_seed([9; 32]);
+    let mut l = Ledger::new(Limits::default());
+    let entry = l
+        .put(
+            &identity,
+            &mut Clock::new(),
+            "kairos",
+            "token-nodetoken",
+            secret.as_bytes(),
+            1_700_000_000_000,
+        )
+        .unwrap();
+    let batch = SyncMessage::Batch(Batch {
+        entries: vec![entry.clone()],
+        requests: Vec::new(),
+    });
+    // As text or as the byte list a derived Debug of a Vec<u8> prints.
+    let as_bytes = format!("{:?}", b"s3cret");
+    let as_bytes = as_bytes.trim_matches(['[', ']']);
+    for shown in [
+        format!("{write:?}"),
+        format!("{entry:?}"),
+        format!("{batch:?}"),
+    ] {
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(!shown.contains(as_bytes), "{shown}");
+        assert!(shown.contains("token-nodetoken"), "{shown}");
     }
 }
