@@ -27,7 +27,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use kairos_p2p::token::{KeySchedule, NetworkToken};
 
-use common::{Host, Lab, api_socket, generate_token, is_root, peer_id_of, wait_for, write_config};
+use common::{
+    Host, Lab, api_socket, generate_token, is_root, metric, peer_id_of, unix_get, wait_for,
+    write_config,
+};
 use standin::STANDIN;
 
 /// Every way a secret's bytes could be printed.
@@ -173,6 +176,16 @@ fn e2e_no_secret_in_any_log_and_every_secret_file_private() {
         !reached,
         "the member's API answered {remote} from the LAN: {out}"
     );
+    // The outsider was there all along: every member heard its beacons and could not open
+    // them (the positive control for "nothing of the outsider" below).
+    for h in members {
+        let metrics = unix_get(&api_socket(h), "/metrics");
+        let rejected = metric(
+            &metrics,
+            "kairos_p2p_dropped_total{reason=\"beacon_rejected\"}",
+        );
+        assert!(rejected > 0, "{}: no outsider beacon rejected", h.ns);
+    }
     let outsider_id = peer_id_of(outsider);
     for i in (0..5).rev() {
         lab.stop(i);

@@ -510,6 +510,10 @@ impl ApiState for State<'_> {
             ("unknown_packet", n.unknown_packets),
             ("beacon_rejected", n.beacons_rejected),
             ("dht_rejected", n.dht_rejected),
+            (
+                "dht_record_rejected",
+                self.node.kad().map_or(0, |k| k.stats().records_rejected),
+            ),
             ("control_rejected", n.control_rejected),
             ("datagram_unused", n.datagrams_unused),
             ("relay_dropped", n.relay_dropped),
