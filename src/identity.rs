@@ -7,7 +7,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -123,7 +123,14 @@ impl Identity {
 fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
     let err = |e| IdentityError::StateDir(dir.to_path_buf(), e);
     if !dir.exists() {
-        fs::create_dir_all(dir).map_err(err)?;
+        // Created 0700, missing parents too (a parent left to the umask, possibly 0777, would let
+        // another user swap the private directory for one of theirs); then exactly 0700 whatever
+        // the umask took away.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     Ok(())

@@ -783,7 +783,9 @@ fn pick_candidate(view: &View) -> Option<String> {
 }
 
 /// A ledger write a component asks for; the cluster layer signs, stores and gossips it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` shows the value's length only, as [`Entry`]'s does: values include the k3s token
+/// and the kubeconfig.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Write {
     /// The bucket.
     pub bucket: String,
@@ -791,6 +793,16 @@ pub struct Write {
     pub key: String,
     /// The new value, or `None` to delete.
     pub value: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Write")
+            .field("bucket", &self.bucket)
+            .field("key", &self.key)
+            .field("value_len", &self.value.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 impl Write {

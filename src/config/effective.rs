@@ -230,7 +230,7 @@ fn hide(kind: Secret, value: &str) -> String {
     }
 }
 
-fn redact_value(name: &str, value: &str) -> String {
+pub(super) fn redact_value(name: &str, value: &str) -> String {
     match secret_kind(name) {
         Some(kind) => hide(kind, value),
         None => value.to_owned(),
@@ -238,7 +238,7 @@ fn redact_value(name: &str, value: &str) -> String {
 }
 
 /// `--flag=value` and `--flag value` with secret values hidden.
-fn redact_args(args: &[String]) -> Vec<String> {
+pub(super) fn redact_args(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut pending = None;
     for arg in args {
@@ -266,7 +266,7 @@ fn redact_args(args: &[String]) -> Vec<String> {
 
 /// A datastore endpoint with the credentials (everything before the last `@`, after the
 /// scheme) replaced: `postgres://<redacted>@db:5432/k3s`, `<redacted>@tcp(db:3306)/k3s`.
-fn redact_dsn(dsn: &str) -> String {
+pub(super) fn redact_dsn(dsn: &str) -> String {
     let Some(at) = dsn.rfind('@') else {
         return dsn.to_owned();
     };

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::diag::Diagnostics;
+use super::effective;
 use super::layer::{K3sLayer, Layer};
 use super::vpn_env::VpnSettings;
 use crate::token::NetworkToken;
@@ -97,8 +98,8 @@ pub struct AutoConfig {
     pub ha: HaConfig,
 }
 
-/// `p2p.auto.ha`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `p2p.auto.ha`. `Debug` hides the credentials of `external_db`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HaConfig {
     /// HA control plane; on by default when `master_nodes` > 0.
     pub enable: bool,
@@ -127,8 +128,9 @@ pub struct KubeVipConfig {
     pub image: String,
 }
 
-/// The `k3s` and `k3s-agent` blocks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The `k3s` and `k3s-agent` blocks. `Debug` hides secret values (`K3S_TOKEN`, `--token`,
+/// datastore credentials) as the printed effective configuration does.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct K3sConfig {
     /// Run k3s without p2p (standalone Kairos).
     pub enabled: bool,
@@ -142,6 +144,37 @@ pub struct K3sConfig {
     pub replace_env: bool,
     /// Enable k3s' embedded registry mirror.
     pub embedded_registry: bool,
+}
+
+impl fmt::Debug for HaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HaConfig")
+            .field("enable", &self.enable)
+            .field("master_nodes", &self.master_nodes)
+            .field(
+                "external_db",
+                &self.external_db.as_deref().map(effective::redact_dsn),
+            )
+            .finish()
+    }
+}
+
+impl fmt::Debug for K3sConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env: BTreeMap<&str, String> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), effective::redact_value(k, v)))
+            .collect();
+        f.debug_struct("K3sConfig")
+            .field("enabled", &self.enabled)
+            .field("args", &effective::redact_args(&self.args))
+            .field("env", &env)
+            .field("replace_args", &self.replace_args)
+            .field("replace_env", &self.replace_env)
+            .field("embedded_registry", &self.embedded_registry)
+            .finish()
+    }
 }
 
 /// The role a node asks for (`p2p.role`).

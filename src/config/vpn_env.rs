@@ -76,8 +76,9 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
-/// The edgevpn settings kairos-p2p uses, defaults resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The edgevpn settings kairos-p2p uses, defaults resolved. `Debug` hides secret values among
+/// the unused variables (an `EDGEVPNTOKEN` left in `p2p.vpn.env`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct VpnSettings {
     /// `ADDRESS`: this node's VPN address and the VPN prefix.
     pub address: Ipv4Cidr,
@@ -99,6 +100,28 @@ pub struct VpnSettings {
     pub api_listen: SocketAddr,
     /// Other variables, kept but not used.
     pub extra: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for VpnSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let extra: BTreeMap<&str, String> = self
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), super::effective::redact_value(k, v)))
+            .collect();
+        f.debug_struct("VpnSettings")
+            .field("address", &self.address)
+            .field("address_explicit", &self.address_explicit)
+            .field("iface", &self.iface)
+            .field("dhcp", &self.dhcp)
+            .field("mtu", &self.mtu)
+            .field("dht", &self.dht)
+            .field("mdns", &self.mdns)
+            .field("bootstrap_peers", &self.bootstrap_peers)
+            .field("api_listen", &self.api_listen)
+            .field("extra", &extra)
+            .finish()
+    }
 }
 
 impl VpnSettings {

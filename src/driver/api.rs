@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write as _};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -307,15 +307,33 @@ fn accept_failed(errors: &mut LocalErrors, e: &io::Error) {
 }
 
 /// Binds the unix socket at `path` (a stale file there is removed first), readable and
-/// writable by the owner only.
+/// writable by the owner only, and never otherwise: it is bound inside a fresh 0700 directory
+/// beside `path`, made 0600 there and only then moved to `path` (bound directly, it would carry
+/// the umask's mode, up to 0777, until the chmod). The staging path `<dir>/.s<pid>/s` is at most
+/// three bytes longer than `<dir>/api.sock`.
 fn bind_unix(registry: &Registry, path: &Path) -> io::Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let staging = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!(".s{}", std::process::id()));
+    // Left over from a crash of a predecessor with our pid.
+    let _ = std::fs::remove_file(staging.join("s"));
+    let _ = std::fs::remove_dir(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let staged = staging.join("s");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&staging);
+    let mut listener = bound?;
     registry.register(&mut listener, UNIX_LISTENER, Interest::READABLE)?;
     Ok(listener)
 }
@@ -522,6 +540,10 @@ impl ApiState for State<'_> {
             ("unknown_packet", n.unknown_packets),
             ("beacon_rejected", n.beacons_rejected),
             ("dht_rejected", n.dht_rejected),
+            (
+                "dht_record_rejected",
+                self.node.kad().map_or(0, |k| k.stats().records_rejected),
+            ),
             ("control_rejected", n.control_rejected),
             ("datagram_unused", n.datagrams_unused),
             ("relay_dropped", n.relay_dropped),

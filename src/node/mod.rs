@@ -44,7 +44,7 @@ use crate::overlay::{
 use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
 use crate::vpn::{self, Vpn, VpnSettings};
-use control::{Control, MemberInfo};
+pub use control::{Control, MemberInfo};
 use members::{Change, MemberTable, Source};
 use relay::RelayPaths;
 

@@ -288,6 +288,9 @@ pub struct KadStats {
     pub transmits_dropped: u64,
     /// Events dropped because the event queue was full.
     pub events_dropped: u64,
+    /// Records found under one of our rendezvous keys that did not open: planted by a DHT node
+    /// without the token, sealed for another window, or tampered with.
+    pub records_rejected: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -171,6 +171,7 @@ impl Kad {
             if let Some(&(window, _)) = rv.window_keys.iter().find(|(_, k)| *k == key) {
                 for sealed in &records {
                     let Ok(rec) = open_record(&rv.keys, window, sealed) else {
+                        self.stats.records_rejected += 1;
                         continue;
                     };
                     if rec.peer == self.me {
