@@ -1149,7 +1149,10 @@ mod tests {
         let ahead_ms = (UNIX0 + 300) * 1000;
         let first = sealed(&ks, peer(1), &["0.0.0.0:7120"], ahead_ms, 1);
         let second = sealed(&ks, peer(1), &["0.0.0.0:7120"], ahead_ms + 10_000, 2);
-        assert_eq!(lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &first), Ok(()));
+        assert_eq!(
+            lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &first),
+            Ok(())
+        );
         assert_eq!(lan.peer_count(), 1);
         assert_eq!(
             lan.handle_beacon(now, UNIX0, from("10.0.0.9"), &first),
