@@ -9,9 +9,9 @@
 //! Every scenario prints how long the cluster took to form or re-form, in virtual time.
 //!
 //! Seeds: `SIM_SEED=<n>` replays one (a failure prints the command); `SIM_SEEDS=<count>` sets how
-//! many run. By default 5 per scenario in debug builds (the plain `cargo test` pass) and 100 in
+//! many run. By default 5 per scenario in debug builds (the plain `cargo test` pass) and 50 in
 //! optimised ones (`make test` runs them with `--profile sim`); the flood, which sends 240,000
-//! packets, runs 1 and 3.
+//! packets, runs 1 and 2.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -121,7 +121,7 @@ fn seeds_up_to(debug: u64, optimised: u64) -> Vec<u64> {
 
 /// Seeds of the quick scenarios.
 fn seeds() -> Vec<u64> {
-    seeds_up_to(5, 100)
+    seeds_up_to(5, 50)
 }
 
 fn secs(s: u64) -> Duration {
@@ -781,7 +781,7 @@ fn flood_packet(sim: &mut Sim, initials: &[Vec<u8>], window: u64) -> (PacketKind
 #[test]
 fn a_flood_from_non_members_is_refused_and_memory_stays_bounded() {
     let name = "a_flood_from_non_members_is_refused_and_memory_stays_bounded";
-    run_seeded(TARGET, name, &seeds_up_to(1, 3), |seed| {
+    run_seeded(TARGET, name, &seeds_up_to(1, 2), |seed| {
         let mut config = Lab::config(seed);
         config.capture_limit = 200;
         let mut lab = Lab::new(config, LinkParams::lan());
