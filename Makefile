@@ -40,10 +40,10 @@ clippy:
 unit-test:
 	$(CARGO) test --locked
 
-# The simulator's role and election properties over 1,000 seeds per scenario, optimised (the
-# debug pass of unit-test runs 20 seeds of each).
+# The simulator's role and election properties over 1,000 seeds per scenario, and the fault
+# scenarios over 50, optimised (the debug pass of unit-test runs 20 and 5 seeds of each).
 sim-properties:
-	$(CARGO) test --locked --profile sim --test sim_roles
+	$(CARGO) test --locked --profile sim --test sim_roles --test sim_faults
 
 lint: fmt-check clippy
 

@@ -434,7 +434,7 @@ impl Cluster {
             }
         }
         self.replication.handle_timeout(now, unix_ms, &self.ledger);
-        if self.heartbeat_at.is_none_or(|t| t <= now) {
+        if self.heartbeat_at.is_none_or(|t| t <= now) || self.own_heartbeat_looks_stale() {
             self.heartbeat_at = Some(now + self.settings.heartbeat_interval());
             let mut writes = Vec::new();
             if now == started {
@@ -504,6 +504,23 @@ impl Cluster {
 
     fn hlc_now_ms(&self) -> u64 {
         self.unix_ms.max(self.ledger.max_version().millis())
+    }
+
+    /// Our last heartbeat is at least half the liveness timeout old by the hybrid time the
+    /// cluster now shows: our wall clock was behind the others' (minutes, on a box without NTP)
+    /// and their versions just pulled our hybrid clock up. Every other node already judges that
+    /// heartbeat by the same newer time, so we would look dead until the next routine beat (up to
+    /// 15 s, longer than a whole election); beating at once keeps us live. The new heartbeat
+    /// carries the pulled-up version, so this fires once per jump.
+    fn own_heartbeat_looks_stale(&self) -> bool {
+        let half_timeout_ms =
+            u64::try_from((self.settings.liveness_timeout / 2).as_millis()).unwrap_or(u64::MAX);
+        self.ledger
+            .entry(names::HEALTHCHECK, &self.settings.uuid)
+            .filter(|e| e.writer == self.me && e.value.is_some())
+            .is_some_and(|e| {
+                self.hlc_now_ms().saturating_sub(e.version.millis()) >= half_timeout_ms
+            })
     }
 
     /// Ready to vote and lead: synced with a peer, or alone for the settle time.

@@ -1392,6 +1392,8 @@ fn settings_vpn_addresses() {
 struct Wired {
     nodes: Vec<Cluster>,
     peers: Vec<PeerId>,
+    /// How far each node's wall clock is off, in milliseconds.
+    skew_ms: Vec<i64>,
     base: Instant,
     now: Instant,
 }
@@ -1408,6 +1410,7 @@ impl Wired {
             nodes.push(Cluster::new(&id, settings, Ledger::default(), i as u64));
         }
         Self {
+            skew_ms: vec![0; nodes.len()],
             nodes,
             peers,
             base,
@@ -1415,17 +1418,21 @@ impl Wired {
         }
     }
 
-    fn unix_ms(&self) -> u64 {
-        UNIX_BASE_MS + (self.now - self.base).as_millis() as u64
+    /// The wall clock of node `i`.
+    fn unix_ms(&self, i: usize) -> u64 {
+        (UNIX_BASE_MS + (self.now - self.base).as_millis() as u64)
+            .saturating_add_signed(self.skew_ms[i])
     }
 
     /// Starts every node, then connects every pair.
     fn start(&mut self) {
-        let (now, ms) = (self.now, self.unix_ms());
-        for n in &mut self.nodes {
-            n.handle_timeout(now, ms);
+        let now = self.now;
+        for i in 0..self.nodes.len() {
+            let ms = self.unix_ms(i);
+            self.nodes[i].handle_timeout(now, ms);
         }
         for i in 0..self.nodes.len() {
+            let ms = self.unix_ms(i);
             for j in 0..self.nodes.len() {
                 if i != j {
                     self.nodes[i].peer_connected(now, ms, self.peers[j]);
@@ -1437,12 +1444,13 @@ impl Wired {
 
     /// Delivers messages until none is left.
     fn deliver(&mut self) {
-        let (now, ms) = (self.now, self.unix_ms());
+        let now = self.now;
         for _ in 0..10_000 {
             let mut any = false;
             for from in 0..self.nodes.len() {
                 while let Some((to, bytes)) = self.nodes[from].poll_message() {
                     let j = self.peers.iter().position(|p| *p == to).expect("a peer");
+                    let ms = self.unix_ms(j);
                     self.nodes[j].handle_message(now, ms, self.peers[from], &bytes);
                     any = true;
                 }
@@ -1464,8 +1472,10 @@ impl Wired {
                 return;
             };
             self.now = self.now.max(next);
-            let (now, ms) = (self.now, self.unix_ms());
-            for n in &mut self.nodes {
+            let now = self.now;
+            for i in 0..self.nodes.len() {
+                let ms = self.unix_ms(i);
+                let n = &mut self.nodes[i];
                 if n.poll_timeout().is_some_and(|t| t <= now) {
                     n.handle_timeout(now, ms);
                 }
@@ -1535,6 +1545,27 @@ fn three_clusters_elect_one_master_and_two_workers() {
     let now = w.now;
     assert!(w.nodes.iter().all(|n| n.save_due(now)));
     assert!(w.nodes.iter().all(|n| n.role().is_some()));
+}
+
+/// Clocks minutes apart (boxes without NTP): a node whose clock is behind writes its first
+/// heartbeat with a version the others see as minutes old. It beats again as soon as their
+/// versions pull its hybrid clock up, so everybody is live and has a role within seconds,
+/// not after the next routine heartbeat.
+#[test]
+fn nodes_with_clocks_minutes_behind_are_live_at_once() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.skew_ms = vec![0, -5 * 60_000, 3 * 60_000];
+    w.start();
+    w.run_for(Duration::from_secs(5));
+    for (n, uuid) in w.nodes.iter().zip(uuids) {
+        assert_eq!(
+            n.view().live_eligible_count(),
+            3,
+            "{uuid} sees everybody live"
+        );
+        assert!(n.role().is_some(), "{uuid} has a role 5 s in");
+    }
 }
 
 /// A node alone with `minimum_nodes: 1` (a one-box cluster) runs the whole election by itself,

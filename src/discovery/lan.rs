@@ -52,8 +52,10 @@
 //! 1. It opens: right token, a key window the receiver accepts (its own ± 1), not modified.
 //! 2. It is not our own.
 //! 3. Rotating tokens (interval below `NEVER_ROTATE`): `sent_at_unix_ms` is within
-//!    ±[`FRESHNESS`] (90 s) of the receiver's clock. Such networks need clocks within ~90 s
-//!    (NTP); a node further off is reported as [`BeaconError::Stale`] and logged.
+//!    ±[`FRESHNESS`] (10 min) of the receiver's clock. Such networks need clocks within 10 min
+//!    of each other (and within one rotation interval, for the key windows): boxes that boot
+//!    without NTP are often minutes off. A node further off is reported as
+//!    [`BeaconError::Stale`] and logged.
 //! 4. `(peer, nonce)` is not in the cache of the last [`REPLAY_CACHE`] accepted beacons.
 //! 5. `sent_at_unix_ms` is greater than that of the last beacon accepted from the same peer, or
 //!    that last beacon is older than [`RESTART_GRACE`] (25 s). Senders keep their timestamps
@@ -69,8 +71,11 @@
 //!
 //! - A recorded beacon of a peer that has been silent for longer than the grace (gone, or
 //!   rebooting) and has left the replay cache is accepted again: without rotation forever, with
-//!   rotation only within the 90 s freshness window (where the cache normally still holds it).
-//!   The peer then looks alive for up to [`PEER_EXPIRY`] more, at addresses it really announced.
+//!   rotation only within the freshness window. The cache holds every beacon accepted in the
+//!   last 10 min (the window) as long as the LAN has at most [`REPLAY_CACHE`] × 8 s / 10 min ≈ 54
+//!   agents beaconing at the fastest steady pace; on larger LANs a recorded beacon may leave the
+//!   cache before the window closes. The peer then looks alive for up to [`PEER_EXPIRY`] more,
+//!   at addresses it really announced.
 //! - After a peer's clock went back, an attacker holding its beacons from before can replay them
 //!   (newer timestamps) and so keep its new beacons out of order for a while.
 //! - The tables are bounded ([`MAX_PEERS`], [`REPLAY_CACHE`]); a flood of distinct members beyond
@@ -117,8 +122,12 @@ pub const ANSWER_DELAY: (Duration, Duration) =
 pub const ANSWER_MIN_GAP: Duration = Duration::from_millis(500);
 /// Silence after which a peer is reported expired.
 pub const PEER_EXPIRY: Duration = Duration::from_secs(40);
-/// With rotating tokens, how far `sent_at` may be from the receiver's clock, either way.
-pub const FRESHNESS: Duration = Duration::from_secs(90);
+/// With rotating tokens, how far `sent_at` may be from the receiver's clock, either way: the
+/// clock disagreement between members that LAN discovery tolerates. Boxes without NTP at boot
+/// are often minutes off, and members that do not hear each other's beacons elect separate
+/// masters; the replay cache and the per-peer timestamp order, not this window, are what stop
+/// replays of live peers (see the module doc for what the window bounds).
+pub const FRESHNESS: Duration = Duration::from_secs(600);
 /// Silence after which a peer's timestamps may go back (restart with an earlier clock).
 pub const RESTART_GRACE: Duration = Duration::from_secs(25);
 /// Largest backward clock step a sender hides by counting on from its last timestamp.
@@ -1097,22 +1106,28 @@ mod tests {
         let mut lan = node(peer(0), &ks, 18);
         assert!(lan.checks_wall_clock());
         let now = Instant::now();
-        let old = sealed(&ks, peer(1), &["0.0.0.0:7120"], (UNIX0 - 120) * 1000, 1);
+        let old = sealed(&ks, peer(1), &["0.0.0.0:7120"], (UNIX0 - 601) * 1000, 1);
         assert_eq!(
             lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &old),
             Err(BeaconError::Stale {
-                sent_at_unix_ms: (UNIX0 - 120) * 1000,
+                sent_at_unix_ms: (UNIX0 - 601) * 1000,
                 now_unix_ms: UNIX0 * 1000
             })
         );
-        let future = sealed(&ks, peer(1), &["0.0.0.0:7120"], (UNIX0 + 91) * 1000, 2);
+        let future = sealed(&ks, peer(1), &["0.0.0.0:7120"], (UNIX0 + 601) * 1000, 2);
         assert!(matches!(
             lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &future),
             Err(BeaconError::Stale { .. })
         ));
-        let skewed = sealed(&ks, peer(1), &["0.0.0.0:7120"], (UNIX0 - 80) * 1000, 3);
+        // Clocks minutes apart (no NTP at boot) still hear each other, either way.
+        let behind = sealed(&ks, peer(1), &["0.0.0.0:7120"], (UNIX0 - 300) * 1000, 3);
         assert_eq!(
-            lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &skewed),
+            lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &behind),
+            Ok(())
+        );
+        let ahead = sealed(&ks, peer(2), &["0.0.0.0:7120"], (UNIX0 + 600) * 1000, 4);
+        assert_eq!(
+            lan.handle_beacon(now, UNIX0, from("10.0.0.3"), &ahead),
             Ok(())
         );
 
@@ -1124,6 +1139,36 @@ mod tests {
             lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &ancient),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_peer_minutes_ahead_is_heard_and_its_beacons_still_cannot_be_replayed() {
+        let ks = keys(25, 9000);
+        let mut lan = node(peer(0), &ks, 25);
+        let now = Instant::now();
+        let ahead_ms = (UNIX0 + 300) * 1000;
+        let first = sealed(&ks, peer(1), &["0.0.0.0:7120"], ahead_ms, 1);
+        let second = sealed(&ks, peer(1), &["0.0.0.0:7120"], ahead_ms + 10_000, 2);
+        assert_eq!(
+            lan.handle_beacon(now, UNIX0, from("10.0.0.2"), &first),
+            Ok(())
+        );
+        assert_eq!(lan.peer_count(), 1);
+        assert_eq!(
+            lan.handle_beacon(now, UNIX0, from("10.0.0.9"), &first),
+            Err(BeaconError::Replay)
+        );
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            lan.handle_beacon(later, UNIX0 + 10, from("10.0.0.2"), &second),
+            Ok(())
+        );
+        // Sent before the last one accepted: refused even once the cache has forgotten it.
+        let older = sealed(&ks, peer(1), &["0.0.0.0:7120"], ahead_ms + 5_000, 3);
+        assert!(matches!(
+            lan.handle_beacon(later, UNIX0 + 10, from("10.0.0.9"), &older),
+            Err(BeaconError::OutOfOrder { .. })
+        ));
     }
 
     #[test]
