@@ -292,6 +292,64 @@ fn churn_forgets_departed_members_after_the_ttl_and_takes_back_restarted_ones() 
 }
 
 #[test]
+fn a_restarted_node_is_reconnected_before_the_cluster_would_act_alone() {
+    run_seeded(
+        TARGET,
+        "a_restarted_node_is_reconnected_before_the_cluster_would_act_alone",
+        SEEDS,
+        |seed| {
+            let mut config = SimConfig::new(seed);
+            config.record_events = true;
+            let mut sim = Sim::new(config);
+            let net = sim.add_network();
+            let lan = sim
+                .add_subnet(LinkParams::lan().with_loss(0.05), LinkParams::uplink())
+                .unwrap();
+            let settings = lan_settings(&sim, net);
+            let (hosts, last) = add_nodes(&mut sim, lan, net, &settings, 4, secs(1));
+            converge(&mut sim, last, secs(5));
+            // One node crashes and comes back a few seconds later, well within the idle timeout:
+            // the others still hold their dead connections to it and already know it, so its
+            // beacons are no news to them, and it knows nobody (the member table is not kept).
+            // They must reconnect on its first beacons, before a node whose state was wiped
+            // would act alone (the cluster layer's settle time), not at their next steady beacon
+            // or message (8 to 20 s).
+            let h = hosts[sim.rng().below(4) as usize];
+            let down = sim.now() + secs(2);
+            let up = down + secs(2) + ms(sim.rng().below(3000));
+            sim.schedule(down, Action::Crash(h));
+            sim.schedule(up, Action::Start(h));
+            let deadline = up + kairos_p2p::cluster::DEFAULT_SETTLE;
+            sim.run_until(deadline).unwrap();
+            let peers: BTreeSet<_> = sim
+                .events()
+                .iter()
+                .filter(|(at, who, _)| *who == h && *at >= up)
+                .filter_map(|(at, _, e)| match e {
+                    NodeEvent::PeerConnected { peer, .. } => Some((*peer, *at)),
+                    _ => None,
+                })
+                .map(|(peer, at)| {
+                    eprintln!(
+                        "seed {seed}: reconnected to {peer} {:?} after the restart",
+                        at - up
+                    );
+                    peer
+                })
+                .collect();
+            assert_eq!(
+                peers.len(),
+                3,
+                "node {} reconnected to {} of 3 within {:?} of its restart",
+                h.0,
+                peers.len(),
+                kairos_p2p::cluster::DEFAULT_SETTLE
+            );
+        },
+    );
+}
+
+#[test]
 fn a_node_with_another_token_never_gets_in() {
     run_seeded(
         TARGET,

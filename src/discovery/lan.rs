@@ -284,6 +284,11 @@ impl LanDiscovery {
         self.peers.iter().map(|(p, e)| (p, e.addrs.as_slice()))
     }
 
+    /// When the last beacon of `peer` was accepted, if it is known.
+    pub fn last_seen(&self, peer: &PeerId) -> Option<Instant> {
+        self.peers.get(peer).map(|e| e.last_seen)
+    }
+
     /// True when the token rotates keys, so beacons must be fresh by the wall clock.
     #[must_use]
     pub fn checks_wall_clock(&self) -> bool {

@@ -495,12 +495,13 @@ impl Node {
             self.transport.handle_datagram(now, from, local_ip, bytes);
         } else if looks_like_beacon(bytes) {
             match &mut self.lan {
-                Some(lan) => {
-                    if let Err(e) = lan.handle_beacon(now, unix_secs, from, bytes) {
+                Some(lan) => match lan.handle_beacon(now, unix_secs, from, bytes) {
+                    Ok(()) => self.on_lan_beacon(now),
+                    Err(e) => {
                         self.stats.beacons_rejected += 1;
                         log::trace!("beacon from {from} dropped: {e}");
                     }
-                }
+                },
                 None => self.stats.unknown_packets += 1,
             }
         } else if first == kad::message::PACKET_TYPE {
@@ -1051,6 +1052,41 @@ impl Node {
             }
             Change::AddrsChanged => self.schedule_push(now, peer),
             Change::Unchanged | Change::Ignored => {}
+        }
+    }
+
+    /// A member just sent a LAN beacon: it is up. Known members' beacons make no [`LanEvent`],
+    /// yet the beacon may be the first of a member that restarted: its old connection to us is
+    /// dead on its side but stays up here until we next send it something (or the idle timeout),
+    /// and its dials to us may be backing off. Meanwhile a member whose state was wiped knows
+    /// nobody until it hears our steady beacons (8 to 12 s), and could meet only another wiped
+    /// member and take it for a new cluster. So: a connection to it is probed with a PING (a
+    /// restarted member answers with a stateless reset, the connection goes and the next dial
+    /// round redials), and a dial back-off ends now (the failure count is kept, so a member that
+    /// beacons but cannot be reached is retried once per beacon, its back-off still growing).
+    fn on_lan_beacon(&mut self, now: Instant) {
+        let Some(lan) = &self.lan else {
+            return;
+        };
+        let heard = |peer: &PeerId| lan.last_seen(peer) == Some(now);
+        let probe: Vec<PeerId> = self
+            .connected
+            .keys()
+            .filter(|p| heard(p))
+            .copied()
+            .collect();
+        let mut due = false;
+        for (peer, dial) in &mut self.dials {
+            if dial.pending.is_none() && dial.next_attempt > now && heard(peer) {
+                dial.next_attempt = now;
+                due = true;
+            }
+        }
+        for peer in &probe {
+            self.transport.ping(peer);
+        }
+        if due {
+            self.dial_at = Some(now);
         }
     }
 

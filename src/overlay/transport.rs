@@ -1018,6 +1018,19 @@ impl Transport {
         Ok(())
     }
 
+    /// Sends a PING to `peer` now. A live peer acknowledges it; one that restarted has lost the
+    /// connection and answers with a stateless reset, which reports it disconnected at once
+    /// instead of after the idle timeout. Nothing happens if `peer` is not connected.
+    pub fn ping(&mut self, peer: &PeerId) {
+        let Some(ch) = self.by_peer.get(peer).copied() else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(&ch) {
+            c.conn.ping();
+            self.mark_for_transmit(ch);
+        }
+    }
+
     /// Queues a datagram to `peer` (unreliable; the oldest queued ones are dropped when the send
     /// buffer is full).
     pub fn send_datagram(&mut self, peer: &PeerId, bytes: Bytes) -> Result<(), SendError> {
