@@ -2,7 +2,7 @@
 # Runs the libFuzzer targets of tests/fuzz (cargo-fuzz, nightly toolchain) for a set time each.
 #   tests/fuzz/run.sh SECONDS [TARGET...]      (default: every target)
 # make fuzz       -> SECONDS=FUZZ_SECONDS (180) per target, one after the other
-# make fuzz-short -> 30 s per target, FUZZ_JOBS (2) targets at a time (part of `make test`)
+# make fuzz-short -> 30 s per target, one at a time (part of `make test`, beside the cross tests)
 #
 # Each run starts from the committed inputs (tests/fuzz/seeds/<target>/ and the crash inputs
 # kept as regressions in tests/fuzz/regressions/<target>/, replayed first) plus the local,
