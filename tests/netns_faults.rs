@@ -11,43 +11,17 @@ mod common;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Host, api_request, api_socket, is_root, lab_with_hosts, log_lines, metric, sh, unix_get,
-    wait_for,
+    Host, api_request, api_socket, is_root, lab_with_hosts, log_lines, metric, pings, sh, unix_get,
+    vpn_addr, wait_for,
 };
 
 /// Generous bound for any convergence after a fault.
 const CONVERGE: Duration = Duration::from_secs(30);
 /// The liveness timeout the agents run with (seconds), short so that a cut outlasts it quickly.
 const LIVENESS_SECS: u64 = 4;
-
-/// The IPv4 address of the VPN interface in the host's namespace, if it has one.
-fn vpn_addr(host: &Host) -> Option<String> {
-    let out = Command::new("ip")
-        .args([
-            "-n", &host.ns, "-4", "-o", "addr", "show", "dev", "edgevpn0",
-        ])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let cidr = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)?;
-    Some(cidr.split('/').next()?.to_string())
-}
-
-fn pings(from: &Host, to: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", &from.ns, "ping", "-c1", "-W1", "-q", to])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// Waits until every ordered pair of hosts pings over the VPN; how long it took.
 fn all_pairs_ping(hosts: &[Host], addrs: &[String], limit: Duration) -> Option<Duration> {
@@ -68,9 +42,9 @@ fn vpn_addrs(hosts: &[Host], limit: Duration) -> Vec<String> {
     hosts
         .iter()
         .map(|h| {
-            wait_for(limit, || vpn_addr(h).is_some())
+            wait_for(limit, || vpn_addr(h, "edgevpn0").is_some())
                 .unwrap_or_else(|| panic!("{} got no VPN address", h.ns));
-            vpn_addr(h).unwrap()
+            vpn_addr(h, "edgevpn0").unwrap()
         })
         .collect()
 }
@@ -321,7 +295,7 @@ fn the_cluster_converges_again_after_packet_loss_a_cut_link_and_kill_9() {
         );
         report(name, start.elapsed());
         assert_eq!(
-            vpn_addr(&hosts[victim]).as_deref(),
+            vpn_addr(&hosts[victim], "edgevpn0").as_deref(),
             Some(addrs[victim].as_str()),
             "{name}: same VPN address"
         );
@@ -465,7 +439,8 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
     let restarted = Instant::now();
     let agent = lab.spawn_with_env(&hosts[0], &args, &[("UUID", "netns-diskfull-node-1")]);
     let back = wait_for(CONVERGE, || {
-        vpn_addr(&hosts[0]).as_deref() == Some(addrs[0].as_str()) && pings(&hosts[1], &addrs[0])
+        vpn_addr(&hosts[0], "edgevpn0").as_deref() == Some(addrs[0].as_str())
+            && pings(&hosts[1], &addrs[0])
     });
     if back.is_none() {
         dump(&hosts);
@@ -510,7 +485,8 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
     sh(&["ip", "-n", &hosts[0].ns, "link", "del", "edgevpn0"]).unwrap();
     let deleted = Instant::now();
     let back = wait_for(CONVERGE, || {
-        vpn_addr(&hosts[0]).as_deref() == Some(addrs[0].as_str()) && pings(&hosts[1], &addrs[0])
+        vpn_addr(&hosts[0], "edgevpn0").as_deref() == Some(addrs[0].as_str())
+            && pings(&hosts[1], &addrs[0])
     });
     if back.is_none() {
         dump(&hosts);
@@ -569,7 +545,8 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
     sh(&["ip", "-n", &hosts[0].ns, "link", "del", "edgevpn0"]).unwrap();
     let freed = Instant::now();
     let back = wait_for(CONVERGE, || {
-        vpn_addr(&hosts[0]).as_deref() == Some(addrs[0].as_str()) && pings(&hosts[1], &addrs[0])
+        vpn_addr(&hosts[0], "edgevpn0").as_deref() == Some(addrs[0].as_str())
+            && pings(&hosts[1], &addrs[0])
     });
     if back.is_none() {
         dump(&hosts);

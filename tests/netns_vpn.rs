@@ -9,30 +9,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Host, Lab, generate_token, metric, unix_get, wait_for, write_config};
-
-/// The IPv4 address of `dev` in the host's namespace, if it has one.
-fn vpn_addr(host: &Host, dev: &str) -> Option<String> {
-    let out = Command::new("ip")
-        .args(["-n", &host.ns, "-4", "-o", "addr", "show", "dev", dev])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let cidr = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)?;
-    Some(cidr.split('/').next()?.to_string())
-}
-
-fn pings(from: &Host, to: &str) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", &from.ns, "ping", "-c1", "-W1", "-q", to])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use common::{
+    Host, Lab, generate_token, metric, pings, unix_get, vpn_addr, wait_for, write_config,
+};
 
 /// Runs python3 `code` with `args` inside the host's namespace; its stdout, trimmed.
 fn python(host: &Host, code: &str, args: &[&str]) -> std::process::Child {

@@ -523,3 +523,27 @@ impl Lab {
         matches!(self.children[index].try_wait(), Ok(None))
     }
 }
+
+/// The IPv4 address of `dev` in the host's namespace, if it has one.
+pub fn vpn_addr(host: &Host, dev: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-n", &host.ns, "-4", "-o", "addr", "show", "dev", dev])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cidr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)?;
+    Some(cidr.split('/').next()?.to_string())
+}
+
+/// Whether one ping from the host's namespace to `to` is answered within a second.
+pub fn pings(from: &Host, to: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &from.ns, "ping", "-c1", "-W1", "-q", to])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
