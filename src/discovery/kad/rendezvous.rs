@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::records::{self, RendezvousRecord, open_record, seal_record};
 use super::{Command, Kad, KadEvent, Publication};
@@ -13,6 +13,12 @@ use crate::token::{KeySchedule, Window};
 /// Rendezvous members remembered (for deduplicating `MemberFound`).
 const MAX_MEMBERS: usize = 1024;
 
+/// Wait after the first rendezvous lookup while none has found another member, doubled after
+/// each such lookup up to `rendezvous_interval`: a node that starts with (or before) the rest of
+/// its network finds them in seconds, not after a whole interval, and a node that stays alone
+/// soon costs one lookup per interval again.
+const LONELY_LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
 pub(super) struct Rendezvous {
     keys: KeySchedule,
     addrs: Vec<SocketAddr>,
@@ -20,6 +26,8 @@ pub(super) struct Rendezvous {
     /// (window, rendezvous key) of the accepted windows.
     window_keys: Vec<(Window, [u8; 32])>,
     next_lookup: Option<Instant>,
+    /// Wait before the next lookup while no other member has been found.
+    lonely_wait: Duration,
     dirty: bool,
     members: BTreeMap<PeerId, (u64, Vec<SocketAddr>)>,
 }
@@ -40,7 +48,8 @@ impl Kad {
     /// Joins the rendezvous of the network whose key schedule is `keys`: publishes a sealed
     /// record of (our peer id, `addrs`) under the current DHT window's key, re-published every
     /// TTL/2 and on window change, and looks up the previous, current and next windows' keys
-    /// every `rendezvous_interval`, reporting other members as [`KadEvent::MemberFound`].
+    /// every `rendezvous_interval` (sooner while no other member was found: 5 s, doubling),
+    /// reporting other members as [`KadEvent::MemberFound`].
     /// At most [`records::MAX_RECORD_ADDRS`] addresses are kept.
     pub fn set_rendezvous(&mut self, keys: KeySchedule, addrs: Vec<SocketAddr>) {
         self.clear_rendezvous();
@@ -51,6 +60,7 @@ impl Kad {
             window: None,
             window_keys: Vec::new(),
             next_lookup: None,
+            lonely_wait: LONELY_LOOKUP_WAIT,
             dirty: true,
             members: BTreeMap::new(),
         });
@@ -127,7 +137,14 @@ impl Kad {
             rv.dirty = false;
         }
         let lookups: Vec<[u8; 32]> = if rv.next_lookup.is_none_or(|t| t <= now) {
-            rv.next_lookup = Some(now + self.settings.rendezvous_interval);
+            let wait = if rv.members.is_empty() {
+                let wait = rv.lonely_wait.min(self.settings.rendezvous_interval);
+                rv.lonely_wait = rv.lonely_wait.saturating_mul(2);
+                wait
+            } else {
+                self.settings.rendezvous_interval
+            };
+            rv.next_lookup = Some(now + wait);
             rv.window_keys.iter().map(|(_, k)| *k).collect()
         } else {
             Vec::new()

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::token::{KeySchedule, NetworkToken};
+use crate::token::{KeySchedule, NEVER_ROTATE, NetworkToken};
 
 /// A datagram on the virtual wire: (delivery time, sequence number, from, to, bytes).
 type Datagram = Reverse<(Instant, u64, SocketAddr, SocketAddr, Vec<u8>)>;
@@ -488,6 +488,29 @@ fn peers_report_our_observed_address() {
         }
         assert!(log.contains(&KadEvent::ObservedAddr(*addr)), "{addr}");
     }
+}
+
+#[test]
+fn a_member_alone_at_first_finds_a_later_one_within_seconds() {
+    let keys = token(5, NEVER_ROTATE);
+    let mut net = network(0x6c6f6e, 2, 0.0, Duration::from_secs(10));
+    let (early, late) = (Net::addr(0), Net::addr(1));
+    net.node(early).set_rendezvous(keys.clone(), vec![early]);
+    // Its first lookups find nobody (5 s, then 10 s, 20 s... apart while alone).
+    net.run_for(Duration::from_secs(30));
+    net.node(late).set_rendezvous(keys.clone(), vec![late]);
+    let late_id = net.nodes[&late].peer_id();
+    // Not after a whole rendezvous interval (60 s here): at its next lonely lookup.
+    let found = net.run_until_event(early, Duration::from_secs(20), |e| {
+        matches!(e, KadEvent::MemberFound { .. })
+    });
+    assert_eq!(
+        found,
+        Some(KadEvent::MemberFound {
+            peer: late_id,
+            addrs: vec![late]
+        })
+    );
 }
 
 #[test]
