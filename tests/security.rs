@@ -54,6 +54,17 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// A new simulation with one network on one LAN and `n` members on it (no DHT).
+fn members_on_one_lan(seed: u64, n: usize) -> (Sim, SubnetId, Vec<HostId>) {
+    let mut sim = Sim::new(SimConfig::new(seed));
+    let net = sim.add_network();
+    let lan = sim
+        .add_subnet(LinkParams::lan(), LinkParams::uplink())
+        .unwrap();
+    let hosts = members(&mut sim, lan, net, n, false);
+    (sim, lan, hosts)
+}
+
 /// A LAN of `n` members (DHT as asked), each with a cluster (ledger) and started in the first
 /// second.
 fn members(sim: &mut Sim, lan: SubnetId, net: NetId, n: usize, dht: bool) -> Vec<HostId> {
@@ -359,12 +370,7 @@ fn forged_ledger_entries_from_a_member_are_dropped_and_counted() {
         "forged_ledger_entries_from_a_member_are_dropped_and_counted",
         SEEDS,
         |seed| {
-            let mut sim = Sim::new(SimConfig::new(seed));
-            let net = sim.add_network();
-            let lan = sim
-                .add_subnet(LinkParams::lan(), LinkParams::uplink())
-                .unwrap();
-            let hosts = members(&mut sim, lan, net, 4, false);
+            let (mut sim, _, hosts) = members_on_one_lan(seed, 4);
             let (a, b, c, d) = (hosts[0], hosts[1], hosts[2], hosts[3]);
             converge(&mut sim, secs(10));
             write(&mut sim, b, "security", "from-b", "genuine");
@@ -450,12 +456,7 @@ fn replayed_traffic_and_replayed_ledger_messages_change_nothing() {
         "replayed_traffic_and_replayed_ledger_messages_change_nothing",
         SEEDS,
         |seed| {
-            let mut sim = Sim::new(SimConfig::new(seed));
-            let net = sim.add_network();
-            let lan = sim
-                .add_subnet(LinkParams::lan(), LinkParams::uplink())
-                .unwrap();
-            let hosts = members(&mut sim, lan, net, 4, false);
+            let (mut sim, lan, hosts) = members_on_one_lan(seed, 4);
             let adversary = sim.add_host(lan).unwrap();
             sim.mirror(lan);
             converge(&mut sim, secs(10));
