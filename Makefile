@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz fuzz-short soak
+.PHONY: all build release test lint fmt-check clippy unit-test sim-properties demo deps help bench fuzz fuzz-short soak clean-room
 
 all: build
 
@@ -15,6 +15,7 @@ help:
 	@echo "make bench       benchmarks (simulator, real agents in namespaces; needs root)"
 	@echo "make fuzz        libFuzzer on every parser (FUZZ_SECONDS each, default 180; nightly)"
 	@echo "make fuzz-short  30 s of each fuzz target (part of make test)"
+	@echo "make clean-room  the README's two commands in a fresh Debian 12 root (root; ~40 min)"
 	@echo "make soak        10 agents under traffic and churn for DURATION s (3600); memory/fd report (root)"
 	@echo "make cross       static ARM binaries (aarch64, armv7)"
 	@echo "make cross-test  run the ARM binaries and the aarch64 unit tests under qemu"
@@ -88,3 +89,9 @@ soak: deps
 	@DURATION="$(DURATION)" bash tests/soak/soak.sh
 
 include cross/Makefile.inc
+
+# The README's two set-up commands, exactly as written, in a fresh Debian 12 minbase root (as
+# root; ~40 min): mmdebstrap root + this machine's Rust toolchain + a clone of the committed tree.
+# Not part of `make test`. Prints each command's wall time; removes the root also on failure.
+clean-room:
+	@bash tests/clean-room.sh
