@@ -10,8 +10,13 @@ set -euo pipefail
 TARGETS_ARCHES=("aarch64-unknown-linux-gnu:arm64" "armv7-unknown-linux-gnueabihf:armhf")
 # libc6-dev-*-cross (crt1.o, libc.a, ...) is only a Recommends of the gcc cross packages, which
 # --no-install-recommends skips: without it the static link fails with "cannot find crt1.o".
-HOST_PKGS=(gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross
-           qemu-user-static file)
+# The programs the cross build and tests run, tool=package (tests/tool_guard.rs reads this table).
+CROSS_TOOLS=(aarch64-linux-gnu-gcc=gcc-aarch64-linux-gnu arm-linux-gnueabihf-gcc=gcc-arm-linux-gnueabihf
+             qemu-aarch64-static=qemu-user-static qemu-arm-static=qemu-user-static file=file)
+HOST_PKGS=(libc6-dev-arm64-cross libc6-dev-armhf-cross)
+for pair in "${CROSS_TOOLS[@]}"; do
+    case " ${HOST_PKGS[*]} " in *" ${pair#*=} "*) ;; *) HOST_PKGS+=("${pair#*=}") ;; esac
+done
 RUSTLIB=/usr/lib/rustlib
 STAMP=.kairos-debian-version   # inside each /usr/lib/rustlib/<target>: the Debian V it came from
 export DEBIAN_FRONTEND=noninteractive
@@ -51,8 +56,8 @@ check_result() {
         [ -d "$RUSTLIB/$t/lib" ] || die "$RUSTLIB/$t/lib missing"
         ls "$RUSTLIB/$t/lib"/libstd-*.rlib >/dev/null 2>&1 || die "no libstd rlib in $RUSTLIB/$t/lib"
     done
-    for p in aarch64-linux-gnu-gcc arm-linux-gnueabihf-gcc qemu-aarch64-static qemu-arm-static file; do
-        command -v "$p" >/dev/null || die "$p not on PATH"
+    for p in "${CROSS_TOOLS[@]}"; do
+        command -v "${p%%=*}" >/dev/null || die "${p%%=*} not on PATH"
     done
     for p in /usr/aarch64-linux-gnu/lib/libc.a /usr/arm-linux-gnueabihf/lib/libc.a; do
         [ -f "$p" ] || die "$p missing (static glibc for the cross link)"

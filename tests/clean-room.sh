@@ -5,7 +5,8 @@
 #   1. builds a minimal Debian 12 root with `mmdebstrap --variant=minbase bookworm` (installs
 #      mmdebstrap on first use) from this machine's apt sources, plus `make` — the one program a
 #      newcomer needs before typing `make ...` (see README, Set-up);
-#   2. copies this machine's Rust toolchain in: ~/.cargo/bin (the rustup proxies) is copied,
+#   2. copies this machine's network set-up in (resolv.conf, local CA certificates) and its Rust
+#      toolchain: ~/.cargo/bin (the rustup proxies) is copied and
 #      ~/.rustup (the toolchains, ~3 GB) is bind-mounted read-only (rustup cannot download here);
 #   3. clones the committed HEAD of this repository into the root (`git clone`, like CI's clean
 #      clone: uncommitted changes are not in it);
@@ -88,6 +89,13 @@ say "root built in $(($(date +%s) - start)) s"
 mkdir -p "$root/root/.cargo" "$root/root/.rustup"
 cp -a "$HOME/.cargo/bin" "$root/root/.cargo/bin"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The machine's own network set-up comes along like its apt sources: local CA certificates (a
+# TLS-inspecting proxy's, on machines behind one) that ca-certificates adds to the bundle when
+# tests/setup-host.sh installs it. Without them cargo cannot reach crates.io from such a machine.
+if [ -d /usr/local/share/ca-certificates ]; then
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+fi
 git clone --quiet "$repo" "$root/root/kairos-p2p"
 say "cloned $(git -C "$root/root/kairos-p2p" log -1 --format='%h %s')"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the tools the VPN benchmark (tests/bench/vpn.rs) compares against, once (a no-op when
-# present): iperf3, ping, wireguard-go and wireguard-tools (Debian packages) and boringtun-cli
+# present): iperf3, ping, ss, wireguard-go and wireguard-tools (Debian packages) and boringtun-cli
 # (crates.io, built into <target dir>/bench-tools). Usage: setup-tools.sh [TARGET_DIR]
 set -euo pipefail
 
@@ -9,7 +9,7 @@ target="${1:-${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}}"
 . "$(dirname "$0")/../packages.sh"
 
 # Debian packages (wireguard-tools: `wg`).
-install_missing setup-tools iperf3=iperf3 ping=iputils-ping wg=wireguard-tools \
+install_missing setup-tools iperf3=iperf3 ping=iputils-ping ss=iproute2 wg=wireguard-tools \
   wireguard-go=wireguard-go
 
 # boringtun-cli (Cloudflare's userspace WireGuard), pinned to its lock file.
