@@ -16,8 +16,9 @@
 //! - Python (`tests/k3s-standin`, `*.py`): `subprocess.*(["prog", ...`.
 //!
 //! Where the tables are: `tests/setup-host.sh` (`make deps`, run by `make demo`, `make test`,
-//! `make bench` and `make soak`) serves every file; any other script with an `install_missing`
-//! table (or a `*_TOOLS=(tool=package ...)` array) serves the files in its own directory.
+//! `make bench` and `make soak`) serves every file; another `setup*.sh` with an `install_missing`
+//! table (or a `*_TOOLS=(tool=package ...)` array) serves the files in its own directory
+//! (`tests/bench/`, `cross/`); any other script with a table serves only itself.
 //! Commands built at run time (strings handed to `sh -c`) are not seen: keep programs literal.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -267,13 +268,15 @@ fn tables(root: &Path, files: &[String]) -> Vec<Table> {
         if tools.is_empty() {
             continue;
         }
+        // setup-host.sh serves everything; another set-up script (setup-*.sh) its directory;
+        // any other script with a table (soak.sh, clean-room.sh) only itself.
+        let name = rel.rsplit('/').next().unwrap_or(rel);
         let scope = if rel == "tests/setup-host.sh" {
             String::new()
+        } else if name.starts_with("setup") {
+            rel[..rel.len() - name.len()].to_string()
         } else {
-            match rel.rfind('/') {
-                Some(i) => rel[..=i].to_string(),
-                None => String::new(),
-            }
+            rel.clone()
         };
         out.push(Table {
             script: rel.clone(),
