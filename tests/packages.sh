@@ -1,6 +1,12 @@
 # Shared by tests/setup-host.sh and tests/bench/setup-tools.sh (sourced, not run).
 
-need_cmd() { command -v "$1" >/dev/null 2>&1; }
+# need_cmd TOOL: TOOL is on PATH, or, when it is a path (a file a package ships, e.g. a header), exists.
+need_cmd() {
+  case "$1" in
+    */*) [ -e "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
+  esac
+}
 
 # install_missing WHO TOOL=PACKAGE...: installs, with Debian's apt, the package of every tool
 # not on PATH (--no-install-recommends: wireguard-tools would otherwise pull a kernel image);
