@@ -13,7 +13,9 @@ cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 # Debian packages: tool -> package.
+# setpriv (util-linux), ps (procps): tests/netns_trust.rs runs API clients as the unprivileged
+# user nobody and reads a bridge's command line.
 # chromium and chromedriver: the status page test (tests/netns_status_page.rs) runs headless
 # Chromium against a real agent.
-install_missing setup-host gcc=gcc python3=python3 ip=iproute2 iptables=iptables \
+install_missing setup-host gcc=gcc python3=python3 ip=iproute2 iptables=iptables setpriv=util-linux ps=procps \
   chromium=chromium chromedriver=chromium-driver
