@@ -45,6 +45,9 @@
 //! - `/api/dns`, `/api/peergate`, `/api/metrics/protocol` and pprof are not served.
 //! - Requests whose `Host` is a DNS name other than `localhost` get 403 (DNS-rebinding defence:
 //!   the ledger holds the cluster's kubeconfig and join token).
+//! - Trust levels ([`trust`]): below [`Access::Full`] every method but `GET`/`HEAD` gets 403, a
+//!   secret key's value 403, and collections leave secret keys out. At every level, deleting a
+//!   reserved key or a bucket that holds one gets 403.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
