@@ -769,6 +769,73 @@ impl ApiState for State<'_> {
 mod tests {
     use super::*;
 
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kp-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bearer_token_is_kept_0600_and_a_loose_one_replaced() {
+        let dir = scratch("bearer");
+        let path = dir.join(trust::BEARER_TOKEN_FILE);
+        let first = load_or_create_bearer(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(
+            load_or_create_bearer(&path).unwrap(),
+            first,
+            "kept across starts"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let second = load_or_create_bearer(&path).unwrap();
+        assert_ne!(second, first, "a token others could read is replaced");
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        std::fs::write(&path, "not a token").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_ne!(load_or_create_bearer(&path).unwrap(), second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_live_socket_is_never_taken_and_a_stale_one_is_replaced() {
+        let dir = scratch("sock");
+        let path = dir.join("edgevpn-kairos.sock");
+        let poll = mio::Poll::new().unwrap();
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let e = bind_unix(poll.registry(), &path, KAIROS_SOCKET).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&path).is_ok(),
+            "still the live one's"
+        );
+        drop(live); // Its file stays: stale.
+        let _ours = bind_unix(poll.registry(), &path, KAIROS_SOCKET).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pools_split_the_slots_by_listener_and_privilege() {
+        let tcp = pool_slots(TCP_LISTENER, false);
+        let root = pool_slots(STATE_SOCKET, true);
+        let other = pool_slots(STATE_SOCKET, false);
+        let kairos_root = pool_slots(KAIROS_SOCKET, true);
+        assert_eq!(tcp.len(), MAX_TCP_CONNECTIONS);
+        assert_eq!(root.len(), MAX_UNIX_CONNECTIONS);
+        assert_eq!(other.len(), MAX_UNPRIVILEGED_UNIX_CONNECTIONS);
+        assert_eq!(pool_slots(KAIROS_SOCKET, false).end, MAX_CONNECTIONS);
+        for (a, b) in [(&tcp, &root), (&root, &other), (&other, &kairos_root)] {
+            assert_eq!(a.end, b.start, "contiguous, disjoint");
+        }
+        assert!(
+            pool_slots(TCP_LISTENER, true).is_empty(),
+            "TCP has no privileged pool"
+        );
+    }
+
     #[test]
     fn only_one_clients_failure_lets_accept_go_on() {
         for again in [libc::EINTR, libc::ECONNABORTED, libc::EPROTO] {
