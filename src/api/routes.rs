@@ -1444,26 +1444,6 @@ mod tests {
             (Method::Delete, "/api/ledger/kairos/ip-master", "reserved"),
             (Method::Delete, "/api/ledger/kairos/uuid-1-role", "reserved"),
             (Method::Delete, "/api/ledger/dhcp/uuid-1", "reserved"),
-            (
-                Method::Put,
-                "/api/ledger/kairos/ip-master/10.66.66.66",
-                "nodes only",
-            ),
-            (
-                Method::Put,
-                "/api/ledger/kairos/token-nodetoken/x",
-                "nodes only",
-            ),
-            (
-                Method::Put,
-                "/api/ledger/other/master-kubeconfig/x",
-                "nodes only",
-            ),
-            (
-                Method::Put,
-                "/api/ledger/machines/10.1.0.77/x",
-                "nodes only",
-            ),
         ] {
             let outcome = call(&s, method, path);
             assert_eq!(outcome.response.status, Status::Forbidden, "{path}");

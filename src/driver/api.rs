@@ -3,7 +3,8 @@
 //! token), the state directory's unix socket and Kairos' `/run/edgevpn-kairos.sock` (both mode
 //! 0600: root's, with the peer's uid checked by `SO_PEERCRED`). Each listener has its own
 //! connection budget, and a unix socket's unprivileged peers a separate one, so no client of
-//! one level can fill the slots of another (see [`POOLS`]). Each connection is a sans-IO
+//! one level can fill the slots of another (see [`POOLS`]); in a full budget, a new connection
+//! takes the slot of the one idle longest, and is served at once. Each connection is a sans-IO
 //! [`Connection`] fed from a non-blocking stream; ledger writes a request asks for are applied
 //! to the cluster before its response is sent.
 
@@ -50,7 +51,7 @@ pub struct ApiSettings {
 pub struct Pool {
     listener: Token,
     privileged: bool,
-    /// Most connections open at once; more are closed on accept.
+    /// Most connections open at once; a new one beyond takes the slot of the one idle longest.
     pub max: usize,
 }
 
@@ -200,6 +201,8 @@ struct Client {
     conn: Connection,
     /// What the connection may do before any bearer token.
     access: Access,
+    /// When bytes last moved either way (or it was accepted).
+    last_progress: Instant,
     /// WRITABLE interest is registered.
     writable: bool,
     /// The socket failed: close it.
@@ -304,7 +307,7 @@ impl Api {
         errors: &mut LocalErrors,
     ) {
         if self.listeners.iter().any(|(t, _)| *t == token) {
-            self.accept_each(registry, token, errors);
+            self.accept_each(registry, token, node, errors);
         } else {
             self.serve(registry, token.0.wrapping_sub(FIRST_CONN), node, errors);
         }
@@ -328,7 +331,13 @@ impl Api {
     }
 
     /// Takes every connection the listener of `token` has queued.
-    fn accept_each(&mut self, registry: &Registry, token: Token, errors: &mut LocalErrors) {
+    fn accept_each(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        node: &mut Node,
+        errors: &mut LocalErrors,
+    ) {
         loop {
             let Some((_, listener)) = self.listeners.iter().find(|(t, _)| *t == token) else {
                 return;
@@ -341,7 +350,13 @@ impl Api {
                 Listener::Unix(l, _) => l.accept().map(|(stream, _)| Stream::Unix(stream)),
             };
             match accepted {
-                Ok(stream) => self.add(registry, token, stream),
+                Ok(stream) => {
+                    // Served at once: a request already sent is answered before the next
+                    // accept of a burst can take the slot back (see `add`).
+                    if let Some(i) = self.add(registry, token, stream) {
+                        self.serve(registry, i, node, errors);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // Interrupted, or a client gone before it was accepted: take the next one.
                 Err(e) if accept_again(&e) => {}
@@ -352,31 +367,45 @@ impl Api {
         }
     }
 
-    /// Takes a new connection into a free slot of its pool, or closes it at once when there is
-    /// none.
-    fn add(&mut self, registry: &Registry, listener: Token, mut stream: Stream) {
+    /// Takes a new connection into a free slot of its pool; in a full pool, the connection that
+    /// moved no byte for the longest is closed to make room (a slow client holding slots loses
+    /// them to clients that talk, instead of locking them out). Returns its slot.
+    fn add(&mut self, registry: &Registry, listener: Token, mut stream: Stream) -> Option<usize> {
         let access = stream.access();
         let privileged = listener != TCP_LISTENER && access == Access::Full;
         let slots = pool_slots(listener, privileged);
-        let Some(i) = slots.clone().find(|&i| self.clients[i].is_none()) else {
-            log::debug!(
-                "API: {} connections open on {listener:?} (privileged: {privileged}), refusing \
-                 another",
-                slots.len()
-            );
-            return;
+        let free = slots.clone().find(|&i| self.clients[i].is_none());
+        let i = match free {
+            Some(i) => i,
+            None => {
+                let stalest = slots
+                    .clone()
+                    .min_by_key(|&i| self.clients[i].as_ref().map(|c| c.last_progress))?;
+                log::debug!(
+                    "API: {} connections open on {listener:?} (privileged: {privileged}), \
+                     closing the one idle longest",
+                    slots.len()
+                );
+                if let Some(mut old) = self.clients[stalest].take() {
+                    old.stream.deregister(registry);
+                }
+                stalest
+            }
         };
         if let Err(e) = stream.register(registry, Token(FIRST_CONN + i), Interest::READABLE) {
             log::debug!("API register: {e}");
-            return;
+            return None;
         }
+        let now = Instant::now();
         self.clients[i] = Some(Client {
             stream,
-            conn: Connection::new(Instant::now()),
+            conn: Connection::new(now),
             access,
+            last_progress: now,
             writable: false,
             broken: false,
         });
+        Some(i)
     }
 
     /// Moves bytes both ways on connection `i`, answers its requests, and closes it when done.
@@ -580,6 +609,9 @@ fn pump(
                     return;
                 }
             }
+        }
+        if progress {
+            client.last_progress = Instant::now();
         }
         if !progress || client.conn.is_finished() {
             return;
