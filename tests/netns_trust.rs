@@ -565,6 +565,30 @@ fn a_bridge_scrubs_its_token_from_its_command_line() {
         "the bridge warns about a token on argv"
     );
 
+    // The bridge's API has the same trust levels as an agent's.
+    let bridge = &hosts[1];
+    let secret = raw("GET", "/api/ledger/kairos/master-kubeconfig", "");
+    let tcp = "tcp:127.0.0.1:8080";
+    let refused = request_as(bridge, NOBODY, tcp, &secret).unwrap();
+    assert_eq!(status_of(&refused), 403, "{refused}");
+    let put = raw("PUT", "/api/ledger/kairos/ip-master/10.66.66.66", "");
+    let refused = request_as(bridge, NOBODY, tcp, &put).unwrap();
+    assert_eq!(status_of(&refused), 403, "{refused}");
+    let summary = request_as(bridge, NOBODY, tcp, &raw("GET", "/api/summary", "")).unwrap();
+    assert_eq!(status_of(&summary), 200, "{summary}");
+    let bridge_socket = kairos_socket(bridge);
+    assert_eq!(mode_of(&bridge_socket), 0o600);
+    assert_eq!(mode_of(&bridge.dir.join("state/bridge/api.token")), 0o600);
+    let (status, _, _) = api_request(
+        &bridge_socket,
+        "GET",
+        "/api/ledger/kairos/master-kubeconfig",
+    );
+    assert_eq!(
+        status, "HTTP/1.1 200 OK",
+        "root through the bridge's socket"
+    );
+
     // --mtu sets the VPN interface's MTU; --dhcp takes an allocated address (not .254);
     // --lease-dir holds the key and ledger (the lease), so the address comes back.
     let mtu = Command::new("ip")
