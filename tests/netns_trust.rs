@@ -643,3 +643,48 @@ fn common_b64(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
+
+#[test]
+fn a_bridge_reads_its_token_from_standard_input() {
+    let token = common::generate_token();
+    let bridge = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kairos-p2p"))
+            .arg("bridge")
+            .args(args)
+            .env_remove("NETWORK_TOKEN")
+            .env_remove("EDGEVPNTOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A valid token read from the pipe (implicitly, then with `--token-file -`) gets past the
+    // token checks to the next refusal (a bad --mtu, so that no interface is made here).
+    for args in [
+        &["--mtu", "100"][..],
+        &["--token-file", "-", "--mtu", "100"][..],
+    ] {
+        let (code, err) = bridge(args, &format!("{token}\n"));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("--mtu 100"), "{args:?}: {err}");
+        assert!(!err.contains(&token), "{err}");
+    }
+    let (code, err) = bridge(&[], "not a token\n");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not valid"), "{err}");
+    let (code, err) = bridge(&[], "");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no network token"), "{err}");
+}

@@ -7,7 +7,7 @@
 //! role. Its key and ledger live in `<state dir>/bridge`, apart from an agent's on the same
 //! machine, so it keeps its peer id, and its address, across restarts.
 
-use std::io::{self, IsTerminal as _, Read as _};
+use std::io::{self, BufRead as _, IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -207,7 +207,8 @@ fn token_text(
     nonempty(text).ok_or_else(|| none.to_string())
 }
 
-/// Reads a secret from `path` (standard input for `None`), at most [`MAX_TOKEN_LEN`] bytes.
+/// Reads a secret from `path` (its first line from standard input for `None`), at most
+/// [`MAX_TOKEN_LEN`] bytes.
 fn read_secret(path: Option<&Path>) -> io::Result<String> {
     let limit = MAX_TOKEN_LEN as u64 + 1;
     let mut text = String::new();
@@ -215,10 +216,11 @@ fn read_secret(path: Option<&Path>) -> io::Result<String> {
         Some(path) => std::fs::File::open(path)?
             .take(limit)
             .read_to_string(&mut text)?,
-        None => std::io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_string(&mut text)?,
+        // One line: a pipe or a terminal paste ends with a newline, not necessarily EOF.
+        None => {
+            eprintln!("bridge: reading the network token from standard input (one line)");
+            std::io::stdin().lock().take(limit).read_line(&mut text)?
+        }
     };
     if text.len() > MAX_TOKEN_LEN {
         return Err(io::Error::new(
