@@ -238,17 +238,22 @@ say "cluster formed in ${formed_in}s (agents started to every k3s running, polle
 cat "$work/status.txt"
 
 worker=$(awk '$4 == "worker" {print $3; exit}' "$work/status.txt")
-say "joining from a fifth namespace: kairos-p2p bridge --network-token <token> (kairos0, 10.1.0.254)"
+say "joining from a fifth namespace: kairos-p2p bridge --token-file <file> (kairos0, 10.1.0.254)"
 bdir=$work/bridge
 mkdir -p "$bdir"
-ip netns exec "$prefix-b" env KAIROS_P2P_STATE_DIR="$bdir/state" \
-  "$bin" bridge --network-token "$token" >"$bdir/bridge.log" 2>&1 &
+# The token from a 0600 file, never on a command line (where every user could read it).
+(umask 077 && printf '%s\n' "$token" >"$bdir/token")
+# Its own state and root: Kairos' API socket /run/edgevpn-kairos.sock lands under $bdir/root.
+bridge_env=(KAIROS_P2P_STATE_DIR="$bdir/state" KAIROS_P2P_ROOT="$bdir/root")
+ip netns exec "$prefix-b" env "${bridge_env[@]}" \
+  "$bin" bridge --token-file "$bdir/token" >"$bdir/bridge.log" 2>&1 &
 pids+=($!)
 
-say "kairos-p2p get-kubeconfig (through the bridge's API 127.0.0.1:8080)"
+say "kairos-p2p get-kubeconfig (as root: through the bridge's socket /run/edgevpn-kairos.sock)"
 got=0
 for _ in $(seq 1 60); do
-  if ip netns exec "$prefix-b" "$bin" get-kubeconfig >"$bdir/kubeconfig" 2>"$bdir/kubeconfig.err"; then
+  if ip netns exec "$prefix-b" env "${bridge_env[@]}" "$bin" get-kubeconfig \
+    >"$bdir/kubeconfig" 2>"$bdir/kubeconfig.err"; then
     got=1
     break
   fi

@@ -20,6 +20,8 @@ fn run(host: &Host, args: &[&str]) -> Output {
     Command::new("ip")
         .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
         .args(args)
+        // The host's state and root, as its agent's: the client finds their socket and token.
+        .envs(common::client_env(host))
         .output()
         .unwrap()
 }

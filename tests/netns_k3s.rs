@@ -243,7 +243,7 @@ impl Cluster {
         let token = self.token.clone();
         let index = self
             .lab
-            .spawn(&host, &["bridge", "--network-token", &token]);
+            .spawn_with_env(&host, &["bridge"], &[("NETWORK_TOKEN", &token)]);
         self.others.push((host.clone(), index));
         host
     }
@@ -287,6 +287,8 @@ impl Cluster {
         Command::new("ip")
             .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
             .args(args)
+            // The host's state and root, as its agent's: the client finds their socket and token.
+            .envs(common::client_env(host))
             .output()
             .unwrap()
     }

@@ -73,6 +73,8 @@ fn run_in(host: &Host, args: &[&str]) -> (bool, String, String) {
     let out = Command::new("ip")
         .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
         .args(args)
+        // The host's state and root, as its agent's: the client finds their socket and token.
+        .envs(common::client_env(host))
         .env("KAIROS_P2P_LOG", "trace")
         .output()
         .unwrap();
@@ -145,7 +147,7 @@ fn e2e_no_secret_in_any_log_and_every_secret_file_private() {
         })
     });
     assert!(formed.is_some(), "the cluster did not form within 60 s");
-    lab.spawn_with_env(bridge, &["bridge", "--network-token", &token], &[trace]);
+    lab.spawn_with_env(bridge, &["bridge"], &[trace, ("NETWORK_TOKEN", &token)]);
     let mut fetched = (false, String::new(), String::new());
     let got = wait_for(Duration::from_secs(30), || {
         fetched = run_in(bridge, &["get-kubeconfig"]);

@@ -107,7 +107,7 @@ fn three_agents_and_a_bridge_reach_each_other_over_the_vpn() {
         let uuid = format!("netns-vpn-node-{}", i + 1);
         children.push(lab.spawn_with_env(h, &agent_args, &[("UUID", uuid.as_str())]));
     }
-    lab.spawn(&hosts[3], &["bridge", "--network-token", &token]);
+    lab.spawn_with_env(&hosts[3], &["bridge"], &[("NETWORK_TOKEN", &token)]);
 
     // Every agent gets an address; the bridge has its static one.
     let mut addrs: Vec<String> = Vec::new();

@@ -14,13 +14,17 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 # Debian packages: tool -> package. Every program the demo and the tests run that a Debian 12
 # minbase root lacks is here (tests/tool_guard.rs checks it against what the repo runs):
-# gcc: the linker cargo calls (cc), with the C library's start files and headers (libc6-dev, only
-# a Recommends of gcc, which --no-install-recommends skips); python3: the k3s stand-in and the demo's status poller;
-# ip, iptables: the namespace labs; ping: VPN reachability; kill, ps, sysctl (procps): stopping
-# agents by pid, router namespaces' forwarding; chromium and chromedriver: the status page test
-# (tests/netns_status_page.rs) runs headless Chromium against a real agent; iperf3 and curl: the
-# soak (tests/soak) and the VPN benchmark; update-ca-certificates stands for ca-certificates,
-# the CA bundle cargo's HTTPS to crates.io needs.
-install_missing setup-host gcc=gcc cc=gcc /usr/include/stdio.h=libc6-dev python3=python3 ip=iproute2 iptables=iptables \
-  ping=iputils-ping kill=procps ps=procps sysctl=procps iperf3=iperf3 curl=curl \
-  chromium=chromium chromedriver=chromium-driver update-ca-certificates=ca-certificates
+# - gcc: the linker cargo calls (cc), with the C library's start files and headers (libc6-dev,
+#   only a Recommends of gcc, which --no-install-recommends skips);
+# - python3: the k3s stand-in and the demo's status poller;
+# - ip, iptables: the namespace labs; ping: VPN reachability;
+# - kill, ps, sysctl (procps): stopping agents by pid, a bridge's command line
+#   (tests/netns_trust.rs), router namespaces' forwarding;
+# - setpriv (util-linux, also in minbase): API clients run as the user nobody;
+# - chromium, chromedriver: the status page test runs headless Chromium against a real agent;
+# - iperf3, curl: the soak (tests/soak) and the VPN benchmark;
+# - update-ca-certificates stands for ca-certificates, the CA bundle cargo's HTTPS needs.
+install_missing setup-host gcc=gcc cc=gcc /usr/include/stdio.h=libc6-dev python3=python3 \
+  ip=iproute2 iptables=iptables ping=iputils-ping kill=procps ps=procps sysctl=procps \
+  setpriv=util-linux chromium=chromium chromedriver=chromium-driver iperf3=iperf3 curl=curl \
+  update-ca-certificates=ca-certificates

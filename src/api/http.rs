@@ -116,6 +116,8 @@ pub struct Request {
     pub query: Option<String>,
     /// The `Host` header (absent in some HTTP/1.0 requests).
     pub host: Option<String>,
+    /// The `Authorization` header (see [`crate::api::trust::request_access`]).
+    pub authorization: Option<String>,
     /// The body (empty without `Content-Length`).
     pub body: Vec<u8>,
 }
@@ -191,6 +193,8 @@ pub enum Status {
     Ok,
     /// 400.
     BadRequest,
+    /// 401.
+    Unauthorized,
     /// 403.
     Forbidden,
     /// 404.
@@ -224,6 +228,7 @@ impl Status {
         match self {
             Status::Ok => 200,
             Status::BadRequest => 400,
+            Status::Unauthorized => 401,
             Status::Forbidden => 403,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
@@ -245,6 +250,7 @@ impl Status {
         match self {
             Status::Ok => "OK",
             Status::BadRequest => "Bad Request",
+            Status::Unauthorized => "Unauthorized",
             Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
@@ -347,6 +353,7 @@ struct Head {
     path: String,
     query: Option<String>,
     host: Option<String>,
+    authorization: Option<String>,
     content_length: usize,
     persistence: Persistence,
     /// `Expect: 100-continue` from an HTTP/1.1 client.
@@ -462,6 +469,7 @@ fn parse_head(buf: &[u8]) -> Result<Head, Rejection> {
 
     let mut host = None;
     let mut hosts = 0;
+    let mut authorization = None;
     let mut content_length = None;
     let mut close = false;
     let mut keep_alive = false;
@@ -488,6 +496,13 @@ fn parse_head(buf: &[u8]) -> Result<Head, Rejection> {
             hosts += 1;
             let value = std::str::from_utf8(value).map_err(|_| (Status::BadRequest, "bad Host"))?;
             host = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if authorization.is_some() {
+                return Err((Status::BadRequest, "repeated Authorization"));
+            }
+            let value = std::str::from_utf8(value)
+                .map_err(|_| (Status::BadRequest, "bad Authorization"))?;
+            authorization = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("connection") {
             close |= has_token(value, b"close");
             keep_alive |= has_token(value, b"keep-alive");
@@ -517,6 +532,7 @@ fn parse_head(buf: &[u8]) -> Result<Head, Rejection> {
         path: path.to_string(),
         query,
         host,
+        authorization,
         content_length,
         persistence,
         expects_continue: expects_continue && content_length > 0,
@@ -730,6 +746,7 @@ impl Connection {
             path: head.path,
             query: head.query,
             host: head.host,
+            authorization: head.authorization,
             body,
         })
     }
@@ -935,6 +952,7 @@ mod tests {
                 path: "/api/ledger/a%2Fb".to_string(),
                 query: Some("x=1&y".to_string()),
                 host: Some("localhost:8080".to_string()),
+                authorization: None,
                 body: Vec::new(),
             }]
         );
@@ -1338,6 +1356,7 @@ mod tests {
                 path: path.to_string(),
                 query: None,
                 host: None,
+                authorization: None,
                 body: Vec::new(),
             };
             let expected: Result<Vec<String>, PathError> =

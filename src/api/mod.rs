@@ -20,6 +20,7 @@ pub mod http;
 pub mod metrics;
 pub mod page;
 pub mod routes;
+pub mod trust;
 
 pub use http::{
     Connection, MAX_BODY_BYTES, MAX_FEED, MAX_HEADER_BYTES, MAX_HEADERS, MAX_TARGET_LEN, Method,

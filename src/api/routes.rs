@@ -45,6 +45,9 @@
 //! - `/api/dns`, `/api/peergate`, `/api/metrics/protocol` and pprof are not served.
 //! - Requests whose `Host` is a DNS name other than `localhost` get 403 (DNS-rebinding defence:
 //!   the ledger holds the cluster's kubeconfig and join token).
+//! - Trust levels ([`trust`]): below [`Access::Full`] every method but `GET`/`HEAD` gets 403, a
+//!   secret key's value 403, and collections leave secret keys out. At every level, deleting a
+//!   reserved key or a bucket that holds one gets 403.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,6 +61,7 @@ use sha2::{Digest, Sha256};
 use super::http::{CONTENT_TYPE_PROMETHEUS, Method, Request, Response, Status};
 use super::metrics::{Metrics, render_prometheus};
 use super::page;
+use super::trust::{self, Access};
 use crate::cluster::Write;
 use crate::identity::PeerId;
 use crate::ledger::{Ledger, MAX_BUCKET_LEN, MAX_KEY_LEN, names};
@@ -256,11 +260,15 @@ impl Route {
     }
 }
 
-/// Answers `request` from `state`.
-pub fn handle(request: &Request, state: &dyn ApiState) -> Outcome {
+/// Answers `request` from `state` for a client with `access` (see [`trust`]): every method but
+/// `GET` and `HEAD` needs [`Access::Full`], and secrets are hidden from [`Access::Inspect`].
+pub fn handle(request: &Request, state: &dyn ApiState, access: Access) -> Outcome {
     if !host_is_local(request.host.as_deref()) {
         return Response::error(Status::Forbidden, "Host must be localhost or an IP address")
             .into();
+    }
+    if access < Access::Full && !matches!(request.method, Method::Get | Method::Head) {
+        return trust::write_needs_full().into();
     }
     let segments = match request.segments() {
         Ok(segments) => segments,
@@ -271,12 +279,15 @@ pub fn handle(request: &Request, state: &dyn ApiState) -> Outcome {
     };
     let ledger = state.ledger();
     match (request.method, route) {
-        (Method::Get | Method::Head, Route::Read(resource)) => read(resource, state).into(),
+        (Method::Get | Method::Head, Route::Read(resource)) => read(resource, state, access).into(),
         (Method::Get | Method::Head, Route::Bucket(bucket)) => {
-            read(Resource::Bucket(bucket), state).into()
+            read(Resource::Bucket(bucket), state, access).into()
         }
         (Method::Get | Method::Head, Route::Key(bucket, key)) => {
-            read(Resource::Value(bucket, key), state).into()
+            if access < Access::Full && trust::is_secret_key(&key) {
+                return trust::secret_needs_full(&key).into();
+            }
+            read(Resource::Value(bucket, key), state, access).into()
         }
         (Method::Delete, Route::Bucket(bucket)) => delete_bucket(ledger, &bucket),
         (Method::Delete, Route::Key(bucket, key)) => delete_key(ledger, &bucket, &key),
@@ -289,8 +300,8 @@ pub fn handle(request: &Request, state: &dyn ApiState) -> Outcome {
     }
 }
 
-/// Answers a `GET` (or `HEAD`).
-fn read(resource: Resource, state: &dyn ApiState) -> Response {
+/// Answers a `GET` (or `HEAD`); collections leave secrets out below [`Access::Full`].
+fn read(resource: Resource, state: &dyn ApiState, access: Access) -> Response {
     let ledger = state.ledger();
     match resource {
         Resource::StatusPage => page::status_page(),
@@ -307,9 +318,11 @@ fn read(resource: Resource, state: &dyn ApiState) -> Response {
             Response::json(Status::Ok, &decode_bucket::<Service>(ledger, SERVICES))
         }
         Resource::Files => Response::json(Status::Ok, &decode_bucket::<File>(ledger, FILES)),
-        Resource::Blockchain => Response::json(Status::Ok, &Block::of(ledger)),
-        Resource::Ledger => Response::json(Status::Ok, &storage(ledger)),
-        Resource::Bucket(bucket) => Response::json(Status::Ok, &bucket_values(ledger, &bucket)),
+        Resource::Blockchain => Response::json(Status::Ok, &Block::of(ledger, access)),
+        Resource::Ledger => Response::json(Status::Ok, &storage(ledger, access)),
+        Resource::Bucket(bucket) => {
+            Response::json(Status::Ok, &bucket_values(ledger, &bucket, access))
+        }
         Resource::Value(bucket, key) => {
             let value = ledger.get(&bucket, &key).map(String::from_utf8_lossy);
             Response::json(Status::Ok, &value.unwrap_or_default())
@@ -386,6 +399,9 @@ fn delete_key(ledger: &Ledger, bucket: &str, key: &str) -> Outcome {
     if let Err(message) = check_names(bucket, key) {
         return Response::error(Status::BadRequest, &message).into();
     }
+    if let Some(refusal) = trust::delete_key_refusal(bucket, key) {
+        return Response::error(Status::Forbidden, &refusal).into();
+    }
     let held = ledger.get(bucket, key).is_some();
     announcing(
         held.then(|| Write::delete(bucket, key))
@@ -397,6 +413,11 @@ fn delete_key(ledger: &Ledger, bucket: &str, key: &str) -> Outcome {
 fn delete_bucket(ledger: &Ledger, bucket: &str) -> Outcome {
     if let Some(problem) = name_problem(bucket, MAX_BUCKET_LEN) {
         return Response::error(Status::BadRequest, &format!("bucket name {problem}")).into();
+    }
+    if let Some(refusal) =
+        trust::delete_bucket_refusal(bucket, ledger.bucket(bucket).map(|(key, _)| key))
+    {
+        return Response::error(Status::Forbidden, &refusal).into();
     }
     let writes = ledger
         .bucket(bucket)
@@ -769,19 +790,21 @@ fn decode_bucket<T: DeserializeOwned>(ledger: &Ledger, bucket: &str) -> Vec<T> {
 /// One bucket's live values as edgevpn's `map[string]blockchain.Data`.
 type BucketValues<'a> = BTreeMap<&'a str, Cow<'a, str>>;
 
-fn bucket_values<'a>(ledger: &'a Ledger, bucket: &str) -> Option<BucketValues<'a>> {
+/// The live values of `bucket` (secrets left out below [`Access::Full`]); `None` when empty.
+fn bucket_values<'a>(ledger: &'a Ledger, bucket: &str, access: Access) -> Option<BucketValues<'a>> {
     let values: BucketValues<'a> = ledger
         .bucket(bucket)
+        .filter(|(key, _)| access == Access::Full || !trust::is_secret_key(key))
         .map(|(key, value)| (key, String::from_utf8_lossy(value)))
         .collect();
     (!values.is_empty()).then_some(values)
 }
 
 /// The whole ledger as edgevpn's `CurrentData()`: buckets without live values are left out.
-fn storage(ledger: &Ledger) -> BTreeMap<&str, BucketValues<'_>> {
+fn storage(ledger: &Ledger, access: Access) -> BTreeMap<&str, BucketValues<'_>> {
     ledger
         .buckets()
-        .filter_map(|bucket| Some((bucket, bucket_values(ledger, bucket)?)))
+        .filter_map(|bucket| Some((bucket, bucket_values(ledger, bucket, access)?)))
         .collect()
 }
 
@@ -802,8 +825,8 @@ struct Block<'a> {
 }
 
 impl<'a> Block<'a> {
-    fn of(ledger: &'a Ledger) -> Block<'a> {
-        let storage = storage(ledger);
+    fn of(ledger: &'a Ledger, access: Access) -> Block<'a> {
+        let storage = storage(ledger, access);
         let digest = Sha256::digest(serde_json::to_vec(&storage).unwrap_or_default());
         Block {
             index: block_index(ledger),
@@ -1085,12 +1108,17 @@ mod tests {
             path: path.to_string(),
             query: None,
             host: Some("127.0.0.1:8080".to_string()),
+            authorization: None,
             body: Vec::new(),
         }
     }
 
     fn call(state: &FakeState, method: Method, path: &str) -> Outcome {
-        handle(&request(method, path), state)
+        handle(&request(method, path), state, Access::Full)
+    }
+
+    fn call_as(state: &FakeState, access: Access, method: Method, path: &str) -> Outcome {
+        handle(&request(method, path), state, access)
     }
 
     /// A `GET` that must succeed with JSON; its parsed body.
@@ -1378,22 +1406,23 @@ mod tests {
     #[test]
     fn deletes_write_tombstones_for_held_keys() {
         let mut s = state();
-        let outcome = call(&s, Method::Delete, "/api/ledger/machines");
+        s.put("free", "a", b"1");
+        s.put("free", "b", b"2");
+        let outcome = call(&s, Method::Delete, "/api/ledger/free");
         assert_eq!(body_text(&outcome), "{\"State\":\"Announcing\"}\n");
         let keys: Vec<&str> = outcome.writes.iter().map(|w| w.key.as_str()).collect();
-        assert_eq!(keys, ["10.1.0.1", "10.1.0.2", "10.1.0.4", "10.1.0.9"]);
+        assert_eq!(keys, ["a", "b"]);
         assert!(
             outcome
                 .writes
                 .iter()
-                .all(|w| w.value.is_none() && w.bucket == "machines")
+                .all(|w| w.value.is_none() && w.bucket == "free")
         );
         s.apply(&outcome.writes);
-        assert_eq!(get_json(&s, "/api/ledger/machines"), Value::Null);
-        assert_eq!(get_json(&s, "/api/machines"), json!([]));
+        assert_eq!(get_json(&s, "/api/ledger/free"), Value::Null);
 
-        let outcome = call(&s, Method::Delete, "/api/ledger/kairos/uuid-1-role");
-        assert_eq!(outcome.writes, vec![Write::delete("kairos", "uuid-1-role")]);
+        let outcome = call(&s, Method::Delete, "/api/ledger/binary/k");
+        assert_eq!(outcome.writes, vec![Write::delete("binary", "k")]);
         for absent in [
             "/api/ledger/kairos/absent",
             "/api/ledger/gone/k",
@@ -1402,6 +1431,96 @@ mod tests {
             let outcome = call(&s, Method::Delete, absent);
             assert_eq!(outcome.response.status, Status::Ok, "{absent}");
             assert!(outcome.writes.is_empty(), "{absent}");
+        }
+    }
+
+    #[test]
+    fn reserved_buckets_and_keys_cannot_be_deleted_at_any_level() {
+        let mut s = state();
+        s.put("kairos", "ip-master", b"10.1.0.1");
+        for (method, path, needle) in [
+            (Method::Delete, "/api/ledger/machines", "kept by the nodes"),
+            (Method::Delete, "/api/ledger/kairos", "ip-master"),
+            (Method::Delete, "/api/ledger/kairos/ip-master", "reserved"),
+            (Method::Delete, "/api/ledger/kairos/uuid-1-role", "reserved"),
+            (Method::Delete, "/api/ledger/dhcp/uuid-1", "reserved"),
+        ] {
+            let outcome = call(&s, method, path);
+            assert_eq!(outcome.response.status, Status::Forbidden, "{path}");
+            assert!(outcome.writes.is_empty(), "{path}");
+            assert!(
+                body_text(&outcome).contains(needle),
+                "{path}: {}",
+                body_text(&outcome)
+            );
+        }
+        // Writes are the ownership rule's to judge (kairosctl's `role set`, Kairos' publishing).
+        let outcome = call(&s, Method::Put, "/api/ledger/kairos/uuid-9-role/worker");
+        assert_eq!(outcome.response.status, Status::Ok);
+        assert_eq!(outcome.writes.len(), 1);
+    }
+
+    #[test]
+    fn inspect_level_reads_all_but_secrets_and_writes_nothing() {
+        let mut s = state();
+        s.put("kairos", "token-nodetoken", b"K10secret::server:abc");
+        s.put("kairos", "master-kubeconfig", b"a2NvbmZpZw");
+        s.put("kairos", "control-plane-kubeconfig", b"a2NvbmZpZw");
+        s.put("kairos", "ip-master", b"10.1.0.1");
+        let inspect = |method, path: &str| call_as(&s, Access::Inspect, method, path);
+        for key in [
+            "token-nodetoken",
+            "master-kubeconfig",
+            "control-plane-kubeconfig",
+        ] {
+            let outcome = inspect(Method::Get, &format!("/api/ledger/kairos/{key}"));
+            assert_eq!(outcome.response.status, Status::Forbidden, "{key}");
+            assert!(body_text(&outcome).contains("secret"), "{key}");
+            let full = call(&s, Method::Get, &format!("/api/ledger/kairos/{key}"));
+            assert_eq!(full.response.status, Status::Ok, "{key}");
+        }
+        for path in ["/api/ledger", "/api/ledger/kairos", "/api/blockchain"] {
+            let shown = body_text(&inspect(Method::Get, path));
+            assert!(shown.contains("ip-master"), "{path}: {shown}");
+            assert!(
+                !shown.contains("secret") && !shown.contains("a2NvbmZpZw"),
+                "{path}: {shown}"
+            );
+            assert!(
+                !shown.contains("kubeconfig") && !shown.contains("token-"),
+                "{path}"
+            );
+            let full = body_text(&call(&s, Method::Get, path));
+            assert!(
+                full.contains("K10secret") && full.contains("master-kubeconfig"),
+                "{path}"
+            );
+        }
+        let ip = inspect(Method::Get, "/api/ledger/kairos/ip-master");
+        assert_eq!(body_text(&ip), "\"10.1.0.1\"\n");
+        for path in [
+            "/",
+            "/metrics",
+            "/api/summary",
+            "/api/machines",
+            "/api/nodes",
+        ] {
+            assert_eq!(
+                inspect(Method::Get, path).response.status,
+                Status::Ok,
+                "{path}"
+            );
+        }
+        for (method, path) in [
+            (Method::Put, "/api/ledger/test/hello/world"),
+            (Method::Delete, "/api/ledger/binary/k"),
+            (Method::Delete, "/api/ledger/binary"),
+            (Method::Post, "/api/summary"),
+        ] {
+            let outcome = inspect(method, path);
+            assert_eq!(outcome.response.status, Status::Forbidden, "{path}");
+            assert!(body_text(&outcome).contains("needs root"), "{path}");
+            assert!(outcome.writes.is_empty(), "{path}");
         }
     }
 
@@ -1557,7 +1676,7 @@ mod tests {
         ] {
             let mut r = request(Method::Get, "/api/ledger");
             r.host = host.map(str::to_string);
-            let outcome = handle(&r, &s);
+            let outcome = handle(&r, &s, Access::Full);
             let expected = if allowed {
                 Status::Ok
             } else {
@@ -1567,7 +1686,7 @@ mod tests {
         }
         let mut put = request(Method::Put, "/api/ledger/b/k/v");
         put.host = Some("rebound.example:8080".to_string());
-        assert!(handle(&put, &s).writes.is_empty());
+        assert!(handle(&put, &s, Access::Full).writes.is_empty());
     }
 
     /// Bytes in, bytes out: the connection and the routes together.
@@ -1584,7 +1703,7 @@ mod tests {
         );
         let mut statuses = Vec::new();
         while let Some(request) = conn.poll_request() {
-            let outcome = handle(&request, &s);
+            let outcome = handle(&request, &s, Access::Full);
             s.apply(&outcome.writes);
             statuses.push(outcome.response.status);
             conn.respond(outcome.response);

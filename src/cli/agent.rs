@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use super::args::AgentArgs;
 use super::{EXIT_FAILURE, EXIT_USAGE, load_config};
+use crate::api::trust::BEARER_TOKEN_FILE;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
+use crate::driver::api::ApiSettings;
 use crate::driver::tun::TunSettings;
 use crate::driver::{self, DriverSettings};
 use crate::identity::{self, Identity, PeerId};
@@ -84,8 +86,7 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         lan: vpn.settings.mdns,
         exclude_interfaces: vec![vpn.settings.iface.clone()],
         ledger_path: Some(ledger_path),
-        api_listen: Some(vpn.settings.api_listen),
-        api_socket: Some(state_dir.join(API_SOCKET)),
+        api: api_settings(vpn.settings.api_listen, &state_dir),
         tun: vpn.create.then(|| TunSettings {
             name: vpn.settings.iface.clone(),
             mtu: vpn.settings.mtu,
@@ -94,6 +95,22 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         k3s: crate::k3s::K3sSettings::from_env(&cfg, &uuid, &state_dir),
     };
     run_driver(node, &driver_settings)
+}
+
+/// The API on loopback TCP at `tcp`, on the state directory's socket and on Kairos' socket
+/// (under `KAIROS_P2P_ROOT`), with the bearer token kept in the state directory.
+pub(super) fn api_settings(tcp: SocketAddr, state_dir: &Path) -> ApiSettings {
+    let kairos_socket = super::client::kairos_socket();
+    // `/run` exists; a test's root may not have it yet.
+    if let Some(dir) = kairos_socket.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    ApiSettings {
+        tcp: Some(tcp),
+        socket: Some(state_dir.join(API_SOCKET)),
+        kairos_socket: Some(kairos_socket),
+        token_file: Some(state_dir.join(BEARER_TOKEN_FILE)),
+    }
 }
 
 /// A node with its cluster layer, the ledger loaded from `ledger_path` (empty if unreadable).

@@ -94,9 +94,34 @@ pub struct AgentArgs {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "bridge")]
 pub struct BridgeArgs {
-    /// the network token (default: $NETWORK_TOKEN, else $EDGEVPNTOKEN)
+    /// the network token. Prefer --token-file, $NETWORK_TOKEN or standard input: a token given
+    /// here is scrubbed from the command line at start, but other users may see it until then
+    #[argh(option)]
+    pub token: Option<String>,
+
+    /// the same as --token (its older name, in Kairos' docs)
     #[argh(option)]
     pub network_token: Option<String>,
+
+    /// read the network token from this file ("-": standard input). Without any token option,
+    /// the token comes from $NETWORK_TOKEN, else $EDGEVPNTOKEN, else standard input
+    #[argh(option)]
+    pub token_file: Option<PathBuf>,
+
+    /// take a free VPN address from the network's allocator (as nodes without a static address
+    /// do; leases in the ledger's dhcp bucket) instead of --address, whose prefix stays the VPN
+    /// network
+    #[argh(switch)]
+    pub dhcp: bool,
+
+    /// where the bridge keeps its key, ledger and so its address lease, which it takes again on
+    /// the next start (default: <state dir>/bridge)
+    #[argh(option)]
+    pub lease_dir: Option<PathBuf>,
+
+    /// log level: trace, debug, info, warn, error or fatal (default: info, or $KAIROS_P2P_LOG)
+    #[argh(option)]
+    pub log_level: Option<String>,
 
     /// the VPN interface to create (default: kairos0)
     #[argh(option, default = "String::from(\"kairos0\")")]
@@ -114,8 +139,8 @@ pub struct BridgeArgs {
     #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 8080))")]
     pub api: SocketAddr,
 
-    /// allow a non-loopback --api address (the API has no authentication: anyone who reaches
-    /// it can read and write the ledger)
+    /// allow a non-loopback --api address (anyone who reaches it can inspect the network;
+    /// writes and secrets still need the bearer token)
     #[argh(switch)]
     pub api_allow_remote: bool,
 
@@ -155,13 +180,14 @@ pub struct VersionArgs {}
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "get-kubeconfig")]
 pub struct GetKubeconfigArgs {
-    /// the cluster's p2p.network_id (default: kairos)
-    #[argh(option, default = "default_network_id()")]
-    pub network_id: String,
+    /// the cluster's p2p.network_id (default: $EDGEVPN_NETWORK_ID, else kairos)
+    #[argh(option)]
+    pub network_id: Option<String>,
 
-    /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "default_api()")]
-    pub api: String,
+    /// the agent's API: unix:///PATH or http://HOST:PORT (default: $EDGEVPN_API, else
+    /// unix:///run/edgevpn-kairos.sock when it answers, else http://127.0.0.1:8080)
+    #[argh(option)]
+    pub api: Option<String>,
 }
 
 /// List or set node roles.
@@ -186,13 +212,14 @@ pub enum RoleCommand {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "list")]
 pub struct RoleListArgs {
-    /// the cluster's p2p.network_id (default: kairos)
-    #[argh(option, default = "default_network_id()")]
-    pub network_id: String,
+    /// the cluster's p2p.network_id (default: $EDGEVPN_NETWORK_ID, else kairos)
+    #[argh(option)]
+    pub network_id: Option<String>,
 
-    /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "default_api()")]
-    pub api: String,
+    /// the agent's API: unix:///PATH or http://HOST:PORT (default: $EDGEVPN_API, else
+    /// unix:///run/edgevpn-kairos.sock when it answers, else http://127.0.0.1:8080)
+    #[argh(option)]
+    pub api: Option<String>,
 }
 
 /// Set a node's role (master, master/clusterinit, master/ha or worker); set it before the node
@@ -208,13 +235,14 @@ pub struct RoleSetArgs {
     #[argh(positional)]
     pub role: String,
 
-    /// the cluster's p2p.network_id (default: kairos)
-    #[argh(option, default = "default_network_id()")]
-    pub network_id: String,
+    /// the cluster's p2p.network_id (default: $EDGEVPN_NETWORK_ID, else kairos)
+    #[argh(option)]
+    pub network_id: Option<String>,
 
-    /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "default_api()")]
-    pub api: String,
+    /// the agent's API: unix:///PATH or http://HOST:PORT (default: $EDGEVPN_API, else
+    /// unix:///run/edgevpn-kairos.sock when it answers, else http://127.0.0.1:8080)
+    #[argh(option)]
+    pub api: Option<String>,
 }
 
 /// Print what the status page shows: this node and every other with address, role, online state
@@ -222,15 +250,8 @@ pub struct RoleSetArgs {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "status")]
 pub struct StatusArgs {
-    /// URL of the agent's API (default: http://127.0.0.1:8080)
-    #[argh(option, default = "default_api()")]
-    pub api: String,
-}
-
-fn default_network_id() -> String {
-    crate::ledger::names::DEFAULT_NETWORK_ID.to_string()
-}
-
-fn default_api() -> String {
-    super::client::DEFAULT_API.to_string()
+    /// the agent's API: unix:///PATH or http://HOST:PORT (default: $EDGEVPN_API, else
+    /// unix:///run/edgevpn-kairos.sock when it answers, else http://127.0.0.1:8080)
+    #[argh(option)]
+    pub api: Option<String>,
 }

@@ -2,10 +2,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::args::{GetKubeconfigArgs, RoleArgs, RoleCommand, StatusArgs};
-use super::client::{Api, ClientError, segment};
+use super::client::{
+    API_ENV, Api, ClientError, NETWORK_ID_ENV, choose_api, choose_network_id, kairos_socket,
+    readable_bearer_tokens, segment,
+};
 use super::kubeconfig::{self, KubeconfigError};
 use super::roles;
 use super::status::{self, Bandwidth, Machine, Node, Summary};
@@ -13,9 +17,10 @@ use super::{EXIT_FAILURE, EXIT_USAGE};
 use crate::ledger::{edgevpn, names};
 
 /// `get-kubeconfig`.
-pub fn get_kubeconfig(args: &GetKubeconfigArgs) -> ExitCode {
-    let bucket = names::network_bucket(&args.network_id);
-    let result = connect(&args.api).and_then(|api| {
+pub fn get_kubeconfig(args: &GetKubeconfigArgs, state_dir: Option<PathBuf>) -> ExitCode {
+    let network_id = network_id(args.network_id.as_deref());
+    let bucket = names::network_bucket(&network_id);
+    let result = connect(args.api.as_deref(), state_dir).and_then(|api| {
         let mut outcome = Err(KubeconfigError::NotYet);
         for (config_key, address_key) in kubeconfig::KEYS {
             let stored = api.ledger_text(bucket, config_key).map_err(failure)?;
@@ -32,10 +37,11 @@ pub fn get_kubeconfig(args: &GetKubeconfigArgs) -> ExitCode {
 }
 
 /// `role list` and `role set`.
-pub fn role(args: &RoleArgs) -> ExitCode {
+pub fn role(args: &RoleArgs, state_dir: Option<PathBuf>) -> ExitCode {
     let result = match &args.command {
-        RoleCommand::List(list) => connect(&list.api).and_then(|api| {
-            let bucket = names::network_bucket(&list.network_id);
+        RoleCommand::List(list) => connect(list.api.as_deref(), state_dir).and_then(|api| {
+            let network_id = network_id(list.network_id.as_deref());
+            let bucket = names::network_bucket(&network_id);
             let values: Option<BTreeMap<String, String>> = api
                 .get_json(&format!("/api/ledger/{}", segment(bucket)))
                 .map_err(failure)?;
@@ -48,8 +54,9 @@ pub fn role(args: &RoleArgs) -> ExitCode {
         RoleCommand::Set(set) => roles::role_key(&set.uuid, &set.role)
             .map_err(usage)
             .and_then(|(key, role)| {
-                let api = connect(&set.api)?;
-                let bucket = names::network_bucket(&set.network_id);
+                let api = connect(set.api.as_deref(), state_dir)?;
+                let network_id = network_id(set.network_id.as_deref());
+                let bucket = names::network_bucket(&network_id);
                 // As edgevpn's Go client writes it, so Kairos' tools read it too.
                 let path = format!(
                     "/api/ledger/{}/{}/{}",
@@ -66,8 +73,8 @@ pub fn role(args: &RoleArgs) -> ExitCode {
 }
 
 /// `status`.
-pub fn status(args: &StatusArgs) -> ExitCode {
-    let result = connect(&args.api).and_then(|api| {
+pub fn status(args: &StatusArgs, state_dir: Option<PathBuf>) -> ExitCode {
+    let result = connect(args.api.as_deref(), state_dir).and_then(|api| {
         let summary: Summary = api.get_json("/api/summary").map_err(failure)?;
         let nodes: Vec<Node> = api.get_json("/api/nodes").map_err(failure)?;
         let machines: Vec<Machine> = api.get_json("/api/machines").map_err(failure)?;
@@ -89,11 +96,22 @@ fn usage(e: impl Display) -> Failure {
     (e.to_string(), EXIT_USAGE)
 }
 
-fn connect(url: &str) -> Result<Api, Failure> {
-    Api::new(url).map_err(|e| match e {
+/// The API client: `--api`, `$EDGEVPN_API`, Kairos' socket or loopback TCP (see
+/// [`choose_api`]), with the bearer tokens this user can read from the state directory.
+fn connect(flag: Option<&str>, state_dir: Option<PathBuf>) -> Result<Api, Failure> {
+    let url = choose_api(flag, std::env::var(API_ENV).ok(), &kairos_socket());
+    let state_dir = crate::identity::resolve_state_dir(
+        state_dir,
+        std::env::var(crate::identity::STATE_DIR_ENV).ok(),
+    );
+    Api::new(&url, readable_bearer_tokens(&state_dir)).map_err(|e| match e {
         ClientError::BadUrl(_) => usage(e),
         other => failure(other),
     })
+}
+
+fn network_id(flag: Option<&str>) -> String {
+    choose_network_id(flag, std::env::var(NETWORK_ID_ENV).ok())
 }
 
 fn finish(result: Result<(), Failure>) -> ExitCode {

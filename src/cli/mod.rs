@@ -82,9 +82,9 @@ fn run(cli: Cli) -> ExitCode {
             println!("{}", version_line());
             ExitCode::SUCCESS
         }
-        Command::GetKubeconfig(args) => commands::get_kubeconfig(&args),
-        Command::Role(args) => commands::role(&args),
-        Command::Status(args) => commands::status(&args),
+        Command::GetKubeconfig(args) => commands::get_kubeconfig(&args, cli.state_dir),
+        Command::Role(args) => commands::role(&args, cli.state_dir),
+        Command::Status(args) => commands::status(&args, cli.state_dir),
     }
 }
 

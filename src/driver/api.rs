@@ -1,12 +1,19 @@
-//! The local HTTP API served inside the driver's event loop: a loopback TCP listener
-//! (`APILISTEN`) and a unix socket in the state directory (mode 0600), at most
-//! [`MAX_CONNECTIONS`] connections at once, each a sans-IO [`Connection`] fed from a
-//! non-blocking stream. Ledger writes a request asks for are applied to the cluster before its
-//! response is sent.
+//! The local HTTP API served inside the driver's event loop, on up to three listeners:
+//! loopback TCP (`APILISTEN`, inspection for every local user, everything with the bearer
+//! token), the state directory's unix socket and Kairos' `/run/edgevpn-kairos.sock` (both mode
+//! 0600: root's, with the peer's uid checked by `SO_PEERCRED`). Each listener has its own
+//! connection budget, and a unix socket's unprivileged peers a separate one, so no client of
+//! one level can fill the slots of another (see [`POOLS`]); in a full budget, a new connection
+//! takes the slot of the one idle longest, and is served at once. Each connection is a sans-IO
+//! [`Connection`] fed from a non-blocking stream; ledger writes a request asks for are applied
+//! to the cluster before its response is sent.
 
 use std::io::{self, Read, Write as _};
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt,
+};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,6 +21,7 @@ use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 
 use super::LocalErrors;
+use crate::api::trust::{self, Access, BEARER_TOKEN_BYTES, BearerToken};
 use crate::api::{
     ApiState, ClusterNode, Connection, DiscoveryState, MAX_FEED, MemberStatus, Metrics, NodeInfo,
     PeerPath, PeerStatus, handle,
@@ -22,13 +30,89 @@ use crate::cluster::Cluster;
 use crate::ledger::Ledger;
 use crate::node::Node;
 
-/// Most API connections open at once; more are closed on accept.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Where the API is served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Loopback TCP (`APILISTEN`; `None`: not served on TCP).
+    pub tcp: Option<SocketAddr>,
+    /// The state directory's unix socket (`None`: none).
+    pub socket: Option<PathBuf>,
+    /// Kairos' socket, `/run/edgevpn-kairos.sock` (`None`: none). Shared by every agent and
+    /// bridge of the machine: a live server's socket there is never taken over.
+    pub kairos_socket: Option<PathBuf>,
+    /// The bearer token's file (mode 0600), made on first start (`None`: TCP clients never get
+    /// full access).
+    pub token_file: Option<PathBuf>,
+}
+
+/// A connection budget: the listener it serves, whether its peers are privileged, and how many
+/// connections it holds at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    listener: Token,
+    privileged: bool,
+    /// Most connections open at once; a new one beyond takes the slot of the one idle longest.
+    pub max: usize,
+}
 
 const TCP_LISTENER: Token = Token(16);
-const UNIX_LISTENER: Token = Token(17);
+const STATE_SOCKET: Token = Token(17);
+const KAIROS_SOCKET: Token = Token(18);
+
+/// Most TCP connections open at once (every local user can open them).
+pub const MAX_TCP_CONNECTIONS: usize = 32;
+/// Most connections from privileged peers (root, the agent's user) on each unix socket.
+pub const MAX_UNIX_CONNECTIONS: usize = 16;
+/// Most connections from other peers on each unix socket (they exist only where the socket's
+/// mode was loosened by hand).
+pub const MAX_UNPRIVILEGED_UNIX_CONNECTIONS: usize = 4;
+
+/// The connection budgets, in slot order.
+pub const POOLS: [Pool; 5] = [
+    Pool {
+        listener: TCP_LISTENER,
+        privileged: false,
+        max: MAX_TCP_CONNECTIONS,
+    },
+    Pool {
+        listener: STATE_SOCKET,
+        privileged: true,
+        max: MAX_UNIX_CONNECTIONS,
+    },
+    Pool {
+        listener: STATE_SOCKET,
+        privileged: false,
+        max: MAX_UNPRIVILEGED_UNIX_CONNECTIONS,
+    },
+    Pool {
+        listener: KAIROS_SOCKET,
+        privileged: true,
+        max: MAX_UNIX_CONNECTIONS,
+    },
+    Pool {
+        listener: KAIROS_SOCKET,
+        privileged: false,
+        max: MAX_UNPRIVILEGED_UNIX_CONNECTIONS,
+    },
+];
+
+/// Every connection slot of every pool.
+const MAX_CONNECTIONS: usize =
+    MAX_TCP_CONNECTIONS + 2 * (MAX_UNIX_CONNECTIONS + MAX_UNPRIVILEGED_UNIX_CONNECTIONS);
 /// Connection `i` has token `FIRST_CONN + i` (`i < MAX_CONNECTIONS`).
 const FIRST_CONN: usize = 32;
+
+/// The slots of the pool serving `listener`'s peers of that privilege.
+fn pool_slots(listener: Token, privileged: bool) -> std::ops::Range<usize> {
+    let mut start = 0;
+    for pool in POOLS {
+        if pool.listener == listener && pool.privileged == privileged {
+            return start..start + pool.max;
+        }
+        start += pool.max;
+    }
+    0..0
+}
 
 enum Stream {
     Tcp(TcpStream),
@@ -80,22 +164,63 @@ impl Stream {
             Stream::Unix(s) => registry.deregister(s),
         };
     }
+
+    /// What the connection may do before any bearer token: TCP inspects, a unix peer by uid.
+    fn access(&self) -> Access {
+        match self {
+            Stream::Tcp(_) => Access::Inspect,
+            // SAFETY: geteuid cannot fail.
+            Stream::Unix(s) => Access::of_unix_peer(peer_uid(s), unsafe { libc::geteuid() }),
+        }
+    }
+}
+
+/// The uid of a unix socket's peer, by `SO_PEERCRED` (`None` when the kernel does not say).
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of a `ucred`, the size `len` says.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<libc::ucred>()).then_some(cred.uid)
 }
 
 struct Client {
     stream: Stream,
     conn: Connection,
+    /// What the connection may do before any bearer token.
+    access: Access,
+    /// When bytes last moved either way (or it was accepted).
+    last_progress: Instant,
     /// WRITABLE interest is registered.
     writable: bool,
     /// The socket failed: close it.
     broken: bool,
 }
 
+/// A bound listener.
+enum Listener {
+    Tcp(TcpListener),
+    /// A unix socket and its path (removed on drop).
+    Unix(UnixListener, PathBuf),
+}
+
 /// The API's listeners and connections.
 pub struct Api {
-    tcp: Option<TcpListener>,
-    unix: Option<(UnixListener, PathBuf)>,
+    listeners: Vec<(Token, Listener)>,
     clients: Vec<Option<Client>>,
+    bearer: Option<BearerToken>,
     started: Instant,
     /// Served when the node has no cluster layer.
     empty: Ledger,
@@ -104,41 +229,50 @@ pub struct Api {
 
 impl Api {
     /// Binds the listeners that are configured and registers them. A listener that cannot be
-    /// bound is a warning: the other one still serves.
-    pub fn bind(
-        registry: &Registry,
-        tcp: Option<SocketAddr>,
-        unix: Option<&Path>,
-        started: Instant,
-    ) -> Api {
+    /// bound is a warning: the others still serve.
+    pub fn bind(registry: &Registry, settings: &ApiSettings, started: Instant) -> Api {
         let mut api = Api {
-            tcp: None,
-            unix: None,
+            listeners: Vec::new(),
             clients: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+            bearer: None,
             started,
             empty: Ledger::new(Default::default()),
             buf: vec![0; MAX_FEED],
         };
         let mut where_ = Vec::new();
-        if let Some(addr) = tcp {
+        if let Some(addr) = settings.tcp {
             match TcpListener::bind(addr).and_then(|mut l| {
                 registry.register(&mut l, TCP_LISTENER, Interest::READABLE)?;
                 Ok(l)
             }) {
                 Ok(l) => {
                     where_.push(l.local_addr().map_or(addr.to_string(), |a| a.to_string()));
-                    api.tcp = Some(l);
+                    api.listeners.push((TCP_LISTENER, Listener::Tcp(l)));
                 }
                 Err(e) => log::warn!("API: cannot listen on TCP {addr}: {e} (APILISTEN)"),
             }
         }
-        if let Some(path) = unix {
-            match bind_unix(registry, path) {
+        for (token, path) in [
+            (STATE_SOCKET, &settings.socket),
+            (KAIROS_SOCKET, &settings.kairos_socket),
+        ] {
+            let Some(path) = path else { continue };
+            match bind_unix(registry, path, token) {
                 Ok(l) => {
                     where_.push(path.display().to_string());
-                    api.unix = Some((l, path.to_path_buf()));
+                    api.listeners
+                        .push((token, Listener::Unix(l, path.to_path_buf())));
                 }
                 Err(e) => log::warn!("API: cannot listen on {}: {e}", path.display()),
+            }
+        }
+        if let Some(path) = &settings.token_file {
+            match load_or_create_bearer(path) {
+                Ok(token) => api.bearer = Some(token),
+                Err(e) => log::warn!(
+                    "API: no bearer token ({}: {e}); TCP clients can only inspect",
+                    path.display()
+                ),
             }
         }
         if !where_.is_empty() {
@@ -150,7 +284,8 @@ impl Api {
     /// Whether `token` is one of the API's.
     pub fn owns(token: Token) -> bool {
         token == TCP_LISTENER
-            || token == UNIX_LISTENER
+            || token == STATE_SOCKET
+            || token == KAIROS_SOCKET
             || (FIRST_CONN..FIRST_CONN + MAX_CONNECTIONS).contains(&token.0)
     }
 
@@ -171,10 +306,10 @@ impl Api {
         node: &mut Node,
         errors: &mut LocalErrors,
     ) {
-        match token {
-            TCP_LISTENER => self.accept_tcp(registry, errors),
-            UNIX_LISTENER => self.accept_unix(registry, errors),
-            Token(t) => self.serve(registry, t.wrapping_sub(FIRST_CONN), node, errors),
+        if self.listeners.iter().any(|(t, _)| *t == token) {
+            self.accept_each(registry, token, node, errors);
+        } else {
+            self.serve(registry, token.0.wrapping_sub(FIRST_CONN), node, errors);
         }
     }
 
@@ -195,33 +330,33 @@ impl Api {
         }
     }
 
-    fn accept_tcp(&mut self, registry: &Registry, errors: &mut LocalErrors) {
-        self.accept_each(registry, errors, |api| {
-            let listener = api.tcp.as_ref()?;
-            Some(listener.accept().map(|(stream, _)| {
-                let _ = stream.set_nodelay(true);
-                Stream::Tcp(stream)
-            }))
-        });
-    }
-
-    fn accept_unix(&mut self, registry: &Registry, errors: &mut LocalErrors) {
-        self.accept_each(registry, errors, |api| {
-            let (listener, _) = api.unix.as_ref()?;
-            Some(listener.accept().map(|(stream, _)| Stream::Unix(stream)))
-        });
-    }
-
-    /// Takes every connection `accept` yields until the listener is empty (or absent: `None`).
+    /// Takes every connection the listener of `token` has queued.
     fn accept_each(
         &mut self,
         registry: &Registry,
+        token: Token,
+        node: &mut Node,
         errors: &mut LocalErrors,
-        accept: impl Fn(&Self) -> Option<io::Result<Stream>>,
     ) {
-        while let Some(accepted) = accept(self) {
+        loop {
+            let Some((_, listener)) = self.listeners.iter().find(|(t, _)| *t == token) else {
+                return;
+            };
+            let accepted = match listener {
+                Listener::Tcp(l) => l.accept().map(|(stream, _)| {
+                    let _ = stream.set_nodelay(true);
+                    Stream::Tcp(stream)
+                }),
+                Listener::Unix(l, _) => l.accept().map(|(stream, _)| Stream::Unix(stream)),
+            };
             match accepted {
-                Ok(stream) => self.add(registry, stream),
+                Ok(stream) => {
+                    // Served at once: a request already sent is answered before the next
+                    // accept of a burst can take the slot back (see `add`).
+                    if let Some(i) = self.add(registry, token, stream) {
+                        self.serve(registry, i, node, errors);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // Interrupted, or a client gone before it was accepted: take the next one.
                 Err(e) if accept_again(&e) => {}
@@ -232,22 +367,45 @@ impl Api {
         }
     }
 
-    /// Takes a new connection into a free slot, or closes it at once when there is none.
-    fn add(&mut self, registry: &Registry, mut stream: Stream) {
-        let Some(i) = self.clients.iter().position(Option::is_none) else {
-            log::debug!("API: {MAX_CONNECTIONS} connections open, refusing another");
-            return;
+    /// Takes a new connection into a free slot of its pool; in a full pool, the connection that
+    /// moved no byte for the longest is closed to make room (a slow client holding slots loses
+    /// them to clients that talk, instead of locking them out). Returns its slot.
+    fn add(&mut self, registry: &Registry, listener: Token, mut stream: Stream) -> Option<usize> {
+        let access = stream.access();
+        let privileged = listener != TCP_LISTENER && access == Access::Full;
+        let slots = pool_slots(listener, privileged);
+        let free = slots.clone().find(|&i| self.clients[i].is_none());
+        let i = match free {
+            Some(i) => i,
+            None => {
+                let stalest = slots
+                    .clone()
+                    .min_by_key(|&i| self.clients[i].as_ref().map(|c| c.last_progress))?;
+                log::debug!(
+                    "API: {} connections open on {listener:?} (privileged: {privileged}), \
+                     closing the one idle longest",
+                    slots.len()
+                );
+                if let Some(mut old) = self.clients[stalest].take() {
+                    old.stream.deregister(registry);
+                }
+                stalest
+            }
         };
         if let Err(e) = stream.register(registry, Token(FIRST_CONN + i), Interest::READABLE) {
             log::debug!("API register: {e}");
-            return;
+            return None;
         }
+        let now = Instant::now();
         self.clients[i] = Some(Client {
             stream,
-            conn: Connection::new(Instant::now()),
+            conn: Connection::new(now),
+            access,
+            last_progress: now,
             writable: false,
             broken: false,
         });
+        Some(i)
     }
 
     /// Moves bytes both ways on connection `i`, answers its requests, and closes it when done.
@@ -255,7 +413,7 @@ impl Api {
         let Some(Some(client)) = self.clients.get_mut(i) else {
             return;
         };
-        let state_parts = (self.started, &self.empty, errors);
+        let state_parts = (self.started, &self.empty, errors, self.bearer.as_ref());
         pump(client, &mut self.buf, node, state_parts);
         if client.broken || client.conn.is_finished() {
             client.stream.deregister(registry);
@@ -286,8 +444,10 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        if let Some((_, path)) = &self.unix {
-            let _ = std::fs::remove_file(path);
+        for (_, listener) in &self.listeners {
+            if let Listener::Unix(_, path) = listener {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -306,12 +466,19 @@ fn accept_failed(errors: &mut LocalErrors, e: &io::Error) {
     log::warn!("API: cannot accept a connection: {e}");
 }
 
-/// Binds the unix socket at `path` (a stale file there is removed first), readable and
-/// writable by the owner only, and never otherwise: it is bound inside a fresh 0700 directory
-/// beside `path`, made 0600 there and only then moved to `path` (bound directly, it would carry
-/// the umask's mode, up to 0777, until the chmod). The staging path `<dir>/.s<pid>/s` is at most
-/// three bytes longer than `<dir>/api.sock`.
-fn bind_unix(registry: &Registry, path: &Path) -> io::Result<UnixListener> {
+/// Binds the unix socket at `path`, readable and writable by the owner only, and never
+/// otherwise: it is bound inside a fresh 0700 directory beside `path`, made 0600 there and only
+/// then moved to `path` (bound directly, it would carry the umask's mode, up to 0777, until the
+/// chmod). The staging path `<dir>/.s<pid>/s` is at most three bytes longer than
+/// `<dir>/api.sock`. A socket left at `path` by a process that is gone is replaced; one that a
+/// live server answers on is left alone (an error): two agents never steal each other's socket.
+fn bind_unix(registry: &Registry, path: &Path, token: Token) -> io::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another server answers on it (another agent or bridge?); left to it",
+        ));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -334,8 +501,47 @@ fn bind_unix(registry: &Registry, path: &Path) -> io::Result<UnixListener> {
     let _ = std::fs::remove_file(&staged);
     let _ = std::fs::remove_dir(&staging);
     let mut listener = bound?;
-    registry.register(&mut listener, UNIX_LISTENER, Interest::READABLE)?;
+    registry.register(&mut listener, token, Interest::READABLE)?;
     Ok(listener)
+}
+
+/// The bearer token kept at `path`: read back when it is ours, mode 0600 and well formed; else
+/// a new one from the system's random generator, written 0600 beside it and renamed into place
+/// (a token that others could read may have leaked: it is replaced).
+pub fn load_or_create_bearer(path: &Path) -> io::Result<BearerToken> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // SAFETY: geteuid cannot fail.
+        let ours = meta.uid() == unsafe { libc::geteuid() };
+        if meta.is_file() && ours && meta.mode() & 0o077 == 0 {
+            let text = std::fs::read_to_string(path)?;
+            if let Some(token) = BearerToken::parse(&text) {
+                return Ok(token);
+            }
+        }
+        log::warn!(
+            "API: replacing the bearer token at {} (not a 0600 file of ours holding a token)",
+            path.display()
+        );
+    }
+    let mut secret = [0u8; BEARER_TOKEN_BYTES];
+    getrandom::fill(&mut secret).map_err(|e| io::Error::other(e.to_string()))?;
+    let token = BearerToken::from_bytes(&secret);
+    let staged = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staged)
+        .and_then(|mut f| {
+            f.write_all(format!("{}\n", token.as_str()).as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&staged, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    written.map(|()| token)
 }
 
 /// Reads until the socket would block (or the connection wants no more), answers the requests,
@@ -344,7 +550,7 @@ fn pump(
     client: &mut Client,
     buf: &mut [u8],
     node: &mut Node,
-    (started, empty, errors): (Instant, &Ledger, &LocalErrors),
+    (started, empty, errors, bearer): (Instant, &Ledger, &LocalErrors, Option<&BearerToken>),
 ) {
     loop {
         let mut progress = false;
@@ -369,9 +575,12 @@ fn pump(
             }
         }
         while let Some(request) = client.conn.poll_request() {
-            let outcome = {
-                let state = State::new(node, started, empty, errors);
-                handle(&request, &state)
+            let outcome = match trust::request_access(client.access, &request, bearer) {
+                Ok(access) => {
+                    let state = State::new(node, started, empty, errors);
+                    handle(&request, &state, access)
+                }
+                Err(refusal) => refusal.into(),
             };
             if !outcome.writes.is_empty() {
                 let (now, unix_ms) = super::clocks();
@@ -400,6 +609,9 @@ fn pump(
                     return;
                 }
             }
+        }
+        if progress {
+            client.last_progress = Instant::now();
         }
         if !progress || client.conn.is_finished() {
             return;
@@ -588,6 +800,73 @@ impl ApiState for State<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kp-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bearer_token_is_kept_0600_and_a_loose_one_replaced() {
+        let dir = scratch("bearer");
+        let path = dir.join(trust::BEARER_TOKEN_FILE);
+        let first = load_or_create_bearer(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(
+            load_or_create_bearer(&path).unwrap(),
+            first,
+            "kept across starts"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let second = load_or_create_bearer(&path).unwrap();
+        assert_ne!(second, first, "a token others could read is replaced");
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        std::fs::write(&path, "not a token").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_ne!(load_or_create_bearer(&path).unwrap(), second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_live_socket_is_never_taken_and_a_stale_one_is_replaced() {
+        let dir = scratch("sock");
+        let path = dir.join("edgevpn-kairos.sock");
+        let poll = mio::Poll::new().unwrap();
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let e = bind_unix(poll.registry(), &path, KAIROS_SOCKET).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&path).is_ok(),
+            "still the live one's"
+        );
+        drop(live); // Its file stays: stale.
+        let _ours = bind_unix(poll.registry(), &path, KAIROS_SOCKET).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pools_split_the_slots_by_listener_and_privilege() {
+        let tcp = pool_slots(TCP_LISTENER, false);
+        let root = pool_slots(STATE_SOCKET, true);
+        let other = pool_slots(STATE_SOCKET, false);
+        let kairos_root = pool_slots(KAIROS_SOCKET, true);
+        assert_eq!(tcp.len(), MAX_TCP_CONNECTIONS);
+        assert_eq!(root.len(), MAX_UNIX_CONNECTIONS);
+        assert_eq!(other.len(), MAX_UNPRIVILEGED_UNIX_CONNECTIONS);
+        assert_eq!(pool_slots(KAIROS_SOCKET, false).end, MAX_CONNECTIONS);
+        for (a, b) in [(&tcp, &root), (&root, &other), (&other, &kairos_root)] {
+            assert_eq!(a.end, b.start, "contiguous, disjoint");
+        }
+        assert!(
+            pool_slots(TCP_LISTENER, true).is_empty(),
+            "TCP has no privileged pool"
+        );
+    }
 
     #[test]
     fn only_one_clients_failure_lets_accept_go_on() {

@@ -51,10 +51,8 @@ pub struct DriverSettings {
     pub exclude_interfaces: Vec<String>,
     /// Where the ledger snapshot is kept (`None`: not persisted).
     pub ledger_path: Option<PathBuf>,
-    /// The local HTTP API on TCP (`APILISTEN`, loopback; `None`: not served on TCP).
-    pub api_listen: Option<SocketAddr>,
-    /// The local HTTP API on a unix socket, mode 0600 (`None`: not served on one).
-    pub api_socket: Option<PathBuf>,
+    /// Where the local HTTP API is served, and its bearer token.
+    pub api: api::ApiSettings,
     /// The VPN's TUN interface (`None`: no VPN interface, `vpn.create: false`).
     pub tun: Option<TunSettings>,
     /// Print one line to stdout once the node is connected and sees other VPN nodes (`bridge`).
@@ -386,12 +384,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         node.peer_id(),
         settings.listen.ip()
     );
-    let mut api = api::Api::bind(
-        poll.registry(),
-        settings.api_listen,
-        settings.api_socket.as_deref(),
-        Instant::now(),
-    );
+    let mut api = api::Api::bind(poll.registry(), &settings.api, Instant::now());
     // Dropped on return: stops the worker thread and a supervised k3s.
     let mut k3s = match &settings.k3s {
         Some(s) => {

@@ -236,10 +236,9 @@ impl Lab {
         let child = Command::new("ip")
             .args(["netns", "exec", &host.ns, env!("CARGO_BIN_EXE_kairos-p2p")])
             .args(args)
-            .env("KAIROS_P2P_STATE_DIR", host.dir.join("state"))
-            // System paths (k3s files, init system) under the host's own root: a test never
-            // touches this machine's k3s or services, even where k3s is installed.
-            .env("KAIROS_P2P_ROOT", host.dir.join("root"))
+            // System paths (k3s files, init system, Kairos' API socket) under the host's own
+            // root: a test never touches this machine's k3s, services or /run.
+            .envs(client_env(host))
             .env("KAIROS_P2P_LOG", "debug")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -297,6 +296,20 @@ pub fn lab_with_hosts(
         .map(|i| lab.add_host(i, &format!("{subnet}.{i}/24")))
         .collect();
     (lab, config, hosts)
+}
+
+/// The environment that puts a command on `host`'s state directory and root: an agent there,
+/// or a client command finding that agent's sockets and bearer token.
+pub fn client_env(host: &Host) -> [(&'static str, PathBuf); 2] {
+    [
+        ("KAIROS_P2P_STATE_DIR", host.dir.join("state")),
+        ("KAIROS_P2P_ROOT", host.dir.join("root")),
+    ]
+}
+
+/// Kairos' API socket of `host`'s agent (or bridge): `/run/edgevpn-kairos.sock` under its root.
+pub fn kairos_socket(host: &Host) -> PathBuf {
+    host.dir.join("root/run/edgevpn-kairos.sock")
 }
 
 /// The agent's API unix socket (the test process reaches it directly: unix sockets are not

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kairos_p2p::api::trust::Access;
 use kairos_p2p::api::{
     ApiState, ClusterNode, Connection, MemberStatus, Metrics, NodeInfo, PeerStatus, handle,
 };
@@ -85,11 +86,17 @@ pub fn http(data: &[u8]) {
         return;
     };
     let now = Instant::now();
+    // The size byte's high bit picks the trust level: both paths are fuzzed.
+    let access = if size & 0x80 == 0 {
+        Access::Full
+    } else {
+        Access::Inspect
+    };
     let mut state = FuzzApi::new();
     let mut conn = Connection::new(now);
     let serve = |conn: &mut Connection, state: &mut FuzzApi| {
         while let Some(request) = conn.poll_request() {
-            let outcome = handle(&request, state);
+            let outcome = handle(&request, state, access);
             state.apply(&outcome.writes);
             conn.respond(outcome.response);
             let pending = conn.pending_output().len();
