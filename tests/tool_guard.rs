@@ -50,6 +50,7 @@ const NOT_RUNNERS: &[(&str, &str)] = &[
     ("tests/netns_security.rs", "run_in"),
     ("tests/netns_vpn.rs", "python"),
     ("tests/netns_clients.rs", "run"),
+    ("tests/netns_trust.rs", "kairos_p2p_as"),
     ("tests/config_errors.rs", "check"),
     ("tests/bench/vpn.rs", "spawn"),
     ("tests/bench/vpn.rs", "kairos"),
