@@ -51,10 +51,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::data::{self, civil_from_days};
 use super::http::{CONTENT_TYPE_PROMETHEUS, Method, Request, Response, Status};
 use super::metrics::{Metrics, render_prometheus};
 use super::page;
@@ -311,7 +314,9 @@ fn read(resource: Resource, state: &dyn ApiState) -> Response {
         Resource::Ledger => Response::json(Status::Ok, &storage(ledger)),
         Resource::Bucket(bucket) => Response::json(Status::Ok, &bucket_values(ledger, &bucket)),
         Resource::Value(bucket, key) => {
-            let value = ledger.get(&bucket, &key).map(String::from_utf8_lossy);
+            let value = ledger
+                .get(&bucket, &key)
+                .map(|stored| data::data(ledger, &bucket, &key, stored));
             Response::json(Status::Ok, &value.unwrap_or_default())
         }
         Resource::Bandwidth => {
@@ -772,7 +777,7 @@ type BucketValues<'a> = BTreeMap<&'a str, Cow<'a, str>>;
 fn bucket_values<'a>(ledger: &'a Ledger, bucket: &str) -> Option<BucketValues<'a>> {
     let values: BucketValues<'a> = ledger
         .bucket(bucket)
-        .map(|(key, value)| (key, String::from_utf8_lossy(value)))
+        .map(|(key, value)| (key, data::data(ledger, bucket, key, value)))
         .collect();
     (!values.is_empty()).then_some(values)
 }
@@ -794,16 +799,57 @@ struct Block<'a> {
     #[serde(rename = "Timestamp")]
     timestamp: String,
     #[serde(rename = "Storage")]
-    storage: BTreeMap<&'a str, BucketValues<'a>>,
+    storage: BTreeMap<&'a str, BTreeMap<&'a str, SignedData<'a>>>,
     #[serde(rename = "Hash")]
     hash: String,
     #[serde(rename = "PrevHash")]
     prev_hash: String,
 }
 
+/// edgevpn's `blockchain.SignedData` (v0.35, ownership on: every entry signed by its owner),
+/// standing for one ledger entry, tombstones included.
+#[derive(Serialize)]
+struct SignedData<'a> {
+    /// The value as `/api/ledger` shows it (`""` for a tombstone).
+    #[serde(rename = "Value")]
+    value: Cow<'a, str>,
+    /// The writer's peer id.
+    #[serde(rename = "Owner")]
+    owner: String,
+    /// The entry's hybrid-logical version (monotonic per key, as edgevpn's).
+    #[serde(rename = "Version")]
+    version: u64,
+    /// The version's wall-clock part, unix seconds.
+    #[serde(rename = "UpdatedAt")]
+    updated_at: u64,
+    #[serde(rename = "Deleted")]
+    deleted: bool,
+    /// The writer's Ed25519 signature over this ledger's signing message (not edgevpn's
+    /// canonical bytes), base64 as Go marshals a `[]byte`.
+    #[serde(rename = "Sig")]
+    sig: String,
+}
+
 impl<'a> Block<'a> {
     fn of(ledger: &'a Ledger) -> Block<'a> {
-        let storage = storage(ledger);
+        let mut storage: BTreeMap<&str, BTreeMap<&str, SignedData<'_>>> = BTreeMap::new();
+        for entry in ledger.entries() {
+            let value = entry.value.as_deref().map_or(Cow::Borrowed(""), |stored| {
+                data::data(ledger, &entry.bucket, &entry.key, stored)
+            });
+            let signed = SignedData {
+                value,
+                owner: entry.writer.to_string(),
+                version: entry.version.0,
+                updated_at: entry.version.millis() / 1000,
+                deleted: entry.is_tombstone(),
+                sig: STANDARD.encode(entry.signature),
+            };
+            storage
+                .entry(entry.bucket.as_str())
+                .or_default()
+                .insert(entry.key.as_str(), signed);
+        }
         let digest = Sha256::digest(serde_json::to_vec(&storage).unwrap_or_default());
         Block {
             index: block_index(ledger),
@@ -839,26 +885,6 @@ fn go_time_string(unix_ms: u64) -> String {
         of_day % 3600 / 60,
         of_day % 60,
     )
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (the era arithmetic of
-/// "chrono-compatible low-level date algorithms", restricted to days after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let shifted = days + 719_468; // days since 0000-03-01
-    let era = shifted / 146_097;
-    let day_of_era = shifted % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// libp2p's bandwidth `metrics.Stats`, without the rates.
@@ -1273,23 +1299,24 @@ mod tests {
     fn ledger_reads_match_edgevpn() {
         let s = state();
         let all = get_json(&s, "/api/ledger");
-        assert_eq!(all["kairos"], json!({"uuid-1-role": "master"}));
-        assert_eq!(all["binary"], json!({"k": "a\u{fffd}b"}), "lossy like Go");
+        // This agent's plain values, as Kairos' Go client would have stored them (api::data).
+        let role = json!({"uuid-1-role": "\"Im1hc3RlciI=\""});
+        assert_eq!(all["kairos"], role);
+        let binary = all["binary"]["k"].to_string();
+        let read = crate::api::data::go_client::get(binary.as_bytes()).unwrap();
+        assert_eq!(read, "a\u{fffd}b", "lossy like Go");
         assert!(
             all.get("gone").is_none(),
             "a bucket of tombstones is left out"
         );
         let names: Vec<&String> = all.as_object().unwrap().keys().collect();
         assert_eq!(names, ["binary", "kairos", "machines", "services", "users"]);
-        assert_eq!(
-            get_json(&s, "/api/ledger/kairos"),
-            json!({"uuid-1-role": "master"})
-        );
+        assert_eq!(get_json(&s, "/api/ledger/kairos"), role);
         assert_eq!(get_json(&s, "/api/ledger/gone"), Value::Null);
         assert_eq!(get_json(&s, "/api/ledger/nothing"), Value::Null);
         assert_eq!(
             get_json(&s, "/api/ledger/kairos/uuid-1-role"),
-            json!("master")
+            role["uuid-1-role"]
         );
         assert_eq!(get_json(&s, "/api/ledger/kairos/absent"), json!(""));
         assert_eq!(get_json(&s, "/api/ledger/gone/k"), json!(""));
@@ -1406,11 +1433,12 @@ mod tests {
     }
 
     #[test]
-    fn blockchain_stands_for_the_ledger() {
-        let s = state();
+    fn blockchain_shows_signed_entries_as_edgevpn_ownership_mode() {
+        let mut s = state();
+        s.put("gone", "k", b"v");
+        s.apply(&[Write::delete("gone", "k")]);
         let block = get_json(&s, "/api/blockchain");
         assert_eq!(block["Index"], s.ledger.counters().applied);
-        assert_eq!(block["Storage"], get_json(&s, "/api/ledger"));
         assert_eq!(block["PrevHash"], "");
         let hash = block["Hash"].as_str().unwrap();
         assert_eq!(hash.len(), 64);
@@ -1419,24 +1447,34 @@ mod tests {
         assert!(timestamp.starts_with("2025-10-09 08:53:20"), "{timestamp}");
         assert!(timestamp.ends_with(" +0000 UTC"));
 
-        // Same data written by another path and order: same hash.
+        // Every entry, as a SignedData object whose Value is what /api/ledger shows.
+        let ledger = get_json(&s, "/api/ledger");
+        for entry in s.ledger.entries() {
+            let signed = &block["Storage"][&entry.bucket][&entry.key];
+            assert_eq!(signed["Owner"], entry.writer.to_string(), "{signed}");
+            assert_eq!(signed["Version"], entry.version.0);
+            assert_eq!(signed["UpdatedAt"], entry.version.millis() / 1000);
+            assert_eq!(signed["Deleted"], entry.is_tombstone());
+            let sig = STANDARD.decode(signed["Sig"].as_str().unwrap()).unwrap();
+            assert_eq!(sig, entry.signature);
+            if entry.is_tombstone() {
+                assert_eq!(signed["Value"], "");
+            } else {
+                assert_eq!(signed["Value"], ledger[&entry.bucket][&entry.key]);
+            }
+        }
+        assert_eq!(block["Storage"]["gone"]["k"]["Deleted"], true);
+
+        // The same entries, merged in another order: the same hash.
         let mut other = FakeState {
             ledger: Ledger::default(),
             clock: Clock::new(),
             ..state()
         };
-        let mut entries: Vec<(String, String, Vec<u8>)> = s
-            .ledger
-            .buckets()
-            .flat_map(|b| {
-                s.ledger
-                    .bucket(b)
-                    .map(move |(k, v)| (b.to_string(), k.to_string(), v.to_vec()))
-            })
-            .collect();
+        let mut entries: Vec<_> = s.ledger.entries().cloned().collect();
         entries.reverse();
-        for (b, k, v) in &entries {
-            other.put(b, k, v);
+        for e in entries {
+            other.ledger.apply(e, NOW_MS).unwrap();
         }
         assert_eq!(get_json(&other, "/api/blockchain")["Hash"], block["Hash"]);
         other.put("extra", "k", b"v");
