@@ -12,7 +12,7 @@
 //! | `GET /api/nodes` | `[api/types.Peer]` (`ID`, `Online`) of the online nodes, plus `UUID`, `Hostname`, `Role`, `Addresses`, `Connected`, `Relayed`, `RttMs`, `BytesIn`, `BytesOut` |
 //! | `GET /api/peerstore` | `[api/types.Peer]` of every member known |
 //! | `GET /api/users`, `/api/services`, `/api/files` | the `users`, `services`, `files` buckets decoded as `types.User`, `types.Service`, `types.File` |
-//! | `GET /api/blockchain` | a `blockchain.Block` standing for the ledger (see Deviations) |
+//! | `GET /api/blockchain` | a `blockchain.Block` of `SignedData` entries, as v0.35's ownership mode (see Deviations) |
 //! | `GET /api/ledger` | `{"bucket": {"key": "value"}}`, live values only |
 //! | `GET /api/ledger/:bucket` | `{"key": "value"}`, or `null` for a bucket without live values |
 //! | `GET /api/ledger/:bucket/:key` | `"value"`, or `""` when absent |
@@ -23,10 +23,12 @@
 //! | `GET /metrics` | Prometheus text (ours) |
 //! | `GET /` | the status page (ours) |
 //!
-//! Values are edgevpn's `blockchain.Data`: the stored bytes as a JSON string (bytes that are not
-//! UTF-8 read as U+FFFD, as Go's encoder does). A `PUT` stores the decoded path segment as a JSON
-//! string literal (`PUT .../k/hello` stores `"hello"`, quotes included), exactly what edgevpn's
-//! `Ledger.Persist` stores, so edgevpn's Go client (`Put`, then `GetBucketKey`) round-trips.
+//! Values are edgevpn's `blockchain.Data` as a JSON string, made by [`data::data`] from the
+//! stored bytes (bytes that are not UTF-8 read as U+FFFD, as Go's encoder does). A `PUT` stores
+//! the decoded path segment as a JSON string literal (`PUT .../k/hello` stores `"hello"`, quotes
+//! included), exactly what edgevpn's `Ledger.Persist` stores, and shown as stored, so edgevpn's Go
+//! client (`Put`, then `GetBucketKey`) round-trips; the agents' own plain values are shown as
+//! the Go client would have stored them (see [`data`]).
 //!
 //! # Deviations
 //! - Online means: this node, a connected peer, or a cluster node with a fresh heartbeat
@@ -39,10 +41,14 @@
 //!   of the value already held writes nothing.
 //! - There are no blocks. `/api/blockchain` gives `Index` = ledger entries stored since start
 //!   (also the summary's `BlockChain`), `Timestamp` = the newest entry's version time in Go's
-//!   `time.Time.String()` form, `Storage` = the live values, `Hash` = SHA-256 (hex) of
-//!   `Storage`'s JSON (equal on nodes holding equal data) and an empty `PrevHash`.
+//!   `time.Time.String()` form, `Storage` = every entry (tombstones too) as a `SignedData`
+//!   (`Value`, `Owner` = writer, `Version` = hybrid-logical version, `UpdatedAt` = its unix
+//!   seconds, `Deleted`, `Sig` = our Ed25519 signature, over our signing message, not edgevpn's
+//!   canonical bytes), `Hash` = SHA-256 (hex) of `Storage`'s JSON (equal on nodes holding equal
+//!   entries) and an empty `PrevHash`.
 //! - `RateIn`/`RateOut` are left out of the bandwidth stats (no rates are measured).
-//! - `/api/dns`, `/api/peergate`, `/api/metrics/protocol` and pprof are not served.
+//! - `/api/dns` (no DNS service), `/api/peergate` (no peer gater), `/api/metrics/protocol` (no
+//!   libp2p protocols) and pprof are not served (404).
 //! - Requests whose `Host` is a DNS name other than `localhost` get 403 (DNS-rebinding defence:
 //!   the ledger holds the cluster's kubeconfig and join token).
 
@@ -1479,6 +1485,22 @@ mod tests {
         assert_eq!(get_json(&other, "/api/blockchain")["Hash"], block["Hash"]);
         other.put("extra", "k", b"v");
         assert_ne!(get_json(&other, "/api/blockchain")["Hash"], block["Hash"]);
+    }
+
+    #[test]
+    fn edgevpn_routes_not_served_are_404() {
+        let s = state();
+        for (method, path) in [
+            (Method::Get, "/api/peergate"),
+            (Method::Put, "/api/peergate/enable"),
+            (Method::Get, "/api/metrics/protocol"),
+            (Method::Get, "/api/metrics/protocol/%2Fedgevpn%2F0.1"),
+            (Method::Get, "/debug/pprof/heap"),
+        ] {
+            let outcome = call(&s, method, path);
+            assert_eq!(outcome.response.status, Status::NotFound, "{path}");
+            assert!(outcome.writes.is_empty());
+        }
     }
 
     #[test]
