@@ -89,6 +89,16 @@ impl Config {
             ),
         );
         d.kv(3, "APILISTEN", &quote(&s.api_listen.to_string()));
+        let dns = p.dns_listen().map(|a| a.to_string()).unwrap_or_default();
+        d.kv(3, "DNSADDRESS", &quote(&dns));
+        d.kv(3, "DNSFORWARD", &quote(&s.dns_forward.to_string()));
+        let servers: Vec<String> = s
+            .dns_forward_servers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        d.kv(3, "DNSFORWARDSERVER", &quote(&servers.join(",")));
+        d.kv(3, "DNSCACHESIZE", &quote(&s.dns_cache_size.to_string()));
         if !s.extra.is_empty() {
             d.line(3, "# not used by kairos-p2p:");
             d.env_entries(3, &s.extra);
