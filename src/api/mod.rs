@@ -17,6 +17,7 @@
 //!    [`Connection::poll_timeout`].
 
 pub mod data;
+pub mod dns;
 pub mod http;
 pub mod metrics;
 pub mod page;

@@ -18,6 +18,8 @@
 //! | `GET /api/ledger/:bucket/:key` | `"value"`, or `""` when absent |
 //! | `PUT /api/ledger/:bucket/:key/:value` | `{"State": "Announcing"}`; stores `value` as edgevpn does |
 //! | `DELETE /api/ledger/:bucket[/:key]` | `{"State": "Announcing"}`; deletes the live keys |
+//! | `GET /api/dns` | `[api/types.DNS]` of the `dns` bucket (see [`dns`]) |
+//! | `POST /api/dns` | `{"State": "Announcing"}`; stores an `api/types.DNS` record set |
 //! | `GET /api/metrics` | libp2p's bandwidth `Stats` (`TotalIn`, `TotalOut`) |
 //! | `GET /api/metrics/peer[/:peer]` | the same per connected peer |
 //! | `GET /metrics` | Prometheus text (ours) |
@@ -47,8 +49,8 @@
 //!   canonical bytes), `Hash` = SHA-256 (hex) of `Storage`'s JSON (equal on nodes holding equal
 //!   entries) and an empty `PrevHash`.
 //! - `RateIn`/`RateOut` are left out of the bandwidth stats (no rates are measured).
-//! - `/api/dns` (no DNS service), `/api/peergate` (no peer gater), `/api/metrics/protocol` (no
-//!   libp2p protocols) and pprof are not served (404).
+//! - `/api/peergate` (no peer gater), `/api/metrics/protocol` (no libp2p protocols) and pprof
+//!   are not served (404).
 //! - Requests whose `Host` is a DNS name other than `localhost` get 403 (DNS-rebinding defence:
 //!   the ledger holds the cluster's kubeconfig and join token).
 
@@ -64,6 +66,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::data::{self, civil_from_days};
+use super::dns;
 use super::http::{CONTENT_TYPE_PROMETHEUS, Method, Request, Response, Status};
 use super::metrics::{Metrics, render_prometheus};
 use super::page;
@@ -198,6 +201,8 @@ enum Route {
     Key(String, String),
     /// `/api/ledger/:bucket/:key/:value` (`PUT`).
     KeyValue(String, String, String),
+    /// `/api/dns` (`GET`, `HEAD`, `POST`: a write).
+    Dns,
 }
 
 /// What a `GET` reads.
@@ -239,6 +244,7 @@ impl Route {
             ["api", "metrics"] => Resource::Bandwidth,
             ["api", "metrics", "peer"] => Resource::BandwidthByPeer,
             ["api", "metrics", "peer", peer] => Resource::BandwidthOfPeer(peer.to_string()),
+            ["api", "dns"] => return Some(Route::Dns),
             ["api", "ledger", bucket] => return Some(Route::Bucket(bucket.to_string())),
             ["api", "ledger", bucket, key] => {
                 return Some(Route::Key(bucket.to_string(), key.to_string()));
@@ -261,6 +267,7 @@ impl Route {
             Route::Read(_) => "GET, HEAD",
             Route::Bucket(_) | Route::Key(..) => "GET, HEAD, DELETE",
             Route::KeyValue(..) => "PUT",
+            Route::Dns => "GET, HEAD, POST",
         }
     }
 }
@@ -290,6 +297,8 @@ pub fn handle(request: &Request, state: &dyn ApiState) -> Outcome {
         (Method::Delete, Route::Bucket(bucket)) => delete_bucket(ledger, &bucket),
         (Method::Delete, Route::Key(bucket, key)) => delete_key(ledger, &bucket, &key),
         (Method::Put, Route::KeyValue(bucket, key, value)) => put(ledger, &bucket, &key, &value),
+        (Method::Get | Method::Head, Route::Dns) => dns::list(ledger).into(),
+        (Method::Post, Route::Dns) => dns::post(ledger, &request.body),
         (_, route) => {
             let mut response = Response::error(Status::MethodNotAllowed, "Method Not Allowed");
             response.allow = Some(route.allow());
@@ -360,7 +369,7 @@ struct Announcing {
     state: &'static str,
 }
 
-fn announcing(writes: Vec<Write>) -> Outcome {
+pub(super) fn announcing(writes: Vec<Write>) -> Outcome {
     Outcome {
         response: Response::json(
             Status::Ok,

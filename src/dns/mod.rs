@@ -391,14 +391,23 @@ impl Dns {
     }
 }
 
-/// Compiles one `dns` entry; `None` when its key is not an expression or its value not a
-/// record map (it is then ignored, as edgevpn ignores it).
-fn compile(key: &str, value: &[u8]) -> Option<Record> {
-    let pattern = RegexBuilder::new(&format!("(?-u){key}"))
+/// A record key's expression, compiled as the service matches it.
+fn expression(key: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(&format!("(?-u){key}"))
         .size_limit(REGEX_SIZE_LIMIT)
         .case_insensitive(true)
         .build()
-        .ok()?;
+}
+
+/// Whether `key` compiles as a record expression (the error says why not).
+pub fn check_expression(key: &str) -> Result<(), regex::Error> {
+    expression(key).map(drop)
+}
+
+/// Compiles one `dns` entry; `None` when its key is not an expression or its value not a
+/// record map (it is then ignored, as edgevpn ignores it).
+fn compile(key: &str, value: &[u8]) -> Option<Record> {
+    let pattern = expression(key).ok()?;
     let text = crate::ledger::edgevpn::text(&String::from_utf8_lossy(value));
     let map: BTreeMap<String, String> = serde_json::from_str(&text).ok()?;
     let values = map
