@@ -14,6 +14,7 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 # Debian packages: tool -> package.
 # chromium and chromedriver: the status page test (tests/netns_status_page.rs) runs headless
-# Chromium against a real agent.
+# Chromium against a real agent. dig: tests/netns_dns.rs resolves through the agents' DNS
+# service (python3 runs that test's upstream DNS server).
 install_missing setup-host gcc=gcc python3=python3 ip=iproute2 iptables=iptables \
-  chromium=chromium chromedriver=chromium-driver
+  chromium=chromium chromedriver=chromium-driver dig=bind9-dnsutils
