@@ -180,7 +180,7 @@ impl Dns {
             return;
         }
         self.refresh_records(ledger);
-        if let Some((rcode, answers)) = self.from_records(&query) {
+        if let Some((rcode, answers)) = self.record_answer(&query) {
             self.stats.from_ledger += 1;
             let answer = wire::response(&query, rcode, true, &answers);
             self.send(Via::Listener, from, answer);
@@ -191,7 +191,7 @@ impl Dns {
             self.send(Via::Listener, from, answer);
             return;
         }
-        if let Some(answer) = self.from_cache(now, &query) {
+        if let Some(answer) = self.cached_answer(now, &query) {
             self.stats.from_cache += 1;
             self.send(Via::Listener, from, answer);
             return;
@@ -336,7 +336,7 @@ impl Dns {
     }
 
     /// The answer from the ledger's records, if one matches the name.
-    fn from_records(&self, query: &Query) -> Option<(Rcode, Vec<(u16, u32, Vec<u8>)>)> {
+    fn record_answer(&self, query: &Query) -> Option<(Rcode, Vec<wire::AnswerRecord>)> {
         let mut name_exists = false;
         for record in &self.records {
             if !record.pattern.is_match(&query.name) {
@@ -352,7 +352,7 @@ impl Dns {
         name_exists.then(|| (Rcode::NoError, Vec::new()))
     }
 
-    fn from_cache(&mut self, now: Instant, query: &Query) -> Option<Vec<u8>> {
+    fn cached_answer(&mut self, now: Instant, query: &Query) -> Option<Vec<u8>> {
         let key = query.key();
         let cached = self.cache.get_mut(&key)?;
         if cached.expires <= now {

@@ -281,6 +281,9 @@ pub fn rdata(rtype: u16, text: &str) -> Option<Vec<u8>> {
     (out.len() <= MAX_PLAIN_UDP).then_some(out)
 }
 
+/// One answer record for the question's name: type, TTL, RDATA.
+pub type AnswerRecord = (u16, u32, Vec<u8>);
+
 /// Builds the answer to `query`: `rcode`, authoritative or not, and `answers` (type, TTL,
 /// RDATA) for the question's name. An answer that does not fit the client's UDP size is sent
 /// without records and with TC set.
@@ -289,7 +292,7 @@ pub fn response(
     query: &Query,
     rcode: Rcode,
     authoritative: bool,
-    answers: &[(u16, u32, Vec<u8>)],
+    answers: &[AnswerRecord],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + query.question.len() + 64);
     let head = |out: &mut Vec<u8>, ancount: u16, truncated: bool| {
