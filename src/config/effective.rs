@@ -89,8 +89,11 @@ impl Config {
             ),
         );
         d.kv(3, "APILISTEN", &quote(&s.api_listen.to_string()));
-        let dns = p.dns_listen().map(|a| a.to_string()).unwrap_or_default();
-        d.kv(3, "DNSADDRESS", &quote(&dns));
+        match (s.dns_address, p.dns_listen()) {
+            (Some(a), _) => d.kv(3, "DNSADDRESS", &quote(&a.to_string())),
+            (None, Some(a)) => d.kv(3, "DNSADDRESS", &format!("\"\"  # p2p.dns: {a}")),
+            (None, None) => d.kv(3, "DNSADDRESS", "\"\"  # no DNS service"),
+        }
         d.kv(3, "DNSFORWARD", &quote(&s.dns_forward.to_string()));
         let servers: Vec<String> = s
             .dns_forward_servers

@@ -541,6 +541,36 @@ mod tests {
     }
 
     #[test]
+    fn dns_variables() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(parse_dns_address(""), Ok(None));
+        assert_eq!(parse_dns_address(":53"), Ok(Some(sa("0.0.0.0:53"))));
+        assert_eq!(
+            parse_dns_address("10.1.0.1:5353"),
+            Ok(Some(sa("10.1.0.1:5353")))
+        );
+        assert_eq!(parse_dns_address("[::1]:53"), Ok(Some(sa("[::1]:53"))));
+        for bad in ["53", "x:53", "127.0.0.1:0", "127.0.0.1"] {
+            assert!(parse_dns_address(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_dns_servers("8.8.8.8:53, 10.0.0.1:5353"),
+            Ok(vec![sa("8.8.8.8:53"), sa("10.0.0.1:5353")])
+        );
+        assert!(
+            parse_dns_servers("8.8.8.8")
+                .unwrap_err()
+                .contains("8.8.8.8")
+        );
+        let many = vec!["1.1.1.1:53"; MAX_DNS_FORWARD_SERVERS + 1].join(",");
+        assert!(parse_dns_servers(&many).is_err());
+        assert_eq!(parse_cache_size("10"), Ok(10));
+        for bad in ["0", "-1", "x", "100001"] {
+            assert!(parse_cache_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn api_listen() {
         assert_eq!(
             parse_api_listen("127.0.0.1:9090"),
