@@ -562,7 +562,7 @@ mod tests {
                 .unwrap_err()
                 .contains("8.8.8.8")
         );
-        let many = vec!["1.1.1.1:53"; MAX_DNS_FORWARD_SERVERS + 1].join(",");
+        let many = ["1.1.1.1:53"; MAX_DNS_FORWARD_SERVERS + 1].join(",");
         assert!(parse_dns_servers(&many).is_err());
         assert_eq!(parse_cache_size("10"), Ok(10));
         for bad in ["0", "-1", "x", "100001"] {
