@@ -621,6 +621,36 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mutated_datagrams_never_panic() {
+        let l = ledger(&[(r"vpn\.$", r#"{"1":"10.1.0.5","16":"t"}"#)]);
+        let mut d = dns(&["192.0.2.53:53"]);
+        let mut rng = Rng::from_seed(7);
+        let now = Instant::now();
+        let valid = build_query(1, "a.b.vpn", TYPE_A);
+        for round in 0..20_000u32 {
+            let mut msg = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                let mut m = vec![0u8; usize::try_from(rng.below(80)).unwrap()];
+                rng.fill(&mut m);
+                m
+            };
+            for _ in 0..rng.below(4) {
+                if !msg.is_empty() {
+                    let i = usize::try_from(rng.below(msg.len() as u64)).unwrap();
+                    msg[i] = (rng.next_u64() & 0xff) as u8;
+                }
+            }
+            d.handle_query(now, addr(CLIENT), &msg, &l);
+            d.handle_upstream(now, addr("192.0.2.53:53"), &msg);
+            while let Some(t) = d.poll_transmit() {
+                assert!(t.payload.len() <= wire::MAX_MESSAGE);
+            }
+        }
+        assert!(d.pending.len() <= MAX_PENDING);
+    }
+
+    #[test]
     fn malformed_queries_get_formerr_or_nothing() {
         let l = ledger(&[]);
         let mut d = dns(&[]);
