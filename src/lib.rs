@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod discovery;
+pub mod dns;
 pub mod driver;
 pub mod host;
 pub mod identity;

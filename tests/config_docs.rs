@@ -259,6 +259,10 @@ p2p:
       EDGEVPNMDNS: "true"
       EDGEVPNBOOTSTRAPPEERS: ""
       APILISTEN: "127.0.0.1:8080"
+      DNSADDRESS: ""  # no DNS service
+      DNSFORWARD: "true"
+      DNSFORWARDSERVER: "8.8.8.8:53,1.1.1.1:53"
+      DNSCACHESIZE: "200"
   auto:
     enable: true
     ha:

@@ -16,6 +16,8 @@
 //! 5. Close the socket when [`Connection::is_finished`]. Call [`Connection::handle_timeout`] at
 //!    [`Connection::poll_timeout`].
 
+pub mod data;
+pub mod dns;
 pub mod http;
 pub mod metrics;
 pub mod page;

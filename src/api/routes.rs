@@ -12,21 +12,25 @@
 //! | `GET /api/nodes` | `[api/types.Peer]` (`ID`, `Online`) of the online nodes, plus `UUID`, `Hostname`, `Role`, `Addresses`, `Connected`, `Relayed`, `RttMs`, `BytesIn`, `BytesOut` |
 //! | `GET /api/peerstore` | `[api/types.Peer]` of every member known |
 //! | `GET /api/users`, `/api/services`, `/api/files` | the `users`, `services`, `files` buckets decoded as `types.User`, `types.Service`, `types.File` |
-//! | `GET /api/blockchain` | a `blockchain.Block` standing for the ledger (see Deviations) |
+//! | `GET /api/blockchain` | a `blockchain.Block` of `SignedData` entries, as v0.35's ownership mode (see Deviations) |
 //! | `GET /api/ledger` | `{"bucket": {"key": "value"}}`, live values only |
 //! | `GET /api/ledger/:bucket` | `{"key": "value"}`, or `null` for a bucket without live values |
 //! | `GET /api/ledger/:bucket/:key` | `"value"`, or `""` when absent |
 //! | `PUT /api/ledger/:bucket/:key/:value` | `{"State": "Announcing"}`; stores `value` as edgevpn does |
 //! | `DELETE /api/ledger/:bucket[/:key]` | `{"State": "Announcing"}`; deletes the live keys |
+//! | `GET /api/dns` | `[api/types.DNS]` of the `dns` bucket (see [`dns`]) |
+//! | `POST /api/dns` | `{"State": "Announcing"}`; stores an `api/types.DNS` record set |
 //! | `GET /api/metrics` | libp2p's bandwidth `Stats` (`TotalIn`, `TotalOut`) |
 //! | `GET /api/metrics/peer[/:peer]` | the same per connected peer |
 //! | `GET /metrics` | Prometheus text (ours) |
 //! | `GET /` | the status page (ours) |
 //!
-//! Values are edgevpn's `blockchain.Data`: the stored bytes as a JSON string (bytes that are not
-//! UTF-8 read as U+FFFD, as Go's encoder does). A `PUT` stores the decoded path segment as a JSON
-//! string literal (`PUT .../k/hello` stores `"hello"`, quotes included), exactly what edgevpn's
-//! `Ledger.Persist` stores, so edgevpn's Go client (`Put`, then `GetBucketKey`) round-trips.
+//! Values are edgevpn's `blockchain.Data` as a JSON string, made by [`data::data`] from the
+//! stored bytes (bytes that are not UTF-8 read as U+FFFD, as Go's encoder does). A `PUT` stores
+//! the decoded path segment as a JSON string literal (`PUT .../k/hello` stores `"hello"`, quotes
+//! included), exactly what edgevpn's `Ledger.Persist` stores, and shown as stored, so edgevpn's Go
+//! client (`Put`, then `GetBucketKey`) round-trips; the agents' own plain values are shown as
+//! the Go client would have stored them (see [`data`]).
 //!
 //! # Deviations
 //! - Online means: this node, a connected peer, or a cluster node with a fresh heartbeat
@@ -39,10 +43,14 @@
 //!   of the value already held writes nothing.
 //! - There are no blocks. `/api/blockchain` gives `Index` = ledger entries stored since start
 //!   (also the summary's `BlockChain`), `Timestamp` = the newest entry's version time in Go's
-//!   `time.Time.String()` form, `Storage` = the live values, `Hash` = SHA-256 (hex) of
-//!   `Storage`'s JSON (equal on nodes holding equal data) and an empty `PrevHash`.
+//!   `time.Time.String()` form, `Storage` = every entry (tombstones too) as a `SignedData`
+//!   (`Value`, `Owner` = writer, `Version` = hybrid-logical version, `UpdatedAt` = its unix
+//!   seconds, `Deleted`, `Sig` = our Ed25519 signature, over our signing message, not edgevpn's
+//!   canonical bytes), `Hash` = SHA-256 (hex) of `Storage`'s JSON (equal on nodes holding equal
+//!   entries) and an empty `PrevHash`.
 //! - `RateIn`/`RateOut` are left out of the bandwidth stats (no rates are measured).
-//! - `/api/dns`, `/api/peergate`, `/api/metrics/protocol` and pprof are not served.
+//! - `/api/peergate` (no peer gater), `/api/metrics/protocol` (no libp2p protocols) and pprof
+//!   are not served (404).
 //! - Requests whose `Host` is a DNS name other than `localhost` get 403 (DNS-rebinding defence:
 //!   the ledger holds the cluster's kubeconfig and join token).
 //! - Trust levels ([`trust`]): below [`Access::Full`] every method but `GET`/`HEAD` gets 403, a
@@ -54,10 +62,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::data::{self, civil_from_days};
+use super::dns;
 use super::http::{CONTENT_TYPE_PROMETHEUS, Method, Request, Response, Status};
 use super::metrics::{Metrics, render_prometheus};
 use super::page;
@@ -193,6 +205,8 @@ enum Route {
     Key(String, String),
     /// `/api/ledger/:bucket/:key/:value` (`PUT`).
     KeyValue(String, String, String),
+    /// `/api/dns` (`GET`, `HEAD`, `POST`: a write).
+    Dns,
 }
 
 /// What a `GET` reads.
@@ -234,6 +248,7 @@ impl Route {
             ["api", "metrics"] => Resource::Bandwidth,
             ["api", "metrics", "peer"] => Resource::BandwidthByPeer,
             ["api", "metrics", "peer", peer] => Resource::BandwidthOfPeer(peer.to_string()),
+            ["api", "dns"] => return Some(Route::Dns),
             ["api", "ledger", bucket] => return Some(Route::Bucket(bucket.to_string())),
             ["api", "ledger", bucket, key] => {
                 return Some(Route::Key(bucket.to_string(), key.to_string()));
@@ -256,6 +271,7 @@ impl Route {
             Route::Read(_) => "GET, HEAD",
             Route::Bucket(_) | Route::Key(..) => "GET, HEAD, DELETE",
             Route::KeyValue(..) => "PUT",
+            Route::Dns => "GET, HEAD, POST",
         }
     }
 }
@@ -292,6 +308,8 @@ pub fn handle(request: &Request, state: &dyn ApiState, access: Access) -> Outcom
         (Method::Delete, Route::Bucket(bucket)) => delete_bucket(ledger, &bucket),
         (Method::Delete, Route::Key(bucket, key)) => delete_key(ledger, &bucket, &key),
         (Method::Put, Route::KeyValue(bucket, key, value)) => put(ledger, &bucket, &key, &value),
+        (Method::Get | Method::Head, Route::Dns) => dns::list(ledger).into(),
+        (Method::Post, Route::Dns) => dns::post(ledger, &request.body),
         (_, route) => {
             let mut response = Response::error(Status::MethodNotAllowed, "Method Not Allowed");
             response.allow = Some(route.allow());
@@ -324,7 +342,9 @@ fn read(resource: Resource, state: &dyn ApiState, access: Access) -> Response {
             Response::json(Status::Ok, &bucket_values(ledger, &bucket, access))
         }
         Resource::Value(bucket, key) => {
-            let value = ledger.get(&bucket, &key).map(String::from_utf8_lossy);
+            let value = ledger
+                .get(&bucket, &key)
+                .map(|stored| data::data(ledger, &bucket, &key, stored));
             Response::json(Status::Ok, &value.unwrap_or_default())
         }
         Resource::Bandwidth => {
@@ -362,7 +382,7 @@ struct Announcing {
     state: &'static str,
 }
 
-fn announcing(writes: Vec<Write>) -> Outcome {
+pub(super) fn announcing(writes: Vec<Write>) -> Outcome {
     Outcome {
         response: Response::json(
             Status::Ok,
@@ -795,7 +815,7 @@ fn bucket_values<'a>(ledger: &'a Ledger, bucket: &str, access: Access) -> Option
     let values: BucketValues<'a> = ledger
         .bucket(bucket)
         .filter(|(key, _)| access == Access::Full || !trust::is_secret_key(key))
-        .map(|(key, value)| (key, String::from_utf8_lossy(value)))
+        .map(|(key, value)| (key, data::data(ledger, bucket, key, value)))
         .collect();
     (!values.is_empty()).then_some(values)
 }
@@ -817,16 +837,60 @@ struct Block<'a> {
     #[serde(rename = "Timestamp")]
     timestamp: String,
     #[serde(rename = "Storage")]
-    storage: BTreeMap<&'a str, BucketValues<'a>>,
+    storage: BTreeMap<&'a str, BTreeMap<&'a str, SignedData<'a>>>,
     #[serde(rename = "Hash")]
     hash: String,
     #[serde(rename = "PrevHash")]
     prev_hash: String,
 }
 
+/// edgevpn's `blockchain.SignedData` (v0.35, ownership on: every entry signed by its owner),
+/// standing for one ledger entry, tombstones included.
+#[derive(Serialize)]
+struct SignedData<'a> {
+    /// The value as `/api/ledger` shows it (`""` for a tombstone).
+    #[serde(rename = "Value")]
+    value: Cow<'a, str>,
+    /// The writer's peer id.
+    #[serde(rename = "Owner")]
+    owner: String,
+    /// The entry's hybrid-logical version (monotonic per key, as edgevpn's).
+    #[serde(rename = "Version")]
+    version: u64,
+    /// The version's wall-clock part, unix seconds.
+    #[serde(rename = "UpdatedAt")]
+    updated_at: u64,
+    #[serde(rename = "Deleted")]
+    deleted: bool,
+    /// The writer's Ed25519 signature over this ledger's signing message (not edgevpn's
+    /// canonical bytes), base64 as Go marshals a `[]byte`.
+    #[serde(rename = "Sig")]
+    sig: String,
+}
+
 impl<'a> Block<'a> {
     fn of(ledger: &'a Ledger, access: Access) -> Block<'a> {
-        let storage = storage(ledger, access);
+        let mut storage: BTreeMap<&str, BTreeMap<&str, SignedData<'_>>> = BTreeMap::new();
+        let shown = ledger
+            .entries()
+            .filter(|entry| access == Access::Full || !trust::is_secret_key(&entry.key));
+        for entry in shown {
+            let value = entry.value.as_deref().map_or(Cow::Borrowed(""), |stored| {
+                data::data(ledger, &entry.bucket, &entry.key, stored)
+            });
+            let signed = SignedData {
+                value,
+                owner: entry.writer.to_string(),
+                version: entry.version.0,
+                updated_at: entry.version.millis() / 1000,
+                deleted: entry.is_tombstone(),
+                sig: STANDARD.encode(entry.signature),
+            };
+            storage
+                .entry(entry.bucket.as_str())
+                .or_default()
+                .insert(entry.key.as_str(), signed);
+        }
         let digest = Sha256::digest(serde_json::to_vec(&storage).unwrap_or_default());
         Block {
             index: block_index(ledger),
@@ -862,26 +926,6 @@ fn go_time_string(unix_ms: u64) -> String {
         of_day % 3600 / 60,
         of_day % 60,
     )
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (the era arithmetic of
-/// "chrono-compatible low-level date algorithms", restricted to days after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let shifted = days + 719_468; // days since 0000-03-01
-    let era = shifted / 146_097;
-    let day_of_era = shifted % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// libp2p's bandwidth `metrics.Stats`, without the rates.
@@ -1301,23 +1345,24 @@ mod tests {
     fn ledger_reads_match_edgevpn() {
         let s = state();
         let all = get_json(&s, "/api/ledger");
-        assert_eq!(all["kairos"], json!({"uuid-1-role": "master"}));
-        assert_eq!(all["binary"], json!({"k": "a\u{fffd}b"}), "lossy like Go");
+        // This agent's plain values, as Kairos' Go client would have stored them (api::data).
+        let role = json!({"uuid-1-role": "\"Im1hc3RlciI=\""});
+        assert_eq!(all["kairos"], role);
+        let binary = all["binary"]["k"].to_string();
+        let read = crate::api::data::go_client::get(binary.as_bytes()).unwrap();
+        assert_eq!(read, "a\u{fffd}b", "lossy like Go");
         assert!(
             all.get("gone").is_none(),
             "a bucket of tombstones is left out"
         );
         let names: Vec<&String> = all.as_object().unwrap().keys().collect();
         assert_eq!(names, ["binary", "kairos", "machines", "services", "users"]);
-        assert_eq!(
-            get_json(&s, "/api/ledger/kairos"),
-            json!({"uuid-1-role": "master"})
-        );
+        assert_eq!(get_json(&s, "/api/ledger/kairos"), role);
         assert_eq!(get_json(&s, "/api/ledger/gone"), Value::Null);
         assert_eq!(get_json(&s, "/api/ledger/nothing"), Value::Null);
         assert_eq!(
             get_json(&s, "/api/ledger/kairos/uuid-1-role"),
-            json!("master")
+            role["uuid-1-role"]
         );
         assert_eq!(get_json(&s, "/api/ledger/kairos/absent"), json!(""));
         assert_eq!(get_json(&s, "/api/ledger/gone/k"), json!(""));
@@ -1492,12 +1537,17 @@ mod tests {
             );
             let full = body_text(&call(&s, Method::Get, path));
             assert!(
-                full.contains("K10secret") && full.contains("master-kubeconfig"),
+                full.contains("token-nodetoken") && full.contains("master-kubeconfig"),
                 "{path}"
             );
         }
+        // Non-secret values read the same at both levels (in edgevpn's encoding, api::data).
         let ip = inspect(Method::Get, "/api/ledger/kairos/ip-master");
-        assert_eq!(body_text(&ip), "\"10.1.0.1\"\n");
+        assert_eq!(ip.response.status, Status::Ok);
+        assert_eq!(
+            body_text(&ip),
+            body_text(&call(&s, Method::Get, "/api/ledger/kairos/ip-master"))
+        );
         for path in [
             "/",
             "/metrics",
@@ -1525,11 +1575,12 @@ mod tests {
     }
 
     #[test]
-    fn blockchain_stands_for_the_ledger() {
-        let s = state();
+    fn blockchain_shows_signed_entries_as_edgevpn_ownership_mode() {
+        let mut s = state();
+        s.put("gone", "k", b"v");
+        s.apply(&[Write::delete("gone", "k")]);
         let block = get_json(&s, "/api/blockchain");
         assert_eq!(block["Index"], s.ledger.counters().applied);
-        assert_eq!(block["Storage"], get_json(&s, "/api/ledger"));
         assert_eq!(block["PrevHash"], "");
         let hash = block["Hash"].as_str().unwrap();
         assert_eq!(hash.len(), 64);
@@ -1538,28 +1589,54 @@ mod tests {
         assert!(timestamp.starts_with("2025-10-09 08:53:20"), "{timestamp}");
         assert!(timestamp.ends_with(" +0000 UTC"));
 
-        // Same data written by another path and order: same hash.
+        // Every entry, as a SignedData object whose Value is what /api/ledger shows.
+        let ledger = get_json(&s, "/api/ledger");
+        for entry in s.ledger.entries() {
+            let signed = &block["Storage"][&entry.bucket][&entry.key];
+            assert_eq!(signed["Owner"], entry.writer.to_string(), "{signed}");
+            assert_eq!(signed["Version"], entry.version.0);
+            assert_eq!(signed["UpdatedAt"], entry.version.millis() / 1000);
+            assert_eq!(signed["Deleted"], entry.is_tombstone());
+            let sig = STANDARD.decode(signed["Sig"].as_str().unwrap()).unwrap();
+            assert_eq!(sig, entry.signature);
+            if entry.is_tombstone() {
+                assert_eq!(signed["Value"], "");
+            } else {
+                assert_eq!(signed["Value"], ledger[&entry.bucket][&entry.key]);
+            }
+        }
+        assert_eq!(block["Storage"]["gone"]["k"]["Deleted"], true);
+
+        // The same entries, merged in another order: the same hash.
         let mut other = FakeState {
             ledger: Ledger::default(),
             clock: Clock::new(),
             ..state()
         };
-        let mut entries: Vec<(String, String, Vec<u8>)> = s
-            .ledger
-            .buckets()
-            .flat_map(|b| {
-                s.ledger
-                    .bucket(b)
-                    .map(move |(k, v)| (b.to_string(), k.to_string(), v.to_vec()))
-            })
-            .collect();
+        let mut entries: Vec<_> = s.ledger.entries().cloned().collect();
         entries.reverse();
-        for (b, k, v) in &entries {
-            other.put(b, k, v);
+        for e in entries {
+            other.ledger.apply(e, NOW_MS).unwrap();
         }
         assert_eq!(get_json(&other, "/api/blockchain")["Hash"], block["Hash"]);
         other.put("extra", "k", b"v");
         assert_ne!(get_json(&other, "/api/blockchain")["Hash"], block["Hash"]);
+    }
+
+    #[test]
+    fn edgevpn_routes_not_served_are_404() {
+        let s = state();
+        for (method, path) in [
+            (Method::Get, "/api/peergate"),
+            (Method::Put, "/api/peergate/enable"),
+            (Method::Get, "/api/metrics/protocol"),
+            (Method::Get, "/api/metrics/protocol/%2Fedgevpn%2F0.1"),
+            (Method::Get, "/debug/pprof/heap"),
+        ] {
+            let outcome = call(&s, method, path);
+            assert_eq!(outcome.response.status, Status::NotFound, "{path}");
+            assert!(outcome.writes.is_empty());
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use super::{EXIT_FAILURE, EXIT_USAGE, load_config};
 use crate::api::trust::BEARER_TOKEN_FILE;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
+use crate::dns::DnsSettings;
 use crate::driver::api::ApiSettings;
+use crate::driver::dns::DnsDriverSettings;
 use crate::driver::tun::TunSettings;
 use crate::driver::{self, DriverSettings};
 use crate::identity::{self, Identity, PeerId};
@@ -93,6 +95,14 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         }),
         report_connected: false,
         k3s: crate::k3s::K3sSettings::from_env(&cfg, &uuid, &state_dir),
+        dns: cfg.p2p.dns_listen().map(|listen| DnsDriverSettings {
+            listen,
+            service: DnsSettings {
+                forward: vpn.settings.dns_forward,
+                servers: vpn.settings.dns_forward_servers.clone(),
+                cache_size: vpn.settings.dns_cache_size,
+            },
+        }),
     };
     run_driver(node, &driver_settings)
 }

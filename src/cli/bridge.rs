@@ -150,6 +150,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         }),
         report_connected: true,
         k3s: None,
+        dns: None,
     };
     run_driver(node, &driver_settings)
 }

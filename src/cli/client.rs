@@ -428,11 +428,14 @@ fn is_loopback_url(base: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// `text` percent-encoded as one path segment (everything but RFC 3986's unreserved bytes).
+/// `text` percent-encoded as one path segment: everything but RFC 3986's unreserved bytes and
+/// `=`, which Go's `net/url` leaves in paths too. edgevpn's router (echo) does not decode a
+/// `%3D` in a path parameter, so the padded base64url segment `role set` sends must carry `=`
+/// as kairosctl sends it, or edgevpn would store `...%3D`.
 pub fn segment(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'=') {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -535,7 +538,7 @@ mod tests {
         assert_eq!(segment("kairos"), "kairos");
         assert_eq!(segment("abc-node1_x.y~"), "abc-node1_x.y~");
         assert_eq!(segment("a/b c"), "a%2Fb%20c");
-        assert_eq!(segment("Im1hc3RlciI="), "Im1hc3RlciI%3D");
+        assert_eq!(segment("Im1hc3RlciI="), "Im1hc3RlciI=");
         assert_eq!(segment("é"), "%C3%A9");
     }
 

@@ -91,7 +91,7 @@ pub fn rows(bucket: &BTreeMap<String, String>, online: &BTreeSet<String>) -> Vec
         });
         if is_role {
             row.role = edgevpn::text(value);
-        } else if let Ok(ann) = serde_json::from_str::<Announcement>(value) {
+        } else if let Ok(ann) = serde_json::from_str::<Announcement>(&edgevpn::text(value)) {
             row.hostname = ann.hostname;
         }
     }

@@ -89,6 +89,19 @@ impl Config {
             ),
         );
         d.kv(3, "APILISTEN", &quote(&s.api_listen.to_string()));
+        match (s.dns_address, p.dns_listen()) {
+            (Some(a), _) => d.kv(3, "DNSADDRESS", &quote(&a.to_string())),
+            (None, Some(a)) => d.kv(3, "DNSADDRESS", &format!("\"\"  # p2p.dns: {a}")),
+            (None, None) => d.kv(3, "DNSADDRESS", "\"\"  # no DNS service"),
+        }
+        d.kv(3, "DNSFORWARD", &quote(&s.dns_forward.to_string()));
+        let servers: Vec<String> = s
+            .dns_forward_servers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        d.kv(3, "DNSFORWARDSERVER", &quote(&servers.join(",")));
+        d.kv(3, "DNSCACHESIZE", &quote(&s.dns_cache_size.to_string()));
         if !s.extra.is_empty() {
             d.line(3, "# not used by kairos-p2p:");
             d.env_entries(3, &s.extra);

@@ -76,6 +76,15 @@ impl P2pConfig {
     pub fn is_enabled(&self) -> bool {
         self.network_token.is_some()
     }
+
+    /// Where the DNS service listens: `DNSADDRESS`, else `127.0.0.1:53` with `p2p.dns: true`
+    /// (what Kairos sets), else nowhere.
+    pub fn dns_listen(&self) -> Option<std::net::SocketAddr> {
+        self.vpn.settings.dns_address.or_else(|| {
+            self.dns
+                .then(|| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 53)))
+        })
+    }
 }
 
 /// `p2p.vpn`.

@@ -59,6 +59,10 @@ pub(super) const VPN_ENV: &[&str] = &[
     "EDGEVPNMDNS",
     "EDGEVPNBOOTSTRAPPEERS",
     "APILISTEN",
+    "DNSADDRESS",
+    "DNSFORWARD",
+    "DNSFORWARDSERVER",
+    "DNSCACHESIZE",
 ];
 
 /// The message for an unknown key: with the closest known key when it is close enough.

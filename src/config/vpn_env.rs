@@ -9,6 +9,10 @@
 //! with DHCP off is a static address. `APILISTEN` defaults to `127.0.0.1:8080` (edgevpn's own
 //! default is `:8080`, every interface) and must be a loopback address: the API has no
 //! authentication. `p2p.disable_dht: true` turns the DHT off whatever `EDGEVPNDHT` says.
+//! DNS (edgevpn's `dns` service): `DNSADDRESS` (where to listen, empty: off; `p2p.dns: true`
+//! makes it `127.0.0.1:53` when unset, as Kairos does), `DNSFORWARD` (forward the names the
+//! ledger does not hold, default true), `DNSFORWARDSERVER` (comma-separated `IP:PORT` list,
+//! default `8.8.8.8:53,1.1.1.1:53`), `DNSCACHESIZE` (forwarded answers kept, default 200).
 
 use crate::node::bootstrap::{self, BootstrapPeer};
 use std::collections::BTreeMap;
@@ -36,6 +40,17 @@ pub const DEFAULT_MTU: u16 = 1200;
 pub const MTU_RANGE: RangeInclusive<u16> = 576..=9000;
 /// Accepted VPN prefix lengths: at least two hosts, at most a /8.
 pub const PREFIX_RANGE: RangeInclusive<u8> = 8..=30;
+/// Default DNS forward servers (`DNSFORWARDSERVER`), edgevpn's.
+pub const DEFAULT_DNS_FORWARD_SERVERS: [SocketAddr; 2] = [
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(8, 8, 8, 8), 53)),
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 53)),
+];
+/// Default DNS cache size (`DNSCACHESIZE`), edgevpn's.
+pub const DEFAULT_DNS_CACHE_SIZE: usize = 200;
+/// Largest `DNSCACHESIZE` accepted (entries hold at most 512-byte answers).
+pub const MAX_DNS_CACHE_SIZE: usize = 100_000;
+/// Most `DNSFORWARDSERVER` entries accepted.
+pub const MAX_DNS_FORWARD_SERVERS: usize = 8;
 /// Default API listen address (`APILISTEN`).
 pub const DEFAULT_API_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
@@ -98,6 +113,14 @@ pub struct VpnSettings {
     pub bootstrap_peers: Vec<BootstrapPeer>,
     /// `APILISTEN`: where the local API listens (always loopback).
     pub api_listen: SocketAddr,
+    /// `DNSADDRESS`: where the DNS service listens (`None`: not set).
+    pub dns_address: Option<SocketAddr>,
+    /// `DNSFORWARD`: forward names the ledger does not hold.
+    pub dns_forward: bool,
+    /// `DNSFORWARDSERVER`: where they are forwarded, in order.
+    pub dns_forward_servers: Vec<SocketAddr>,
+    /// `DNSCACHESIZE`: forwarded answers kept.
+    pub dns_cache_size: usize,
     /// Other variables, kept but not used.
     pub extra: BTreeMap<String, String>,
 }
@@ -119,6 +142,10 @@ impl fmt::Debug for VpnSettings {
             .field("mdns", &self.mdns)
             .field("bootstrap_peers", &self.bootstrap_peers)
             .field("api_listen", &self.api_listen)
+            .field("dns_address", &self.dns_address)
+            .field("dns_forward", &self.dns_forward)
+            .field("dns_forward_servers", &self.dns_forward_servers)
+            .field("dns_cache_size", &self.dns_cache_size)
             .field("extra", &extra)
             .finish()
     }
@@ -143,6 +170,10 @@ impl Default for VpnSettings {
             mdns: true,
             bootstrap_peers: Vec::new(),
             api_listen: DEFAULT_API_LISTEN,
+            dns_address: None,
+            dns_forward: true,
+            dns_forward_servers: DEFAULT_DNS_FORWARD_SERVERS.to_vec(),
+            dns_cache_size: DEFAULT_DNS_CACHE_SIZE,
             extra: BTreeMap::new(),
         }
     }
@@ -159,6 +190,10 @@ pub(super) struct EnvLayer {
     mdns: Option<bool>,
     bootstrap_peers: Option<Vec<BootstrapPeer>>,
     api_listen: Option<SocketAddr>,
+    dns_address: Option<Option<SocketAddr>>,
+    dns_forward: Option<bool>,
+    dns_forward_servers: Option<Vec<SocketAddr>>,
+    dns_cache_size: Option<usize>,
     extra: BTreeMap<String, String>,
 }
 
@@ -187,6 +222,12 @@ impl EnvLayer {
                     out.bootstrap_peers = ctx.check(&p, parse_peers(&value));
                 }
                 "APILISTEN" => out.api_listen = ctx.check(&p, parse_api_listen(&value)),
+                "DNSADDRESS" => out.dns_address = ctx.check(&p, parse_dns_address(&value)),
+                "DNSFORWARD" => out.dns_forward = ctx.check(&p, parse_bool(&value)),
+                "DNSFORWARDSERVER" => {
+                    out.dns_forward_servers = ctx.check(&p, parse_dns_servers(&value));
+                }
+                "DNSCACHESIZE" => out.dns_cache_size = ctx.check(&p, parse_cache_size(&value)),
                 _ => {
                     let hint = schema::suggest(&name, schema::VPN_ENV)
                         .map(|s| format!("; did you mean {s}?"))
@@ -209,6 +250,10 @@ impl EnvLayer {
         super::layer::set(&mut self.mdns, later.mdns);
         super::layer::set(&mut self.bootstrap_peers, later.bootstrap_peers);
         super::layer::set(&mut self.api_listen, later.api_listen);
+        super::layer::set(&mut self.dns_address, later.dns_address);
+        super::layer::set(&mut self.dns_forward, later.dns_forward);
+        super::layer::set(&mut self.dns_forward_servers, later.dns_forward_servers);
+        super::layer::set(&mut self.dns_cache_size, later.dns_cache_size);
         self.extra.extend(later.extra);
     }
 
@@ -235,6 +280,12 @@ impl EnvLayer {
             mdns: self.mdns.unwrap_or(true),
             bootstrap_peers: self.bootstrap_peers.unwrap_or_default(),
             api_listen: self.api_listen.unwrap_or(DEFAULT_API_LISTEN),
+            dns_address: self.dns_address.flatten(),
+            dns_forward: self.dns_forward.unwrap_or(true),
+            dns_forward_servers: self
+                .dns_forward_servers
+                .unwrap_or_else(|| DEFAULT_DNS_FORWARD_SERVERS.to_vec()),
+            dns_cache_size: self.dns_cache_size.unwrap_or(DEFAULT_DNS_CACHE_SIZE),
             extra: self.extra,
         }
     }
@@ -312,6 +363,63 @@ fn parse_peers(s: &str) -> Result<Vec<BootstrapPeer>, String> {
         }
     }
     Ok(peers)
+}
+
+/// `DNSADDRESS`: `IP:PORT`, `:PORT` (every interface, as Go reads it) or empty (off).
+fn parse_dns_address(s: &str) -> Result<Option<SocketAddr>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let addr = match s.strip_prefix(':') {
+        Some(port) => port
+            .parse()
+            .ok()
+            .map(|p| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, p))),
+        None => s.parse().ok(),
+    };
+    match addr {
+        Some(a) if a.port() != 0 => Ok(Some(a)),
+        _ => Err(format!(
+            "expected an address like 127.0.0.1:53 or :53, found {}",
+            read::quote(s)
+        )),
+    }
+}
+
+/// `DNSFORWARDSERVER`: a comma-separated list of `IP:PORT`.
+fn parse_dns_servers(s: &str) -> Result<Vec<SocketAddr>, String> {
+    let servers: Vec<SocketAddr> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<SocketAddr>().map_err(|_| {
+                format!(
+                    "expected IP:PORT entries like 8.8.8.8:53, found {}",
+                    read::quote(p)
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if servers.len() > MAX_DNS_FORWARD_SERVERS {
+        return Err(format!("at most {MAX_DNS_FORWARD_SERVERS} servers"));
+    }
+    Ok(servers)
+}
+
+/// `DNSCACHESIZE`: 1 to [`MAX_DNS_CACHE_SIZE`] entries.
+fn parse_cache_size(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_DNS_CACHE_SIZE).contains(n))
+        .ok_or_else(|| {
+            format!(
+                "expected a number of entries from 1 to {MAX_DNS_CACHE_SIZE}, found {}",
+                read::quote(s)
+            )
+        })
 }
 
 /// A loopback socket address; `localhost:PORT` is `127.0.0.1:PORT`.
@@ -430,6 +538,36 @@ mod tests {
             parse_peers("a,"),
             Err("entry 2 of the list is empty".to_owned())
         );
+    }
+
+    #[test]
+    fn dns_variables() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(parse_dns_address(""), Ok(None));
+        assert_eq!(parse_dns_address(":53"), Ok(Some(sa("0.0.0.0:53"))));
+        assert_eq!(
+            parse_dns_address("10.1.0.1:5353"),
+            Ok(Some(sa("10.1.0.1:5353")))
+        );
+        assert_eq!(parse_dns_address("[::1]:53"), Ok(Some(sa("[::1]:53"))));
+        for bad in ["53", "x:53", "127.0.0.1:0", "127.0.0.1"] {
+            assert!(parse_dns_address(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_dns_servers("8.8.8.8:53, 10.0.0.1:5353"),
+            Ok(vec![sa("8.8.8.8:53"), sa("10.0.0.1:5353")])
+        );
+        assert!(
+            parse_dns_servers("8.8.8.8")
+                .unwrap_err()
+                .contains("8.8.8.8")
+        );
+        let many = ["1.1.1.1:53"; MAX_DNS_FORWARD_SERVERS + 1].join(",");
+        assert!(parse_dns_servers(&many).is_err());
+        assert_eq!(parse_cache_size("10"), Ok(10));
+        for bad in ["0", "-1", "x", "100001"] {
+            assert!(parse_cache_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! sockets, the timers and the shutdown signal, feeding the sans-IO [`Node`].
 
 pub mod api;
+pub mod dns;
 pub mod interfaces;
 pub mod signal;
 pub mod socket;
@@ -59,6 +60,8 @@ pub struct DriverSettings {
     pub report_connected: bool,
     /// Set up and run k3s for the node's role (`None`: no k3s, e.g. `bridge`, `role: none`).
     pub k3s: Option<crate::k3s::K3sSettings>,
+    /// Serve DNS (`None`: `DNSADDRESS` unset and `p2p.dns` off).
+    pub dns: Option<dns::DnsDriverSettings>,
 }
 
 /// After a failed ledger save, the next attempt waits this long (a full disk must not spin).
@@ -392,6 +395,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         None => None,
     };
+    let mut dns = settings.dns.as_ref().map(|d| {
+        let seed = getrandom::u64().unwrap_or_else(|_| clocks().1);
+        dns::DnsServer::start(d, seed, poll.registry(), Instant::now())
+    });
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
     let mut out = Vec::with_capacity(RECV_BUF);
@@ -422,6 +429,9 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         if let Some(k) = &mut k3s {
             k.turn(&mut node, now);
         }
+        if let Some(d) = &mut dns {
+            d.turn(poll.registry(), now);
+        }
         // VPN packets first: they are what someone waits for.
         if let Some(t) = &mut tun {
             t.reopen(poll.registry(), now, &mut errors);
@@ -444,6 +454,13 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .min(api.poll_timeout().map_or(INTERFACE_REFRESH, |t| {
                 t.saturating_duration_since(Instant::now())
             }))
+            .min(
+                dns.as_ref()
+                    .and_then(dns::DnsServer::poll_timeout)
+                    .map_or(INTERFACE_REFRESH, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    }),
+            )
             .min(
                 tun.as_ref()
                     .and_then(Tun::next_attempt)
@@ -516,6 +533,11 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                 }
                 token if api::Api::owns(token) => {
                     api.ready(poll.registry(), token, &mut node, &mut errors)
+                }
+                token if dns::DnsServer::owns(token) => {
+                    if let Some(d) = &mut dns {
+                        d.ready(token, &node, now, &mut buf);
+                    }
                 }
                 _ => {}
             }

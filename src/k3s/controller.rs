@@ -170,6 +170,16 @@ impl K3s {
         match self.want(cluster, now) {
             Ok(want) => {
                 self.role_note = None;
+                let bucket = &self.settings.bucket;
+                let ip = want.facts.node_ip;
+                if let Some(w) =
+                    publish::node_ip_write(cluster.ledger(), bucket, &self.settings.uuid, ip)
+                {
+                    let unix_ms = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    cluster.write(now, unix_ms, w);
+                }
                 if self.sent.as_ref() != Some(&want) {
                     log::info!(
                         "k3s: {} on {} ({})",
@@ -220,7 +230,7 @@ impl K3s {
         let (master, node_token) = if role.joins() {
             let ledger = cluster.ledger();
             let bucket = &self.settings.bucket;
-            let master = publish::read(ledger, bucket, names::IP_MASTER);
+            let master = publish::join_address(ledger, bucket);
             let token = publish::read(ledger, bucket, names::NODE_TOKEN);
             if master.is_none() || token.is_none() {
                 return Err(K3sState::WaitingForMaster);
@@ -229,10 +239,10 @@ impl K3s {
         } else {
             (None, None)
         };
-        // Nodes join the master's own address, as with Kairos: it answers as soon as k3s does,
-        // while the EIP only answers once kube-vip runs (the EIP is in the certificate through
-        // --tls-san, and joined agents learn every server from k3s itself).
-        let publish_address = node_ip.to_string();
+        // ip-master is the EIP when KubeVIP is on, as with Kairos; nodes join the master's own
+        // address (publish::join_address, see the publish module).
+        let eip = if kv.enable { kv.eip } else { None };
+        let publish_address = publish::ip_master(node_ip, eip);
         Ok(Want {
             facts: Facts {
                 role,

@@ -2,11 +2,24 @@
 //! the other nodes read it back.
 //!
 //! Keys of the cluster bucket `<network_id>`, as provider-kairos names them (its edgevpn client
-//! writes `<uuid>-<thing>`): `token-nodetoken` (the node token), `ip-master` (the address nodes
-//! join: the KubeVIP EIP if set, else the master's node address) and `master-kubeconfig`
-//! (k3s.yaml, base64url without padding). This agent stores the plain text; readers go through
+//! writes `<uuid>-<thing>`): `token-nodetoken` (the node token), `ip-master`, `master-kubeconfig`
+//! (k3s.yaml, base64url without padding) and, for every node, `<uuid>-ip` (its node address).
+//! This agent stores the plain text; readers go through
 //! [`edgevpn::text`](crate::ledger::edgevpn::text), so values written by Kairos' Go client read
-//! the same.
+//! the same, and the API shows them in the Go client's encoding
+//! ([`api::data`](crate::api::data)).
+//!
+//! # `ip-master` and where nodes join
+//! As with Kairos (`guessIP`), `ip-master` is the KubeVIP EIP when KubeVIP is on (`kubevip.eip`
+//! set and not disabled), else the master's node address: what `get-kubeconfig` (ours and
+//! kairosctl's) puts in the kubeconfig, so clients go through the VIP. The EIP only answers
+//! once kube-vip runs on a server, and kube-vip runs only once k3s is up, so joining nodes
+//! (workers, HA servers) do not use it: they join the master's own address, its `<uuid>-ip`
+//! (the node holding `master` or `master/clusterinit` in `<uuid>-role`), which answers as soon
+//! as k3s does; the EIP is in the servers' certificate (`--tls-san`) and joined agents learn
+//! every server from k3s itself. A master that wrote no `<uuid>-ip` (a Kairos node: it writes
+//! its `<uuid>-ip` only with the same EIP) is joined at `ip-master`. Kairos writes the EIP as
+//! every node's `<uuid>-ip` when it is set; this agent writes each node's own address there.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -124,6 +137,44 @@ pub fn writes(ledger: &Ledger, bucket: &str, data: &JoinData) -> Vec<Write> {
         .collect()
 }
 
+/// The address `ip-master` announces: the KubeVIP EIP when KubeVIP is on, else `node_ip`.
+#[must_use]
+pub fn ip_master(node_ip: IpAddr, kubevip_eip: Option<IpAddr>) -> String {
+    kubevip_eip.unwrap_or(node_ip).to_string()
+}
+
+/// The write of this node's `<uuid>-ip` (its node address), unless the ledger holds it already.
+pub fn node_ip_write(ledger: &Ledger, bucket: &str, uuid: &str, node_ip: IpAddr) -> Option<Write> {
+    let key = names::ip_key(uuid);
+    let value = node_ip.to_string();
+    (read(ledger, bucket, &key).as_deref() != Some(value.as_str()))
+        .then(|| Write::put(bucket, &key, value))
+}
+
+/// The address joining nodes reach the master at: the `<uuid>-ip` of the node holding
+/// `master/clusterinit` or `master` (in that order of preference; the lowest uuid among
+/// several), else `ip-master`. `None` while neither is known.
+pub fn join_address(ledger: &Ledger, bucket: &str) -> Option<String> {
+    let mut masters: Vec<(u8, &str)> = ledger
+        .bucket(bucket)
+        .filter_map(|(key, value)| {
+            let uuid = key.strip_suffix(names::ROLE_SUFFIX)?;
+            let role = edgevpn::text(&String::from_utf8_lossy(value));
+            match role.trim() {
+                names::ROLE_MASTER_CLUSTERINIT => Some((0, uuid)),
+                names::ROLE_MASTER => Some((1, uuid)),
+                _ => None,
+            }
+        })
+        .collect();
+    masters.sort_unstable();
+    masters
+        .iter()
+        .filter_map(|(_, uuid)| read(ledger, bucket, &names::ip_key(uuid)))
+        .find(|ip| ip.parse::<IpAddr>().is_ok())
+        .or_else(|| read(ledger, bucket, names::IP_MASTER))
+}
+
 /// The text of `bucket/key` (as written by us or by Kairos' Go client), trimmed; `None` when
 /// absent or empty.
 pub fn read(ledger: &Ledger, bucket: &str, key: &str) -> Option<String> {
@@ -220,6 +271,53 @@ mod tests {
         );
         assert!(writes(&kairos, "kairos", &data).is_empty(), "same values");
         std::fs::remove_dir_all(r.dir()).unwrap();
+    }
+
+    #[test]
+    fn ip_master_is_the_eip_and_nodes_join_the_master_address() {
+        let node: IpAddr = "10.1.0.1".parse().unwrap();
+        let eip: IpAddr = "192.168.1.50".parse().unwrap();
+        assert_eq!(ip_master(node, None), "10.1.0.1");
+        assert_eq!(ip_master(node, Some(eip)), "192.168.1.50");
+
+        let mut ledger = Ledger::new(Limits::for_max_message_size(1 << 20));
+        assert_eq!(join_address(&ledger, "kairos"), None);
+        apply(
+            &mut ledger,
+            &[Write::put("kairos", names::IP_MASTER, "192.168.1.50")],
+        );
+        assert_eq!(
+            join_address(&ledger, "kairos").as_deref(),
+            Some("192.168.1.50"),
+            "no master address known: ip-master"
+        );
+        let go = |s: &str| serde_json::to_string(&edgevpn::client_segment(s)).unwrap();
+        apply(
+            &mut ledger,
+            &[
+                Write::put("kairos", "m1-role", go("master")),
+                Write::put("kairos", "w1-role", "worker"),
+                Write::put("kairos", "w1-ip", "10.1.0.3"),
+            ],
+        );
+        assert_eq!(
+            join_address(&ledger, "kairos").as_deref(),
+            Some("192.168.1.50"),
+            "the master wrote no <uuid>-ip"
+        );
+        let w = node_ip_write(&ledger, "kairos", "m1", node).unwrap();
+        apply(&mut ledger, &[w]);
+        assert_eq!(node_ip_write(&ledger, "kairos", "m1", node), None, "once");
+        assert_eq!(join_address(&ledger, "kairos").as_deref(), Some("10.1.0.1"));
+        // HA: the cluster-init server is the one joined.
+        apply(
+            &mut ledger,
+            &[
+                Write::put("kairos", "a0-role", "master/clusterinit"),
+                Write::put("kairos", "a0-ip", "10.1.0.9"),
+            ],
+        );
+        assert_eq!(join_address(&ledger, "kairos").as_deref(), Some("10.1.0.9"));
     }
 
     #[test]

@@ -26,17 +26,24 @@ pub fn client_segment(text: &str) -> String {
 }
 
 /// The text a stored value stands for: for a JSON string literal, its contents, decoded once
-/// more when they are the Go client's base64url of a JSON string; any other value as it is.
+/// more when they are the Go client's base64url of a JSON string (its contents) or of a JSON
+/// object or array (that JSON, e.g. an announcement as the API shows it); any other value as it
+/// is.
 #[must_use]
 pub fn text(stored: &str) -> String {
     let Ok(inner) = serde_json::from_str::<String>(stored) else {
         return stored.to_string();
     };
-    URL_SAFE_LENIENT
-        .decode(inner.as_bytes())
-        .ok()
-        .and_then(|json| serde_json::from_slice::<String>(&json).ok())
-        .unwrap_or(inner)
+    let Ok(json) = URL_SAFE_LENIENT.decode(inner.as_bytes()) else {
+        return inner;
+    };
+    match serde_json::from_slice::<serde_json::Value>(&json) {
+        Ok(serde_json::Value::String(text)) => text,
+        Ok(serde_json::Value::Object(_) | serde_json::Value::Array(_)) => {
+            String::from_utf8(json).unwrap_or(inner)
+        }
+        _ => inner,
+    }
 }
 
 /// Decodes base64 in either alphabet, padded or not (Kairos: base64url without padding).
@@ -78,7 +85,13 @@ mod tests {
             (stored(&client_segment("master/ha")), "master/ha"),
             (stored(&client_segment("10.1.0.7")), "10.1.0.7"),
             (stored(&client_segment("")), ""),
-            // base64 that is not of a JSON string stays as it is.
+            // The API's form of an announcement: its JSON.
+            (
+                stored(&URL_SAFE_LENIENT.encode(r#"{"Role":"auto"}"#)),
+                r#"{"Role":"auto"}"#,
+            ),
+            // base64 that is not of a JSON string, object or array stays as it is.
+            (stored(&URL_SAFE_LENIENT.encode("12")), "MTI="),
             (stored("aGVsbG8="), "aGVsbG8="),
             ("\"unterminated".to_string(), "\"unterminated"),
             (String::new(), ""),
