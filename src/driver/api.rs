@@ -55,9 +55,10 @@ pub struct Pool {
     pub max: usize,
 }
 
-const TCP_LISTENER: Token = Token(16);
-const STATE_SOCKET: Token = Token(17);
-const KAIROS_SOCKET: Token = Token(18);
+use super::tokens::{
+    API_FIRST_CONNECTION as FIRST_CONN, API_KAIROS_SOCKET as KAIROS_SOCKET,
+    API_STATE_SOCKET as STATE_SOCKET, API_TCP as TCP_LISTENER,
+};
 
 /// Most TCP connections open at once (every local user can open them).
 pub const MAX_TCP_CONNECTIONS: usize = 32;
@@ -99,8 +100,6 @@ pub const POOLS: [Pool; 5] = [
 /// Every connection slot of every pool.
 const MAX_CONNECTIONS: usize =
     MAX_TCP_CONNECTIONS + 2 * (MAX_UNIX_CONNECTIONS + MAX_UNPRIVILEGED_UNIX_CONNECTIONS);
-/// Connection `i` has token `FIRST_CONN + i` (`i < MAX_CONNECTIONS`).
-const FIRST_CONN: usize = 32;
 
 /// The slots of the pool serving `listener`'s peers of that privilege.
 fn pool_slots(listener: Token, privileged: bool) -> std::ops::Range<usize> {

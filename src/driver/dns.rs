@@ -14,8 +14,7 @@ use super::socket::{SocketOptions, bind_udp};
 use crate::dns::{Dns, DnsSettings, Via, wire};
 use crate::node::Node;
 
-const LISTENER: Token = Token(18);
-const UPSTREAM: Token = Token(19);
+use super::tokens::{DNS_LISTENER as LISTENER, DNS_UPSTREAM as UPSTREAM};
 /// How often a listener that could not be bound is tried again.
 pub const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Datagrams read from one socket per wake-up.

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod interfaces;
 pub mod signal;
 pub mod socket;
+pub mod tokens;
 pub mod tun;
 
 use std::io;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll};
 
 use crate::config::Ipv4Cidr;
 use crate::discovery::lan::{BEACON_MULTICAST_V6, BEACON_PORT};
@@ -25,13 +26,7 @@ use signal::ShutdownSignal;
 use socket::{SocketOptions, bind_udp};
 use tun::{TunDevice, TunError, TunSettings};
 
-const OVERLAY: Token = Token(0);
-const BEACON_V4: Token = Token(1);
-const BEACON_V6: Token = Token(2);
-const SIGNAL: Token = Token(3);
-const TUN: Token = Token(4);
-/// The k3s worker thread's waker (see `crate::k3s`).
-const K3S: Token = Token(15);
+use tokens::{BEACON_V4, BEACON_V6, K3S, OVERLAY, SIGNAL, TUN};
 
 /// Datagrams (or TUN packets) read from one source per turn before the others get theirs; a
 /// source left with more to read is read again on the next turn without waiting.
