@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
-use common::{Host, api_request, api_socket, lab_with_hosts, wait_for};
+use common::{Host, api_request, api_socket, client_env, lab_with_hosts, wait_for};
 use serde_json::Value;
 use standin::STANDIN;
 
@@ -184,6 +184,7 @@ fn kairos_tools_read_what_the_agents_write_and_their_writes_round_trip() {
             ])
             .args(["role", "set", "later-node", "worker", "--api"])
             .arg("http://127.0.0.1:18080")
+            .envs(client_env(&hosts[1])) // root's client finds the API bearer token there
             .output()
             .unwrap();
         assert!(
