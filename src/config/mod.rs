@@ -32,8 +32,13 @@
 //!   loopback address (default `127.0.0.1:8080`, the API has no authentication);
 //!   `p2p.disable_dht: true` turns the DHT off whatever `EDGEVPNDHT` says.
 //! - Files larger than [`MAX_FILE_SIZE`] and files that are not UTF-8 are errors; at most 50
-//!   errors (and 50 warnings) are listed per file, and one error per key.
+//!   errors (and 50 warnings) are listed per file, and one error per key. A pipe or FIFO must
+//!   deliver its whole text within [`MAX_PIPE_WAIT`].
+//! - Every file's YAML is checked against [`budget::CONFIG_BUDGET`] (nesting depth, nodes and
+//!   text once aliases are expanded) before it is loaded: alias bombs and deep nesting are errors
+//!   found in milliseconds, in a few MB.
 
+pub mod budget;
 mod diag;
 mod effective;
 mod error;
@@ -62,7 +67,7 @@ pub use model::{
     DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig, K3sConfig, KubeVipConfig, LogLevel,
     P2pConfig, Role, VpnConfig,
 };
-pub use sources::{DEFAULT_DIRS, MAX_FILE_SIZE, default_sources, sources_in};
+pub use sources::{DEFAULT_DIRS, MAX_FILE_SIZE, MAX_PIPE_WAIT, default_sources, sources_in};
 pub use vpn_env::{
     DEFAULT_ADDRESS, DEFAULT_API_LISTEN, DEFAULT_IFACE, DEFAULT_MTU, Ipv4Cidr, MTU_RANGE,
     PREFIX_RANGE, VpnSettings,
@@ -127,6 +132,10 @@ fn build(
 /// One file's settings.
 fn parse_file(ctx: &mut Ctx<'_>, text: &str) -> Layer {
     let root = KeyPath::default();
+    if let Err(e) = budget::check(text.as_bytes(), budget::CONFIG_BUDGET) {
+        ctx.error_at_line(e.line(), format!("not accepted: {e}"));
+        return Layer::default();
+    }
     let mut doc: Value = match serde_yaml::from_str(text) {
         Ok(doc) => doc,
         Err(e) => {
