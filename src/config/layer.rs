@@ -296,7 +296,7 @@ impl HaLayer {
             match key.as_str() {
                 "enable" => out.enable = boolean(ctx, value, &p),
                 "master_nodes" => out.master_nodes = count(ctx, value, &p),
-                "external_db" => out.external_db = text(ctx, value, &p),
+                "external_db" => out.external_db = read::line(ctx, value, &p),
                 _ => unknown(ctx, &p, &key, schema::HA),
             }
         }
@@ -362,8 +362,8 @@ impl KubeVipLayer {
                     });
                 }
                 "static_pod" => out.static_pod = boolean(ctx, value, &p),
-                "version" => out.version = text(ctx, value, &p),
-                "image" => out.image = text(ctx, value, &p),
+                "version" => out.version = read::line(ctx, value, &p),
+                "image" => out.image = read::line(ctx, value, &p),
                 _ => unknown(ctx, &p, &key, schema::KUBEVIP),
             }
         }

@@ -104,7 +104,21 @@ pub(super) fn text(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<Strin
     }
 }
 
-/// A list of strings.
+/// A one-line string: [`text`] without control characters (values that reach k3s' command line,
+/// environment files, unit files or manifests).
+pub(super) fn line(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<String> {
+    let s = text(ctx, v, path)?;
+    if s.chars().any(char::is_control) {
+        ctx.error(
+            path,
+            format!("must not contain control characters, found {}", quote(&s)),
+        );
+        return None;
+    }
+    Some(s)
+}
+
+/// A list of one-line strings.
 pub(super) fn text_list(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<Vec<String>> {
     match v {
         Value::Null => None,
@@ -119,7 +133,7 @@ pub(super) fn text_list(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<
                             ctx.error(&p, "expected a string, found null");
                             None
                         }
-                        _ => text(ctx, item, &p),
+                        _ => line(ctx, item, &p),
                     }
                 })
                 .collect(),
@@ -140,11 +154,11 @@ pub(super) fn env_map(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Vec<EnvEn
     let mut out = Vec::new();
     for (name, value) in mapping(ctx, v, path) {
         let p = path.key(&name);
-        if name.is_empty() || name.contains(['=', '\0']) {
+        if name.is_empty() || name.contains('=') || name.chars().any(char::is_control) {
             ctx.error(&p, "not a valid environment variable name");
             continue;
         }
-        if let Some(value) = text(ctx, value, &p) {
+        if let Some(value) = line(ctx, value, &p) {
             out.push(EnvEntry {
                 name,
                 value,
@@ -324,6 +338,23 @@ mod tests {
             errors,
             ["t.yaml: k.D=E: not a valid environment variable name"]
         );
+    }
+
+    #[test]
+    fn values_bound_for_k3s_refuse_control_characters() {
+        assert_eq!(
+            run("[\"a\\rb\", c]", text_list),
+            (
+                Some(vec!["c".to_owned()]),
+                vec![
+                    "t.yaml: k[0]: must not contain control characters, found \"a\\rb\"".to_owned()
+                ]
+            )
+        );
+        let (env, errors) = run("{A: \"x\\ny\", \"B\\r\": z, C: ok}", env_map);
+        assert_eq!(env.len(), 1);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(run("\"tab\\there\"", line).0, None);
     }
 
     #[test]

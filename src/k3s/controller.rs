@@ -16,6 +16,7 @@ use mio::{Registry, Token, Waker};
 use super::init;
 use super::plan::Facts;
 use super::publish::{self, JoinData};
+use super::value::{self, K3sToken, ValueError};
 use super::worker::{Command, Report, Timing, Want, Worker, WorkerSettings};
 use super::{K3S_BIN_ENV, K3sRole, K3sState, ROOT_ENV, Root};
 use crate::cluster::Cluster;
@@ -222,10 +223,16 @@ impl K3s {
             let bucket = &self.settings.bucket;
             let master = publish::read(ledger, bucket, names::IP_MASTER);
             let token = publish::read(ledger, bucket, names::NODE_TOKEN);
-            if master.is_none() || token.is_none() {
+            let (Some(master), Some(token)) = (master, token) else {
                 return Err(K3sState::WaitingForMaster);
-            }
-            (master, token)
+            };
+            // Parsed before anything reaches k3s: a value that is not an address or a token is
+            // refused (and retried when the ledger changes), never written into a unit file.
+            let refused =
+                |e: ValueError| K3sState::Failed(format!("ledger join data refused: {e}"));
+            let master = value::master_address(&master).map_err(refused)?;
+            let token = K3sToken::parse(&token).map_err(refused)?;
+            (Some(master), Some(token))
         } else {
             (None, None)
         };

@@ -15,6 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::files;
+use super::value::K3sToken;
 use super::{API_PORT, K3S_YAML, NODE_TOKEN_FILE, Root};
 use crate::cluster::Write;
 use crate::ledger::{Ledger, edgevpn, names};
@@ -88,13 +89,13 @@ pub fn read_join_data(root: &Root, address: &str) -> Result<JoinData, String> {
     let token = files::read(&token_path)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} does not exist", token_path.display()))?;
-    let node_token = String::from_utf8(token)
-        .map_err(|_| format!("{} is not text", token_path.display()))?
-        .trim()
+    let node_token =
+        String::from_utf8(token).map_err(|_| format!("{} is not text", token_path.display()))?;
+    // Published only if every node will accept it (the same parse as the joining side).
+    let node_token = K3sToken::parse(&node_token)
+        .map_err(|e| format!("{}: {e}", token_path.display()))?
+        .expose()
         .to_string();
-    if node_token.is_empty() {
-        return Err(format!("{} is empty", token_path.display()));
-    }
     let yaml_path = root.path(K3S_YAML);
     let kubeconfig = files::read(&yaml_path)
         .map_err(|e| e.to_string())?
