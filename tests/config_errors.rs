@@ -132,7 +132,7 @@ fn malformed_single_files() {
             "bad role and log level",
             "p2p:\n  role: mastr\n  loglevel: verbose\n",
             &[
-                "x.yaml:2: p2p.role: expected master, worker, none or \"\" (automatic), found \"mastr\"",
+                "x.yaml:2: p2p.role: expected master, master/clusterinit, master/ha, worker, none or \"\" (automatic), found \"mastr\"",
                 "x.yaml:3: p2p.loglevel: expected trace, debug, info, warn, error or fatal, found \"verbose\"",
             ],
         ),
