@@ -109,6 +109,16 @@ const HOSTILE_INPUTS: &[Input] = &[
     ("largest accepted file", largest_accepted, ""),
     ("one 4 MiB string", one_long_string, ""),
     (
+        "4 MiB of template actions",
+        template_actions,
+        "must be at most 64 bytes",
+    ),
+    (
+        "95,000 values with an error each",
+        many_errors,
+        "more errors not shown",
+    ),
+    (
         "token alias bomb",
         token_alias_bomb,
         "network token YAML is not accepted",
@@ -180,6 +190,18 @@ fn largest_accepted() -> String {
 
 fn one_long_string() -> String {
     format!("x: {}\n", "a".repeat(LIMIT - 8))
+}
+
+fn template_actions() -> String {
+    let action = "{{ .Hostname }}";
+    let n = (LIMIT - 64) / action.len();
+    format!("p2p:\n  network_id: \"{}\"\n", action.repeat(n))
+}
+
+/// Every value refused (a control character in a k3s argument): 50 errors listed, the rest
+/// counted, each located in the file.
+fn many_errors() -> String {
+    format!("k3s:\n  args:\n{}", "    - \"a\\x01\"\n".repeat(95_000))
 }
 
 /// A network token whose YAML body is an alias bomb (within the 64 KiB token limit).
