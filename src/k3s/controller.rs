@@ -16,7 +16,6 @@ use mio::{Registry, Token, Waker};
 use super::init;
 use super::plan::Facts;
 use super::publish::{self, JoinData};
-use super::value::{self, K3sToken, ValueError};
 use super::worker::{Command, Report, Timing, Want, Worker, WorkerSettings};
 use super::{K3S_BIN_ENV, K3sRole, K3sState, ROOT_ENV, Root};
 use crate::cluster::Cluster;
@@ -221,18 +220,15 @@ impl K3s {
         let (master, node_token) = if role.joins() {
             let ledger = cluster.ledger();
             let bucket = &self.settings.bucket;
-            let master = publish::read(ledger, bucket, names::IP_MASTER);
-            let token = publish::read(ledger, bucket, names::NODE_TOKEN);
-            let (Some(master), Some(token)) = (master, token) else {
-                return Err(K3sState::WaitingForMaster);
-            };
             // Parsed before anything reaches k3s: a value that is not an address or a token is
-            // refused (and retried when the ledger changes), never written into a unit file.
-            let refused =
-                |e: ValueError| K3sState::Failed(format!("ledger join data refused: {e}"));
-            let master = value::master_address(&master).map_err(refused)?;
-            let token = K3sToken::parse(&token).map_err(refused)?;
-            (Some(master), Some(token))
+            // refused (and read again at the next check), never written into a unit file.
+            match publish::read_join(ledger, bucket) {
+                Ok(Some((master, token))) => (Some(master), Some(token)),
+                Ok(None) => return Err(K3sState::WaitingForMaster),
+                Err(e) => {
+                    return Err(K3sState::Failed(format!("ledger join data refused: {e}")));
+                }
+            }
         } else {
             (None, None)
         };
