@@ -11,7 +11,8 @@
 //! Rules where Kairos leaves room:
 //! - Every file is checked on its own, even where a later file overrides the value.
 //! - A key without a value (`key:` / `key: ~`) counts as unset; an empty string sets the default
-//!   (`network_id: ""` is `kairos`, `network_token: ""` turns p2p off).
+//!   (`network_id: ""` is `kairos`, `network_token: ""` turns p2p off, with a warning: Kairos
+//!   refuses it). A top-level `network_token` (outside `p2p`) is a warning.
 //! - An empty file, or one with only comments such as `#cloud-config`, is an empty
 //!   configuration, not an error. Files named explicitly need no `#cloud-config` header.
 //! - Unknown keys inside our blocks are errors (with the closest known key when one is close);
@@ -19,14 +20,18 @@
 //! - Go-template expressions (see `template.rs` for the subset) are expanded, with the
 //!   [`HostFacts`] given, in every string value kairos-p2p reads, before it is checked.
 //! - `kairos.network_token` is used when `p2p.network_token` is unset or empty after merging.
-//! - `p2p.ha` is an alias of `p2p.auto.ha`: in one file `p2p.auto.ha` wins key by key.
+//! - `p2p.ha` is an alias of `p2p.auto.ha`: in one file `p2p.auto.ha` wins key by key; a note
+//!   says Kairos reads only `p2p.auto.ha`. `p2p.vpn.auto` is ignored with a warning.
 //! - `kubevip.eip` must be an IP address; `kubevip.manifest_url` an http(s) URL;
 //!   `kubevip.enable: true` without an `eip` is an error.
 //! - `p2p.network_id` may not contain `/`, blanks or control characters (it appears in API
 //!   paths); at most 64 bytes.
-//! - Values: strings also take numbers and booleans; booleans take YAML booleans or the words
-//!   true/false, yes/no, on/off, 1/0 in any case; integers must be YAML integers (`"2"` is a
-//!   string, an error); `role` and `loglevel` are case-insensitive.
+//! - Values: strings also take numbers and booleans; booleans take YAML booleans or the YAML 1.1
+//!   words y/yes/on, n/no/off (as Kairos' yaml.v3 does; `"true"` in quotes is a string, an
+//!   error, as in Kairos; after a template any of the words); integers must be YAML integers
+//!   (`"2"` is a string, an error); `role` is lower case (`master/clusterinit` and `master/ha`
+//!   read as `master`, with a note), `loglevel` is case-insensitive. Values bound for k3s or
+//!   KubeVIP (args, env, `external_db`, image, version) may not contain control characters.
 //! - `p2p.vpn.env` (see [`VpnSettings`]): `DHCP` defaults to true unless `ADDRESS` is set;
 //!   `ADDRESS` needs a prefix of /8 to /30; `EDGEVPNMTU` 576 to 9000; `APILISTEN` must be a
 //!   loopback address (default `127.0.0.1:8080`, the API has no authentication);
