@@ -121,12 +121,14 @@ fn documentation_examples() {
                 ..DEFAULTS
             },
         ),
-        // P2P "HA" page: `ha` directly under p2p; HA on because master_nodes > 0.
+        // P2P "HA" page: `ha` directly under p2p; HA on because master_nodes > 0 (a note:
+        // Kairos reads only p2p.auto.ha).
         (
             "docs-ha-alias.yaml",
             Expected {
                 ha_enable: true,
                 master_nodes: 2,
+                warnings: 1,
                 vpn_create: false,
                 vpn_use: false,
                 kubevip_enable: true,

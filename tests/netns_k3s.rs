@@ -774,3 +774,62 @@ fn without_the_vpn_kubevip_cluster_on_lan_addresses() {
         assert!(!vpn.status.success(), "{}: no {VPN_IFACE}", n.host.ns);
     }
 }
+
+/// A hostile `ip-master` (a line end and a second `ExecStart=`, as a percent-encoded PUT
+/// delivers it) written through a worker's own API never reaches k3s: the worker's k3s is not
+/// restarted and every k3s it ran joined the real master. Whichever gate stops it (the value is
+/// not an address, or the ledger drops a write to `ip-master` from a non-master), it takes no
+/// effect.
+#[test]
+fn a_hostile_ip_master_never_reaches_k3s() {
+    let _serial = serial();
+    let mut c = Cluster::new("k3shostile", "10.87.9", 2, "", "");
+    let own = |role: &str| format!("#cloud-config\np2p:\n  role: {role}\n");
+    c.set_own_config(0, &own("master"));
+    c.set_own_config(1, &own("worker"));
+    c.start_all();
+    c.wait_formed(&[0, 1]);
+    let master_ip = c.nodes[0].vpn_address();
+    let starts = |c: &Cluster| {
+        c.nodes[1]
+            .standin_all()
+            .iter()
+            .filter(|r| r.event() == "start")
+            .count()
+    };
+    let before = starts(&c);
+    let socket = c.nodes[1].host.dir.join("state/api.sock");
+    let (status, _, body) = common::api_request(
+        &socket,
+        "PUT",
+        "/api/ledger/kairos/ip-master/10.66.66.66%0D%0AExecStart=%2Fbin%2Fsh%20-c%20id",
+    );
+    // Give the worker several checks (every 1 s) to act on it.
+    std::thread::sleep(Duration::from_secs(6));
+    let records = c.nodes[1].standin_all();
+    assert_eq!(
+        starts(&c),
+        before,
+        "k3s restarted after the PUT ({status} {body}):\n{}",
+        standin::describe(&records)
+    );
+    for r in &records {
+        if let Some(server) = r.server_url() {
+            assert_eq!(server, url(&master_ip), "{}", standin::describe(&records));
+        }
+    }
+    let log = std::fs::read_to_string(c.nodes[1].host.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        !log.contains('\r') && !log.lines().any(|l| l.starts_with("ExecStart")),
+        "the value reached the log raw"
+    );
+    // Where the ledger took the write, the worker saw the value and refused it.
+    let (_, _, stored) = common::api_request(&socket, "GET", "/api/ledger/kairos/ip-master");
+    if stored.contains("10.66.66.66") {
+        assert!(
+            log.contains("ledger join data refused: ip-master is not a unicast IP address"),
+            "{stored}"
+        );
+    }
+    assert!(c.nodes[1].ready().is_some(), "the worker's k3s still runs");
+}

@@ -639,7 +639,7 @@ fn secret_files_are_private_under_umask_000() {
     };
     let bin = Path::new("/usr/local/bin/k3s");
     for init in [InitSystem::Systemd, InitSystem::OpenRc] {
-        let written = service_files(init, &root, &plan, bin);
+        let written = service_files(init, &root, &plan, bin).unwrap();
         let with_token: Vec<_> = written
             .iter()
             .filter(|f| f.contents.contains("s3cret"))

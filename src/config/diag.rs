@@ -213,6 +213,12 @@ impl<'a> Ctx<'a> {
         self.diags.error(origin, message);
     }
 
+    /// Records an error about the whole file, at `line`.
+    pub(super) fn error_at_line(&mut self, line: u64, message: impl Into<String>) {
+        let line = usize::try_from(line).ok();
+        self.diags.file_error(self.file, line, message.into());
+    }
+
     /// Records a warning at `path`.
     pub(super) fn warn(&mut self, path: &KeyPath, message: impl Into<String>) {
         let origin = self.origin(path);

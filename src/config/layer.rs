@@ -117,6 +117,11 @@ impl Layer {
                 "k3s" => layer.k3s = K3sLayer::read(ctx, value, &path),
                 "k3s-agent" => layer.k3s_agent = K3sLayer::read(ctx, value, &path),
                 "kairos" => layer.kairos_token = read_kairos(ctx, value, &path),
+                "network_token" => ctx.warn(
+                    &path,
+                    "not read (by Kairos either): the token belongs in the p2p block, as \
+                     p2p.network_token; without it P2P is off",
+                ),
                 _ => {
                     if let Some(s) = schema::suggest(key, schema::BLOCKS) {
                         if !schema::OTHER_BLOCKS.contains(&key.as_str()) {
@@ -144,6 +149,12 @@ fn token(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<Option<NetworkT
     let s = text(ctx, v, path)?;
     let s = s.trim();
     if s.is_empty() {
+        ctx.warn(
+            path,
+            "empty: P2P is off here (the agent starts no VPN and no k3s, and exits); Kairos \
+             refuses this configuration (\"No network token provided\"). Set a token \
+             (kairos-p2p generate-token) or remove the key",
+        );
         return Some(None);
     }
     match NetworkToken::decode(s) {
@@ -194,7 +205,21 @@ impl P2pLayer {
                         ctx.check(&p, checked)
                     });
                 }
-                "role" => out.role = parsed(ctx, value, &p),
+                "role" => {
+                    out.role = parsed(ctx, value, &p);
+                    let spelled = text(ctx, value, &p).unwrap_or_default();
+                    if out.role.is_some() && spelled.trim().starts_with("master/") {
+                        ctx.warn(
+                            &p,
+                            format!(
+                                "note: read as master: the election makes this node the \
+                                 cluster-init master when there is none yet, else an HA master \
+                                 (Kairos runs {} as given)",
+                                read::quote(spelled.trim())
+                            ),
+                        );
+                    }
+                }
                 "disable_dht" => out.disable_dht = boolean(ctx, value, &p),
                 "bootstrap_peers" => {
                     out.bootstrap_peers = read::text_list(ctx, value, &p).map(|entries| {
@@ -224,7 +249,15 @@ impl P2pLayer {
                         }
                     }
                 }
-                "ha" => alias = HaLayer::read(ctx, value, &p),
+                "ha" => {
+                    alias = HaLayer::read(ctx, value, &p);
+                    ctx.warn(
+                        &p,
+                        "note: Kairos reads only p2p.auto.ha and builds a single master from \
+                         this config; kairos-p2p follows its intent (HA masters as asked). Write \
+                         p2p.auto.ha for the same cluster under both",
+                    );
+                }
                 _ => unknown(ctx, &p, &key, schema::P2P),
             }
         }
@@ -239,6 +272,7 @@ impl P2pLayer {
                 "create" => self.vpn_create = boolean(ctx, value, &p),
                 "use" => self.vpn_use = boolean(ctx, value, &p).map(|b| ctx.sourced(&p, b)),
                 "env" => self.vpn_env = EnvLayer::read(ctx, value, &p),
+                "auto" => ctx.warn(&p, "not read (by Kairos either): ignored"),
                 _ => unknown(ctx, &p, &key, schema::VPN),
             }
         }
@@ -296,7 +330,7 @@ impl HaLayer {
             match key.as_str() {
                 "enable" => out.enable = boolean(ctx, value, &p),
                 "master_nodes" => out.master_nodes = count(ctx, value, &p),
-                "external_db" => out.external_db = text(ctx, value, &p),
+                "external_db" => out.external_db = read::line(ctx, value, &p),
                 _ => unknown(ctx, &p, &key, schema::HA),
             }
         }
@@ -362,8 +396,8 @@ impl KubeVipLayer {
                     });
                 }
                 "static_pod" => out.static_pod = boolean(ctx, value, &p),
-                "version" => out.version = text(ctx, value, &p),
-                "image" => out.image = text(ctx, value, &p),
+                "version" => out.version = read::line(ctx, value, &p),
+                "image" => out.image = read::line(ctx, value, &p),
                 _ => unknown(ctx, &p, &key, schema::KUBEVIP),
             }
         }
@@ -390,7 +424,7 @@ impl K3sLayer {
                 "enabled" => out.enabled = boolean(ctx, value, &p),
                 "args" => out.args = read::text_list(ctx, value, &p),
                 "env" => {
-                    out.env = read::env_map(ctx, value, &p)
+                    out.env = read::env_map(ctx, value, &p, read::line)
                         .into_iter()
                         .map(|e| (e.name, e.value))
                         .collect();
@@ -458,6 +492,10 @@ mod tests {
             path: Path::new("all.yaml"),
             text: Some(&yaml),
         }];
-        assert_eq!(diags.finish(&files), (vec![], vec![]), "{yaml}");
+        // Only the note every `p2p.ha` block gets.
+        let (errors, warnings) = diags.finish(&files);
+        assert_eq!(errors, vec![], "{yaml}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("p2p.ha: note:"), "{warnings:?}");
     }
 }

@@ -11,7 +11,8 @@
 //! Rules where Kairos leaves room:
 //! - Every file is checked on its own, even where a later file overrides the value.
 //! - A key without a value (`key:` / `key: ~`) counts as unset; an empty string sets the default
-//!   (`network_id: ""` is `kairos`, `network_token: ""` turns p2p off).
+//!   (`network_id: ""` is `kairos`, `network_token: ""` turns p2p off, with a warning: Kairos
+//!   refuses it). A top-level `network_token` (outside `p2p`) is a warning.
 //! - An empty file, or one with only comments such as `#cloud-config`, is an empty
 //!   configuration, not an error. Files named explicitly need no `#cloud-config` header.
 //! - Unknown keys inside our blocks are errors (with the closest known key when one is close);
@@ -19,21 +20,30 @@
 //! - Go-template expressions (see `template.rs` for the subset) are expanded, with the
 //!   [`HostFacts`] given, in every string value kairos-p2p reads, before it is checked.
 //! - `kairos.network_token` is used when `p2p.network_token` is unset or empty after merging.
-//! - `p2p.ha` is an alias of `p2p.auto.ha`: in one file `p2p.auto.ha` wins key by key.
+//! - `p2p.ha` is an alias of `p2p.auto.ha`: in one file `p2p.auto.ha` wins key by key; a note
+//!   says Kairos reads only `p2p.auto.ha`. `p2p.vpn.auto` is ignored with a warning.
 //! - `kubevip.eip` must be an IP address; `kubevip.manifest_url` an http(s) URL;
 //!   `kubevip.enable: true` without an `eip` is an error.
 //! - `p2p.network_id` may not contain `/`, blanks or control characters (it appears in API
 //!   paths); at most 64 bytes.
-//! - Values: strings also take numbers and booleans; booleans take YAML booleans or the words
-//!   true/false, yes/no, on/off, 1/0 in any case; integers must be YAML integers (`"2"` is a
-//!   string, an error); `role` and `loglevel` are case-insensitive.
+//! - Values: strings also take numbers and booleans; booleans take YAML booleans or the YAML 1.1
+//!   words y/yes/on, n/no/off (as Kairos' yaml.v3 does; `"true"` in quotes is a string, an
+//!   error, as in Kairos; after a template any of the words); integers must be YAML integers
+//!   (`"2"` is a string, an error); `role` is lower case (`master/clusterinit` and `master/ha`
+//!   read as `master`, with a note), `loglevel` is case-insensitive. Values bound for k3s or
+//!   KubeVIP (args, env, `external_db`, image, version) may not contain control characters.
 //! - `p2p.vpn.env` (see [`VpnSettings`]): `DHCP` defaults to true unless `ADDRESS` is set;
 //!   `ADDRESS` needs a prefix of /8 to /30; `EDGEVPNMTU` 576 to 9000; `APILISTEN` must be a
 //!   loopback address (default `127.0.0.1:8080`, the API has no authentication);
 //!   `p2p.disable_dht: true` turns the DHT off whatever `EDGEVPNDHT` says.
 //! - Files larger than [`MAX_FILE_SIZE`] and files that are not UTF-8 are errors; at most 50
-//!   errors (and 50 warnings) are listed per file, and one error per key.
+//!   errors (and 50 warnings) are listed per file, and one error per key. A pipe or FIFO must
+//!   deliver its whole text within [`MAX_PIPE_WAIT`].
+//! - Every file's YAML is checked against [`budget::CONFIG_BUDGET`] (nesting depth, nodes and
+//!   text once aliases are expanded) before it is loaded: alias bombs and deep nesting are errors
+//!   found in milliseconds, in a few MB.
 
+pub mod budget;
 mod diag;
 mod effective;
 mod error;
@@ -62,7 +72,7 @@ pub use model::{
     DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig, K3sConfig, KubeVipConfig, LogLevel,
     P2pConfig, Role, VpnConfig,
 };
-pub use sources::{DEFAULT_DIRS, MAX_FILE_SIZE, default_sources, sources_in};
+pub use sources::{DEFAULT_DIRS, MAX_FILE_SIZE, MAX_PIPE_WAIT, default_sources, sources_in};
 pub use vpn_env::{
     DEFAULT_ADDRESS, DEFAULT_API_LISTEN, DEFAULT_IFACE, DEFAULT_MTU, Ipv4Cidr, MTU_RANGE,
     PREFIX_RANGE, VpnSettings,
@@ -127,6 +137,10 @@ fn build(
 /// One file's settings.
 fn parse_file(ctx: &mut Ctx<'_>, text: &str) -> Layer {
     let root = KeyPath::default();
+    if let Err(e) = budget::check(text.as_bytes(), budget::CONFIG_BUDGET) {
+        ctx.error_at_line(e.line(), format!("not accepted: {e}"));
+        return Layer::default();
+    }
     let mut doc: Value = match serde_yaml::from_str(text) {
         Ok(doc) => doc,
         Err(e) => {

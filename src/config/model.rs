@@ -221,17 +221,28 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = String;
 
-    /// `master`, `worker`, `none`, or `""`/`auto` (any case).
+    /// The roles Kairos' P2P mode runs, as it spells them (lower case): `master`,
+    /// `master/clusterinit` and `master/ha` (both a server: the election places it, see the
+    /// README), `worker`, `none`, or `""`/`auto`.
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
+        match s.trim() {
             "" | "auto" => Ok(Role::Auto),
-            "master" => Ok(Role::Master),
+            "master" | "master/clusterinit" | "master/ha" => Ok(Role::Master),
             "worker" => Ok(Role::Worker),
             "none" => Ok(Role::None),
-            _ => Err(format!(
-                "expected master, worker, none or \"\" (automatic), found {}",
-                super::read::quote(s)
-            )),
+            _ => {
+                let lower = s.trim().to_ascii_lowercase();
+                let hint = if lower != s.trim() && Role::from_str(&lower).is_ok() {
+                    " (roles are lower case: Kairos runs no role for it either)"
+                } else {
+                    ""
+                };
+                Err(format!(
+                    "expected master, master/clusterinit, master/ha, worker, none or \"\" \
+                     (automatic), found {}{hint}",
+                    super::read::quote(s)
+                ))
+            }
         }
     }
 }
@@ -430,13 +441,28 @@ mod tests {
     #[test]
     fn roles() {
         assert_eq!("".parse(), Ok(Role::Auto));
-        assert_eq!("Master".parse(), Ok(Role::Master));
+        assert_eq!("master".parse(), Ok(Role::Master));
+        assert_eq!("master/ha".parse(), Ok(Role::Master));
+        assert_eq!("master/clusterinit".parse(), Ok(Role::Master));
+        assert_eq!(
+            "Master".parse::<Role>(),
+            Err(
+                "expected master, master/clusterinit, master/ha, worker, none or \"\" \
+                 (automatic), found \"Master\" (roles are lower case: Kairos runs no role for \
+                 it either)"
+                    .to_owned()
+            )
+        );
         assert_eq!("worker".parse(), Ok(Role::Worker));
         assert_eq!("none".parse(), Ok(Role::None));
         assert_eq!("auto".parse(), Ok(Role::Auto));
         assert_eq!(
             "mastr".parse::<Role>(),
-            Err("expected master, worker, none or \"\" (automatic), found \"mastr\"".to_owned())
+            Err(
+                "expected master, master/clusterinit, master/ha, worker, none or \"\" \
+                 (automatic), found \"mastr\""
+                    .to_owned()
+            )
         );
         assert_eq!(Role::None.to_string(), "none");
     }

@@ -1,9 +1,12 @@
 //! Reading typed values out of YAML values, recording a message for anything of the wrong type.
 //!
 //! Rules shared by every key: a key with no value (`key:` or `key: ~`) counts as not set; strings
-//! also take numbers and booleans (as Kairos' YAML decoder does); booleans also take the words
-//! true/false, yes/no, on/off, 1/0 in any case (Kairos' decoder reads YAML 1.1, where `yes` and
-//! `on` are booleans); integers must be YAML integers (`"2"` in quotes is a string).
+//! also take numbers and booleans (as Kairos' YAML decoder does); booleans are YAML booleans or
+//! the YAML 1.1 words Kairos' decoder (yaml.v3 into a Go `bool`) also takes: y/yes/on and
+//! n/no/off (lower case, capitalised or upper case); a string such as `"true"` or `"1"` is
+//! refused there, so here too (after a template, any of the words true/false, yes/no, on/off,
+//! 1/0 is taken: a template can only be written in quotes); integers must be YAML integers
+//! (`"2"` in quotes is a string).
 
 use serde_yaml::Value;
 
@@ -50,12 +53,25 @@ pub(super) fn boolean(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<bo
     match v {
         Value::Null => None,
         Value::Bool(b) => Some(*b),
-        Value::String(s) => {
+        Value::String(s) if s.contains("{{") => {
             let s = ctx.expand(path, s)?;
             let b = bool_word(&s);
             if b.is_none() {
                 let found = describe(&Value::String(s));
                 ctx.error(path, format!("expected a boolean, found {found}"));
+            }
+            b
+        }
+        Value::String(s) => {
+            let b = yaml11_bool(s);
+            if b.is_none() {
+                let found = describe(v);
+                let hint = if bool_word(s).is_some() {
+                    " (a string: write it without quotes; Kairos refuses it too)"
+                } else {
+                    ""
+                };
+                ctx.error(path, format!("expected a boolean, found {found}{hint}"));
             }
             b
         }
@@ -104,7 +120,21 @@ pub(super) fn text(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<Strin
     }
 }
 
-/// A list of strings.
+/// A one-line string: [`text`] without control characters (values that reach k3s' command line,
+/// environment files, unit files or manifests).
+pub(super) fn line(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<String> {
+    let s = text(ctx, v, path)?;
+    if s.chars().any(char::is_control) {
+        ctx.error(
+            path,
+            format!("must not contain control characters, found {}", quote(&s)),
+        );
+        return None;
+    }
+    Some(s)
+}
+
+/// A list of one-line strings.
 pub(super) fn text_list(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<Vec<String>> {
     match v {
         Value::Null => None,
@@ -119,7 +149,7 @@ pub(super) fn text_list(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<
                             ctx.error(&p, "expected a string, found null");
                             None
                         }
-                        _ => text(ctx, item, &p),
+                        _ => line(ctx, item, &p),
                     }
                 })
                 .collect(),
@@ -135,16 +165,22 @@ pub(super) fn text_list(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Option<
 }
 
 /// A mapping of environment variables to their values (strings, numbers or booleans, taken as
-/// text), with the path of each entry, in document order. Entries without a value are not set.
-pub(super) fn env_map(ctx: &mut Ctx<'_>, v: &Value, path: &KeyPath) -> Vec<EnvEntry> {
+/// text by `value`: [`text`], or [`line`] for k3s' environment), with the path of each entry,
+/// in document order. Entries without a value are not set.
+pub(super) fn env_map(
+    ctx: &mut Ctx<'_>,
+    v: &Value,
+    path: &KeyPath,
+    value: fn(&mut Ctx<'_>, &Value, &KeyPath) -> Option<String>,
+) -> Vec<EnvEntry> {
     let mut out = Vec::new();
-    for (name, value) in mapping(ctx, v, path) {
+    for (name, entry) in mapping(ctx, v, path) {
         let p = path.key(&name);
-        if name.is_empty() || name.contains(['=', '\0']) {
+        if name.is_empty() || name.contains('=') || name.chars().any(char::is_control) {
             ctx.error(&p, "not a valid environment variable name");
             continue;
         }
-        if let Some(value) = text(ctx, value, &p) {
+        if let Some(value) = value(ctx, entry, &p) {
             out.push(EnvEntry {
                 name,
                 value,
@@ -160,6 +196,16 @@ pub(super) struct EnvEntry {
     pub(super) name: String,
     pub(super) value: String,
     pub(super) path: KeyPath,
+}
+
+/// A YAML 1.1 boolean word that YAML 1.2 reads as a string, as yaml.v3 takes it into a Go
+/// `bool`: y/yes/on, n/no/off (lower case, capitalised or upper case).
+fn yaml11_bool(s: &str) -> Option<bool> {
+    match s {
+        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
+        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
+    }
 }
 
 /// A boolean written as a word: true/false, yes/no, on/off, 1/0, in any case.
@@ -224,6 +270,17 @@ mod tests {
         assert_eq!(run("true", boolean), (Some(true), vec![]));
         assert_eq!(run("\"Yes\"", boolean), (Some(true), vec![]));
         assert_eq!(run("off", boolean), (Some(false), vec![]));
+        assert_eq!(run("N", boolean), (Some(false), vec![]));
+        // Quoted true/false and 1/0 are strings, refused as Kairos refuses them.
+        for quoted in ["\"true\"", "'false'", "\"1\"", "oN"] {
+            assert_eq!(run(quoted, boolean).0, None, "{quoted}");
+        }
+        assert_eq!(
+            run("\"true\"", boolean).1,
+            [
+                "t.yaml: k: expected a boolean, found string \"true\" (a string: write it without quotes; Kairos refuses it too)"
+            ]
+        );
         assert_eq!(run("~", boolean), (None, vec![]));
         assert_eq!(
             run("maybe", boolean),
@@ -314,7 +371,9 @@ mod tests {
             run("[1]", |c, v, p| mapping(c, v, p).len()).1,
             ["t.yaml: k: expected a mapping, found a list"]
         );
-        let (env, errors) = run("{B: true, A: 1, C: ~, \"D=E\": x}", env_map);
+        let (env, errors) = run("{B: true, A: 1, C: ~, \"D=E\": x}", |c, v, p| {
+            env_map(c, v, p, text)
+        });
         let env: Vec<(&str, &str)> = env
             .iter()
             .map(|e| (e.name.as_str(), e.value.as_str()))
@@ -324,6 +383,25 @@ mod tests {
             errors,
             ["t.yaml: k.D=E: not a valid environment variable name"]
         );
+    }
+
+    #[test]
+    fn values_bound_for_k3s_refuse_control_characters() {
+        assert_eq!(
+            run("[\"a\\rb\", c]", text_list),
+            (
+                Some(vec!["c".to_owned()]),
+                vec![
+                    "t.yaml: k[0]: must not contain control characters, found \"a\\rb\"".to_owned()
+                ]
+            )
+        );
+        let (env, errors) = run("{A: \"x\\ny\", \"B\\r\": z, C: ok}", |c, v, p| {
+            env_map(c, v, p, line)
+        });
+        assert_eq!(env.len(), 1);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(run("\"tab\\there\"", line).0, None);
     }
 
     #[test]

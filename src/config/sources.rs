@@ -7,9 +7,12 @@
 //! cannot be read is kept, so that loading it reports why. Files named explicitly are read
 //! whatever their first line.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The directories Kairos reads cloud-configs from, in order.
 pub const DEFAULT_DIRS: [&str; 2] = ["/oem", "/usr/local/cloud-config"];
@@ -65,9 +68,17 @@ pub(super) struct SourceError {
 }
 
 /// The text of the file at `path`. The size is bounded before reading (and while reading, for
-/// files such as pipes whose size is not known in advance).
+/// files such as pipes whose size is not known in advance); a pipe (`<(cmd)`, `/dev/stdin`, a
+/// FIFO) must reach its end within [`MAX_PIPE_WAIT`], so a FIFO nobody writes to cannot hang
+/// `validate` or the agent.
 pub(super) fn read_source(path: &Path) -> Result<String, SourceError> {
-    let meta = fs::metadata(path).map_err(cannot_read)?;
+    // Non-blocking: opening a FIFO without a writer would otherwise block in `open` itself.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot_read)?;
+    let meta = file.metadata().map_err(cannot_read)?;
     if meta.is_dir() {
         return Err(whole_file("cannot read: is a directory".to_owned()));
     }
@@ -77,10 +88,15 @@ pub(super) fn read_source(path: &Path) -> Result<String, SourceError> {
             meta.len()
         )));
     }
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes))
-        .map_err(cannot_read)?;
+    let bytes = if meta.file_type().is_file() {
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(cannot_read)?;
+        bytes
+    } else {
+        read_pipe(file, Instant::now() + MAX_PIPE_WAIT)?
+    };
     if bytes.len() as u64 > MAX_FILE_SIZE {
         return Err(whole_file(format!(
             "file is larger than the {MIB} MiB limit"
@@ -102,6 +118,58 @@ pub(super) fn read_source(path: &Path) -> Result<String, SourceError> {
 }
 
 const MIB: u64 = MAX_FILE_SIZE / (1024 * 1024);
+
+/// Longest wait for a pipe or FIFO to deliver all of its text (its writer to close it).
+pub const MAX_PIPE_WAIT: Duration = Duration::from_secs(5);
+
+/// Everything `file` (opened non-blocking) delivers until its end, at most one byte more than
+/// [`MAX_FILE_SIZE`], waiting until `deadline` at most.
+fn read_pipe(mut file: File, deadline: Instant) -> Result<Vec<u8>, SourceError> {
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(whole_file(format!(
+                "cannot read: no end of input within {} s (a pipe or FIFO nobody closes?)",
+                MAX_PIPE_WAIT.as_secs()
+            )));
+        }
+        let wait_ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+        let mut poll = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd that lives for the call; `file` keeps the fd open.
+        let ready = unsafe { libc::poll(&mut poll, 1, wait_ms) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(cannot_read(e));
+        }
+        if ready == 0 {
+            continue;
+        }
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => {
+                bytes.extend_from_slice(&chunk[..n]);
+                if bytes.len() as u64 > MAX_FILE_SIZE {
+                    return Ok(bytes);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(cannot_read(e)),
+        }
+    }
+}
 
 fn whole_file(message: String) -> SourceError {
     SourceError {

@@ -205,7 +205,7 @@ impl EnvLayer {
             name,
             value,
             path: p,
-        } in read::env_map(ctx, v, path)
+        } in read::env_map(ctx, v, path, read::text)
         {
             match name.as_str() {
                 "ADDRESS" => out.address = ctx.check(&p, parse_address(&value)),

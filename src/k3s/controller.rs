@@ -230,12 +230,15 @@ impl K3s {
         let (master, node_token) = if role.joins() {
             let ledger = cluster.ledger();
             let bucket = &self.settings.bucket;
-            let master = publish::join_address(ledger, bucket);
-            let token = publish::read(ledger, bucket, names::NODE_TOKEN);
-            if master.is_none() || token.is_none() {
-                return Err(K3sState::WaitingForMaster);
+            // Parsed before anything reaches k3s: a value that is not an address or a token is
+            // refused (and read again at the next check), never written into a unit file.
+            match publish::read_join(ledger, bucket) {
+                Ok(Some((master, token))) => (Some(master), Some(token)),
+                Ok(None) => return Err(K3sState::WaitingForMaster),
+                Err(e) => {
+                    return Err(K3sState::Failed(format!("ledger join data refused: {e}")));
+                }
             }
-            (master, token)
         } else {
             (None, None)
         };

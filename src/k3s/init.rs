@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use super::Root;
 use super::files::{EXECUTABLE, PRIVATE};
 use super::plan::Plan;
+use super::value::{self, ValueError};
 
 /// Says a file is ours (our unit is rewritten; a unit without it gets a drop-in).
 pub const WRITTEN_BY: &str = "written by kairos-p2p";
@@ -67,8 +68,35 @@ pub struct ServiceFile {
     pub mode: u32,
 }
 
-/// The files that make `init` run `plan` with the k3s binary `bin`.
-pub fn service_files(init: InitSystem, root: &Root, plan: &Plan, bin: &Path) -> Vec<ServiceFile> {
+/// The files that make `init` run `plan` with the k3s binary `bin`. A control character in the
+/// binary's path, an argument or the environment is refused: environment files and shell
+/// quoting have no escape for them, and in a unit file a line end starts a new directive.
+pub fn service_files(
+    init: InitSystem,
+    root: &Root,
+    plan: &Plan,
+    bin: &Path,
+) -> Result<Vec<ServiceFile>, ValueError> {
+    value::check_text(
+        || "the k3s binary's path".to_string(),
+        &bin.to_string_lossy(),
+    )?;
+    for (i, arg) in plan.args.iter().enumerate() {
+        value::check_text(|| format!("k3s argument {i}"), arg)?;
+    }
+    for (name, v) in &plan.env {
+        value::check_text(|| "a k3s environment variable name".to_string(), name)?;
+        value::check_text(|| format!("k3s environment variable {name}"), v)?;
+    }
+    Ok(unchecked_service_files(init, root, plan, bin))
+}
+
+fn unchecked_service_files(
+    init: InitSystem,
+    root: &Root,
+    plan: &Plan,
+    bin: &Path,
+) -> Vec<ServiceFile> {
     let svc = plan.service();
     match init {
         InitSystem::None => Vec::new(),
@@ -257,7 +285,8 @@ fn is_plain(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_=./:,@+".contains(c))
 }
 
-/// A word for `sh` (single quotes unless plain).
+/// A word for `sh` (single quotes unless plain). Inside single quotes every byte but `'` is
+/// literal, control characters included (and [`service_files`] refuses those anyway).
 fn sh_quote(s: &str) -> String {
     if is_plain(s) {
         s.to_string()
@@ -266,34 +295,51 @@ fn sh_quote(s: &str) -> String {
     }
 }
 
-/// A value for a systemd `EnvironmentFile` (double quotes unless plain).
+/// A value for a systemd `EnvironmentFile` (double quotes unless plain). systemd reads a
+/// backslash before `"`, `\`, `` ` `` or `$` as that character and has no escape for control
+/// characters (inside quotes they are literal; [`service_files`] refuses them).
 fn systemd_env_value(s: &str) -> String {
     if is_plain(s) {
-        s.to_string()
-    } else {
-        format!(
-            "\"{}\"",
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        )
+        return s.to_string();
     }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if matches!(c, '"' | '\\' | '`' | '$') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
-/// A word of a systemd `ExecStart=` line (`%` and `$` escaped, double quotes unless plain).
+/// A word of a systemd `ExecStart=` line: `%` and `$` doubled (specifiers, variables), double
+/// quotes unless plain, `"` and `\` escaped, and every control character written as a C escape
+/// (`\n`, `\r`, `\t`, `\xNN`; systemd decodes them): the line can never be ended early.
 fn systemd_quote(s: &str) -> String {
     let escaped = s.replace('%', "%%").replace('$', "$$");
     if is_plain(s) {
-        escaped
-    } else {
-        format!(
-            "\"{}\"",
-            escaped
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        )
+        return escaped;
     }
+    let mut out = String::with_capacity(escaped.len() + 2);
+    out.push('"');
+    for c in escaped.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() && (c as u32) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -343,7 +389,7 @@ mod tests {
     fn systemd_files() {
         let root = temp_root("systemd");
         let bin = Path::new("/usr/local/bin/k3s");
-        let files = service_files(InitSystem::Systemd, &root, &plan(K3sRole::Worker), bin);
+        let files = service_files(InitSystem::Systemd, &root, &plan(K3sRole::Worker), bin).unwrap();
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].path, root.path("/etc/sysconfig/k3s-agent"));
         assert_eq!(files[0].mode, 0o600);
@@ -366,14 +412,15 @@ mod tests {
         // Our own unit is rewritten; an installed one gets a drop-in.
         std::fs::create_dir_all(root.path("/etc/systemd/system")).unwrap();
         std::fs::write(&files[1].path, &files[1].contents).unwrap();
-        let again = service_files(InitSystem::Systemd, &root, &plan(K3sRole::Worker), bin);
+        let again = service_files(InitSystem::Systemd, &root, &plan(K3sRole::Worker), bin).unwrap();
         assert_eq!(again[1].path, files[1].path);
         std::fs::write(
             &files[1].path,
             "[Service]\nExecStart=/usr/local/bin/k3s agent\n",
         )
         .unwrap();
-        let dropin = service_files(InitSystem::Systemd, &root, &plan(K3sRole::Worker), bin);
+        let dropin =
+            service_files(InitSystem::Systemd, &root, &plan(K3sRole::Worker), bin).unwrap();
         assert_eq!(
             dropin[1].path,
             root.path("/etc/systemd/system/k3s-agent.service.d/50-kairos-p2p.conf")
@@ -401,7 +448,8 @@ mod tests {
     fn openrc_files() {
         let root = temp_root("openrc");
         let p = plan(K3sRole::Master);
-        let files = service_files(InitSystem::OpenRc, &root, &p, Path::new("/usr/bin/k3s"));
+        let files =
+            service_files(InitSystem::OpenRc, &root, &p, Path::new("/usr/bin/k3s")).unwrap();
         let paths: Vec<_> = files.iter().map(|f| f.path.clone()).collect();
         assert_eq!(
             paths,
@@ -434,7 +482,58 @@ mod tests {
                 &["rc-service", "k3s", "restart"]
             ]
         );
-        assert!(service_files(InitSystem::None, &root, &p, Path::new("k3s")).is_empty());
+        assert!(
+            service_files(InitSystem::None, &root, &p, Path::new("k3s"))
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::remove_dir_all(root.dir()).unwrap();
+    }
+
+    /// Hostile values never end a line of a unit file: control characters in an `ExecStart=` word
+    /// become C escapes; a plan carrying one is refused for every init system's files.
+    #[test]
+    fn hostile_values_are_escaped_or_refused() {
+        for (word, want) in [
+            ("a\rExecStart=/bin/sh", "\"a\\rExecStart=/bin/sh\""),
+            ("a\nb\tc", "\"a\\nb\\tc\""),
+            ("a\u{0}b\u{1b}c\u{7f}", "\"a\\x00b\\x1bc\\x7f\""),
+            ("a\u{85}b", "\"a\\x85b\""),
+            ("%h $HOME \"q\" \\", "\"%%h $$HOME \\\"q\\\" \\\\\""),
+        ] {
+            let quoted = systemd_quote(word);
+            assert_eq!(quoted, want, "{word:?}");
+            assert!(!quoted.chars().any(char::is_control), "{quoted:?}");
+        }
+        assert_eq!(
+            systemd_env_value("a \"b\" $c `d` \\e"),
+            "\"a \\\"b\\\" \\$c \\`d\\` \\\\e\""
+        );
+        let root = temp_root("hostile");
+        let bin = Path::new("/usr/local/bin/k3s");
+        let hostile = [
+            ("argument", "--node-label=a\rExecStart=/bin/sh"),
+            ("env value", "K10x\nExecStart=/bin/sh"),
+            ("env name", "\r"),
+        ];
+        for init in [InitSystem::Systemd, InitSystem::OpenRc, InitSystem::None] {
+            for (what, value) in hostile {
+                let mut p = plan(K3sRole::Worker);
+                match what {
+                    "argument" => p.args.push(value.to_string()),
+                    "env value" => drop(p.env.insert("K3S_TOKEN".into(), value.into())),
+                    _ => drop(p.env.insert(value.into(), "x".into())),
+                }
+                let e = service_files(init, &root, &p, bin).unwrap_err();
+                assert!(
+                    e.to_string().contains("control character"),
+                    "{init} {what}: {e}"
+                );
+            }
+            let e = service_files(init, &root, &plan(K3sRole::Worker), Path::new("/bin/k3s\n"))
+                .unwrap_err();
+            assert!(e.to_string().contains("binary"), "{e}");
+        }
         std::fs::remove_dir_all(root.dir()).unwrap();
     }
 

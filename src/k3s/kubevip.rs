@@ -257,6 +257,47 @@ mod tests {
         std::fs::remove_dir_all(r.dir()).unwrap();
     }
 
+    /// Hostile values cannot add keys to the manifest: every value is a quoted scalar (control
+    /// characters escaped), and the configuration refuses control characters in image, version
+    /// and interface before they get here.
+    #[test]
+    fn hostile_values_stay_inside_their_scalar() {
+        let mut c = cfg("kubevip:\n  eip: 10.0.0.9\n");
+        c.kubevip.image = "img\"\n  hostPID: true\n#".to_string();
+        c.kubevip.version = Some("v1\r\n- name: evil".to_string());
+        let ds = daemonset(&c.kubevip, "10.0.0.9", "eth0\u{0}\n    privileged: true");
+        assert!(
+            !ds.contains("\n  hostPID") && !ds.contains("\n- name: evil"),
+            "{ds}"
+        );
+        let v: serde_yaml::Value = serde_yaml::from_str(&ds).unwrap();
+        let container = &v["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["image"],
+            "img\"\n  hostPID: true\n#:v1\r\n- name: evil"
+        );
+        assert!(v["spec"]["template"]["spec"].get("hostPID").is_none());
+        let names: Vec<&str> = container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 14, "{names:?}");
+        for bad in [
+            "  image: \"a\\nb\"\n",
+            "  version: \"a\\rb\"\n",
+            "  interface: \"a\\nb\"\n",
+        ] {
+            let text = format!("p2p:\n  network_id: t\nkubevip:\n  eip: 10.0.0.9\n{bad}");
+            let parsed = crate::config::parse(
+                &[(std::path::Path::new("t.yaml"), &text)],
+                &crate::config::HostFacts::default(),
+            );
+            assert!(parsed.is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn static_pod_with_interface() {
         let r = root("pod");

@@ -22,6 +22,7 @@ pub mod marker;
 pub mod plan;
 pub mod publish;
 pub mod supervise;
+pub mod value;
 pub mod worker;
 
 use std::fmt;

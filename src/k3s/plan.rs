@@ -12,6 +12,7 @@ use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
+use super::value::{self, K3sToken, ValueError};
 use super::{API_PORT, K3sRole};
 use crate::config::{Config, K3sConfig};
 
@@ -25,10 +26,10 @@ pub struct Facts {
     /// The interface flannel uses (`--flannel-iface`): the VPN interface with `vpn.use`, else
     /// the LAN one.
     pub iface: String,
-    /// The master's address from the ledger (`ip-master`), for nodes that join.
-    pub master: Option<String>,
-    /// The master's node token from the ledger (`token-nodetoken`), for nodes that join.
-    pub node_token: Option<String>,
+    /// The master's address from the ledger (`ip-master`, parsed), for nodes that join.
+    pub master: Option<IpAddr>,
+    /// The master's node token from the ledger (`token-nodetoken`, parsed), for nodes that join.
+    pub node_token: Option<K3sToken>,
     /// The cluster-init server already created its datastore once (marker in the state dir).
     pub cluster_initialised: bool,
 }
@@ -116,6 +117,8 @@ pub enum PlanError {
     NoMasterAddress,
     /// A joining node without the node token.
     NoNodeToken,
+    /// An argument or environment value (from the configuration) that cannot be written safely.
+    Unsafe(ValueError),
 }
 
 impl fmt::Display for PlanError {
@@ -133,6 +136,7 @@ impl fmt::Display for PlanError {
                     "the master's node token (token-nodetoken) is not in the ledger yet"
                 )
             }
+            PlanError::Unsafe(e) => write!(f, "{e}"),
         }
     }
 }
@@ -140,30 +144,35 @@ impl fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 /// The URL nodes join: `https://<master>:6443` (IPv6 bracketed).
-pub fn server_url(master: &str) -> String {
-    let master = master.trim();
-    match master.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("https://[{v6}]:{API_PORT}"),
-        _ => format!("https://{master}:{API_PORT}"),
+pub fn server_url(master: IpAddr) -> String {
+    match master {
+        IpAddr::V6(v6) => format!("https://[{v6}]:{API_PORT}"),
+        IpAddr::V4(v4) => format!("https://{v4}:{API_PORT}"),
     }
 }
 
-/// The plan of a node with `facts` under `cfg`.
+/// The plan of a node with `facts` under `cfg`. Every argument and environment entry is checked
+/// to be free of control characters (the configuration refuses them already; this is the last
+/// gate before command lines and unit files).
 pub fn plan(cfg: &Config, facts: &Facts) -> Result<Plan, PlanError> {
+    let plan = unchecked_plan(cfg, facts)?;
+    for (i, arg) in plan.args.iter().enumerate() {
+        value::check_text(|| format!("k3s argument {i}"), arg).map_err(PlanError::Unsafe)?;
+    }
+    for (name, v) in &plan.env {
+        value::check_text(|| "a k3s environment variable name".to_string(), name)
+            .map_err(PlanError::Unsafe)?;
+        value::check_text(|| format!("k3s environment variable {name}"), v)
+            .map_err(PlanError::Unsafe)?;
+    }
+    Ok(plan)
+}
+
+fn unchecked_plan(cfg: &Config, facts: &Facts) -> Result<Plan, PlanError> {
     let join = if facts.role.joins() {
-        let master = facts
-            .master
-            .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .ok_or(PlanError::NoMasterAddress)?;
-        let token = facts
-            .node_token
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(PlanError::NoNodeToken)?;
-        Some((server_url(master), token.to_string()))
+        let master = facts.master.ok_or(PlanError::NoMasterAddress)?;
+        let token = facts.node_token.as_ref().ok_or(PlanError::NoNodeToken)?;
+        Some((server_url(master), token.expose().to_string()))
     } else {
         None
     };
@@ -250,8 +259,8 @@ mod tests {
             role,
             node_ip: "10.1.0.5".parse().unwrap(),
             iface: "edgevpn0".to_string(),
-            master: Some("10.1.0.1".to_string()),
-            node_token: Some("K10abc::server:def\n".to_string()),
+            master: Some("10.1.0.1".parse().unwrap()),
+            node_token: Some(K3sToken::parse("K10abc::server:def\n").unwrap()),
             cluster_initialised: false,
         }
     }
@@ -424,7 +433,7 @@ mod tests {
             };
             assert_eq!(plan(&c, &f), Err(PlanError::NoMasterAddress));
             let f = Facts {
-                node_token: Some(" \n".into()),
+                node_token: None,
                 ..facts(role)
             };
             assert_eq!(plan(&c, &f), Err(PlanError::NoNodeToken));
@@ -440,8 +449,14 @@ mod tests {
 
     #[test]
     fn ipv6_urls_and_hashes() {
-        assert_eq!(server_url("fd00::1"), "https://[fd00::1]:6443");
-        assert_eq!(server_url(" 10.1.0.1\n"), "https://10.1.0.1:6443");
+        assert_eq!(
+            server_url("fd00::1".parse().unwrap()),
+            "https://[fd00::1]:6443"
+        );
+        assert_eq!(
+            server_url("10.1.0.1".parse().unwrap()),
+            "https://10.1.0.1:6443"
+        );
         let c = cfg("");
         let a = plan(&c, &facts(K3sRole::Worker)).unwrap();
         let mut b = a.clone();
@@ -450,6 +465,36 @@ mod tests {
         b.env.insert("K3S_TOKEN".into(), "other".into());
         assert_ne!(a.hash(), b.hash());
         assert!(!format!("{a:?}").contains("K10abc"));
+    }
+
+    /// The configuration refuses control characters in k3s args and env; a plan refuses them too
+    /// (the last gate), whatever put them in the configuration.
+    #[test]
+    fn control_characters_never_reach_a_plan() {
+        let refused = [
+            "k3s:\n  args: [\"--node-label=a\\rExecStart=/bin/sh\"]\n",
+            "k3s-agent:\n  env: {K3S_NODE_NAME: \"n\\nExecStart=/bin/sh\"}\n",
+            "p2p:\n  auto:\n    ha:\n      external_db: \"db\\r\"\n",
+            "kubevip:\n  eip: 10.0.0.9\n  image: \"img\\n\"\n",
+            "kubevip:\n  eip: 10.0.0.9\n  version: \"v1\\u0085\"\n",
+        ];
+        for extra in refused {
+            let text =
+                format!("p2p:\n  network_id: t\n{extra}").replacen("p2p:\n  auto", "  auto", 1);
+            let e = config::parse(&[(Path::new("t.yaml"), &text)], &HostFacts::default())
+                .expect_err(extra);
+            assert!(e.to_string().contains("control characters"), "{extra}: {e}");
+        }
+        let mut c = cfg("");
+        c.k3s_agent.args.push("--x=\r".into());
+        let e = plan(&c, &facts(K3sRole::Worker)).unwrap_err();
+        assert!(matches!(e, PlanError::Unsafe(_)), "{e}");
+        let mut c = cfg("");
+        c.k3s.env.insert("A".into(), "\n".into());
+        assert!(matches!(
+            plan(&c, &facts(K3sRole::Master)),
+            Err(PlanError::Unsafe(_))
+        ));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::files;
+use super::value::{self, K3sToken};
 use super::{API_PORT, K3S_YAML, NODE_TOKEN_FILE, Root};
 use crate::cluster::Write;
 use crate::ledger::{Ledger, edgevpn, names};
@@ -101,13 +102,13 @@ pub fn read_join_data(root: &Root, address: &str) -> Result<JoinData, String> {
     let token = files::read(&token_path)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} does not exist", token_path.display()))?;
-    let node_token = String::from_utf8(token)
-        .map_err(|_| format!("{} is not text", token_path.display()))?
-        .trim()
+    let node_token =
+        String::from_utf8(token).map_err(|_| format!("{} is not text", token_path.display()))?;
+    // Published only if every node will accept it (the same parse as the joining side).
+    let node_token = K3sToken::parse(&node_token)
+        .map_err(|e| format!("{}: {e}", token_path.display()))?
+        .expose()
         .to_string();
-    if node_token.is_empty() {
-        return Err(format!("{} is empty", token_path.display()));
-    }
     let yaml_path = root.path(K3S_YAML);
     let kubeconfig = files::read(&yaml_path)
         .map_err(|e| e.to_string())?
@@ -182,6 +183,24 @@ pub fn read(ledger: &Ledger, bucket: &str, key: &str) -> Option<String> {
     let text = edgevpn::text(&String::from_utf8_lossy(raw));
     let text = text.trim();
     (!text.is_empty()).then(|| text.to_string())
+}
+
+/// What a joining node reads in `bucket`: the master's address ([`join_address`]) and node
+/// token, both parsed ([`value::master_address`], [`K3sToken::parse`]); `Ok(None)` while either
+/// is missing. A value that does not parse is an error and never reaches a plan.
+pub fn read_join(
+    ledger: &Ledger,
+    bucket: &str,
+) -> Result<Option<(IpAddr, K3sToken)>, value::ValueError> {
+    let master = join_address(ledger, bucket);
+    let token = read(ledger, bucket, names::NODE_TOKEN);
+    let (Some(master), Some(token)) = (master, token) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        value::master_address(&master)?,
+        K3sToken::parse(&token)?,
+    )))
 }
 
 #[cfg(test)]
@@ -271,6 +290,48 @@ mod tests {
         );
         assert!(writes(&kairos, "kairos", &data).is_empty(), "same values");
         std::fs::remove_dir_all(r.dir()).unwrap();
+    }
+
+    /// Hostile `ip-master` or `token-nodetoken` values (plain, or as Kairos' Go client encodes
+    /// them) are refused; good ones read back parsed.
+    #[test]
+    fn join_data_in_the_ledger_is_parsed() {
+        let go = |s: &str| serde_json::to_string(&edgevpn::client_segment(s)).unwrap();
+        let ledger_with = |ip: &str, token: &str| {
+            let mut l = Ledger::new(Limits::for_max_message_size(1 << 20));
+            apply(
+                &mut l,
+                &[
+                    Write::put("kairos", names::IP_MASTER, ip.to_string()),
+                    Write::put("kairos", names::NODE_TOKEN, token.to_string()),
+                ],
+            );
+            l
+        };
+        let empty = Ledger::new(Limits::for_max_message_size(1 << 20));
+        assert_eq!(read_join(&empty, "kairos"), Ok(None));
+        let good = read_join(&ledger_with("10.1.0.1", "K10abc::server:xyz"), "kairos")
+            .unwrap()
+            .unwrap();
+        assert_eq!(good.0, "10.1.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(good.1.expose(), "K10abc::server:xyz");
+        let via_go = read_join(
+            &ledger_with(&go("fd00::1"), &go("K10abc::server:xyz")),
+            "kairos",
+        );
+        assert!(matches!(via_go, Ok(Some(_))), "{via_go:?}");
+        for (ip, token) in [
+            ("10.1.0.1\r\nExecStart=/bin/sh -c id", "K10abc::server:xyz"),
+            ("10.1.0.1\rExecStart=/bin/sh", "K10abc::server:xyz"),
+            ("evil.example", "K10abc::server:xyz"),
+            ("10.1.0.1", "K10abc\r\nExecStart=/bin/sh"),
+            ("10.1.0.1", "K10 abc"),
+        ] {
+            for (ip, token) in [(ip.to_string(), token.to_string()), (go(ip), go(token))] {
+                let got = read_join(&ledger_with(&ip, &token), "kairos");
+                assert!(got.is_err(), "{ip:?} {token:?}: {got:?}");
+            }
+        }
     }
 
     #[test]

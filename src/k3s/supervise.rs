@@ -390,6 +390,42 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The supervised child gets each argument and variable exactly as planned, one argv entry
+    /// each: no shell ever reads them (blanks, quotes, `$(...)` and globs stay text).
+    #[test]
+    fn hostile_arguments_reach_the_child_verbatim() {
+        let dir = std::env::temp_dir().join(format!("kp2p-sup-verbatim-{}", std::process::id()));
+        let out = dir.join("argv");
+        let pwned = dir.join("pwned");
+        let bin = script(
+            &dir,
+            &format!(
+                "printf '%s\\n' \"$@\" \"URL=$K3S_URL\" > {out}.tmp && mv {out}.tmp {out}\nsleep 30",
+                out = out.display()
+            ),
+        );
+        let injected = format!("$(touch {})", pwned.display());
+        let args = [
+            "agent",
+            "--node-label=a b",
+            injected.as_str(),
+            "'q'\"x\";id",
+            "*",
+        ];
+        let url = format!("https://10.1.0.1:6443`touch {}`", pwned.display());
+        let p = plan(&args, &[("K3S_URL", url.as_str())]);
+        let mut s = Supervisor::new(&bin, &p, SuperviseTiming::default());
+        s.poll(Instant::now());
+        wait_for("the child's argv", || out.exists());
+        let got = std::fs::read_to_string(&out).unwrap();
+        let mut want: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        want.push(format!("URL={url}"));
+        assert_eq!(got.lines().collect::<Vec<_>>(), want);
+        assert!(!pwned.exists());
+        s.stop();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn stop_terminates_then_kills() {
         let dir = std::env::temp_dir().join(format!("kp2p-sup-stop-{}", std::process::id()));

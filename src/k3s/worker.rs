@@ -355,7 +355,9 @@ impl Worker {
         if plan.role.is_server() {
             kubevip::deploy(&self.s.config, &self.s.root, iface)?;
         }
-        for f in init::service_files(self.s.init, &self.s.root, plan, bin) {
+        let files = init::service_files(self.s.init, &self.s.root, plan, bin)
+            .map_err(|e| format!("k3s service files not written: {e}"))?;
+        for f in files {
             super::files::write(&f.path, f.contents.as_bytes(), f.mode)
                 .map_err(|e| e.to_string())?;
         }
@@ -411,7 +413,9 @@ impl Worker {
         };
         let plan = self.plan_for(&job.want)?;
         let bin = job.bin.clone();
-        for f in init::service_files(self.s.init, &self.s.root, &plan, &bin) {
+        let files = init::service_files(self.s.init, &self.s.root, &plan, &bin)
+            .map_err(|e| format!("k3s service files not written: {e}"))?;
+        for f in files {
             super::files::write(&f.path, f.contents.as_bytes(), f.mode)
                 .map_err(|e| e.to_string())?;
         }
@@ -509,6 +513,7 @@ pub fn find_k3s(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k3s::value::K3sToken;
 
     #[test]
     fn finds_the_binary() {
@@ -724,8 +729,8 @@ mod tests {
         let real = s.binary.replace(dir.join("bin/k3s-later")).unwrap();
         let h = Harness::start(s.clone());
         let mut w = want(K3sRole::Worker, "10.1.0.9".parse().unwrap());
-        w.facts.master = Some("10.1.0.1".into());
-        w.facts.node_token = Some("K10fake::server:secret".into());
+        w.facts.master = Some("10.1.0.1".parse().unwrap());
+        w.facts.node_token = Some(K3sToken::parse("K10fake::server:secret").unwrap());
         h.commands.send(Command::Apply(w.clone())).unwrap();
         let seen = h.wait(|r| matches!(r, Report::State(K3sState::Failed(_))));
         let Some(Report::State(K3sState::Failed(why))) = seen.last() else {

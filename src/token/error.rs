@@ -21,6 +21,9 @@ pub enum TokenError {
     NotBase64(String),
     /// The base64 payload is not a YAML document (serde_yaml's message).
     NotYaml(String),
+    /// The YAML document is over the token's budget (aliases expanded, nesting depth): an alias
+    /// bomb or a deeply nested document, refused before it is loaded.
+    OverBudget(crate::config::budget::BudgetError),
     /// The YAML document is not a mapping; holds what was found instead (e.g. "a string").
     NotMapping(&'static str),
     /// A required field is absent or null; holds its dotted path, e.g. `otp.crypto.key`.
@@ -58,6 +61,7 @@ impl fmt::Display for TokenError {
             Self::Blank => f.write_str("network token is empty"),
             Self::NotBase64(msg) => write!(f, "network token is not valid base64: {msg}"),
             Self::NotYaml(msg) => write!(f, "network token does not hold valid YAML: {msg}"),
+            Self::OverBudget(e) => write!(f, "network token YAML is not accepted: {e}"),
             Self::NotMapping(found) => {
                 write!(f, "network token YAML is not a mapping (found {found})")
             }

@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::config::budget;
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
@@ -156,6 +157,7 @@ impl NetworkToken {
         let yaml = BASE64
             .decode(compact.as_bytes())
             .map_err(|e| TokenError::NotBase64(e.to_string()))?;
+        budget::check(&yaml, budget::TOKEN_BUDGET).map_err(TokenError::OverBudget)?;
         let doc: serde_yaml::Value =
             serde_yaml::from_slice(&yaml).map_err(|e| TokenError::NotYaml(e.to_string()))?;
         let token = parse::token_from_value(&doc)?;

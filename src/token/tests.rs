@@ -521,3 +521,19 @@ fn debug_never_shows_secrets() {
         NetworkToken::decode(&b64(&yaml_with("otp.dht.key", "[u8iS2G8NPRVdD53X]"))).unwrap_err();
     assert!(!format!("{err} {err:?}").contains("u8iS2G8NPRVdD53X"));
 }
+
+/// A token body that is an alias bomb or deeply nested is refused before it is loaded.
+#[test]
+fn yaml_bombs_in_the_body_are_refused_before_loading() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut bomb = String::from("a: &a [x,x,x,x,x,x,x,x,x,x]\n");
+    for i in 1..8 {
+        bomb += &format!("a{i}: &a [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n");
+    }
+    let nested = format!("{}x{}", "[".repeat(20_000), "]".repeat(20_000));
+    for body in [bomb, nested] {
+        let e = NetworkToken::decode(&b64(&body)).unwrap_err();
+        assert!(matches!(e, TokenError::OverBudget(_)), "{e}");
+    }
+}

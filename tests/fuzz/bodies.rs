@@ -14,7 +14,7 @@ use kairos_p2p::api::{
     ApiState, ClusterNode, Connection, MemberStatus, Metrics, NodeInfo, PeerStatus, handle,
 };
 use kairos_p2p::cluster::{Cluster, ClusterSettings};
-use kairos_p2p::config::{self, DEFAULT_ADDRESS, HostFacts};
+use kairos_p2p::config::{self, DEFAULT_ADDRESS, HostFacts, budget};
 use kairos_p2p::discovery::beacon::Beacon;
 use kairos_p2p::discovery::kad::message::Message;
 use kairos_p2p::identity::Identity;
@@ -38,13 +38,17 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("node", node),
 ];
 
-/// The network token decoder (cloud-config values, `--network-token`, `$EDGEVPNTOKEN`).
+/// The network token decoder (cloud-config values, `--network-token`, `$EDGEVPNTOKEN`); the
+/// input is also checked as a token's YAML body against the token's budget (see
+/// [`assert_within_budget`]).
 pub fn token(data: &[u8]) {
     let _ = NetworkToken::decode(&String::from_utf8_lossy(data));
+    assert_within_budget(data, budget::TOKEN_BUDGET);
 }
 
 /// The cloud-config loader (YAML, templates, typed values, located errors) on two files, as
-/// `--config a --config b`: the input split at its first NUL (if any).
+/// `--config a --config b`: the input split at its first NUL (if any). Each file is also checked
+/// against the config budget (see [`assert_within_budget`]).
 pub fn config(data: &[u8]) {
     let host = HostFacts {
         machine_id: "0123456789abcdef".to_string(),
@@ -53,6 +57,67 @@ pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let (a, b) = text.split_once('\0').unwrap_or((&text, ""));
     let _ = config::parse(&[(Path::new("a.yaml"), a), (Path::new("b.yaml"), b)], &host);
+    for file in [a, b] {
+        assert_within_budget(file.as_bytes(), budget::CONFIG_BUDGET);
+    }
+}
+
+/// The YAML budget's promise: whatever the pre-scan accepts, serde_yaml loads into a value no
+/// larger than the budget (nodes and scalar bytes with aliases expanded, nesting depth), so the
+/// time and memory of every load are bounded by the budget, whatever the input.
+fn assert_within_budget(data: &[u8], budget: budget::Budget) {
+    if budget::check(data, budget).is_err() {
+        return;
+    }
+    let Ok(value) = serde_yaml::from_slice::<serde_yaml::Value>(data) else {
+        return;
+    };
+    let size = yaml_size(&value, 1);
+    assert!(
+        size.nodes <= budget.max_nodes
+            && size.scalar_bytes <= budget.max_scalar_bytes
+            && size.depth <= budget.max_depth,
+        "accepted by the budget {budget:?}, loaded as {size:?}"
+    );
+}
+
+/// Nodes, string bytes and collection depth of a loaded YAML value.
+#[derive(Debug, Default)]
+struct YamlSize {
+    nodes: u64,
+    scalar_bytes: u64,
+    depth: usize,
+}
+
+fn yaml_size(value: &serde_yaml::Value, level: usize) -> YamlSize {
+    use serde_yaml::Value;
+    let mut size = YamlSize {
+        nodes: 1,
+        ..YamlSize::default()
+    };
+    let mut add = |child: YamlSize| {
+        size.nodes += child.nodes;
+        size.scalar_bytes += child.scalar_bytes;
+        size.depth = size.depth.max(child.depth);
+    };
+    match value {
+        Value::String(s) => size.scalar_bytes = s.len() as u64,
+        Value::Sequence(items) => {
+            items.iter().for_each(|v| add(yaml_size(v, level + 1)));
+            size.depth = size.depth.max(level);
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map {
+                add(yaml_size(k, level + 1));
+                add(yaml_size(v, level + 1));
+            }
+            size.depth = size.depth.max(level);
+        }
+        // A tag is part of its node's event, not a node of its own.
+        Value::Tagged(tagged) => return yaml_size(&tagged.value, level),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    size
 }
 
 /// Every wire decoder: control frames, relay frames, DHT messages, ledger sync messages, sealed

@@ -1,5 +1,7 @@
 //! Kademlia-lite: a small sans-IO DHT that lets members of a network find each other through
-//! any DHT node, without those nodes learning anything about the network.
+//! any DHT node, without those nodes reading or forging what members publish (sealed records).
+//! DHT nodes do see senders' peer ids and source addresses, and which of them use which
+//! (opaque, token-derived) rendezvous key: see the README's overlay section.
 //!
 //! No sockets and no clocks: every mutator takes `now` (and `unix_secs` where wall time
 //! matters), randomness comes from the [`Rng`] given at construction, so the same seed replays
