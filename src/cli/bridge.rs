@@ -40,12 +40,12 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         Some(text) => match NetworkToken::decode(&text) {
             Ok(token) => token,
             Err(e) => {
-                eprintln!("bridge: the network token is not valid: {e}");
+                crate::errln!("bridge: the network token is not valid: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
         None => {
-            eprintln!(
+            crate::errln!(
                 "bridge: no network token: pass --network-token TOKEN or set NETWORK_TOKEN \
                  (the p2p.network_token of the nodes' cloud-config)"
             );
@@ -53,7 +53,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         }
     };
     if let Err(message) = check_args(args) {
-        eprintln!("bridge: {message}");
+        crate::errln!("bridge: {message}");
         return ExitCode::from(EXIT_USAGE);
     }
     if !args.api.ip().is_loopback() {
@@ -69,7 +69,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
     let identity = match Identity::load_or_create(&state_dir) {
         Ok(identity) => identity,
         Err(e) => {
-            eprintln!("bridge: {e}");
+            crate::errln!("bridge: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -103,7 +103,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         local: args.address,
         mtu: args.mtu,
     });
-    eprintln!(
+    crate::errln!(
         "bridge: joining the network as {uuid} ({}), VPN {} on {}, API http://{}",
         identity.peer_id(),
         args.address,

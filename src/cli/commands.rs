@@ -28,7 +28,7 @@ pub fn get_kubeconfig(args: &GetKubeconfigArgs) -> ExitCode {
         }
         outcome.map_err(failure)
     });
-    finish(result.map(|yaml| print!("{}", with_newline(&yaml))))
+    finish(result.map(|yaml| crate::out!("{}", with_newline(&yaml))))
 }
 
 /// `role list` and `role set`.
@@ -42,7 +42,7 @@ pub fn role(args: &RoleArgs) -> ExitCode {
             let online: Vec<Node> = api.get_json("/api/nodes").map_err(failure)?;
             let online: BTreeSet<String> = online.into_iter().map(|n| n.uuid).collect();
             let rows = roles::rows(&values.unwrap_or_default(), &online);
-            print!("{}", roles::render(&rows));
+            crate::out!("{}", roles::render(&rows));
             Ok(())
         }),
         RoleCommand::Set(set) => roles::role_key(&set.uuid, &set.role)
@@ -58,7 +58,7 @@ pub fn role(args: &RoleArgs) -> ExitCode {
                     segment(&edgevpn::client_segment(role))
                 );
                 api.put(&path).map_err(failure)?;
-                println!("{}: role {role} set in network {bucket}", set.uuid);
+                crate::outln!("{}: role {role} set in network {bucket}", set.uuid);
                 Ok(())
             }),
     };
@@ -72,7 +72,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
         let nodes: Vec<Node> = api.get_json("/api/nodes").map_err(failure)?;
         let machines: Vec<Machine> = api.get_json("/api/machines").map_err(failure)?;
         let traffic: Bandwidth = api.get_json("/api/metrics").map_err(failure)?;
-        print!("{}", status::render(&summary, &nodes, &machines, &traffic));
+        crate::out!("{}", status::render(&summary, &nodes, &machines, &traffic));
         Ok(())
     });
     finish(result)
@@ -100,7 +100,7 @@ fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((message, code)) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             ExitCode::from(code)
         }
     }
