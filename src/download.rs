@@ -70,7 +70,8 @@ pub fn text(url: &str, limits: Limits) -> Result<String, String> {
         .into();
     let mut response = agent.get(url).call().map_err(|e| {
         let mut message = format!("cannot download {url}: {e}");
-        if matches!(e, ureq::Error::Rustls(_) | ureq::Error::Tls(_)) {
+        // rustls' verdicts come wrapped in io errors: say which roots were used.
+        if message.contains("certificate") {
             match &roots {
                 Ok((path, certs)) => message.push_str(&format!(
                     " (server certificates are checked against the {} CA certificates of {})",

@@ -13,7 +13,8 @@ cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 # Debian packages: tool -> package.
+# openssl: tests/cli_kairosctl.rs makes a test CA and serves HTTPS with `openssl s_server`.
 # chromium and chromedriver: the status page test (tests/netns_status_page.rs) runs headless
 # Chromium against a real agent.
-install_missing setup-host gcc=gcc python3=python3 ip=iproute2 iptables=iptables \
+install_missing setup-host gcc=gcc python3=python3 ip=iproute2 iptables=iptables openssl=openssl \
   chromium=chromium chromedriver=chromium-driver
