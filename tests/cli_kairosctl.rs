@@ -491,3 +491,18 @@ fn help_piped_to_head_200_times_never_aborts() {
         assert!(o.status.success(), "{cmd}: {}{}", stdout(&o), stderr(&o));
     }
 }
+
+#[test]
+fn the_docs_single_node_example_validates() {
+    let dir = Scratch::new("validate-single-node");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/config/docs-single-node.yaml");
+    let token = ok(&["generate-token"]);
+    let text = std::fs::read_to_string(fixture)
+        .unwrap()
+        .replace("YOUR_TOKEN_GOES_HERE", token.trim());
+    let path = dir.write("single-node.yaml", &text);
+    let shown = ok(&["validate", path.to_str().unwrap()]);
+    assert!(shown.contains("role: \"master\""), "{shown}");
+    assert!(shown.contains("disable_dht: true"), "{shown}");
+}
