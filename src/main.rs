@@ -6,7 +6,7 @@ fn main() -> ExitCode {
     let argv: Vec<String> = match std::env::args_os().map(|a| a.into_string()).collect() {
         Ok(argv) => argv,
         Err(bad) => {
-            eprintln!("argument is not valid UTF-8: {}", bad.to_string_lossy());
+            kairos_p2p::errln!("argument is not valid UTF-8: {}", bad.to_string_lossy());
             return ExitCode::from(2);
         }
     };

@@ -833,3 +833,42 @@ fn a_hostile_ip_master_never_reaches_k3s() {
     }
     assert!(c.nodes[1].ready().is_some(), "the worker's k3s still runs");
 }
+
+/// The Kairos documentation's single-node example (`p2p.role: master`, `disable_dht: true`, no
+/// `minimum_nodes`), unchanged but for the token: one node finds nobody, forms the cluster alone
+/// after the lone-master wait, gets its VPN address and runs a first `k3s server` on it.
+#[test]
+fn the_docs_single_node_example_forms_alone() {
+    let _serial = serial();
+    let mut c = Cluster::new("k3ssolo", "10.89.0", 1, "", "");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/config/docs-single-node.yaml");
+    let text = std::fs::read_to_string(fixture)
+        .unwrap()
+        .replace("YOUR_TOKEN_GOES_HERE", &c.token);
+    let config = write_config(&c.lab.dir, "single-node.yaml", &text);
+    c.nodes[0].configs = vec![config.to_str().unwrap().to_string()];
+    c.start(0);
+    let took = c.wait_formed(&[0]);
+    eprintln!("formed alone in {took:?}");
+    let node = &c.nodes[0];
+    assert_eq!(node.role(), "master");
+    let vpn = node.vpn_address();
+    assert!(!vpn.is_empty(), "a VPN address");
+    let server = node.ready().unwrap();
+    assert_eq!(server.mode(), "server");
+    assert_eq!(server.init(), Some("new"), "a new single-server cluster");
+    assert!(server.server_url().is_none(), "joins nobody");
+    assert_eq!(server.flag("node-ip"), Some(vpn));
+    assert_eq!(c.master(), 0);
+    assert!(
+        !common::log_lines(&node.host, "forming the cluster alone").is_empty(),
+        "the agent says why it formed alone"
+    );
+    // It waited for others first (the lone-master wait), and not much longer.
+    let wait = kairos_p2p::cluster::LONE_MASTER_WAIT;
+    assert!(
+        took >= wait,
+        "formed after {took:?}, before the {wait:?} wait"
+    );
+}

@@ -23,9 +23,10 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 # - setpriv (util-linux, also in minbase): API clients run as the user nobody;
 # - chromium, chromedriver: the status page test runs headless Chromium against a real agent;
 # - iperf3, curl: the soak (tests/soak) and the VPN benchmark;
+# - openssl: tests/cli_kairosctl.rs makes a test CA and serves HTTPS (`openssl s_server`);
 # - dig: tests/netns_dns.rs resolves through the agents' DNS service;
 # - update-ca-certificates stands for ca-certificates, the CA bundle cargo's HTTPS needs.
 install_missing setup-host gcc=gcc cc=gcc /usr/include/stdio.h=libc6-dev python3=python3 \
   ip=iproute2 iptables=iptables ping=iputils-ping kill=procps ps=procps sysctl=procps \
   setpriv=util-linux chromium=chromium chromedriver=chromium-driver iperf3=iperf3 curl=curl \
-  dig=bind9-dnsutils update-ca-certificates=ca-certificates
+  openssl=openssl dig=bind9-dnsutils update-ca-certificates=ca-certificates

@@ -10,6 +10,10 @@ use crate::config::Ipv4Cidr;
 /// kairos-p2p: a k3s cluster from one cloud-config, over an encrypted peer-to-peer network.
 /// Also answers to the name `kairosctl`.
 #[derive(FromArgs, Debug)]
+#[argh(
+    note = "kairosctl's spellings work too: `g` for generate-token, `c` for create-config, \
+`--version` or `-v` for version."
+)]
 pub struct Cli {
     /// state directory holding the node key and ledger (default: $KAIROS_P2P_STATE_DIR, else
     /// /usr/local/.kairos-p2p)
@@ -45,21 +49,32 @@ pub enum Command {
 }
 
 /// Print a new network token (edgevpn/Kairos format) made with the system's secure random
-/// generator.
+/// generator. Alias: g.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "generate-token")]
 pub struct GenerateTokenArgs {
-    /// rotate the derived keys every SECONDS (default: never, as Kairos does, because boards
-    /// without a real-time clock boot with a wrong time)
+    /// rotate the derived keys every SECONDS, given as the argument (kairosctl's way) or with
+    /// --interval (default: never, as Kairos does, because boards without a real-time clock
+    /// boot with a wrong time)
+    #[argh(positional, arg_name = "seconds")]
+    pub seconds: Option<u64>,
+
+    /// the same as the SECONDS argument
     #[argh(option)]
     pub interval: Option<u64>,
 }
 
 /// Print a minimal #cloud-config with a new network token; give the same file to every node.
+/// Alias: c.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "create-config")]
 pub struct CreateConfigArgs {
-    /// rotate the derived keys every SECONDS (default: never)
+    /// rotate the derived keys every SECONDS, given as the argument or with --interval
+    /// (default: never)
+    #[argh(positional, arg_name = "seconds")]
+    pub seconds: Option<u64>,
+
+    /// the same as the SECONDS argument
     #[argh(option)]
     pub interval: Option<u64>,
 }
@@ -69,6 +84,11 @@ pub struct CreateConfigArgs {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "validate")]
 pub struct ValidateArgs {
+    /// cloud-config files or http(s) URLs (as kairosctl takes them); later ones override
+    /// earlier ones key by key. A URL is downloaded (at most 4 MiB, 30 s).
+    #[argh(positional, arg_name = "file-or-url")]
+    pub sources: Vec<String>,
+
     /// a cloud-config file; repeat for several, later files override earlier ones key by key
     /// (default: the files in /oem and /usr/local/cloud-config, in lexical order)
     #[argh(option)]

@@ -39,7 +39,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
     ) {
         Ok(level) => level,
         Err(message) => {
-            eprintln!("bridge: {message}");
+            crate::errln!("bridge: {message}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -59,17 +59,17 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         Ok(text) => match NetworkToken::decode(&text) {
             Ok(token) => token,
             Err(e) => {
-                eprintln!("bridge: the network token is not valid: {e}");
+                crate::errln!("bridge: the network token is not valid: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
         Err(message) => {
-            eprintln!("bridge: {message}");
+            crate::errln!("bridge: {message}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     if let Err(message) = check_args(args) {
-        eprintln!("bridge: {message}");
+        crate::errln!("bridge: {message}");
         return ExitCode::from(EXIT_USAGE);
     }
     if !args.api.ip().is_loopback() {
@@ -87,7 +87,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
     let identity = match Identity::load_or_create(&state_dir) {
         Ok(identity) => identity,
         Err(e) => {
-            eprintln!("bridge: {e}");
+            crate::errln!("bridge: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -129,7 +129,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
     } else {
         args.address.to_string()
     };
-    eprintln!(
+    crate::errln!(
         "bridge: joining the network as {uuid} ({}), VPN {vpn_address} on {} (MTU {}), API \
          http://{} (keys and lease in {})",
         identity.peer_id(),
@@ -219,7 +219,7 @@ fn read_secret(path: Option<&Path>) -> io::Result<String> {
             .read_to_string(&mut text)?,
         // One line: a pipe or a terminal paste ends with a newline, not necessarily EOF.
         None => {
-            eprintln!("bridge: reading the network token from standard input (one line)");
+            crate::errln!("bridge: reading the network token from standard input (one line)");
             std::io::stdin().lock().take(limit).read_line(&mut text)?
         }
     };

@@ -33,7 +33,7 @@ pub fn get_kubeconfig(args: &GetKubeconfigArgs, state_dir: Option<PathBuf>) -> E
         }
         outcome.map_err(failure)
     });
-    finish(result.map(|yaml| print!("{}", with_newline(&yaml))))
+    finish(result.map(|yaml| crate::out!("{}", with_newline(&yaml))))
 }
 
 /// `role list` and `role set`.
@@ -48,7 +48,7 @@ pub fn role(args: &RoleArgs, state_dir: Option<PathBuf>) -> ExitCode {
             let online: Vec<Node> = api.get_json("/api/nodes").map_err(failure)?;
             let online: BTreeSet<String> = online.into_iter().map(|n| n.uuid).collect();
             let rows = roles::rows(&values.unwrap_or_default(), &online);
-            print!("{}", roles::render(&rows));
+            crate::out!("{}", roles::render(&rows));
             Ok(())
         }),
         RoleCommand::Set(set) => roles::role_key(&set.uuid, &set.role)
@@ -65,7 +65,7 @@ pub fn role(args: &RoleArgs, state_dir: Option<PathBuf>) -> ExitCode {
                     segment(&edgevpn::client_segment(role))
                 );
                 api.put(&path).map_err(failure)?;
-                println!("{}: role {role} set in network {bucket}", set.uuid);
+                crate::outln!("{}: role {role} set in network {bucket}", set.uuid);
                 Ok(())
             }),
     };
@@ -79,7 +79,7 @@ pub fn status(args: &StatusArgs, state_dir: Option<PathBuf>) -> ExitCode {
         let nodes: Vec<Node> = api.get_json("/api/nodes").map_err(failure)?;
         let machines: Vec<Machine> = api.get_json("/api/machines").map_err(failure)?;
         let traffic: Bandwidth = api.get_json("/api/metrics").map_err(failure)?;
-        print!("{}", status::render(&summary, &nodes, &machines, &traffic));
+        crate::out!("{}", status::render(&summary, &nodes, &machines, &traffic));
         Ok(())
     });
     finish(result)
@@ -118,7 +118,7 @@ fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((message, code)) => {
-            eprintln!("error: {message}");
+            crate::errln!("error: {message}");
             ExitCode::from(code)
         }
     }

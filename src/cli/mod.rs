@@ -12,6 +12,7 @@ mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use argh::FromArgs;
 
@@ -19,7 +20,7 @@ pub use args::{Cli, Command};
 
 use crate::config::{self, Config, HostFacts};
 use crate::token::{NEVER_ROTATE, NetworkToken};
-use crate::{host, logging};
+use crate::{console, download, host, logging};
 
 /// Exit status for a configuration or usage error.
 const EXIT_USAGE: u8 = 2;
@@ -34,16 +35,17 @@ pub fn main_with_args(argv: &[String]) -> ExitCode {
         .map(|p| p.rsplit('/').next().unwrap_or(p))
         .unwrap_or("kairos-p2p");
     let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    let rest = kairosctl_spellings(&rest);
     let cli = match Cli::from_args(&[program], &rest) {
         Ok(cli) => cli,
         Err(early) => {
             return match early.status {
                 Ok(()) => {
-                    println!("{}", early.output);
+                    crate::outln!("{}", early.output);
                     ExitCode::SUCCESS
                 }
                 Err(()) => {
-                    eprintln!(
+                    crate::errln!(
                         "{}\nRun {program} --help for more information.",
                         early.output
                     );
@@ -56,30 +58,80 @@ pub fn main_with_args(argv: &[String]) -> ExitCode {
         log::LevelFilter::Warn,
         std::env::var(logging::LOG_ENV).ok().as_deref(),
     ));
-    run(cli)
+    let code = run(cli);
+    match console::stdout_failure() {
+        Some(e) => {
+            crate::errln!("error: cannot write to standard output: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        None => code,
+    }
+}
+
+/// `args` with kairosctl's spellings replaced by ours where the subcommand goes (after the
+/// top-level options): `g` and `c` (urfave/cli aliases of generate-token and create-config),
+/// `--version` and `-v` (urfave/cli's version flag).
+fn kairosctl_spellings<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut out = args.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        match out[i] {
+            // The one top-level option, and its value.
+            "--state-dir" => i += 2,
+            "g" => {
+                out[i] = "generate-token";
+                break;
+            }
+            "c" => {
+                out[i] = "create-config";
+                break;
+            }
+            "--version" | "-v" => {
+                out[i] = "version";
+                break;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// The rotation interval of `generate-token`/`create-config`, from the argument or `--interval`.
+fn interval(seconds: Option<u64>, option: Option<u64>) -> Result<Option<u64>, ExitCode> {
+    match (seconds, option) {
+        (Some(a), Some(b)) if a != b => {
+            crate::errln!("the interval is given twice ({a} and --interval {b}): give it once");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        (a, b) => Ok(a.or(b)),
+    }
 }
 
 fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::GenerateToken(args) => match new_token(args.interval) {
-            Ok(token) => {
-                println!("{}", token.encode());
-                ExitCode::SUCCESS
+        Command::GenerateToken(args) => {
+            match interval(args.seconds, args.interval).and_then(new_token) {
+                Ok(token) => {
+                    crate::outln!("{}", token.encode());
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
-        Command::CreateConfig(args) => match new_token(args.interval) {
-            Ok(token) => {
-                print!("{}", starter_config(&token));
-                ExitCode::SUCCESS
+        }
+        Command::CreateConfig(args) => {
+            match interval(args.seconds, args.interval).and_then(new_token) {
+                Ok(token) => {
+                    crate::out!("{}", starter_config(&token));
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
-        Command::Validate(args) => validate(args.config),
+        }
+        Command::Validate(args) => validate(args.sources, args.config),
         Command::Agent(args) => agent::run(&args, cli.state_dir),
         Command::Bridge(args) => bridge::run(&args, cli.state_dir),
         Command::Version(_) => {
-            println!("{}", version_line());
+            crate::outln!("{}", version_line());
             ExitCode::SUCCESS
         }
         Command::GetKubeconfig(args) => commands::get_kubeconfig(&args, cli.state_dir),
@@ -101,11 +153,11 @@ pub fn version_line() -> String {
 fn new_token(interval: Option<u64>) -> Result<NetworkToken, ExitCode> {
     let interval = interval.unwrap_or(NEVER_ROTATE);
     if interval == 0 {
-        eprintln!("--interval: must be at least 1 second");
+        crate::errln!("the interval must be at least 1 second");
         return Err(ExitCode::from(EXIT_USAGE));
     }
     NetworkToken::generate(interval).map_err(|e| {
-        eprintln!("cannot generate a token: system random generator failed: {e}");
+        crate::errln!("cannot generate a token: system random generator failed: {e}");
         ExitCode::from(EXIT_FAILURE)
     })
 }
@@ -120,14 +172,74 @@ pub fn starter_config(token: &NetworkToken) -> String {
     )
 }
 
-fn validate(files: Vec<PathBuf>) -> ExitCode {
-    match load_config(files) {
-        Ok((cfg, _)) => {
-            print!("{}", cfg.render_effective());
+/// `validate`: the sources given as arguments (files or URLs, as kairosctl takes them) or with
+/// `--config` (files), else Kairos' directories.
+fn validate(sources: Vec<String>, files: Vec<PathBuf>) -> ExitCode {
+    if sources.is_empty() {
+        return match load_config(files) {
+            Ok((cfg, _)) => {
+                crate::out!("{}", cfg.render_effective());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
+    if !files.is_empty() {
+        crate::errln!(
+            "validate: give the files either as arguments or with --config, not both (the \
+             order in which they override each other would be ambiguous)"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut read = Vec::with_capacity(sources.len());
+    for source in sources {
+        if download::is_url(&source) {
+            let limits = download::Limits {
+                max_bytes: config::MAX_FILE_SIZE,
+                timeout: VALIDATE_URL_TIMEOUT,
+            };
+            match download::text(&source, limits) {
+                Ok(text) => read.push((PathBuf::from(source), Some(text))),
+                Err(e) => {
+                    crate::errln!("validate: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
+        } else if source.contains("://") {
+            crate::errln!("validate: {source}: only files and http:// or https:// URLs are read");
+            return ExitCode::from(EXIT_USAGE);
+        } else {
+            read.push((PathBuf::from(source), None));
+        }
+    }
+    match config::load_with_texts(&read, &host_facts()) {
+        Ok(cfg) => {
+            for warning in &cfg.warnings {
+                crate::errln!("warning: {warning}");
+            }
+            crate::out!("{}", cfg.render_effective());
             ExitCode::SUCCESS
         }
-        Err(code) => code,
+        Err(errors) => {
+            crate::errln!("{errors}");
+            ExitCode::from(EXIT_USAGE)
+        }
     }
+}
+
+/// Time allowed to download a cloud-config given to `validate` as a URL.
+const VALIDATE_URL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn host_facts() -> HostFacts {
+    host::read_host_facts().unwrap_or_else(|e| {
+        log::warn!(
+            "cannot read this machine's id or hostname ({e}); templates expand to empty strings"
+        );
+        HostFacts {
+            machine_id: String::new(),
+            hostname: String::new(),
+        }
+    })
 }
 
 /// Loads the configuration from `files` (or Kairos' directories) and prints its warnings; on
@@ -139,27 +251,21 @@ fn load_config(files: Vec<PathBuf>) -> Result<(Config, HostFacts), ExitCode> {
         files
     };
     if sources.is_empty() {
-        eprintln!("no cloud-config found in /oem or /usr/local/cloud-config; pass --config FILE");
+        crate::errln!(
+            "no cloud-config found in /oem or /usr/local/cloud-config; pass --config FILE"
+        );
         return Err(ExitCode::from(EXIT_USAGE));
     }
-    let host = host::read_host_facts().unwrap_or_else(|e| {
-        log::warn!(
-            "cannot read this machine's id or hostname ({e}); templates expand to empty strings"
-        );
-        HostFacts {
-            machine_id: String::new(),
-            hostname: String::new(),
-        }
-    });
+    let host = host_facts();
     match config::load(&sources, &host) {
         Ok(cfg) => {
             for warning in &cfg.warnings {
-                eprintln!("warning: {warning}");
+                crate::errln!("warning: {warning}");
             }
             Ok((cfg, host))
         }
         Err(errors) => {
-            eprintln!("{errors}");
+            crate::errln!("{errors}");
             Err(ExitCode::from(EXIT_USAGE))
         }
     }

@@ -34,6 +34,11 @@ use view::{Announcement, View};
 /// How long a leader's view must stay unchanged before it starts the first election, and how
 /// long a node that cannot sync with anybody waits before acting alone.
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(1500);
+/// How long a node that asked for `master` and knows of no other node waits before it forms a
+/// cluster alone (see [`ClusterSettings::lone_master_wait`]): well beyond what finding a
+/// neighbour takes (LAN beacons every 2 s while alone, the first DHT lookups at 5 s and 10 s),
+/// so that masters booted together meet first and elect one of them.
+pub const LONE_MASTER_WAIT: Duration = Duration::from_secs(30);
 /// A ledger holding only new heartbeats is saved at most this often (flash wear).
 pub const LAZY_SAVE: Duration = Duration::from_secs(600);
 /// How long news waits for more news before an update pass reads them all: the pass reads the
@@ -64,6 +69,11 @@ pub struct ClusterSettings {
     pub liveness_timeout: Duration,
     /// See [`DEFAULT_SETTLE`].
     pub settle: Duration,
+    /// A node that asked for `master` (`p2p.role: master`, the docs' single-node example) and
+    /// has known of no other eligible node for this long since it started forms the cluster
+    /// alone, whatever `minimum_nodes` says, as Kairos applies a static role; see
+    /// [`LONE_MASTER_WAIT`] and the README for what this keeps of the one-master guarantee.
+    pub lone_master_wait: Duration,
     /// VPN address allocation (`None`: no address, e.g. `vpn.create: false`).
     pub ipam: Option<ipam::IpamSettings>,
     /// Ledger bounds.
@@ -100,6 +110,7 @@ impl ClusterSettings {
             },
             liveness_timeout: Duration::from_secs(p2p.liveness_timeout.max(1)),
             settle: DEFAULT_SETTLE,
+            lone_master_wait: LONE_MASTER_WAIT,
             ipam,
             ledger_limits: Limits::for_max_message_size(max_message),
             max_message_bytes,
@@ -123,6 +134,7 @@ impl ClusterSettings {
             },
             liveness_timeout: Duration::from_secs(crate::config::DEFAULT_LIVENESS_TIMEOUT_SECS),
             settle: DEFAULT_SETTLE,
+            lone_master_wait: LONE_MASTER_WAIT,
             ipam: Some(ipam::IpamSettings {
                 network: crate::config::DEFAULT_ADDRESS,
                 static_address: None,
@@ -156,6 +168,12 @@ pub enum ClusterEvent {
     LeaderChanged {
         /// Its uuid.
         leader: Option<String>,
+    },
+    /// This node asked for `master`, found no other node within
+    /// [`ClusterSettings::lone_master_wait`] and elects itself alone.
+    FormingAlone {
+        /// How long it looked for others.
+        waited: Duration,
     },
     /// The master was chosen.
     MasterElected {
@@ -210,6 +228,12 @@ impl std::fmt::Display for ClusterEvent {
             ),
             ClusterEvent::LeaderChanged { leader: Some(l) } => write!(f, "leader is {l}"),
             ClusterEvent::LeaderChanged { leader: None } => write!(f, "no leader (no live node)"),
+            ClusterEvent::FormingAlone { waited } => write!(
+                f,
+                "no other node of this network found in {} s: forming the cluster alone, as \
+                 p2p.role: master asks (nodes that come later join it)",
+                waited.as_secs()
+            ),
             ClusterEvent::MasterElected { uuid } => write!(f, "master elected: {uuid}"),
             ClusterEvent::MasterLost { uuid } => write!(
                 f,
@@ -275,6 +299,8 @@ pub struct Cluster {
     master: Option<String>,
     master_lost: bool,
     refused: bool,
+    /// [`ClusterEvent::FormingAlone`] was reported.
+    forming_alone: bool,
     /// Times another peer id announced our uuid (see [`Cluster::pass`]).
     foreign_announcements: u32,
     events: VecDeque<ClusterEvent>,
@@ -318,6 +344,7 @@ impl Cluster {
             master: None,
             master_lost: false,
             refused: false,
+            forming_alone: false,
             foreign_announcements: 0,
             events: VecDeque::new(),
             save: SaveState::default(),
@@ -523,6 +550,20 @@ impl Cluster {
             })
     }
 
+    /// When this node may form the cluster alone (`None`: never): it asked for `master` and
+    /// `view` holds no other eligible node (a bridge does not count; a node seen once, dead or
+    /// alive, does: then this is a multi-node network and the usual quorum applies).
+    fn lone_master_at(&self, view: &View) -> Option<Instant> {
+        let s = &self.settings;
+        let alone = view
+            .nodes
+            .iter()
+            .all(|(uuid, n)| *uuid == s.uuid || !n.eligible());
+        (s.role == Role::Master && alone)
+            .then(|| self.started.map(|t| t + s.lone_master_wait))
+            .flatten()
+    }
+
     /// Ready to vote and lead: synced with a peer, or alone for the settle time.
     fn ready(&self, now: Instant) -> bool {
         self.replication.is_synced()
@@ -661,6 +702,16 @@ impl Cluster {
         let eligible = s.role != Role::None;
         let ready = self.ready(now);
         let stable_at = self.view_changed_at.map(|t| t + s.settle);
+        let lone_at = self.lone_master_at(&view);
+        // A lone master forms alone: its own vote is the quorum (see `lone_master_wait`).
+        let alone = lone_at.is_some_and(|t| now >= t) && tally.commit.is_none();
+        let minimum_nodes = if alone { 1 } else { s.minimum_nodes };
+        if alone && s.minimum_nodes > 1 && !self.forming_alone {
+            self.forming_alone = true;
+            self.events.push_back(ClusterEvent::FormingAlone {
+                waited: s.lone_master_wait,
+            });
+        }
         let mut settle_wait = None;
         if s.auto && eligible && ready {
             if let Some(w) = election::accept(&tally, &bucket, &me) {
@@ -671,8 +722,8 @@ impl Cluster {
                     None => {
                         let live_count = view.live_eligible_count();
                         let stable = stable_at.is_some_and(|t| now >= t);
-                        if live_count >= s.minimum_nodes && stable {
-                            let quorum = election::quorum(s.minimum_nodes, live_count);
+                        if live_count >= minimum_nodes && stable {
+                            let quorum = election::quorum(minimum_nodes, live_count);
                             let pick = pick_candidate(&view);
                             let step = self.proposer.step(
                                 &tally,
@@ -684,7 +735,7 @@ impl Cluster {
                             writes.extend(step.writes);
                         } else {
                             self.proposer.stand_down();
-                            if live_count >= s.minimum_nodes {
+                            if live_count >= minimum_nodes {
                                 settle_wait = stable_at;
                             }
                         }
@@ -777,7 +828,8 @@ impl Cluster {
         let alone = (!ready)
             .then(|| self.started.map(|t| t + self.settings.settle))
             .flatten();
-        self.check_at = [settle_wait, expiry, alone]
+        let lone_wait = lone_at.filter(|_| self.master.is_none());
+        self.check_at = [settle_wait, expiry, alone, lone_wait]
             .into_iter()
             .flatten()
             .filter(|t| *t > now)

@@ -1595,3 +1595,181 @@ fn a_lone_node_with_minimum_nodes_one_becomes_master_right_after_settling() {
         "master after {took:?}, settle is {settle:?}"
     );
 }
+
+// ---- a lone node asking for `master` (the docs' single-node example) ----
+
+/// `Wired` nodes with settings of their own (not yet started).
+fn wired_with(uuids: &[&str], settings: impl Fn(&str) -> ClusterSettings) -> Wired {
+    let mut w = Wired::new(uuids);
+    for (i, uuid) in uuids.iter().enumerate() {
+        let id = identity(100 + i as u8);
+        w.nodes[i] = Cluster::new(&id, settings(uuid), Ledger::default(), i as u64);
+    }
+    w
+}
+
+fn asking(role: Role) -> impl Fn(&str) -> ClusterSettings {
+    move |uuid| {
+        let mut s = ClusterSettings::defaults(uuid);
+        s.role = role;
+        s
+    }
+}
+
+/// Starts node `i` alone (no peer).
+fn start_one(w: &mut Wired, i: usize) {
+    let (now, ms) = (w.now, w.unix_ms(i));
+    w.nodes[i].handle_timeout(now, ms);
+}
+
+/// Connects node `i` to every started node and delivers.
+fn join(w: &mut Wired, i: usize) {
+    let now = w.now;
+    for j in 0..w.nodes.len() {
+        if j != i && w.nodes[j].poll_timeout().is_some() {
+            let (mi, mj) = (w.unix_ms(i), w.unix_ms(j));
+            let (pi, pj) = (w.peers[i], w.peers[j]);
+            w.nodes[i].peer_connected(now, mi, pj);
+            w.nodes[j].peer_connected(now, mj, pi);
+        }
+    }
+    w.deliver();
+}
+
+fn masters(w: &Wired) -> BTreeSet<String> {
+    w.nodes
+        .iter()
+        .filter_map(|n| n.master().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_lone_node_asking_for_master_forms_alone_after_the_wait() {
+    let mut w = wired_with(&["solo"], asking(Role::Master));
+    let wait = w.nodes[0].settings.lone_master_wait;
+    assert_eq!(wait, super::LONE_MASTER_WAIT);
+    assert_eq!(w.nodes[0].settings.minimum_nodes, 2);
+    start_one(&mut w, 0);
+    w.run_for(wait - Duration::from_millis(100));
+    assert_eq!(w.nodes[0].role(), None, "not before the wait");
+    w.run_for(Duration::from_millis(200));
+    assert_eq!(w.nodes[0].role(), Some(names::ROLE_MASTER));
+    assert_eq!(w.nodes[0].master(), Some("solo"));
+    let events: Vec<ClusterEvent> = std::iter::from_fn(|| w.nodes[0].poll_event()).collect();
+    assert!(
+        events.contains(&ClusterEvent::FormingAlone { waited: wait }),
+        "{events:?}"
+    );
+    // With HA asked for, the lone master is the cluster-init one (HA masters join it later).
+    let mut w = wired_with(&["solo"], |uuid| {
+        let mut s = asking(Role::Master)(uuid);
+        s.roles.ha_masters = 2;
+        s
+    });
+    start_one(&mut w, 0);
+    w.run_for(wait + Duration::from_millis(100));
+    assert_eq!(w.nodes[0].role(), Some(names::ROLE_MASTER_CLUSTERINIT));
+}
+
+#[test]
+fn a_lone_auto_or_worker_node_still_waits_for_minimum_nodes() {
+    for role in [Role::Auto, Role::Worker] {
+        let mut w = wired_with(&["solo"], asking(role));
+        start_one(&mut w, 0);
+        w.run_for(Duration::from_secs(600));
+        assert_eq!(w.nodes[0].role(), None, "{role:?}");
+        assert_eq!(w.nodes[0].master(), None, "{role:?}");
+    }
+}
+
+/// Two nodes configured `role: master` that meet within the wait: one master, the other gets
+/// no role (as any node asking for `master` once the cluster has one).
+#[test]
+fn two_nodes_asking_for_master_together_elect_one() {
+    let uuids = ["box-a", "box-b"];
+    let mut w = wired_with(&uuids, asking(Role::Master));
+    w.start();
+    w.run_for(Duration::from_secs(120));
+    assert_eq!(masters(&w).len(), 1, "{:?}", masters(&w));
+    let roles: Vec<Option<&str>> = w.nodes.iter().map(Cluster::role).collect();
+    assert_eq!(
+        roles
+            .iter()
+            .filter(|r| **r == Some(names::ROLE_MASTER))
+            .count(),
+        1,
+        "{roles:?}"
+    );
+    assert!(roles.contains(&None), "{roles:?}");
+    let events: Vec<ClusterEvent> = w
+        .nodes
+        .iter_mut()
+        .flat_map(|n| std::iter::from_fn(|| n.poll_event()).collect::<Vec<_>>())
+        .collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ClusterEvent::FormingAlone { .. })),
+        "{events:?}"
+    );
+}
+
+/// A node that formed alone stays the only master: nodes that come later, a second node asking
+/// for `master` among them, join its cluster.
+#[test]
+fn nodes_that_come_after_a_lone_master_join_it() {
+    let uuids = ["first", "second-master", "auto-1", "auto-2"];
+    let mut w = wired_with(&uuids, |uuid| {
+        let role = if uuid.starts_with("auto") {
+            Role::Auto
+        } else {
+            Role::Master
+        };
+        asking(role)(uuid)
+    });
+    start_one(&mut w, 0);
+    w.run_for(super::LONE_MASTER_WAIT + Duration::from_secs(1));
+    assert_eq!(w.nodes[0].role(), Some(names::ROLE_MASTER));
+    for i in 1..uuids.len() {
+        start_one(&mut w, i);
+        join(&mut w, i);
+        w.run_for(Duration::from_secs(5));
+    }
+    w.run_for(Duration::from_secs(120));
+    assert_eq!(masters(&w), BTreeSet::from(["first".to_string()]));
+    let roles: Vec<Option<&str>> = w.nodes.iter().map(Cluster::role).collect();
+    assert_eq!(
+        roles,
+        [
+            Some(names::ROLE_MASTER),
+            None,
+            Some(names::ROLE_WORKER),
+            Some(names::ROLE_WORKER)
+        ]
+    );
+}
+
+/// A node asking for `master` that knows of another node (from its persisted ledger: a
+/// multi-node network restarting while the others are still down) never forms alone.
+#[test]
+fn a_master_that_knows_of_other_nodes_does_not_form_alone() {
+    let uuids = ["box-a", "box-b"];
+    let mut w = wired_with(&uuids, asking(Role::Master));
+    // Both announce and meet, then box-b goes away before any election (minimum_nodes 3 here,
+    // so none happens while they are together).
+    for n in &mut w.nodes {
+        n.settings.minimum_nodes = 3;
+    }
+    w.start();
+    w.run_for(Duration::from_secs(5));
+    assert!(w.nodes[0].view().nodes.contains_key("box-b"));
+    let ledger = w.nodes[0].ledger().clone();
+    let mut settings = asking(Role::Master)("box-a");
+    settings.minimum_nodes = 3;
+    let mut w = Wired::new(&["box-a"]);
+    w.nodes[0] = Cluster::new(&identity(100), settings, ledger, 0);
+    start_one(&mut w, 0);
+    w.run_for(Duration::from_secs(600));
+    assert_eq!(w.nodes[0].role(), None);
+    assert_eq!(w.nodes[0].master(), None);
+}

@@ -102,6 +102,27 @@ pub fn parse(sources: &[(&Path, &str)], host: &HostFacts) -> Result<Config, Conf
     build(paths, &texts, host)
 }
 
+/// Like [`load`], where some sources were read already (`validate URL` downloads them): a
+/// `(name, None)` is read from the file `name`, a `(name, Some(text))` is `text`, named `name`.
+pub fn load_with_texts(
+    sources: &[(PathBuf, Option<String>)],
+    host: &HostFacts,
+) -> Result<Config, ConfigErrors> {
+    let texts: Vec<Result<String, SourceError>> = sources
+        .iter()
+        .map(|(path, text)| match text {
+            Some(text) => Ok(text.clone()),
+            None => sources::read_source(path),
+        })
+        .collect();
+    let texts: Vec<Result<&str, &SourceError>> = texts.iter().map(Result::as_deref).collect();
+    build(
+        sources.iter().map(|(p, _)| p.clone()).collect(),
+        &texts,
+        host,
+    )
+}
+
 fn build(
     paths: Vec<PathBuf>,
     texts: &[Result<&str, &SourceError>],

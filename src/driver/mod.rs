@@ -805,7 +805,7 @@ fn report_connected(node: &Node) -> bool {
     if node.connected().is_empty() || others == 0 {
         return false;
     }
-    println!(
+    crate::outln!(
         "connected: {} peer(s) online, {others} VPN node(s) reachable; this node is {}",
         node.connected().len(),
         vpn.local()

@@ -2,14 +2,15 @@
 //! manifest and the kube-vip DaemonSet into `<root>/var/lib/rancher/k3s/server/manifests/`
 //! (k3s applies them), or the static pod into `<root>/var/lib/rancher/k3s/agent/pod-manifests/`
 //! with `static_pod`. ARP mode, control-plane VIP on port 6443, leader election on. With
-//! `manifest_url` the RBAC manifest is downloaded (plain HTTP; the agent has no TLS client for
-//! it) instead of the built-in one.
+//! `manifest_url` the RBAC manifest is downloaded (http or https, see `crate::download`) instead
+//! of the built-in one.
 
 use std::time::Duration;
 
 use super::files::{self, PRIVATE};
 use super::{API_PORT, K3S_YAML, MANIFESTS_DIR, POD_MANIFESTS_DIR, Root};
 use crate::config::{Config, KubeVipConfig};
+use crate::download;
 
 /// kube-vip version used when `kubevip.version` is empty.
 pub const DEFAULT_VERSION: &str = "v0.8.9";
@@ -55,22 +56,14 @@ pub fn deploy(cfg: &Config, root: &Root, iface: &str) -> Result<(), String> {
     write(dir, POD_FILE, &pod)
 }
 
-/// Downloads the manifest at `url` (http only).
+/// Downloads the manifest at `url`.
 pub fn fetch(url: &str) -> Result<String, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(FETCH_TIMEOUT))
-        .build()
-        .into();
-    let mut response = agent
-        .get(url)
-        .call()
-        .map_err(|e| format!("cannot download the KubeVIP manifest {url}: {e}"))?;
-    let text = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_MANIFEST_BYTES)
-        .read_to_string()
-        .map_err(|e| format!("cannot read the KubeVIP manifest {url}: {e}"))?;
+    let limits = download::Limits {
+        max_bytes: MAX_MANIFEST_BYTES,
+        timeout: FETCH_TIMEOUT,
+    };
+    let text = download::text(url, limits)
+        .map_err(|e| format!("the KubeVIP manifest (kubevip.manifest_url): {e}"))?;
     if text.trim().is_empty() {
         return Err(format!("the KubeVIP manifest {url} is empty"));
     }
