@@ -15,6 +15,7 @@ use std::process::{Command, Output};
 use kairos_p2p::config::{self, Config, HostFacts};
 use kairos_p2p::k3s::K3sRole;
 use kairos_p2p::k3s::plan::{Facts, Plan, plan};
+use kairos_p2p::k3s::value::K3sToken;
 use kairos_p2p::token::{NEVER_ROTATE, NetworkToken};
 use standin::STANDIN;
 
@@ -111,8 +112,14 @@ fn facts(role: K3sRole, cfg: &Config, v6_master: bool, initialised: bool) -> Fac
             .parse()
             .unwrap(),
         iface: if vpn { "edgevpn0" } else { "eth0" }.to_string(),
-        master: Some(if v6_master { "fd00::1" } else { "10.1.0.1" }.to_string()),
-        node_token: Some(format!("K10{}::server:{}", "a".repeat(64), "b".repeat(32))),
+        master: Some(
+            if v6_master { "fd00::1" } else { "10.1.0.1" }
+                .parse()
+                .unwrap(),
+        ),
+        node_token: Some(
+            K3sToken::parse(&format!("K10{}::server:{}", "a".repeat(64), "b".repeat(32))).unwrap(),
+        ),
         cluster_initialised: initialised,
     }
 }
