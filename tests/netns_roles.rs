@@ -52,9 +52,14 @@ fn outcome(host: &Host, skip: usize) -> Option<Outcome> {
     Some(Outcome {
         role: values(host, skip, "role assigned: ").pop()?,
         master: values(host, skip, "master elected: ").pop()?,
+        // "VPN address A/24" (the cluster's lease) and "VPN address A/24 on edgevpn0" (the
+        // TUN set up) come in either order: the address is the first word of both.
         address: values(host, skip, "VPN address ")
             .into_iter()
-            .rfind(|v| v.starts_with("10.1.0."))?,
+            .rfind(|v| v.starts_with("10.1.0."))?
+            .split_whitespace()
+            .next()?
+            .to_string(),
     })
 }
 
