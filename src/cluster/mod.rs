@@ -281,6 +281,8 @@ pub struct Cluster {
     save: SaveState,
     /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
     machines_generation: u64,
+    /// The node's discovery gate is open (see [`Cluster::set_discovery_settled`]).
+    discovery_settled: bool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -322,6 +324,7 @@ impl Cluster {
             events: VecDeque::new(),
             save: SaveState::default(),
             machines_generation: 0,
+            discovery_settled: true,
             ledger,
             clock: Clock::new(),
             settings,
@@ -393,6 +396,31 @@ impl Cluster {
 
     // ---- inputs ----
 
+    /// Whether the node's discovery has converged (bootstrap peers, DHT rendezvous and members
+    /// tried; see [`Node::discovery_settled`](crate::node::Node::discovery_settled)). Until it
+    /// has, and until the ledger is synced with every connected member, this node neither votes
+    /// nor leads an election: a group that has not met the rest of its network yet would
+    /// otherwise see a quorum of itself. True by default (a cluster layer driven without a node).
+    pub fn set_discovery_settled(&mut self, now: Instant, settled: bool) {
+        if settled != self.discovery_settled {
+            self.discovery_settled = settled;
+            if self.started.is_some() {
+                self.update_at = Some(self.update_at.map_or(now, |t| t.min(now)));
+            }
+        }
+    }
+
+    /// Closes the discovery gate until [`Cluster::set_discovery_settled`] opens it (the node
+    /// does when it attaches the cluster layer).
+    pub(crate) fn close_discovery_gate(&mut self) {
+        self.discovery_settled = false;
+    }
+
+    /// True while the discovery gate lets this node take part in an election.
+    pub fn election_gate_open(&self) -> bool {
+        self.discovery_settled && self.replication.all_peers_synced()
+    }
+
     /// A connection to `peer` is up.
     pub fn peer_connected(&mut self, now: Instant, unix_ms: u64, peer: PeerId) {
         self.unix_ms = unix_ms;
@@ -408,12 +436,16 @@ impl Cluster {
     pub fn handle_message(&mut self, now: Instant, unix_ms: u64, from: PeerId, bytes: &[u8]) {
         self.unix_ms = unix_ms;
         let was_synced = self.replication.is_synced();
+        let was_all_synced = self.replication.all_peers_synced();
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
         // entry that arrives within UPDATE_DELAY is read by one pass.
-        if !fresh.is_empty() || was_synced != self.replication.is_synced() {
+        if !fresh.is_empty()
+            || was_synced != self.replication.is_synced()
+            || was_all_synced != self.replication.all_peers_synced()
+        {
             self.note_changes(now);
             self.update_at.get_or_insert(now + UPDATE_DELAY);
         }
@@ -662,7 +694,14 @@ impl Cluster {
         let ready = self.ready(now);
         let stable_at = self.view_changed_at.map(|t| t + s.settle);
         let mut settle_wait = None;
-        if s.auto && eligible && ready {
+        // Before a master is chosen, only once discovery has converged (see
+        // `set_discovery_settled`); afterwards the leader assigns roles to whoever joins.
+        let gate_open = tally.commit.is_some()
+            || (self.discovery_settled && self.replication.all_peers_synced());
+        if s.auto && eligible && ready && !gate_open {
+            self.proposer.stand_down();
+        }
+        if s.auto && eligible && ready && gate_open {
             if let Some(w) = election::accept(&tally, &bucket, &me) {
                 writes.push(w);
             }

@@ -81,6 +81,11 @@ impl Replication {
         self.synced
     }
 
+    /// True when an exchange completed with every member connected now.
+    pub fn all_peers_synced(&self) -> bool {
+        self.peers.values().all(|done| *done)
+    }
+
     /// Members currently connected.
     pub fn peer_count(&self) -> usize {
         self.peers.len()

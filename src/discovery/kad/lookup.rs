@@ -371,11 +371,14 @@ impl Kad {
                     self.refresh(now);
                 }
             }
-            Goal::Get => self.push_event(KadEvent::LookupDone {
-                key: l.target.0,
-                hops,
-                messages,
-            }),
+            Goal::Get => {
+                self.rendezvous_lookup_done(&l.target.0);
+                self.push_event(KadEvent::LookupDone {
+                    key: l.target.0,
+                    hops,
+                    messages,
+                });
+            }
             Goal::Publish => self.put_to_closest(&l, now),
         }
     }
