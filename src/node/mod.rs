@@ -80,6 +80,14 @@ pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(30);
 /// (a bootstrap peer, or the DHT) within this long of starting takes part in their election
 /// instead of holding its own.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
+/// How long a member outside our LAN (found in the DHT rendezvous or through gossip: a member of
+/// another site, typically) but not connected holds the discovery gate, from when it was found: longer than
+/// [`RENDEZVOUS_INTERVAL`], so that when both sites sit behind NATs that only a simultaneous dial
+/// crosses, the other site's next rendezvous lookup finds us and dials back while we still dial.
+/// A site electing a master of its own while it knows of members it cannot reach yet would
+/// knowingly start a second cluster. (A stale record of a member that is gone costs this wait
+/// once, before the first election only.)
+pub const UNREACHED_SITE_WAIT: Duration = Duration::from_secs(150);
 /// The member table and connections must be unchanged this long before the gate opens: news of
 /// a member brings its connection and ledger sync within a few round trips.
 pub const DISCOVERY_SETTLE: Duration = Duration::from_millis(1500);
@@ -731,10 +739,12 @@ impl Node {
     /// so an election it takes part in is not one of a group that has not met the rest yet.
     /// All of:
     /// - the member table and connections unchanged for [`DISCOVERY_SETTLE`];
-    /// - every member known is connected, or was learned [`DISCOVERY_WAIT`] ago or more, or the
-    ///   node has all the neighbours it keeps;
-    /// - with the DHT: every bootstrap peer answered, and a rendezvous round started after the
-    ///   last one was reached has finished; or [`DISCOVERY_WAIT`] passed since the start; or
+    /// - every member known is connected, or was learned [`DISCOVERY_WAIT`] ago or more
+    ///   ([`UNREACHED_SITE_WAIT`] for one not heard on our LAN), or the node has all the neighbours
+    ///   it keeps;
+    /// - with the DHT: every bootstrap peer answered, our rendezvous record was stored on another
+    ///   node since the last one was reached, and a rendezvous round started after that has
+    ///   finished ([`Kad::rendezvous_converged`]); or [`DISCOVERY_WAIT`] passed since the start; or
     ///   there is nobody to ask (no bootstrap peer, no DHT neighbour).
     ///
     /// With the DHT off (one LAN), this is the LAN gate: beacons find the members in well under
@@ -751,7 +761,19 @@ impl Node {
         }
         if self.connected.len() < self.settings.neighbours {
             let unreached = self.members.iter().any(|(peer, m)| {
-                !self.connected.contains_key(peer) && now < m.first_seen + DISCOVERY_WAIT
+                if self.connected.contains_key(peer) {
+                    return false;
+                }
+                let on_lan = self
+                    .lan
+                    .as_ref()
+                    .is_some_and(|lan| lan.last_seen(peer).is_some());
+                let wait = if on_lan {
+                    DISCOVERY_WAIT
+                } else {
+                    UNREACHED_SITE_WAIT
+                };
+                now < m.first_seen + wait
             });
             if unreached {
                 return false;
@@ -764,10 +786,7 @@ impl Node {
                 if reached < total {
                     return false;
                 }
-                let round_after_reach = kad
-                    .rendezvous_round_done()
-                    .is_some_and(|t| kad.bootstrap_reached_at().is_none_or(|b| t >= b));
-                if !round_after_reach {
+                if !kad.rendezvous_converged() {
                     return false;
                 }
             }

@@ -100,9 +100,12 @@ const MAX_TRANSMITS: usize = 1024;
 const MAX_EVENTS: usize = 1024;
 /// Observed-address reports remembered for the vote.
 const OBSERVED_REPORTS: usize = 16;
-/// First wait before a bootstrap peer that did not answer is pinged again; doubled after each
-/// unanswered round up to [`MAX_BOOTSTRAP_RETRY`].
-const FIRST_BOOTSTRAP_RETRY: Duration = Duration::from_secs(1);
+/// Wait before a bootstrap peer that did not answer is pinged again, during the first
+/// [`EAGER_BOOTSTRAP`] after the first ping (while the node's discovery gate may still be
+/// waiting for it); then doubled after each unanswered round up to [`MAX_BOOTSTRAP_RETRY`].
+const FIRST_BOOTSTRAP_RETRY: Duration = Duration::from_secs(2);
+/// See [`FIRST_BOOTSTRAP_RETRY`].
+const EAGER_BOOTSTRAP: Duration = Duration::from_secs(20);
 /// Longest wait between pings of a bootstrap peer that does not answer. Such a peer is retried
 /// for as long as it does not answer (one ping and its two retransmits per period): a site that
 /// booted with its uplink down, or before the bootstrap node, reaches the DHT within this long
@@ -408,6 +411,8 @@ pub struct Kad {
     /// from the routing table): the DHT this node sees grew, so earlier rendezvous rounds do not
     /// count as converged any more.
     bootstrap_reached_at: Option<Instant>,
+    /// The first bootstrap ping (or the first after a bootstrap peer was lost).
+    bootstrap_first_ping: Option<Instant>,
     /// Bootstrap addresses that answered a request of ours.
     bootstrap_answered: BTreeSet<SocketAddr>,
     joined: bool,
@@ -477,6 +482,7 @@ impl Kad {
             bootstrap_retry: FIRST_BOOTSTRAP_RETRY,
             bootstrap_reached_at: None,
             bootstrap_answered: BTreeSet::new(),
+            bootstrap_first_ping: None,
             joined: false,
             next_refresh: None,
             to_ping: Vec::new(),
@@ -798,7 +804,15 @@ impl Kad {
         if self.joined {
             fold(self.next_refresh);
         }
-        fold(self.published.values().filter_map(|p| p.next).min());
+        // Our rendezvous record is re-published by the rendezvous tick, which waits for the
+        // node to have joined (folding it in before would wake us at once, over and over).
+        fold(
+            self.published
+                .values()
+                .filter(|p| p.window.is_none() || self.joined)
+                .filter_map(|p| p.next)
+                .min(),
+        );
         if let Some(rv) = &self.rendezvous {
             if self.joined {
                 fold(rv.wake_at(self.last_now));
@@ -1145,6 +1159,7 @@ impl Kad {
         log::debug!("DHT: a bootstrap peer answered");
         self.bootstrap_reached_at = Some(now);
         self.bootstrap_retry = FIRST_BOOTSTRAP_RETRY;
+        self.bootstrap_first_ping = None;
         let target = self.my_id;
         let _ = self.enqueue(Command::FindNode {
             target,
@@ -1178,9 +1193,12 @@ impl Kad {
                 false,
             );
         }
+        let first = *self.bootstrap_first_ping.get_or_insert(now);
         self.next_bootstrap = Some(now + self.bootstrap_retry);
-        self.bootstrap_retry = (self.bootstrap_retry * 2)
-            .min(MAX_BOOTSTRAP_RETRY)
-            .min(self.settings.retry_interval);
+        if now >= first + EAGER_BOOTSTRAP {
+            self.bootstrap_retry = (self.bootstrap_retry * 2)
+                .min(MAX_BOOTSTRAP_RETRY)
+                .min(self.settings.retry_interval);
+        }
     }
 }

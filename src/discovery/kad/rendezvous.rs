@@ -41,6 +41,8 @@ pub(super) struct Rendezvous {
     round_started: Option<Instant>,
     /// When the last round whose lookups all finished started.
     round_done: Option<Instant>,
+    /// When our record was last stored on another node.
+    stored_at: Option<Instant>,
 }
 
 impl Rendezvous {
@@ -78,6 +80,7 @@ impl Kad {
             round_keys: BTreeSet::new(),
             round_started: None,
             round_done: None,
+            stored_at: None,
         });
         self.set_rendezvous_addrs(addrs);
     }
@@ -89,10 +92,35 @@ impl Kad {
             .flat_map(|rv| rv.members.iter().map(|(p, (_, a))| (p, a.as_slice())))
     }
 
-    /// When the last complete rendezvous round started (every accepted window's key looked up
-    /// to the end); `None` before the first one finished or without a rendezvous.
-    pub fn rendezvous_round_done(&self) -> Option<Instant> {
-        self.rendezvous.as_ref().and_then(|rv| rv.round_done)
+    /// True once the rendezvous has done what it can: our record was stored on another node
+    /// after the last bootstrap peer was reached, and a whole round of lookups (every accepted
+    /// window's key) started after that and finished. Of two members that publish at about the
+    /// same time, the one whose record was stored last then finds the other's (the DHT holds it
+    /// by then), whatever the order of their lookups.
+    pub fn rendezvous_converged(&self) -> bool {
+        let Some(rv) = &self.rendezvous else {
+            return false;
+        };
+        let Some(stored) = rv.stored_at else {
+            return false;
+        };
+        if self.bootstrap_reached_at().is_some_and(|b| stored < b) {
+            return false;
+        }
+        rv.round_done.is_some_and(|t| t >= stored)
+    }
+
+    /// Our rendezvous record was stored on at least one other node: unless a round started
+    /// since, look up again at once (see [`Kad::rendezvous_converged`]).
+    pub(super) fn rendezvous_stored(&mut self, now: Instant) {
+        let converged = self.rendezvous_converged();
+        if let Some(rv) = &mut self.rendezvous {
+            rv.stored_at = Some(now);
+            if !converged {
+                rv.next_lookup = Some(now);
+                self.wake = true;
+            }
+        }
     }
 
     /// Publishes our record again and looks the rendezvous up at once, then a few more times on
