@@ -313,3 +313,70 @@ fn a_site_whose_uplink_comes_up_late_joins() {
         },
     );
 }
+
+/// Median and max of `times`, in seconds.
+fn median_max(mut times: Vec<Duration>) -> (f64, f64) {
+    times.sort();
+    let median = times[times.len() / 2].as_secs_f64();
+    let max = times.last().map_or(0.0, Duration::as_secs_f64);
+    (median, max)
+}
+
+/// Prints how long a cluster takes to form (every node holds a role under one master), in
+/// virtual time from the first start, over 20 seeds: 4 nodes on one LAN with the DHT off and on
+/// (no bootstrap peer), and two NATed sites of 2 nodes with a public member as bootstrap peer,
+/// without loss and with 20% loss on the WAN. The discovery gate's cost shows in these numbers;
+/// `make bench` measures real agents.
+#[test]
+fn formation_times() {
+    let runs: u64 = if cfg!(debug_assertions) { 5 } else { 20 };
+    let one_lan = |seed: u64, dht: bool| {
+        let mut sim = Sim::new(SimConfig::new(seed));
+        let net = sim.add_network();
+        let lan = sim
+            .add_subnet(LinkParams::lan(), LinkParams::uplink())
+            .unwrap();
+        let mut members = Vec::new();
+        for i in 0..4 {
+            let mut settings = sim.default_settings(net).unwrap();
+            settings.dht = dht;
+            let h = sim.add_node(lan, net, settings).unwrap();
+            sim.set_cluster(h, ClusterSettings::defaults(&format!("n{i}")));
+            sim.schedule(ms(sim.rng().below(500)), Action::Start(h));
+            members.push((h, format!("n{i}")));
+        }
+        let mut lab = Lab {
+            sim,
+            boot: members[0].0,
+            sites: [Vec::new(), Vec::new()],
+            site_nets: [lan, lan],
+            members,
+        };
+        lab.run_until_one_cluster(secs(120))
+    };
+    let sites = |seed: u64, loss: bool| {
+        let mut lab = Lab::new(seed, Bootstrap::Member);
+        if !loss {
+            for s in lab.site_nets {
+                lab.sim.set_uplink(s, LinkParams::uplink());
+            }
+        }
+        lab.sim.schedule(Duration::ZERO, Action::Start(lab.boot));
+        lab.start_site(0, Duration::ZERO);
+        lab.start_site(1, Duration::ZERO);
+        lab.run_until_one_cluster(secs(240))
+    };
+    let cases: [(&str, &dyn Fn(u64) -> Duration); 4] = [
+        ("one LAN, 4 nodes, DHT off", &|s| one_lan(s, false)),
+        ("one LAN, 4 nodes, DHT on", &|s| one_lan(s, true)),
+        ("two NATed sites + public bootstrap", &|s| sites(s, false)),
+        ("two NATed sites + public bootstrap, 20% WAN loss", &|s| {
+            sites(s, true)
+        }),
+    ];
+    for (name, case) in cases {
+        let times: Vec<Duration> = (1..=runs).map(case).collect();
+        let (median, max) = median_max(times);
+        println!("formation, {name}: median {median:.1} s, max {max:.1} s over {runs} seeds");
+    }
+}

@@ -742,10 +742,11 @@ impl Node {
     /// - every member known is connected, or was learned [`DISCOVERY_WAIT`] ago or more
     ///   ([`UNREACHED_SITE_WAIT`] for one not heard on our LAN), or the node has all the neighbours
     ///   it keeps;
-    /// - with the DHT: every bootstrap peer answered, our rendezvous record was stored on another
-    ///   node since the last one was reached, and a rendezvous round started after that has
-    ///   finished ([`Kad::rendezvous_converged`]); or [`DISCOVERY_WAIT`] passed since the start; or
-    ///   there is nobody to ask (no bootstrap peer, no DHT neighbour).
+    /// - with the DHT (unless there is nobody to ask: no bootstrap peer, no DHT neighbour):
+    ///   every bootstrap peer answered, or [`DISCOVERY_WAIT`] passed since the start; and our
+    ///   rendezvous record was stored on another node since the last one was reached and a
+    ///   rendezvous round started after that has finished ([`Kad::rendezvous_converged`]), or
+    ///   [`DISCOVERY_WAIT`] passed since the start or that reach, whichever is later.
     ///
     /// With the DHT off (one LAN), this is the LAN gate: beacons find the members in well under
     /// a second and the first condition does the rest.
@@ -782,11 +783,16 @@ impl Node {
         if let Some(kad) = &self.kad {
             let (reached, total) = kad.bootstrap_reached();
             let nobody_to_ask = total == 0 && kad.routing_table().is_empty();
-            if !nobody_to_ask && now < started + DISCOVERY_WAIT {
-                if reached < total {
+            if !nobody_to_ask {
+                if reached < total && now < started + DISCOVERY_WAIT {
                     return false;
                 }
-                if !kad.rendezvous_converged() {
+                // The rendezvous gets its own bound from the last bootstrap peer reached: a
+                // bootstrap node that comes up late is then used, not raced.
+                let since = kad
+                    .bootstrap_reached_at()
+                    .map_or(started, |t| t.max(started));
+                if !kad.rendezvous_converged() && now < since + DISCOVERY_WAIT {
                     return false;
                 }
             }
