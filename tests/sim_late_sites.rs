@@ -342,7 +342,8 @@ fn formation_times() {
             settings.dht = dht;
             let h = sim.add_node(lan, net, settings).unwrap();
             sim.set_cluster(h, ClusterSettings::defaults(&format!("n{i}")));
-            sim.schedule(ms(sim.rng().below(500)), Action::Start(h));
+            let at = ms(sim.rng().below(500));
+            sim.schedule(at, Action::Start(h));
             members.push((h, format!("n{i}")));
         }
         let mut lab = Lab {
