@@ -175,6 +175,15 @@ pub enum ClusterEvent {
     },
     /// A VPN address was allocated or changed, or a static address clashes.
     Address(ipam::IpamEvent),
+    /// Nodes other than the chosen master hold a master role: a second k3s cluster (groups that
+    /// elected before they met, a partition longer than the liveness timeout, wiped state). An
+    /// empty list: there is none any more. Reported once per change.
+    SecondMaster {
+        /// The chosen master.
+        master: String,
+        /// The other nodes with a master role.
+        others: Vec<String>,
+    },
     /// Another running node uses this node's uuid; this node takes no part in the cluster.
     DuplicateUuid {
         /// The uuid.
@@ -194,7 +203,7 @@ impl ClusterEvent {
                 | ClusterEvent::RoleRemoved
                 | ClusterEvent::DuplicateUuid { .. }
                 | ClusterEvent::Address(ipam::IpamEvent::Clash { .. } | ipam::IpamEvent::Exhausted)
-        )
+        ) || matches!(self, ClusterEvent::SecondMaster { others, .. } if !others.is_empty())
     }
 }
 
@@ -217,6 +226,15 @@ impl std::fmt::Display for ClusterEvent {
                  master would start a second cluster): bring it back"
             ),
             ClusterEvent::MasterRecovered { uuid } => write!(f, "master {uuid} is back"),
+            ClusterEvent::SecondMaster { master, others } if others.is_empty() => {
+                write!(f, "no second master any more: {master} is the only master")
+            }
+            ClusterEvent::SecondMaster { master, others } => write!(
+                f,
+                "SECOND MASTER: {} also hold a master role besides the chosen master {master}: \
+                 two k3s clusters; reset the other side's nodes (see the README, \"Second master\")",
+                others.join(", ")
+            ),
             ClusterEvent::Address(IpamEvent::Assigned { addr, prefix_len }) => {
                 write!(f, "VPN address {addr}/{prefix_len}")
             }
@@ -283,6 +301,8 @@ pub struct Cluster {
     machines_generation: u64,
     /// The node's discovery gate is open (see [`Cluster::set_discovery_settled`]).
     discovery_settled: bool,
+    /// Nodes other than the chosen master that hold a master role.
+    second_masters: Vec<String>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -325,6 +345,7 @@ impl Cluster {
             save: SaveState::default(),
             machines_generation: 0,
             discovery_settled: true,
+            second_masters: Vec::new(),
             ledger,
             clock: Clock::new(),
             settings,
@@ -361,6 +382,12 @@ impl Cluster {
     /// The chosen master's uuid.
     pub fn master(&self) -> Option<&str> {
         self.master.as_deref()
+    }
+
+    /// Nodes other than the chosen master that hold a master role (a second k3s cluster);
+    /// empty when all is well.
+    pub fn second_masters(&self) -> &[String] {
+        &self.second_masters
     }
 
     /// The chosen master has not been heard from for the liveness timeout.
@@ -798,6 +825,29 @@ impl Cluster {
                 } else {
                     ClusterEvent::MasterRecovered { uuid: master }
                 });
+            }
+        }
+
+        let others: Vec<String> = match &self.master {
+            Some(master) => view
+                .nodes
+                .iter()
+                .filter(|(uuid, n)| {
+                    *uuid != master
+                        && matches!(
+                            n.role.as_deref(),
+                            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+                        )
+                })
+                .map(|(uuid, _)| uuid.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        if others != self.second_masters {
+            self.second_masters = others.clone();
+            if let Some(master) = self.master.clone() {
+                self.events
+                    .push_back(ClusterEvent::SecondMaster { master, others });
             }
         }
 
