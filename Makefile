@@ -41,10 +41,11 @@ clippy:
 unit-test:
 	$(CARGO) test --locked
 
-# The simulator's role and election properties over 1,000 seeds per scenario, and the fault
-# scenarios over 50, optimised (the debug pass of unit-test runs 20 and 5 seeds of each).
+# The simulator's role and election properties and the late-sites scenarios over 1,000 seeds per
+# scenario, and the fault scenarios over 50, optimised (the debug pass of unit-test runs 20, 3
+# and 5 seeds of each).
 sim-properties:
-	$(CARGO) test --locked --profile sim --test sim_roles --test sim_faults
+	$(CARGO) test --locked --profile sim --test sim_roles --test sim_faults --test sim_late_sites
 
 lint: fmt-check clippy
 

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub members_known: u64,
     /// Cluster nodes whose heartbeat is fresh, this one included.
     pub cluster_nodes_live: u64,
+    /// Nodes other than the chosen master holding a master role (0 when all is well).
+    pub second_masters: u64,
     /// UDP bytes received on the overlay socket.
     pub bytes_in: u64,
     /// UDP bytes sent.
@@ -161,6 +163,13 @@ pub fn render_prometheus(metrics: &Metrics) -> String {
         "Cluster nodes with a fresh heartbeat, this one included.",
     );
     sample(&mut out, "cluster_nodes_live", &[], m.cluster_nodes_live);
+    family(
+        &mut out,
+        "second_masters",
+        "gauge",
+        "Nodes other than the chosen master holding a master role: a second k3s cluster when > 0.",
+    );
+    sample(&mut out, "second_masters", &[], m.second_masters);
 
     family(
         &mut out,
@@ -366,6 +375,7 @@ mod tests {
             peers_relayed: 1,
             members_known: 5,
             cluster_nodes_live: 4,
+            second_masters: 1,
             bytes_in: 1000,
             bytes_out: 2000,
             packets_in: 10,
@@ -441,6 +451,7 @@ mod tests {
             "kairos_p2p_peers_relayed 1\n",
             "kairos_p2p_members_known 5\n",
             "kairos_p2p_cluster_nodes_live 4\n",
+            "kairos_p2p_second_masters 1\n",
             "kairos_p2p_received_bytes_total 1000\n",
             "kairos_p2p_sent_bytes_total 2000\n",
             "kairos_p2p_received_packets_total 10\n",

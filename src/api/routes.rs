@@ -102,6 +102,8 @@ pub struct NodeInfo {
     pub uptime: Duration,
     /// Where this node's k3s stands (`None`: no k3s layer, e.g. a bridge).
     pub k3s: Option<String>,
+    /// Nodes other than the chosen master holding a master role (a second k3s cluster).
+    pub second_masters: Vec<String>,
 }
 
 /// How packets reach a connected peer.
@@ -540,6 +542,9 @@ struct Summary {
     /// Where this node's k3s stands (`""`: no k3s layer).
     #[serde(rename = "K3s")]
     k3s: String,
+    /// Nodes other than the chosen master holding a master role: a second k3s cluster.
+    #[serde(rename = "SecondMasters")]
+    second_masters: Vec<String>,
 }
 
 fn summary(state: &dyn ApiState) -> Summary {
@@ -563,6 +568,7 @@ fn summary(state: &dyn ApiState) -> Summary {
         version: node.version,
         uptime_seconds: node.uptime.as_secs(),
         k3s: node.k3s.unwrap_or_default(),
+        second_masters: node.second_masters,
     }
 }
 
@@ -1045,6 +1051,7 @@ mod tests {
                 version: "0.1.0",
                 uptime: Duration::from_secs(125),
                 k3s: Some("running (pid 42)".to_string()),
+                second_masters: Vec::new(),
             },
             peers: vec![
                 PeerStatus {

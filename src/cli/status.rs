@@ -27,6 +27,8 @@ pub struct Summary {
     pub uptime_seconds: u64,
     /// Where this node's k3s stands (empty: no k3s layer).
     pub k3s: String,
+    /// Nodes other than the chosen master holding a master role (a second k3s cluster).
+    pub second_masters: Vec<String>,
 }
 
 /// One entry of `GET /api/nodes` (online nodes).
@@ -105,6 +107,13 @@ pub fn render(
         or_dash(&summary.version),
         duration(summary.uptime_seconds),
     );
+    if !summary.second_masters.is_empty() {
+        out.push_str(&format!(
+            "SECOND MASTER: {} also hold a master role (two k3s clusters; see the README, \
+             \"Second master\")\n\n",
+            summary.second_masters.join(", ")
+        ));
+    }
     let vpn: BTreeMap<&str, &Machine> = machines.iter().map(|m| (m.peer_id.as_str(), m)).collect();
     let mut rows: Vec<Vec<String>> = nodes
         .iter()

@@ -193,6 +193,15 @@ pub enum ClusterEvent {
     },
     /// A VPN address was allocated or changed, or a static address clashes.
     Address(ipam::IpamEvent),
+    /// Nodes other than the chosen master hold a master role: a second k3s cluster (groups that
+    /// elected before they met, a partition longer than the liveness timeout, wiped state). An
+    /// empty list: there is none any more. Reported once per change.
+    SecondMaster {
+        /// The chosen master.
+        master: String,
+        /// The other nodes with a master role.
+        others: Vec<String>,
+    },
     /// Another running node uses this node's uuid; this node takes no part in the cluster.
     DuplicateUuid {
         /// The uuid.
@@ -212,7 +221,7 @@ impl ClusterEvent {
                 | ClusterEvent::RoleRemoved
                 | ClusterEvent::DuplicateUuid { .. }
                 | ClusterEvent::Address(ipam::IpamEvent::Clash { .. } | ipam::IpamEvent::Exhausted)
-        )
+        ) || matches!(self, ClusterEvent::SecondMaster { others, .. } if !others.is_empty())
     }
 }
 
@@ -241,6 +250,15 @@ impl std::fmt::Display for ClusterEvent {
                  master would start a second cluster): bring it back"
             ),
             ClusterEvent::MasterRecovered { uuid } => write!(f, "master {uuid} is back"),
+            ClusterEvent::SecondMaster { master, others } if others.is_empty() => {
+                write!(f, "no second master any more: {master} is the only master")
+            }
+            ClusterEvent::SecondMaster { master, others } => write!(
+                f,
+                "SECOND MASTER: {} also hold a master role besides the chosen master {master}: \
+                 two k3s clusters; reset the other side's nodes (see the README, \"Second master\")",
+                others.join(", ")
+            ),
             ClusterEvent::Address(IpamEvent::Assigned { addr, prefix_len }) => {
                 write!(f, "VPN address {addr}/{prefix_len}")
             }
@@ -307,6 +325,10 @@ pub struct Cluster {
     save: SaveState,
     /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
     machines_generation: u64,
+    /// The node's discovery gate is open (see [`Cluster::set_discovery_settled`]).
+    discovery_settled: bool,
+    /// Nodes other than the chosen master that hold a master role.
+    second_masters: Vec<String>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -349,6 +371,8 @@ impl Cluster {
             events: VecDeque::new(),
             save: SaveState::default(),
             machines_generation: 0,
+            discovery_settled: true,
+            second_masters: Vec::new(),
             ledger,
             clock: Clock::new(),
             settings,
@@ -387,6 +411,12 @@ impl Cluster {
         self.master.as_deref()
     }
 
+    /// Nodes other than the chosen master that hold a master role (a second k3s cluster);
+    /// empty when all is well.
+    pub fn second_masters(&self) -> &[String] {
+        &self.second_masters
+    }
+
     /// The chosen master has not been heard from for the liveness timeout.
     pub fn master_lost(&self) -> bool {
         self.master_lost
@@ -420,6 +450,31 @@ impl Cluster {
 
     // ---- inputs ----
 
+    /// Whether the node's discovery has converged (bootstrap peers, DHT rendezvous and members
+    /// tried; see [`Node::discovery_settled`](crate::node::Node::discovery_settled)). Until it
+    /// has, and until the ledger is synced with every connected member, this node neither votes
+    /// nor leads an election: a group that has not met the rest of its network yet would
+    /// otherwise see a quorum of itself. True by default (a cluster layer driven without a node).
+    pub fn set_discovery_settled(&mut self, now: Instant, settled: bool) {
+        if settled != self.discovery_settled {
+            self.discovery_settled = settled;
+            if self.started.is_some() {
+                self.update_at = Some(self.update_at.map_or(now, |t| t.min(now)));
+            }
+        }
+    }
+
+    /// Closes the discovery gate until [`Cluster::set_discovery_settled`] opens it (the node
+    /// does when it attaches the cluster layer).
+    pub(crate) fn close_discovery_gate(&mut self) {
+        self.discovery_settled = false;
+    }
+
+    /// True while the discovery gate lets this node take part in an election.
+    pub fn election_gate_open(&self) -> bool {
+        self.discovery_settled && self.replication.all_peers_synced()
+    }
+
     /// A connection to `peer` is up.
     pub fn peer_connected(&mut self, now: Instant, unix_ms: u64, peer: PeerId) {
         self.unix_ms = unix_ms;
@@ -435,12 +490,16 @@ impl Cluster {
     pub fn handle_message(&mut self, now: Instant, unix_ms: u64, from: PeerId, bytes: &[u8]) {
         self.unix_ms = unix_ms;
         let was_synced = self.replication.is_synced();
+        let was_all_synced = self.replication.all_peers_synced();
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
         // entry that arrives within UPDATE_DELAY is read by one pass.
-        if !fresh.is_empty() || was_synced != self.replication.is_synced() {
+        if !fresh.is_empty()
+            || was_synced != self.replication.is_synced()
+            || was_all_synced != self.replication.all_peers_synced()
+        {
             self.note_changes(now);
             self.update_at.get_or_insert(now + UPDATE_DELAY);
         }
@@ -713,7 +772,14 @@ impl Cluster {
             });
         }
         let mut settle_wait = None;
-        if s.auto && eligible && ready {
+        // Before a master is chosen, only once discovery has converged (see
+        // `set_discovery_settled`); afterwards the leader assigns roles to whoever joins.
+        let gate_open = tally.commit.is_some()
+            || (self.discovery_settled && self.replication.all_peers_synced());
+        if s.auto && eligible && ready && !gate_open {
+            self.proposer.stand_down();
+        }
+        if s.auto && eligible && ready && gate_open {
             if let Some(w) = election::accept(&tally, &bucket, &me) {
                 writes.push(w);
             }
@@ -810,6 +876,29 @@ impl Cluster {
                 } else {
                     ClusterEvent::MasterRecovered { uuid: master }
                 });
+            }
+        }
+
+        let others: Vec<String> = match &self.master {
+            Some(master) => view
+                .nodes
+                .iter()
+                .filter(|(uuid, n)| {
+                    *uuid != master
+                        && matches!(
+                            n.role.as_deref(),
+                            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+                        )
+                })
+                .map(|(uuid, _)| uuid.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        if others != self.second_masters {
+            self.second_masters = others.clone();
+            if let Some(master) = self.master.clone() {
+                self.events
+                    .push_back(ClusterEvent::SecondMaster { master, others });
             }
         }
 

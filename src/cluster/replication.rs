@@ -21,6 +21,8 @@ use crate::rng::Rng;
 /// How often a node runs a digest exchange with one connected member (pushes carry the news;
 /// this repairs what a lost connection missed).
 pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
+/// Wait before a digest goes again to a connected member whose first exchange has not completed.
+pub const FIRST_EXCHANGE_RETRY: Duration = Duration::from_secs(2);
 /// Members each fresh heartbeat is pushed to.
 pub const HEARTBEAT_FANOUT: usize = 2;
 
@@ -81,6 +83,11 @@ impl Replication {
         self.synced
     }
 
+    /// True when an exchange completed with every member connected now.
+    pub fn all_peers_synced(&self) -> bool {
+        self.peers.values().all(|done| *done)
+    }
+
     /// Members currently connected.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
@@ -95,9 +102,8 @@ impl Replication {
     pub fn connected(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
         self.peers.insert(peer, false);
         self.send_digest(unix_ms, ledger, peer);
-        if self.next_round.is_none() {
-            self.next_round = Some(now + ANTI_ENTROPY_INTERVAL);
-        }
+        let retry = now + FIRST_EXCHANGE_RETRY;
+        self.next_round = Some(self.next_round.map_or(retry, |t| t.min(retry)));
     }
 
     /// The connection to `peer` went away.
@@ -209,6 +215,21 @@ impl Replication {
         }
         self.next_round = Some(now + ANTI_ENTROPY_INTERVAL);
         if self.peers.is_empty() {
+            return;
+        }
+        // A first exchange that did not complete (its digest went out on a connection that a
+        // simultaneous dial replaced, say) is tried again soon: the election waits for it.
+        let unsynced: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, done)| !**done)
+            .map(|(p, _)| *p)
+            .collect();
+        if !unsynced.is_empty() {
+            self.next_round = Some(now + FIRST_EXCHANGE_RETRY);
+            for peer in unsynced {
+                self.send_digest(unix_ms, ledger, peer);
+            }
             return;
         }
         self.turn = self.turn.wrapping_add(1);

@@ -1773,3 +1773,62 @@ fn a_master_that_knows_of_other_nodes_does_not_form_alone() {
     assert_eq!(w.nodes[0].role(), None);
     assert_eq!(w.nodes[0].master(), None);
 }
+
+#[test]
+fn a_second_master_is_reported_once_per_change() {
+    // Two groups elected before they met: the ledgers merged, `master-commit` names a; b still
+    // holds the master role of its own cluster.
+    let (a, b, c) = (identity(1), identity(2), identity(3));
+    let mut ledger = Ledger::new(Limits::default());
+    let mut clock = Clock::new();
+    let t = UNIX_BASE_MS;
+    let announce = |ledger: &mut Ledger, clock: &mut Clock, id: &Identity, uuid: &str| {
+        let ann = Announcement::new(Role::Auto, uuid).to_json();
+        ledger
+            .put(id, clock, BUCKET, &names::uuid_key(uuid), &ann, t)
+            .unwrap();
+        ledger
+            .put(id, clock, names::HEALTHCHECK, uuid, b"1767225600", t)
+            .unwrap();
+    };
+    announce(&mut ledger, &mut clock, &a, "a");
+    announce(&mut ledger, &mut clock, &b, "b");
+    let commit = serde_json::to_vec(&election::Commit {
+        ballot: ballot(1, "a"),
+        candidate: "a".into(),
+    })
+    .unwrap();
+    ledger
+        .put(&a, &mut clock, BUCKET, election::MASTER_COMMIT, &commit, t)
+        .unwrap();
+    ledger
+        .put(&a, &mut clock, BUCKET, &names::role_key("a"), b"master", t)
+        .unwrap();
+    ledger
+        .put(&b, &mut clock, BUCKET, &names::role_key("b"), b"master", t)
+        .unwrap();
+    let mut cluster = Cluster::new(&c, ClusterSettings::defaults("c"), ledger, 7);
+    let now = Instant::now();
+    cluster.handle_timeout(now, t);
+    let events: Vec<ClusterEvent> = std::iter::from_fn(|| cluster.poll_event()).collect();
+    let second: Vec<&ClusterEvent> = events
+        .iter()
+        .filter(|e| matches!(e, ClusterEvent::SecondMaster { .. }))
+        .collect();
+    assert_eq!(
+        second,
+        vec![&ClusterEvent::SecondMaster {
+            master: "a".into(),
+            others: vec!["b".into()],
+        }],
+        "{events:?}"
+    );
+    assert!(second[0].is_alarm());
+    assert_eq!(cluster.second_masters(), ["b".to_string()]);
+    cluster.handle_timeout(now + Duration::from_secs(1), t + 1000);
+    assert!(
+        !std::iter::from_fn(|| cluster.poll_event())
+            .any(|e| matches!(e, ClusterEvent::SecondMaster { .. })),
+        "reported again without a change"
+    );
+}

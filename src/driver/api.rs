@@ -660,6 +660,10 @@ impl ApiState for State<'_> {
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.now.saturating_duration_since(self.started),
             k3s: self.node.k3s_state().map(ToString::to_string),
+            second_masters: self
+                .cluster
+                .map(|c| c.second_masters().to_vec())
+                .unwrap_or_default(),
         }
     }
 
@@ -777,6 +781,7 @@ impl ApiState for State<'_> {
                 .cluster
                 .map_or(0, |c| c.view().nodes.values().filter(|n| n.live).count())
                 as u64,
+            second_masters: self.cluster.map_or(0, |c| c.second_masters().len() as u64),
             bytes_in: t.bytes_in,
             bytes_out: t.bytes_out,
             packets_in: t.packets_in,

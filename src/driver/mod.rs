@@ -919,6 +919,12 @@ fn drain_events(node: &mut Node) {
                 log::info!("disconnected from {peer}: {reason}")
             }
             NodeEvent::ObservedAddr(addr) => log::info!("peers see this node at {addr}"),
+            // A second master is the one alarm logged as an error: two k3s clusters run.
+            NodeEvent::Cluster(event @ crate::cluster::ClusterEvent::SecondMaster { .. })
+                if event.is_alarm() =>
+            {
+                log::error!("{event}")
+            }
             NodeEvent::Cluster(event) if event.is_alarm() => log::warn!("{event}"),
             NodeEvent::Cluster(event) => log::info!("{event}"),
         }

@@ -71,8 +71,26 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// Connections kept to members outside our LAN when any are known, on top of LAN neighbours if
 /// need be: without them, subnets full of LAN peers would gossip only among themselves.
 pub const REMOTE_NEIGHBOURS: usize = 2;
-/// Longest back-off between dial attempts to one member.
-pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest back-off between dial attempts to one member: sites cut apart (a WAN outage) dial
+/// each other again within this long of the path coming back.
+pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(30);
+/// The discovery gate's bound (see [`Node::discovery_settled`]): how long a node waits, from its
+/// start, for bootstrap peers that do not answer and for a first complete rendezvous round, and,
+/// from the moment it learns of a member, for a connection to it. A site that reaches the others
+/// (a bootstrap peer, or the DHT) within this long of starting takes part in their election
+/// instead of holding its own.
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
+/// How long a member outside our LAN (found in the DHT rendezvous or through gossip: a member of
+/// another site, typically) but not connected holds the discovery gate, from when it was found: longer than
+/// [`RENDEZVOUS_INTERVAL`], so that when both sites sit behind NATs that only a simultaneous dial
+/// crosses, the other site's next rendezvous lookup finds us and dials back while we still dial.
+/// A site electing a master of its own while it knows of members it cannot reach yet would
+/// knowingly start a second cluster. (A stale record of a member that is gone costs this wait
+/// once, before the first election only.)
+pub const UNREACHED_SITE_WAIT: Duration = Duration::from_secs(150);
+/// The member table and connections must be unchanged this long before the gate opens: news of
+/// a member brings its connection and ledger sync within a few round trips.
+pub const DISCOVERY_SETTLE: Duration = Duration::from_millis(1500);
 /// How long a dial may take before the next address (or a relay) is tried.
 pub const DIRECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a punch may take before the relay is tried.
@@ -279,6 +297,15 @@ pub struct Node {
     k3s_state: Option<crate::k3s::K3sState>,
     /// The wall clock of the last input, in unix milliseconds.
     unix_ms: u64,
+    /// The first `handle_timeout` (the node's start).
+    started_at: Option<Instant>,
+    /// The last time a member was discovered or connected (the discovery gate's settle).
+    discovery_changed_at: Option<Instant>,
+    /// The discovery gate as last told to the cluster layer.
+    discovery_settled: bool,
+    /// When the discovery gate's settle ends (checked then rather than at the next
+    /// housekeeping pass).
+    gate_check_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Node {
@@ -350,11 +377,17 @@ impl Node {
             vpn_in: VecDeque::new(),
             k3s_state: None,
             unix_ms: 0,
+            started_at: None,
+            discovery_changed_at: None,
+            discovery_settled: false,
+            gate_check_at: None,
         })
     }
 
     /// Adds the cluster layer (ledger, roles, addresses); without it the node is overlay only.
-    pub fn attach_cluster(&mut self, cluster: Cluster) {
+    pub fn attach_cluster(&mut self, mut cluster: Cluster) {
+        self.discovery_settled = false;
+        cluster.close_discovery_gate();
         self.cluster = Some(cluster);
     }
 
@@ -542,10 +575,15 @@ impl Node {
             }
         }
         self.pump(now);
+        self.started_at.get_or_insert(now);
+        let gate_due = self.gate_check_at.is_some_and(|t| t <= now);
         if self.maintain_at.is_none_or(|t| t <= now) {
             self.dial_at = None;
             self.maintain(now);
             self.maintain_at = Some(now + MAINTAIN_INTERVAL);
+            self.update_discovery_gate(now);
+        } else if gate_due {
+            self.update_discovery_gate(now);
         }
         if self.dial_at.is_some_and(|t| t <= now) {
             self.dial_at = None;
@@ -679,6 +717,7 @@ impl Node {
             self.sync_at,
             self.maintain_at,
             self.dial_at,
+            self.gate_check_at,
             self.cluster.as_ref().and_then(Cluster::poll_timeout),
         ];
         next.sort();
@@ -694,6 +733,104 @@ impl Node {
     /// owning its source address and is addressed to us).
     pub fn poll_vpn_packet(&mut self) -> Option<Bytes> {
         self.vpn_in.pop_front()
+    }
+
+    /// The discovery gate: true once what this node can learn about its network has been tried,
+    /// so an election it takes part in is not one of a group that has not met the rest yet.
+    /// All of:
+    /// - the member table and connections unchanged for [`DISCOVERY_SETTLE`];
+    /// - every member known is connected, or was learned [`DISCOVERY_WAIT`] ago or more
+    ///   ([`UNREACHED_SITE_WAIT`] for one not heard on our LAN), or the node has all the neighbours
+    ///   it keeps;
+    /// - with the DHT (unless there is nobody to ask: no bootstrap peer, no DHT neighbour):
+    ///   every bootstrap peer answered, or [`DISCOVERY_WAIT`] passed since the start; and our
+    ///   rendezvous record was stored on another node since the last one was reached and a
+    ///   rendezvous round started after that has finished ([`Kad::rendezvous_converged`]), or
+    ///   [`DISCOVERY_WAIT`] passed since the start or that reach, whichever is later.
+    ///
+    /// With the DHT off (one LAN), this is the LAN gate: beacons find the members in well under
+    /// a second and the first condition does the rest.
+    pub fn discovery_settled(&self, now: Instant) -> bool {
+        let Some(started) = self.started_at else {
+            return false;
+        };
+        if self
+            .discovery_changed_at
+            .is_some_and(|t| now < t + DISCOVERY_SETTLE)
+        {
+            return false;
+        }
+        if self.connected.len() < self.settings.neighbours {
+            let unreached = self.members.iter().any(|(peer, m)| {
+                if self.connected.contains_key(peer) {
+                    return false;
+                }
+                let on_lan = self
+                    .lan
+                    .as_ref()
+                    .is_some_and(|lan| lan.last_seen(peer).is_some());
+                let wait = if on_lan {
+                    DISCOVERY_WAIT
+                } else {
+                    UNREACHED_SITE_WAIT
+                };
+                now < m.first_seen + wait
+            });
+            if unreached {
+                return false;
+            }
+        }
+        if let Some(kad) = &self.kad {
+            let (reached, total) = kad.bootstrap_reached();
+            let nobody_to_ask = total == 0 && kad.routing_table().is_empty();
+            if !nobody_to_ask {
+                if reached < total && now < started + DISCOVERY_WAIT {
+                    return false;
+                }
+                // The rendezvous gets its own bound from the last bootstrap peer reached: a
+                // bootstrap node that comes up late is then used, not raced.
+                let since = kad
+                    .bootstrap_reached_at()
+                    .map_or(started, |t| t.max(started));
+                if !kad.rendezvous_converged() && now < since + DISCOVERY_WAIT {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Tells the cluster layer whether discovery has converged (it elects only then). Once the
+    /// cluster has its master the gate stays open: joining an existing cluster needs no gate.
+    fn update_discovery_gate(&mut self, now: Instant) {
+        self.gate_check_at = None;
+        let Some(has_master) = self.cluster.as_ref().map(|c| c.master().is_some()) else {
+            return;
+        };
+        let settled = has_master || self.discovery_settled(now);
+        if settled != self.discovery_settled {
+            self.discovery_settled = settled;
+            if settled {
+                log::debug!("discovery settled: taking part in elections");
+            }
+            if let Some(cluster) = &mut self.cluster {
+                cluster.set_discovery_settled(now, settled);
+            }
+        }
+    }
+
+    /// A member was discovered or connected: the discovery gate settles again.
+    fn discovery_changed(&mut self, now: Instant) {
+        self.discovery_changed_at = Some(now);
+        if self.cluster.as_ref().is_some_and(|c| c.master().is_none()) {
+            self.gate_check_at = Some(now + DISCOVERY_SETTLE);
+        }
+        if self.discovery_settled && self.cluster.as_ref().is_some_and(|c| c.master().is_none()) {
+            self.discovery_settled = false;
+            if let Some(cluster) = &mut self.cluster {
+                cluster.set_discovery_settled(now, false);
+            }
+        }
     }
 
     // ---- internals ----
@@ -839,6 +976,7 @@ impl Node {
             } => {
                 self.connected.insert(peer, addr);
                 self.dials.remove(&peer);
+                self.discovery_changed(now);
                 // An address we dialled is known to work; one a peer came from may be a NAT's.
                 let addrs = if inbound || is_relay_addr(&addr) {
                     Vec::new()
@@ -1040,6 +1178,7 @@ impl Node {
     ) {
         match self.members.observe(now, peer, addrs, age, source) {
             Change::New => {
+                self.discovery_changed(now);
                 self.events.push_back(NodeEvent::MemberDiscovered {
                     peer,
                     addrs: addrs.to_vec(),

@@ -269,6 +269,7 @@ impl ApiState for FuzzApi {
             version: "0",
             uptime: Duration::from_secs(1),
             k3s: None,
+            second_masters: Vec::new(),
         }
     }
     fn peers(&self) -> Vec<PeerStatus> {

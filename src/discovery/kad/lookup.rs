@@ -371,11 +371,14 @@ impl Kad {
                     self.refresh(now);
                 }
             }
-            Goal::Get => self.push_event(KadEvent::LookupDone {
-                key: l.target.0,
-                hops,
-                messages,
-            }),
+            Goal::Get => {
+                self.rendezvous_lookup_done(&l.target.0);
+                self.push_event(KadEvent::LookupDone {
+                    key: l.target.0,
+                    hops,
+                    messages,
+                });
+            }
             Goal::Publish => self.put_to_closest(&l, now),
         }
     }
@@ -478,6 +481,13 @@ impl Kad {
         let Some(b) = self.batches.remove(&batch) else {
             return;
         };
+        let rendezvous = self
+            .published
+            .get(&b.key)
+            .is_some_and(|p| p.window.is_some());
+        if rendezvous && b.remote > 0 {
+            self.rendezvous_stored(now);
+        }
         if let Some(p) = self.published.get_mut(&b.key) {
             // Early rounds run while routing tables are still filling (a young network, or we
             // just joined), so the nodes they reached may not be the true k closest: republish

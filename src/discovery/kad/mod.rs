@@ -102,6 +102,17 @@ const MAX_TRANSMITS: usize = 1024;
 const MAX_EVENTS: usize = 1024;
 /// Observed-address reports remembered for the vote.
 const OBSERVED_REPORTS: usize = 16;
+/// Wait before a bootstrap peer that did not answer is pinged again, during the first
+/// [`EAGER_BOOTSTRAP`] after the first ping (while the node's discovery gate may still be
+/// waiting for it); then doubled after each unanswered round up to [`MAX_BOOTSTRAP_RETRY`].
+const FIRST_BOOTSTRAP_RETRY: Duration = Duration::from_secs(2);
+/// See [`FIRST_BOOTSTRAP_RETRY`].
+const EAGER_BOOTSTRAP: Duration = Duration::from_secs(20);
+/// Longest wait between pings of a bootstrap peer that does not answer. Such a peer is retried
+/// for as long as it does not answer (one ping and its two retransmits per period): a site that
+/// booted with its uplink down, or before the bootstrap node, reaches the DHT within this long
+/// of the path coming up.
+pub const MAX_BOOTSTRAP_RETRY: Duration = Duration::from_secs(30);
 
 /// Tunables; [`Default`] gives the values argued for in the module doc.
 #[derive(Clone, Debug)]
@@ -396,6 +407,16 @@ pub struct Kad {
     published: BTreeMap<[u8; 32], Publication>,
     bootstrap: Vec<(SocketAddr, Option<PeerId>)>,
     next_bootstrap: Option<Instant>,
+    /// Wait before the next ping of the bootstrap peers that have not answered.
+    bootstrap_retry: Duration,
+    /// When a bootstrap peer last answered for the first time (or again after it was dropped
+    /// from the routing table): the DHT this node sees grew, so earlier rendezvous rounds do not
+    /// count as converged any more.
+    bootstrap_reached_at: Option<Instant>,
+    /// The first bootstrap ping (or the first after a bootstrap peer was lost).
+    bootstrap_first_ping: Option<Instant>,
+    /// Bootstrap addresses that answered a request of ours.
+    bootstrap_answered: BTreeSet<SocketAddr>,
     joined: bool,
     next_refresh: Option<Instant>,
     to_ping: Vec<Entry>,
@@ -460,6 +481,10 @@ impl Kad {
             published: BTreeMap::new(),
             bootstrap: Vec::new(),
             next_bootstrap: None,
+            bootstrap_retry: FIRST_BOOTSTRAP_RETRY,
+            bootstrap_reached_at: None,
+            bootstrap_answered: BTreeSet::new(),
+            bootstrap_first_ping: None,
             joined: false,
             next_refresh: None,
             to_ping: Vec::new(),
@@ -512,6 +537,29 @@ impl Kad {
     #[must_use]
     pub fn is_joined(&self) -> bool {
         self.joined
+    }
+
+    /// Configured bootstrap peers, and how many of them are in the routing table now (they
+    /// answered and were not dropped since).
+    #[must_use]
+    pub fn bootstrap_reached(&self) -> (usize, usize) {
+        let reached = self
+            .bootstrap
+            .iter()
+            .filter(|(addr, _)| self.bootstrap_is_reached(addr))
+            .count();
+        (reached, self.bootstrap.len())
+    }
+
+    /// When a bootstrap peer last joined the routing table.
+    #[must_use]
+    pub fn bootstrap_reached_at(&self) -> Option<Instant> {
+        self.bootstrap_reached_at
+    }
+
+    /// The bootstrap peer at `addr` answered us and is in the routing table.
+    fn bootstrap_is_reached(&self, addr: &SocketAddr) -> bool {
+        self.bootstrap_answered.contains(addr) && self.in_routing(addr)
     }
 
     /// Requests waiting for a reply.
@@ -661,9 +709,11 @@ impl Kad {
         if self.routing.is_empty() {
             // Alone again: join afresh (self-lookup, refresh) once someone answers.
             self.joined = false;
-            if self.next_bootstrap.is_none_or(|t| t <= now) {
-                self.ping_bootstrap(now);
-            }
+        }
+        // Bootstrap peers that are not in the routing table are pinged again and again (capped
+        // back-off), even when LAN neighbours fill the table: they are the way out of the LAN.
+        if self.bootstrap_wanted() && self.next_bootstrap.is_none_or(|t| t <= now) {
+            self.ping_bootstrap(now);
         }
         if self.joined && self.next_refresh.is_none_or(|t| t <= now) {
             self.refresh(now);
@@ -750,13 +800,21 @@ impl Kad {
         fold(self.deadlines.first().map(|(d, _)| *d));
         fold(self.lookups.values().map(|l| l.deadline).min());
         fold(self.store.next_expiry());
-        if self.routing.is_empty() && !self.bootstrap.is_empty() {
+        if self.bootstrap_wanted() {
             fold(self.next_bootstrap);
         }
         if self.joined {
             fold(self.next_refresh);
         }
-        fold(self.published.values().filter_map(|p| p.next).min());
+        // Our rendezvous record is re-published by the rendezvous tick, which waits for the
+        // node to have joined (folding it in before would wake us at once, over and over).
+        fold(
+            self.published
+                .values()
+                .filter(|p| p.window.is_none() || self.joined)
+                .filter_map(|p| p.next)
+                .min(),
+        );
         if let Some(rv) = &self.rendezvous {
             if self.joined {
                 fold(rv.wake_at(self.last_now));
@@ -1040,7 +1098,15 @@ impl Kad {
         if let Some(observed) = msg.body.observed() {
             self.vote_observed(from.ip(), observed);
         }
+        let is_bootstrap = self.bootstrap.iter().any(|(a, _)| *a == from);
+        let was_reached = is_bootstrap && self.bootstrap_is_reached(&from);
         self.note_seen(msg.sender, from);
+        if is_bootstrap {
+            self.bootstrap_answered.insert(from);
+        }
+        if is_bootstrap && !was_reached && self.bootstrap_is_reached(&from) {
+            self.on_bootstrap_reached(now);
+        }
         match p.purpose {
             Purpose::BootstrapPing | Purpose::EvictionPing => {}
             Purpose::Lookup {
@@ -1075,8 +1141,50 @@ impl Kad {
         }
     }
 
+    /// Some bootstrap peer is not in the routing table (one added with its peer id is, until a
+    /// request to it fails).
+    fn bootstrap_wanted(&self) -> bool {
+        self.bootstrap
+            .iter()
+            .any(|(addr, _)| !self.in_routing(addr))
+    }
+
+    fn in_routing(&self, addr: &SocketAddr) -> bool {
+        self.routing.iter().any(|e| e.addr == *addr)
+    }
+
+    /// A bootstrap peer answered and joined the routing table: the DHT beyond our LAN may have
+    /// just become reachable. Look up our own id through it (learning the wider neighbourhood),
+    /// publish our rendezvous record again (it may so far sit on LAN nodes only) and look the
+    /// rendezvous up again soon, a few times, as the other sites may be doing the same now.
+    fn on_bootstrap_reached(&mut self, now: Instant) {
+        log::debug!("DHT: a bootstrap peer answered");
+        self.bootstrap_reached_at = Some(now);
+        self.bootstrap_retry = FIRST_BOOTSTRAP_RETRY;
+        self.bootstrap_first_ping = None;
+        let target = self.my_id;
+        let _ = self.enqueue(Command::FindNode {
+            target,
+            report: false,
+        });
+        self.rendezvous_restart();
+        self.wake = true;
+    }
+
     fn ping_bootstrap(&mut self, now: Instant) {
-        for (addr, peer) in self.bootstrap.clone() {
+        let wanted: Vec<(SocketAddr, Option<PeerId>)> = self
+            .bootstrap
+            .iter()
+            .filter(|(addr, _)| {
+                !self.in_routing(addr)
+                    && !self
+                        .pending
+                        .values()
+                        .any(|p| p.to == *addr && matches!(p.purpose, Purpose::BootstrapPing))
+            })
+            .copied()
+            .collect();
+        for (addr, peer) in wanted {
             self.send_request(
                 now,
                 addr,
@@ -1087,6 +1195,12 @@ impl Kad {
                 false,
             );
         }
-        self.next_bootstrap = Some(now + self.settings.retry_interval);
+        let first = *self.bootstrap_first_ping.get_or_insert(now);
+        self.next_bootstrap = Some(now + self.bootstrap_retry);
+        if now >= first + EAGER_BOOTSTRAP {
+            self.bootstrap_retry = (self.bootstrap_retry * 2)
+                .min(MAX_BOOTSTRAP_RETRY)
+                .min(self.settings.retry_interval);
+        }
     }
 }

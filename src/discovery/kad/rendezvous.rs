@@ -1,7 +1,7 @@
 //! The rendezvous of one network: publish our sealed record under the current window's key,
 //! look up the accepted windows' keys, open what we find and report the other members.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,10 @@ const MAX_MEMBERS: usize = 1024;
 /// soon costs one lookup per interval again.
 const LONELY_LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
+/// Lookups on the short schedule after a bootstrap peer is reached (5, 10 and 20 s apart): other
+/// sites may reach the DHT at the same moment, and one lookup could miss their records.
+const CATCH_UP_LOOKUPS: u32 = 3;
+
 pub(super) struct Rendezvous {
     keys: KeySchedule,
     addrs: Vec<SocketAddr>,
@@ -30,6 +34,15 @@ pub(super) struct Rendezvous {
     lonely_wait: Duration,
     dirty: bool,
     members: BTreeMap<PeerId, (u64, Vec<SocketAddr>)>,
+    /// Lookups left on the short schedule (see [`CATCH_UP_LOOKUPS`]).
+    catch_up: u32,
+    /// Keys of the running round still being looked up, and when that round started.
+    round_keys: BTreeSet<[u8; 32]>,
+    round_started: Option<Instant>,
+    /// When the last round whose lookups all finished started.
+    round_done: Option<Instant>,
+    /// When our record was last stored on another node.
+    stored_at: Option<Instant>,
 }
 
 impl Rendezvous {
@@ -63,6 +76,11 @@ impl Kad {
             lonely_wait: LONELY_LOOKUP_WAIT,
             dirty: true,
             members: BTreeMap::new(),
+            catch_up: 0,
+            round_keys: BTreeSet::new(),
+            round_started: None,
+            round_done: None,
+            stored_at: None,
         });
         self.set_rendezvous_addrs(addrs);
     }
@@ -72,6 +90,57 @@ impl Kad {
         self.rendezvous
             .iter()
             .flat_map(|rv| rv.members.iter().map(|(p, (_, a))| (p, a.as_slice())))
+    }
+
+    /// True once the rendezvous has done what it can: our record was stored on another node
+    /// after the last bootstrap peer was reached, and a whole round of lookups (every accepted
+    /// window's key) started after that and finished. Of two members that publish at about the
+    /// same time, the one whose record was stored last then finds the other's (the DHT holds it
+    /// by then), whatever the order of their lookups.
+    pub fn rendezvous_converged(&self) -> bool {
+        let Some(rv) = &self.rendezvous else {
+            return false;
+        };
+        let Some(stored) = rv.stored_at else {
+            return false;
+        };
+        if self.bootstrap_reached_at().is_some_and(|b| stored < b) {
+            return false;
+        }
+        rv.round_done.is_some_and(|t| t >= stored)
+    }
+
+    /// Our rendezvous record was stored on at least one other node: unless a round started
+    /// since, look up again at once (see [`Kad::rendezvous_converged`]).
+    pub(super) fn rendezvous_stored(&mut self, now: Instant) {
+        let converged = self.rendezvous_converged();
+        if let Some(rv) = &mut self.rendezvous {
+            rv.stored_at = Some(now);
+            if !converged {
+                rv.next_lookup = Some(now);
+                self.wake = true;
+            }
+        }
+    }
+
+    /// Publishes our record again and looks the rendezvous up at once, then a few more times on
+    /// the short schedule (a bootstrap peer was just reached).
+    pub(super) fn rendezvous_restart(&mut self) {
+        if let Some(rv) = &mut self.rendezvous {
+            rv.dirty = true;
+            rv.next_lookup = self.last_now;
+            rv.lonely_wait = LONELY_LOOKUP_WAIT;
+            rv.catch_up = CATCH_UP_LOOKUPS;
+        }
+    }
+
+    /// A GET lookup of `key` finished.
+    pub(super) fn rendezvous_lookup_done(&mut self, key: &[u8; 32]) {
+        if let Some(rv) = &mut self.rendezvous {
+            if rv.round_keys.remove(key) && rv.round_keys.is_empty() {
+                rv.round_done = rv.round_started;
+            }
+        }
     }
 
     /// Changes the addresses announced in our rendezvous record (re-published at once).
@@ -137,7 +206,8 @@ impl Kad {
             rv.dirty = false;
         }
         let lookups: Vec<[u8; 32]> = if rv.next_lookup.is_none_or(|t| t <= now) {
-            let wait = if rv.members.is_empty() {
+            let wait = if rv.members.is_empty() || rv.catch_up > 0 {
+                rv.catch_up = rv.catch_up.saturating_sub(1);
                 let wait = rv.lonely_wait.min(self.settings.rendezvous_interval);
                 rv.lonely_wait = rv.lonely_wait.saturating_mul(2);
                 wait
@@ -145,6 +215,8 @@ impl Kad {
                 self.settings.rendezvous_interval
             };
             rv.next_lookup = Some(now + wait);
+            rv.round_keys = rv.window_keys.iter().map(|(_, k)| *k).collect();
+            rv.round_started = Some(now);
             rv.window_keys.iter().map(|(_, k)| *k).collect()
         } else {
             Vec::new()
