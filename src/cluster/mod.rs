@@ -609,6 +609,14 @@ impl Cluster {
         let view = View::read(&self.ledger, &bucket, self.hlc_now_ms(), timeout_ms);
         let mut writes = Vec::new();
 
+        // Our announcement is gone (deleted, or expired with a tombstone): announce again, or
+        // the others stop counting this node and it cannot see its own role in the view.
+        let announcement_key = names::uuid_key(&me);
+        if self.ledger.get(&bucket, &announcement_key).is_none() {
+            let ann = Announcement::new(s.role, &s.hostname);
+            writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));
+        }
+
         // Our uuid announced by another peer id: a stale announcement of ours from before a
         // wiped state (announce again, once), or a second running node with our uuid (a cloned
         // disk: same machine-id and hostname). The second time, step aside loudly.
@@ -719,8 +727,11 @@ impl Cluster {
             }
         }
 
-        // Our own role: follow the ledger; without dynamic roles, keep what was applied.
-        let ledger_role = view.nodes.get(&me).and_then(|n| n.role.clone());
+        // Our own role: follow the ledger; without dynamic roles, keep what was applied. Read
+        // from the ledger itself, not the view: the view lists announced nodes only, and a node
+        // whose announcement was deleted would rewrite its role in every pass without ever
+        // seeing it (the write storm of issue 14).
+        let ledger_role = view::role_of(&self.ledger, &bucket, &me);
         match (&self.my_role, &ledger_role) {
             (Some(applied), other) if other.as_ref() != Some(applied) && !s.roles.dynamic => {
                 writes.push(Write::put(&bucket, &names::role_key(&me), applied.clone()));

@@ -1595,3 +1595,60 @@ fn a_lone_node_with_minimum_nodes_one_becomes_master_right_after_settling() {
         "master after {took:?}, settle is {settle:?}"
     );
 }
+
+/// Applied entries of every node over `duration`.
+fn applied_during(w: &mut Wired, duration: Duration) -> Vec<u64> {
+    let before: Vec<u64> = w
+        .nodes
+        .iter()
+        .map(|n| n.ledger().counters().applied)
+        .collect();
+    w.run_for(duration);
+    w.nodes
+        .iter()
+        .zip(before)
+        .map(|(n, b)| n.ledger().counters().applied - b)
+        .collect()
+}
+
+/// The storm of issue 14: every key of the cluster bucket deleted (as `DELETE
+/// /api/ledger/kairos` did) left the nodes rewriting their roles in every update pass, forever:
+/// a node keeping the role it applied read its role through its announcement, which was gone,
+/// so it never saw its own rewrite. The nodes must announce again and settle.
+#[test]
+fn deleting_the_cluster_bucket_does_not_start_a_write_storm() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    assert!(w.nodes.iter().all(|n| n.role().is_some()));
+    let quiet = applied_during(&mut w, Duration::from_secs(20));
+
+    let keys: Vec<String> = w.nodes[0]
+        .ledger()
+        .bucket(BUCKET)
+        .map(|(k, _)| k.to_string())
+        .collect();
+    assert!(keys.len() > 6, "{keys:?}");
+    let (now, ms) = (w.now, w.unix_ms(0));
+    for k in &keys {
+        w.nodes[0].write(now, ms, Write::delete(BUCKET, k));
+    }
+    w.deliver();
+    w.run_for(Duration::from_secs(10));
+    let after = applied_during(&mut w, Duration::from_secs(20));
+    for (i, (q, a)) in quiet.iter().zip(&after).enumerate() {
+        assert!(
+            *a <= q + 10,
+            "node {i}: {a} entries applied in 20 s after the deletion, {q} before"
+        );
+    }
+    for (n, uuid) in w.nodes.iter().zip(uuids) {
+        assert_eq!(
+            n.view().live_eligible_count(),
+            3,
+            "{uuid} sees everybody again"
+        );
+        assert!(n.role().is_some(), "{uuid} keeps its role");
+    }
+}
