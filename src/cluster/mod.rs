@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
+use crate::ledger::authority::Authority;
 use crate::ledger::{Clock, Entry, Ledger, LedgerEvent, Limits, SyncLimits, names};
 use crate::rng::Rng;
 
@@ -295,7 +296,18 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// The cluster layer for `identity`, starting from `ledger` (the persisted one, or empty).
-    pub fn new(identity: &Identity, settings: ClusterSettings, ledger: Ledger, seed: u64) -> Self {
+    pub fn new(
+        identity: &Identity,
+        settings: ClusterSettings,
+        mut ledger: Ledger,
+        seed: u64,
+    ) -> Self {
+        ledger.set_authority(Authority {
+            network_bucket: settings.network_id.clone(),
+            quorum_floor: settings.minimum_nodes.max(1),
+            rebind_after_ms: u64::try_from(settings.liveness_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+        });
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
         Self {

@@ -554,6 +554,7 @@ impl ApiState for State<'_> {
             ("ledger_invalid", l.invalid),
             ("ledger_full", l.rejected_full),
             ("ledger_future", l.rejected_future),
+            ("not_owner", l.not_owner),
         ];
         Metrics {
             uptime: self.now.saturating_duration_since(self.started),

@@ -56,6 +56,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authority;
 mod catchup;
 pub mod edgevpn;
 mod entry;
@@ -137,6 +138,17 @@ pub enum LedgerError {
         /// Bytes held.
         bytes: usize,
     },
+    /// The writer does not own the key (see [`authority`]).
+    NotOwner {
+        /// Bucket of the entry.
+        bucket: String,
+        /// Key of the entry.
+        key: String,
+        /// The writer.
+        writer: PeerId,
+        /// Why it is not the owner.
+        reason: &'static str,
+    },
     /// A sync message did not decode or would not fit its limits.
     Wire(WireError),
     /// The snapshot file could not be read or written.
@@ -190,6 +202,15 @@ impl fmt::Display for LedgerError {
             } => write!(
                 f,
                 "ledger full ({entries} entries, {bytes} bytes): refused {bucket}/{key}"
+            ),
+            Self::NotOwner {
+                bucket,
+                key,
+                writer,
+                reason,
+            } => write!(
+                f,
+                "ledger entry {bucket}/{key}: {writer} does not own it ({reason})"
             ),
             Self::Wire(e) => write!(f, "ledger message: {e}"),
             Self::Io { path, error } => write!(f, "ledger snapshot {}: {error}", path.display()),

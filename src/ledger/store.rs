@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::authority::{Authority, MAX_DEFERRED, Verdict, announced_uuid};
+
 use super::entry::{MAX_VALUE_WIRE, known_valid, remember_valid};
 use super::hlc::wall_clock_is_set;
 use super::{Clock, DEFAULT_MAX_AHEAD_MS, Entry, Hlc, KeyId, LedgerError};
@@ -102,6 +104,10 @@ pub struct Counters {
     pub suspects_dropped: u64,
     /// Events discarded because nobody polled them (replaced by [`LedgerEvent::Resync`]).
     pub events_dropped: u64,
+    /// Entries refused because their writer does not own their key (see [`super::authority`]).
+    pub not_owner: u64,
+    /// Entries kept aside until their owner is known.
+    pub deferred: u64,
 }
 
 /// A change the rest of the node may react to; poll with [`Ledger::poll_event`].
@@ -167,6 +173,14 @@ pub struct Ledger {
     pub(crate) last_contact_ms: Option<u64>,
     pub(crate) quarantined_at: Option<u64>,
     pub(crate) suspects: usize,
+    /// The ownership rule (`None`: every writer may write every key, as in plain stores).
+    pub(crate) authority: Option<Authority>,
+    /// uuid -> the peer bound to it and the version time of its announcement.
+    pub(crate) bindings: BTreeMap<String, (PeerId, u64)>,
+    /// Peers bound to at least one uuid, with how many.
+    pub(crate) bound_peers: BTreeMap<PeerId, usize>,
+    /// Entries whose owner is not known yet, oldest first.
+    deferred: VecDeque<Entry>,
 }
 
 impl Default for Ledger {
@@ -200,7 +214,22 @@ impl Ledger {
             last_contact_ms: None,
             quarantined_at: None,
             suspects: 0,
+            authority: None,
+            bindings: BTreeMap::new(),
+            bound_peers: BTreeMap::new(),
+            deferred: VecDeque::new(),
         }
+    }
+
+    /// Enforces the ownership rule from now on, on every entry merged or written.
+    pub fn set_authority(&mut self, authority: Authority) {
+        self.authority = Some(authority);
+    }
+
+    /// Entries kept aside until their owner is known.
+    #[must_use]
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
     /// The bounds it was built with.
@@ -524,6 +553,44 @@ impl Ledger {
                 return Ok(Applied::Stale);
             }
         }
+        match self.authorize(&entry, admit.now) {
+            Verdict::Allowed => {}
+            Verdict::Unsettled if admit.verify => {
+                log::debug!(
+                    "ledger: {}/{} by {} waits until its owner is known",
+                    entry.bucket,
+                    entry.key,
+                    entry.writer
+                );
+                if !self.deferred.contains(&entry) {
+                    self.counters.deferred += 1;
+                    if self.deferred.len() >= MAX_DEFERRED {
+                        self.deferred.pop_front();
+                    }
+                    self.deferred.push_back(entry);
+                }
+                return Ok(Applied::Stale);
+            }
+            verdict => {
+                let reason = match verdict {
+                    Verdict::NotOwner(r) => r,
+                    _ => "its owner is not known yet",
+                };
+                self.counters.not_owner += 1;
+                log::debug!(
+                    "ledger: dropped {}/{} by {}: not the owner ({reason})",
+                    entry.bucket,
+                    entry.key,
+                    entry.writer
+                );
+                return Err(LedgerError::NotOwner {
+                    bucket: entry.bucket,
+                    key: entry.key,
+                    writer: entry.writer,
+                    reason,
+                });
+            }
+        }
         let size = stored_size(&entry);
         let bytes_after = self.bytes.saturating_sub(old_size.unwrap_or(0)) + size;
         let over_count = old_size.is_none() && self.entries >= self.limits.max_entries;
@@ -564,13 +631,53 @@ impl Ledger {
         };
         self.bytes = bytes_after;
         self.counters.applied += 1;
+        let settles = Self::settles_others(&self.buckets[&bucket_name].entries[&key].entry);
+        if let Some(uuid) = announced_uuid(&bucket_name, &key) {
+            let e = &self.buckets[&bucket_name].entries[&key].entry;
+            let (writer, at) = (e.writer, e.version.millis());
+            self.bind(uuid, writer, at);
+        }
         if visible_change {
             self.push_event(LedgerEvent::Changed {
                 bucket: bucket_name,
                 key,
             });
         }
+        if settles && !self.deferred.is_empty() {
+            self.retry_deferred(admit.now);
+        }
         Ok(applied)
+    }
+
+    /// Records that `uuid` is bound to `peer` (announced at `at_ms`).
+    fn bind(&mut self, uuid: &str, peer: PeerId, at_ms: u64) {
+        if let Some((old, _)) = self.bindings.insert(uuid.to_string(), (peer, at_ms)) {
+            self.unbind_peer(&old);
+        }
+        *self.bound_peers.entry(peer).or_default() += 1;
+    }
+
+    fn unbind_peer(&mut self, peer: &PeerId) {
+        if let Some(n) = self.bound_peers.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.bound_peers.remove(peer);
+            }
+        }
+    }
+
+    /// Merges again the deferred entries whose owner may now be known.
+    fn retry_deferred(&mut self, now: Option<u64>) {
+        let waiting: Vec<Entry> = self.deferred.drain(..).collect();
+        let admit = Admit {
+            verify: true,
+            future: false,
+            now,
+        };
+        for e in waiting {
+            // A still-unsettled entry goes back in the queue; refusals are counted inside.
+            let _ = self.admit(e, admit);
+        }
     }
 
     /// Removes one key outright (expiry, quarantine); returns what was held.
@@ -578,6 +685,17 @@ impl Ledger {
         let b = self.buckets.get_mut(bucket)?;
         let s = b.entries.remove(key)?;
         xor_into(&mut b.hash, &s.hash);
+        if let Some(uuid) = announced_uuid(bucket, key) {
+            if self
+                .bindings
+                .get(uuid)
+                .is_some_and(|(p, _)| *p == s.entry.writer)
+            {
+                self.bindings.remove(uuid);
+                self.unbind_peer(&s.entry.writer);
+            }
+        }
+        let b = self.buckets.get_mut(bucket)?;
         if b.entries.is_empty() {
             self.buckets.remove(bucket);
         }
