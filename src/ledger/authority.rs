@@ -16,8 +16,9 @@
 //! - `<uuid>-*` in any bucket (`-uuid`, `-ip`, `-vote`, `-ballot`, anything under a bound uuid),
 //!   `healthcheck/<uuid>`, `dhcp/<uuid>`: the bound peer of `<uuid>`.
 //! - `<uuid>-role`: the bound peer of `<uuid>`, or another member (a peer bound to some uuid: the
-//!   leader assigns roles, and Kairos' `role set` goes through any node's API); a member may give
-//!   `master`/`master/clusterinit` only to the committed master.
+//!   leader assigns roles, and Kairos' `role set` goes through any node's API). Once a master is
+//!   committed, `master`/`master/clusterinit` go to the committed master only, whoever writes
+//!   them; before, only a node itself may take them (manual roles, `auto.enable: false`).
 //! - `machines/<ip>`: a value must name its writer as `PeerID` (the VPN routes the address to that
 //!   peer); a deletion comes from the writer of the entry it deletes.
 //! - In the node's own cluster bucket: `ip-master`, `token-nodetoken`, `master-kubeconfig` and
@@ -209,12 +210,11 @@ impl Ledger {
     }
 
     fn role(&self, auth: &Authority, bucket: &str, uuid: &str, entry: &Entry) -> Verdict {
-        match self.bound_peer(uuid) {
+        let own = match self.bound_peer(uuid) {
             None => return Verdict::Unsettled,
-            Some(p) if p == entry.writer => return Verdict::Allowed,
-            Some(_) => {}
-        }
-        if !self.is_member(&entry.writer) {
+            Some(p) => p == entry.writer,
+        };
+        if !own && !self.is_member(&entry.writer) {
             return Verdict::NotOwner("role set by a non-member");
         }
         let text = entry
@@ -229,6 +229,8 @@ impl Ledger {
             return Verdict::Allowed;
         }
         match self.committed_master(bucket) {
+            // Without `auto` nobody commits: a node takes the role it asks for itself.
+            None if own => Verdict::Allowed,
             None => Verdict::Unsettled,
             Some(m) if m == uuid => Verdict::Allowed,
             Some(_) => Verdict::NotOwner("master role for a node not committed"),
