@@ -80,14 +80,14 @@ fn masters_ever_elected(hosts: &[Host]) -> Vec<String> {
     all
 }
 
-/// Stores `bucket/key = value` through the host's API.
-fn put(host: &Host, bucket: &str, key: &str, value: &str) {
+/// Stores `bucket/key = value` through the host's API; returns the status line and the body.
+fn put(host: &Host, bucket: &str, key: &str, value: &str) -> (String, String) {
     let (status, _, body) = api_request(
         &api_socket(host),
         "PUT",
         &format!("/api/ledger/{bucket}/{key}/{value}"),
     );
-    assert_eq!(status, "HTTP/1.1 200 OK", "PUT on {}: {body}", host.ns);
+    (status, body)
 }
 
 /// Whether the host's ledger holds `bucket/key` with `value`.
@@ -203,7 +203,8 @@ fn the_cluster_converges_again_after_packet_loss_a_cut_link_and_kill_9() {
         "roles with 20% loss: {:?}",
         roles(&hosts)
     );
-    put(&hosts[0], "faults", "lossy", "written-under-loss");
+    let (status, body) = put(&hosts[0], "faults", "lossy", "written-under-loss");
+    assert_eq!(status, "HTTP/1.1 200 OK", "PUT on {}: {body}", hosts[0].ns);
     let spread = wait_for(CONVERGE, || {
         hosts
             .iter()
@@ -386,7 +387,11 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
 
     // 4. The state disk fills up: writes fail, the agent keeps running and forwarding.
     let filler = state.fill();
-    put(&hosts[0], "faults", "nospace-key", "written-on-a-full-disk");
+    // A write is answered once saved: on the full disk the answer says it is made and
+    // gossiped but not saved.
+    let (status, body) = put(&hosts[0], "faults", "nospace-key", "written-on-a-full-disk");
+    assert_eq!(status, "HTTP/1.1 500 Internal Server Error", "{body}");
+    assert!(body.contains("not saved"), "{body}");
     let errors = wait_for(Duration::from_secs(10), || {
         metric(
             &metrics(&hosts[0]),

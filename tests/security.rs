@@ -103,9 +103,8 @@ fn converge(sim: &mut Sim, within: Duration) {
 /// Writes `bucket/key = value` through `h`'s cluster, as the API would.
 fn write(sim: &mut Sim, h: HostId, bucket: &str, key: &str, value: &str) {
     sim.with_node(h, |n, now, unix| {
-        n.cluster_mut()
-            .unwrap()
-            .write(now, unix, Write::put(bucket, key, value));
+        n.write(now, unix, vec![Write::put(bucket, key, value)])
+            .unwrap();
     })
     .unwrap();
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::config::{P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
 use crate::ledger::authority::Authority;
-use crate::ledger::{Clock, Entry, Ledger, LedgerEvent, Limits, SyncLimits, names};
+use crate::ledger::{Clock, Entry, Ledger, LedgerError, LedgerEvent, Limits, SyncLimits, names};
 use crate::rng::Rng;
 
 use election::{Proposer, Tally};
@@ -465,16 +465,27 @@ impl Cluster {
                 &self.settings.uuid,
                 (unix_ms / 1000).to_string(),
             ));
-            self.write_all(now, writes);
+            // Refusals of our own heartbeat or announcement are logged inside.
+            let _ = self.write_all(now, writes);
         }
         self.update(now);
     }
 
-    /// Writes `bucket/key` (the API's and k3s layer's writes) and gossips it.
-    pub fn write(&mut self, now: Instant, unix_ms: u64, write: Write) {
+    /// Writes `writes` (the API's and the k3s layer's, through [`Node::write`](crate::node::Node::write)),
+    /// under the same ownership rule as entries from peers, and queues their gossip. Returns the
+    /// first write refused (the others are made).
+    pub fn write(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        writes: Vec<Write>,
+    ) -> Result<(), LedgerError> {
         self.unix_ms = unix_ms;
-        self.write_all(now, vec![write]);
+        let result = self.write_all(now, writes);
+        // Somebody waits for these to be on disk (an API client's answer).
+        self.save.urgent = true;
         self.update(now);
+        result
     }
 
     // ---- outputs ----
@@ -543,7 +554,9 @@ impl Cluster {
                 .is_some_and(|t| now >= t + self.settings.settle)
     }
 
-    fn write_all(&mut self, now: Instant, writes: Vec<Write>) {
+    /// Signs, stores and gossips `writes`; returns the first refusal (each is logged).
+    fn write_all(&mut self, now: Instant, writes: Vec<Write>) -> Result<(), LedgerError> {
+        let mut first_error = None;
         let mut fresh: Vec<(Entry, bool)> = Vec::new();
         for w in writes {
             let previous = self.ledger.entry(&w.bucket, &w.key).map(|e| e.version);
@@ -569,11 +582,15 @@ impl Cluster {
                     let news = self.replication.is_news(previous, &e);
                     fresh.push((e, news));
                 }
-                Err(e) => log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key),
+                Err(e) => {
+                    log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key);
+                    first_error.get_or_insert(e);
+                }
             }
         }
         self.note_changes(now);
         self.replication.push(&mut self.rng, &fresh, None);
+        first_error.map_or(Ok(()), Err)
     }
 
     fn note_changes(&mut self, now: Instant) -> bool {
@@ -606,7 +623,8 @@ impl Cluster {
             if writes.is_empty() {
                 return;
             }
-            self.write_all(now, writes);
+            // Refusals of the layer's own writes are logged inside.
+            let _ = self.write_all(now, writes);
         }
         // Still writing (a lone node runs a whole election by itself, one step per pass): go on
         // at the next timeout rather than wait for a message or the next heartbeat.

@@ -18,9 +18,10 @@ use crate::api::{
     ApiState, ClusterNode, Connection, DiscoveryState, MAX_FEED, MemberStatus, Metrics, NodeInfo,
     PeerPath, PeerStatus, handle,
 };
+use crate::api::{Response, Status};
 use crate::cluster::Cluster;
-use crate::ledger::Ledger;
-use crate::node::Node;
+use crate::ledger::{Ledger, LedgerError};
+use crate::node::{Node, WriteError};
 
 /// Most API connections open at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -89,6 +90,9 @@ struct Client {
     writable: bool,
     /// The socket failed: close it.
     broken: bool,
+    /// The answer to a write, held until the ledger is saved; no further request of this
+    /// connection is read meanwhile (answers keep their order).
+    awaiting_save: Option<crate::api::Response>,
 }
 
 /// The API's listeners and connections.
@@ -247,7 +251,43 @@ impl Api {
             conn: Connection::new(Instant::now()),
             writable: false,
             broken: false,
+            awaiting_save: None,
         });
+    }
+
+    /// True when an answer waits for the ledger to be saved.
+    pub fn awaits_save(&self) -> bool {
+        self.clients
+            .iter()
+            .flatten()
+            .any(|c| c.awaiting_save.is_some())
+    }
+
+    /// The ledger is saved (`Ok`) or its save failed: sends the answers held for it (a failure
+    /// says the write is made and gossiped but not on disk).
+    pub fn release_saved(
+        &mut self,
+        registry: &Registry,
+        node: &mut Node,
+        errors: &LocalErrors,
+        saved: &Result<(), String>,
+    ) {
+        for i in 0..self.clients.len() {
+            let Some(client) = self.clients[i].as_mut() else {
+                continue;
+            };
+            let Some(response) = client.awaiting_save.take() else {
+                continue;
+            };
+            client.conn.respond(match saved {
+                Ok(()) => response,
+                Err(e) => Response::error(
+                    Status::InternalServerError,
+                    &format!("written and sent to the peers, but not saved here: {e}"),
+                ),
+            });
+            self.serve(registry, i, node, errors);
+        }
     }
 
     /// Moves bytes both ways on connection `i`, answers its requests, and closes it when done.
@@ -290,6 +330,17 @@ impl Drop for Api {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The answer to a write the node refused.
+fn refusal(e: &WriteError) -> Response {
+    let status = match e {
+        WriteError::Refused(LedgerError::NotOwner { .. }) => Status::Forbidden,
+        WriteError::Refused(LedgerError::ValueTooLarge { .. }) => Status::ContentTooLarge,
+        WriteError::Refused(LedgerError::InvalidName { .. }) => Status::BadRequest,
+        _ => Status::InternalServerError,
+    };
+    Response::error(status, &e.to_string())
 }
 
 /// Whether accept failed for this one call or this one client only.
@@ -368,20 +419,24 @@ fn pump(
                 }
             }
         }
-        while let Some(request) = client.conn.poll_request() {
+        while client.awaiting_save.is_none() {
+            let Some(request) = client.conn.poll_request() else {
+                break;
+            };
             let outcome = {
                 let state = State::new(node, started, empty, errors);
                 handle(&request, &state)
             };
-            if !outcome.writes.is_empty() {
-                let (now, unix_ms) = super::clocks();
-                if let Some(cluster) = node.cluster_mut() {
-                    for write in outcome.writes {
-                        cluster.write(now, unix_ms, write);
-                    }
-                }
+            if outcome.writes.is_empty() {
+                client.conn.respond(outcome.response);
+                continue;
             }
-            client.conn.respond(outcome.response);
+            let (now, unix_ms) = super::clocks();
+            match node.write(now, unix_ms, outcome.writes) {
+                // Answered once the ledger is saved (see `Api::saved`).
+                Ok(()) => client.awaiting_save = Some(outcome.response),
+                Err(e) => client.conn.respond(refusal(&e)),
+            }
         }
         while !client.conn.pending_output().is_empty() {
             match client.stream.write(client.conn.pending_output()) {
