@@ -403,6 +403,17 @@ impl Cluster {
         self.save = SaveState::default();
     }
 
+    /// Saves what changed in the ledger since the last save (appended to its journal, or a
+    /// compacted snapshot; see [`crate::ledger::journal`]) and, when that worked, marks it saved.
+    pub fn persist(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<crate::ledger::journal::Persisted, LedgerError> {
+        let persisted = self.ledger.persist(path)?;
+        self.saved();
+        Ok(persisted)
+    }
+
     // ---- inputs ----
 
     /// A connection to `peer` is up.

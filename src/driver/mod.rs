@@ -184,13 +184,12 @@ impl Persister {
         if self.retry_at.is_some_and(|t| now < t) {
             return Err(self.failure.clone().unwrap_or_default());
         }
-        match cluster.ledger().save(path) {
-            Ok(()) => {
+        match cluster.persist(path) {
+            Ok(_) => {
                 if self.retry_at.take().is_some() {
                     log::info!("ledger snapshot {} saved again", path.display());
                 }
                 self.failure = None;
-                cluster.saved();
                 Ok(())
             }
             Err(e) => {

@@ -61,6 +61,7 @@ mod catchup;
 pub mod edgevpn;
 mod entry;
 mod hlc;
+pub mod journal;
 pub mod names;
 mod persist;
 mod store;

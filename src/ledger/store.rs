@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use super::authority::{Authority, MAX_DEFERRED, Verdict, announced_uuid};
+use super::journal::JournalState;
 
 use super::entry::{MAX_VALUE_WIRE, known_valid, remember_valid};
 use super::hlc::wall_clock_is_set;
@@ -181,6 +182,8 @@ pub struct Ledger {
     pub(crate) bound_peers: BTreeMap<PeerId, usize>,
     /// Entries whose owner is not known yet, oldest first.
     deferred: VecDeque<Entry>,
+    /// What the next save must write (see [`super::journal`]).
+    pub(crate) journal: JournalState,
 }
 
 impl Default for Ledger {
@@ -218,6 +221,7 @@ impl Ledger {
             bindings: BTreeMap::new(),
             bound_peers: BTreeMap::new(),
             deferred: VecDeque::new(),
+            journal: JournalState::default(),
         }
     }
 
@@ -631,6 +635,9 @@ impl Ledger {
         };
         self.bytes = bytes_after;
         self.counters.applied += 1;
+        self.journal
+            .dirty
+            .insert((bucket_name.clone(), key.clone()));
         let settles = Self::settles_others(&self.buckets[&bucket_name].entries[&key].entry);
         if let Some(uuid) = announced_uuid(&bucket_name, &key) {
             let e = &self.buckets[&bucket_name].entries[&key].entry;
@@ -685,6 +692,7 @@ impl Ledger {
         let b = self.buckets.get_mut(bucket)?;
         let s = b.entries.remove(key)?;
         xor_into(&mut b.hash, &s.hash);
+        self.journal.needs_full = true;
         if let Some(uuid) = announced_uuid(bucket, key) {
             if self
                 .bindings
@@ -718,6 +726,9 @@ impl Ledger {
         };
         if s.suspect != suspect {
             s.suspect = suspect;
+            self.journal
+                .dirty
+                .insert((bucket.to_string(), key.to_string()));
             if suspect {
                 self.suspects += 1;
             } else {
