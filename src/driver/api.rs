@@ -336,7 +336,9 @@ impl Drop for Api {
 fn refusal(e: &WriteError) -> Response {
     let status = match e {
         WriteError::Refused(LedgerError::NotOwner { .. }) => Status::Forbidden,
-        WriteError::Refused(LedgerError::ValueTooLarge { .. }) => Status::ContentTooLarge,
+        WriteError::Refused(LedgerError::ValueTooLarge { .. } | LedgerError::OverQuota { .. }) => {
+            Status::ContentTooLarge
+        }
         WriteError::Refused(LedgerError::InvalidName { .. }) => Status::BadRequest,
         _ => Status::InternalServerError,
     };
@@ -610,6 +612,7 @@ impl ApiState for State<'_> {
             ("ledger_full", l.rejected_full),
             ("ledger_future", l.rejected_future),
             ("not_owner", l.not_owner),
+            ("ledger_quota", l.rejected_quota),
         ];
         Metrics {
             uptime: self.now.saturating_duration_since(self.started),

@@ -14,6 +14,11 @@ use crate::identity::{Identity, PeerId};
 const MESSAGE_SLACK: usize = 1024;
 /// Bytes counted per stored entry on top of its encoding (hash, key id, map nodes).
 const STORE_OVERHEAD: usize = 64;
+/// Most bytes one writer's entries may hold in a ledger (a quota: one member, or one API
+/// client through it, cannot fill every node's disk and memory).
+pub const MAX_WRITER_BYTES: usize = 4 * 1024 * 1024;
+/// Most entries one writer may hold (the leader writes a role per node: room for thousands).
+pub const MAX_WRITER_ENTRIES: usize = 16_384;
 /// edgevpn's default `max_message_size` (20 MiB).
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 20 * 1024 * 1024;
 
@@ -32,6 +37,11 @@ pub struct Limits {
     /// How far past the local horizon a version may be (see the module documentation).
     /// Default 24 h.
     pub max_future_ms: u64,
+    /// Most bytes held from one writer (counted like `max_total_bytes`). Default
+    /// [`MAX_WRITER_BYTES`].
+    pub max_writer_bytes: usize,
+    /// Most entries held from one writer. Default [`MAX_WRITER_ENTRIES`].
+    pub max_writer_entries: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +52,8 @@ impl Default for Limits {
             max_value_bytes: DEFAULT_MAX_MESSAGE_SIZE - MESSAGE_SLACK,
             tombstone_lifetime_ms: 24 * 60 * 60 * 1000,
             max_future_ms: DEFAULT_MAX_AHEAD_MS,
+            max_writer_bytes: MAX_WRITER_BYTES,
+            max_writer_entries: MAX_WRITER_ENTRIES,
         }
     }
 }
@@ -109,6 +121,8 @@ pub struct Counters {
     pub not_owner: u64,
     /// Entries kept aside until their owner is known.
     pub deferred: u64,
+    /// Entries refused because their writer was at its quota.
+    pub rejected_quota: u64,
 }
 
 /// A change the rest of the node may react to; poll with [`Ledger::poll_event`].
@@ -184,6 +198,8 @@ pub struct Ledger {
     deferred: VecDeque<Entry>,
     /// What the next save must write (see [`super::journal`]).
     pub(crate) journal: JournalState,
+    /// Entries and bytes held per writer (for the quotas).
+    usage: BTreeMap<PeerId, (usize, usize)>,
 }
 
 impl Default for Ledger {
@@ -222,6 +238,7 @@ impl Ledger {
             bound_peers: BTreeMap::new(),
             deferred: VecDeque::new(),
             journal: JournalState::default(),
+            usage: BTreeMap::new(),
         }
     }
 
@@ -596,6 +613,32 @@ impl Ledger {
             }
         }
         let size = stored_size(&entry);
+        let (mut writer_entries, mut writer_bytes) =
+            self.usage.get(&entry.writer).copied().unwrap_or_default();
+        let replaces_own = old.is_some_and(|o| o.entry.writer == entry.writer);
+        let other_writer = old
+            .filter(|o| o.entry.writer != entry.writer)
+            .map(|o| (o.entry.writer, stored_size(&o.entry)));
+        if replaces_own {
+            writer_bytes = writer_bytes.saturating_sub(old_size.unwrap_or(0));
+        } else {
+            writer_entries += 1;
+        }
+        writer_bytes += size;
+        let grows = !replaces_own || Some(size) > old_size;
+        if grows
+            && (writer_entries > self.limits.max_writer_entries
+                || writer_bytes > self.limits.max_writer_bytes)
+        {
+            self.counters.rejected_quota += 1;
+            return Err(LedgerError::OverQuota {
+                bucket: entry.bucket,
+                key: entry.key,
+                writer: entry.writer,
+                entries: writer_entries,
+                bytes: writer_bytes,
+            });
+        }
         let bytes_after = self.bytes.saturating_sub(old_size.unwrap_or(0)) + size;
         let over_count = old_size.is_none() && self.entries >= self.limits.max_entries;
         let over_bytes = bytes_after > self.limits.max_total_bytes && bytes_after > self.bytes;
@@ -610,6 +653,11 @@ impl Ledger {
         }
 
         self.note_high(entry.version, entry.writer);
+        if let Some((w, size)) = other_writer {
+            self.release_usage(&w, size);
+        }
+        self.usage
+            .insert(entry.writer, (writer_entries, writer_bytes));
         let key_id = KeyId::of(&entry.key);
         let (bucket_name, key) = (entry.bucket.clone(), entry.key.clone());
         let bucket = self.buckets.entry(bucket_name.clone()).or_default();
@@ -654,6 +702,23 @@ impl Ledger {
             self.retry_deferred(admit.now);
         }
         Ok(applied)
+    }
+
+    /// Takes one entry of `size` bytes off `writer`'s usage.
+    fn release_usage(&mut self, writer: &PeerId, size: usize) {
+        if let Some((n, b)) = self.usage.get_mut(writer) {
+            *n = n.saturating_sub(1);
+            *b = b.saturating_sub(size);
+            if *n == 0 {
+                self.usage.remove(writer);
+            }
+        }
+    }
+
+    /// Entries and bytes held from `writer`.
+    #[must_use]
+    pub fn usage_of(&self, writer: &PeerId) -> (usize, usize) {
+        self.usage.get(writer).copied().unwrap_or_default()
     }
 
     /// Records that `uuid` is bound to `peer` (announced at `at_ms`).
@@ -709,6 +774,7 @@ impl Ledger {
         }
         self.entries = self.entries.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(stored_size(&s.entry));
+        self.release_usage(&s.entry.writer, stored_size(&s.entry));
         if s.suspect {
             self.suspects = self.suspects.saturating_sub(1);
         }

@@ -1051,3 +1051,43 @@ fn a_torn_journal_record_is_ignored_and_the_next_save_compacts() {
     assert_eq!(again.get("b", "third"), Some(&b"3"[..]));
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The "150 PUTs of 60 KB": one writer stops at its quota, on every node (the check is
+/// in the merge), others still write, and the quota writer may still update what it holds.
+#[test]
+fn one_writer_stops_at_its_quota_and_others_still_write() {
+    let (spammer, other) = (id(1), id(2));
+    let mut clock = Clock::new();
+    let mut local = Ledger::default();
+    let mut remote = Ledger::default();
+    let value = vec![b'x'; 60 * 1024];
+    let mut stored = 0;
+    for i in 0..150 {
+        match local.put(&spammer, &mut clock, "spam", &format!("k{i}"), &value, NOW) {
+            Ok(e) => {
+                remote.apply(e, NOW).unwrap();
+                stored += 1;
+            }
+            Err(e) => assert!(matches!(e, LedgerError::OverQuota { .. }), "{e}"),
+        }
+    }
+    assert!(
+        stored < 150 && stored * value.len() <= MAX_WRITER_BYTES,
+        "{stored}"
+    );
+    assert!(local.usage_of(&spammer.peer_id()).1 <= MAX_WRITER_BYTES);
+    assert_eq!(local.counters().rejected_quota, 150 - stored as u64);
+    // A forged batch straight to a peer is refused there too.
+    let past = Entry::sign(&spammer, "spam", "more", Some(&value), Hlc::new(NOW + 1, 0)).unwrap();
+    assert!(matches!(
+        remote.apply(past, NOW),
+        Err(LedgerError::OverQuota { .. })
+    ));
+    // The others are not affected; the spammer may still shrink or update its own.
+    local
+        .put(&other, &mut clock, "kairos", "k", b"v", NOW)
+        .unwrap();
+    local
+        .put(&spammer, &mut clock, "spam", "k0", b"small", NOW)
+        .unwrap();
+}
