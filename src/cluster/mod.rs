@@ -278,6 +278,10 @@ pub struct Cluster {
     refused: bool,
     /// Times another peer id announced our uuid (see [`Cluster::pass`]).
     foreign_announcements: u32,
+    /// The wall clock at start (a rival's entries older than that are from a dead identity).
+    started_unix_ms: Option<u64>,
+    /// The version of the rival's release this node announced again after.
+    rival_released: Option<crate::ledger::Hlc>,
     events: VecDeque<ClusterEvent>,
     save: SaveState,
     /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
@@ -331,6 +335,8 @@ impl Cluster {
             master_lost: false,
             refused: false,
             foreign_announcements: 0,
+            started_unix_ms: None,
+            rival_released: None,
             events: VecDeque::new(),
             save: SaveState::default(),
             machines_generation: 0,
@@ -446,6 +452,7 @@ impl Cluster {
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
         let started = *self.started.get_or_insert(now);
+        self.started_unix_ms.get_or_insert(unix_ms);
         if self.ipam.is_none() {
             if let Some(s) = &self.settings.ipam {
                 self.ipam = Some(ipam::Ipam::new(
@@ -471,11 +478,13 @@ impl Cluster {
                     writes.push(Write::put(&bucket, &key, ann.to_json()));
                 }
             }
-            writes.push(Write::put(
-                names::HEALTHCHECK,
-                &self.settings.uuid,
-                (unix_ms / 1000).to_string(),
-            ));
+            if !self.stepped_aside() {
+                writes.push(Write::put(
+                    names::HEALTHCHECK,
+                    &self.settings.uuid,
+                    (unix_ms / 1000).to_string(),
+                ));
+            }
             // Refusals of our own heartbeat or announcement are logged inside.
             let _ = self.write_all(now, writes);
         }
@@ -652,7 +661,42 @@ impl Cluster {
 
         // Our announcement is gone (deleted, or expired with a tombstone): announce again, or
         // the others stop counting this node and it cannot see its own role in the view.
+        if self.stepped_aside() {
+            self.view = view;
+            self.check_at = None;
+            self.my_role = None;
+            return Vec::new();
+        }
+        // Another running node uses our uuid (a cloned disk: same machine-id and hostname): its
+        // signed entries under our uuid are newer than our start (a wiped identity's are older).
+        // Each node binds the uuid to whichever announced it first; the one with the lower peer
+        // id gives way and deletes its announcement, which frees the uuid, and the other
+        // announces again so that every node binds the uuid to it.
+        let started_ms = self.started_unix_ms.unwrap_or(0);
         let announcement_key = names::uuid_key(&me);
+        if let Some(rival) = self
+            .ledger
+            .rival(&me)
+            .filter(|r| r.version.millis() >= started_ms)
+        {
+            if rival.released {
+                if self.rival_released != Some(rival.version) {
+                    self.rival_released = Some(rival.version);
+                    let ann = Announcement::new(s.role, &s.hostname);
+                    writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));
+                }
+            } else if rival.peer > self.me {
+                self.foreign_announcements = 2;
+                self.events.push_back(ClusterEvent::DuplicateUuid {
+                    uuid: me.clone(),
+                    peer: rival.peer,
+                });
+                self.view = view;
+                self.check_at = None;
+                self.my_role = None;
+                return vec![Write::delete(&bucket, &announcement_key)];
+            }
+        }
         if self.ledger.get(&bucket, &announcement_key).is_none() {
             let ann = Announcement::new(s.role, &s.hostname);
             writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));

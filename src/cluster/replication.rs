@@ -249,6 +249,11 @@ impl Replication {
                     log::debug!("ledger entry refused: {err}");
                 }
             }
+            // Entries that waited for this one's owner to be known are news too.
+            for e in ledger.take_settled() {
+                self.stats.entries_fresh += 1;
+                fresh.push((e, true));
+            }
         }
         fresh
     }

@@ -215,7 +215,8 @@ impl Ledger {
             Some(p) => p == entry.writer,
         };
         if !own && !self.is_member(&entry.writer) {
-            return Verdict::NotOwner("role set by a non-member");
+            // Maybe a member whose announcement has not arrived yet.
+            return Verdict::Unsettled;
         }
         let text = entry
             .value

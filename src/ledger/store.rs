@@ -196,10 +196,26 @@ pub struct Ledger {
     pub(crate) bound_peers: BTreeMap<PeerId, usize>,
     /// Entries whose owner is not known yet, oldest first.
     deferred: VecDeque<Entry>,
+    /// Deferred entries stored since [`Ledger::take_settled`] last ran (to gossip on).
+    settled: Vec<Entry>,
     /// What the next save must write (see [`super::journal`]).
     pub(crate) journal: JournalState,
     /// Entries and bytes held per writer (for the quotas).
     usage: BTreeMap<PeerId, (usize, usize)>,
+    /// Per bound uuid, the latest sign of another peer using it (see [`Ledger::rival`]).
+    rivals: BTreeMap<String, Rival>,
+}
+
+/// Another peer announcing or beating under a uuid bound to somebody else (a cloned disk, or
+/// the same node before a wipe): what the latest of its signed entries showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rival {
+    /// The other peer.
+    pub peer: PeerId,
+    /// The version of its latest entry under the uuid.
+    pub version: Hlc,
+    /// Its latest announcement was a deletion: it gave the uuid up.
+    pub released: bool,
 }
 
 impl Default for Ledger {
@@ -237,9 +253,59 @@ impl Ledger {
             bindings: BTreeMap::new(),
             bound_peers: BTreeMap::new(),
             deferred: VecDeque::new(),
+            settled: Vec::new(),
             journal: JournalState::default(),
             usage: BTreeMap::new(),
+            rivals: BTreeMap::new(),
         }
+    }
+
+    /// The latest signs of another peer than the bound one using `uuid` (its announcement or its
+    /// heartbeat, valid signatures only), if any.
+    #[must_use]
+    pub fn rival(&self, uuid: &str) -> Option<Rival> {
+        self.rivals.get(uuid).copied()
+    }
+
+    /// Notes `entry` if it is another peer's announcement or heartbeat under a bound uuid.
+    fn note_rival(&mut self, entry: &Entry, hash: [u8; 32]) {
+        let uuid = match announced_uuid(&entry.bucket, &entry.key) {
+            Some(u) => u,
+            None if entry.bucket == super::names::HEALTHCHECK => entry.key.as_str(),
+            None => return,
+        };
+        let Some(bound) = self.bound_peer(uuid) else {
+            return;
+        };
+        if bound == entry.writer
+            || self
+                .rivals
+                .get(uuid)
+                .is_some_and(|r| r.peer == entry.writer && r.version >= entry.version)
+        {
+            return;
+        }
+        if !known_valid(&hash) {
+            if entry.verify().is_err() {
+                return;
+            }
+            remember_valid(hash);
+        }
+        let released = announced_uuid(&entry.bucket, &entry.key).is_some() && entry.is_tombstone();
+        let previous = self.rivals.get(uuid).filter(|r| r.peer == entry.writer);
+        let released = if entry.bucket == super::names::HEALTHCHECK {
+            previous.is_some_and(|r| r.released)
+        } else {
+            released
+        };
+        self.rivals.insert(
+            uuid.to_string(),
+            Rival {
+                peer: entry.writer,
+                version: entry.version,
+                released,
+            },
+        );
     }
 
     /// Enforces the ownership rule from now on, on every entry merged or written.
@@ -526,6 +592,9 @@ impl Ledger {
             self.counters.invalid += 1;
             return Err(e);
         }
+        if self.authority.is_some() && admit.future {
+            self.note_rival(&entry, entry.hash());
+        }
         let old = self
             .buckets
             .get(&entry.bucket)
@@ -689,8 +758,16 @@ impl Ledger {
         let settles = Self::settles_others(&self.buckets[&bucket_name].entries[&key].entry);
         if let Some(uuid) = announced_uuid(&bucket_name, &key) {
             let e = &self.buckets[&bucket_name].entries[&key].entry;
-            let (writer, at) = (e.writer, e.version.millis());
-            self.bind(uuid, writer, at);
+            let (writer, at, gone) = (e.writer, e.version.millis(), e.is_tombstone());
+            if gone {
+                // The owner deleted its announcement: it gives the uuid up.
+                if self.bound_peer(uuid) == Some(writer) {
+                    self.bindings.remove(uuid);
+                    self.unbind_peer(&writer);
+                }
+            } else {
+                self.bind(uuid, writer, at);
+            }
         }
         if visible_change {
             self.push_event(LedgerEvent::Changed {
@@ -748,8 +825,17 @@ impl Ledger {
         };
         for e in waiting {
             // A still-unsettled entry goes back in the queue; refusals are counted inside.
-            let _ = self.admit(e, admit);
+            if let Ok(Applied::New | Applied::Replaced) = self.admit(e.clone(), admit) {
+                if self.settled.len() < MAX_DEFERRED {
+                    self.settled.push(e);
+                }
+            }
         }
+    }
+
+    /// The deferred entries stored since the last call (gossip them on like fresh entries).
+    pub fn take_settled(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.settled)
     }
 
     /// Removes one key outright (expiry, quarantine); returns what was held.
