@@ -1659,6 +1659,9 @@ fn deleting_the_cluster_bucket_does_not_start_a_write_storm() {
     }
 }
 
+/// Bucket, key and value of one entry.
+type KeyValue = (String, String, Option<Vec<u8>>);
+
 /// A member (node-c, with its own valid identity and signature) forges an entry of every
 /// family owned by somebody else; none takes effect on any node, its own included.
 #[test]
@@ -1694,7 +1697,7 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
     }
     w.deliver();
     w.run_for(Duration::from_secs(2));
-    let before: Vec<Vec<(String, String, Option<Vec<u8>>)>> = w
+    let before: Vec<Vec<KeyValue>> = w
         .nodes
         .iter()
         .map(|n| {
@@ -1787,7 +1790,7 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
         "every forgery refused at once"
     );
     for (i, n) in w.nodes.iter().enumerate() {
-        let after: Vec<(String, String, Option<Vec<u8>>)> = n
+        let after: Vec<KeyValue> = n
             .ledger()
             .entries()
             .filter(|e| e.bucket != names::HEALTHCHECK)
