@@ -138,9 +138,12 @@ impl Ledger {
                 self.journal.dirty.clear();
                 Ok(Persisted::Appended(n))
             }
-            Err(error) => {
-                // Maybe half a record at the end: the next save starts over from a snapshot.
-                self.journal.needs_full = true;
+            Err((error, cut_back)) => {
+                // Half a record left at the end (it could not be cut off): the next save starts
+                // over from a snapshot.
+                if !cut_back {
+                    self.journal.needs_full = true;
+                }
                 Err(LedgerError::Io {
                     path: journal,
                     error,
@@ -243,13 +246,23 @@ fn next_record(bytes: &[u8], at: usize) -> Option<&[u8]> {
 }
 
 /// Appends `records` to the journal at `path` (0600; with a header when `fresh`), syncs it, and
-/// returns the bytes written.
-fn append(path: &Path, fresh: bool, records: &[u8]) -> io::Result<u64> {
-    let mut file = OpenOptions::new()
+/// returns the bytes written. On failure (a full disk), the file is cut back to where it was,
+/// so no torn record stays; the error says whether that worked.
+fn append(path: &Path, fresh: bool, records: &[u8]) -> Result<u64, (io::Error, bool)> {
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| (e, true))?;
+    let start = file.metadata().map_err(|e| (e, true))?.len();
+    write_records(&file, path, fresh, records).map_err(|e| {
+        let cut_back = file.set_len(start).and_then(|()| file.sync_data()).is_ok();
+        (e, cut_back)
+    })
+}
+
+fn write_records(mut file: &File, path: &Path, fresh: bool, records: &[u8]) -> io::Result<u64> {
     let mut n = 0u64;
     if fresh || file.metadata()?.len() == 0 {
         file.set_len(0)?;
