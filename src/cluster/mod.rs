@@ -278,10 +278,10 @@ pub struct Cluster {
     refused: bool,
     /// Times another peer id announced our uuid (see [`Cluster::pass`]).
     foreign_announcements: u32,
-    /// The wall clock at start (a rival's entries older than that are from a dead identity).
-    started_unix_ms: Option<u64>,
     /// The version of the rival's release this node announced again after.
     rival_released: Option<crate::ledger::Hlc>,
+    /// Another live node holds our uuid in the network: this node gives way meanwhile.
+    rival_aside: bool,
     events: VecDeque<ClusterEvent>,
     save: SaveState,
     /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
@@ -335,8 +335,8 @@ impl Cluster {
             master_lost: false,
             refused: false,
             foreign_announcements: 0,
-            started_unix_ms: None,
             rival_released: None,
+            rival_aside: false,
             events: VecDeque::new(),
             save: SaveState::default(),
             machines_generation: 0,
@@ -437,9 +437,14 @@ impl Cluster {
     pub fn handle_message(&mut self, now: Instant, unix_ms: u64, from: PeerId, bytes: &[u8]) {
         self.unix_ms = unix_ms;
         let was_synced = self.replication.is_synced();
+        let rival_before = self.ledger.rival(&self.settings.uuid);
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
+        // A new sign of another node using our uuid is news for the next pass.
+        if self.ledger.rival(&self.settings.uuid) != rival_before {
+            self.update_at.get_or_insert(now + UPDATE_DELAY);
+        }
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
         // entry that arrives within UPDATE_DELAY is read by one pass.
         if !fresh.is_empty() || was_synced != self.replication.is_synced() {
@@ -452,7 +457,6 @@ impl Cluster {
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
         let started = *self.started.get_or_insert(now);
-        self.started_unix_ms.get_or_insert(unix_ms);
         if self.ipam.is_none() {
             if let Some(s) = &self.settings.ipam {
                 self.ipam = Some(ipam::Ipam::new(
@@ -542,7 +546,7 @@ impl Cluster {
 
     /// Another running node has our uuid and we gave way (see [`Cluster::pass`]).
     fn stepped_aside(&self) -> bool {
-        self.foreign_announcements >= 2
+        self.foreign_announcements >= 2 || self.rival_aside
     }
 
     fn hlc_now_ms(&self) -> u64 {
@@ -661,40 +665,46 @@ impl Cluster {
 
         // Our announcement is gone (deleted, or expired with a tombstone): announce again, or
         // the others stop counting this node and it cannot see its own role in the view.
+        // Another running node uses our uuid (a cloned disk: same machine-id and hostname, or
+        // our old identity before a wiped state directory), and a peer relays its entries under
+        // our uuid: that peer bound the uuid to it (each node binds a uuid to whoever announced
+        // it first). While that node is live we give way and delete our announcement, which
+        // frees the uuid wherever we held it; the other announces again so that every node binds
+        // the uuid to it. Once it has been silent for the liveness timeout we come back. A member
+        // forging our announcement cannot trigger this: honest peers refuse to store it.
+        let timeout_ms = u64::try_from(s.liveness_timeout.as_millis()).unwrap_or(u64::MAX);
+        let announcement_key = names::uuid_key(&me);
+        let hlc_now = self.hlc_now_ms();
+        let rival = self.ledger.rival(&me);
+        let rival_live = rival
+            .filter(|r| !r.released && hlc_now.saturating_sub(r.version.millis()) < timeout_ms);
+        if let Some(r) = rival_live {
+            if !self.rival_aside {
+                self.rival_aside = true;
+                self.events.push_back(ClusterEvent::DuplicateUuid {
+                    uuid: me.clone(),
+                    peer: r.peer,
+                });
+                self.view = view;
+                self.my_role = None;
+                self.check_at = Some(now + s.heartbeat_interval());
+                return vec![Write::delete(&bucket, &announcement_key)];
+            }
+        } else if self.rival_aside {
+            log::info!("the other node with uuid {me} is silent: taking part again");
+            self.rival_aside = false;
+        }
         if self.stepped_aside() {
+            self.check_at = self.rival_aside.then(|| now + s.heartbeat_interval());
             self.view = view;
-            self.check_at = None;
             self.my_role = None;
             return Vec::new();
         }
-        // Another running node uses our uuid (a cloned disk: same machine-id and hostname): its
-        // signed entries under our uuid are newer than our start (a wiped identity's are older).
-        // Each node binds the uuid to whichever announced it first; the one with the lower peer
-        // id gives way and deletes its announcement, which frees the uuid, and the other
-        // announces again so that every node binds the uuid to it.
-        let started_ms = self.started_unix_ms.unwrap_or(0);
-        let announcement_key = names::uuid_key(&me);
-        if let Some(rival) = self
-            .ledger
-            .rival(&me)
-            .filter(|r| r.version.millis() >= started_ms)
-        {
-            if rival.released {
-                if self.rival_released != Some(rival.version) {
-                    self.rival_released = Some(rival.version);
-                    let ann = Announcement::new(s.role, &s.hostname);
-                    writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));
-                }
-            } else if rival.peer > self.me {
-                self.foreign_announcements = 2;
-                self.events.push_back(ClusterEvent::DuplicateUuid {
-                    uuid: me.clone(),
-                    peer: rival.peer,
-                });
-                self.view = view;
-                self.check_at = None;
-                self.my_role = None;
-                return vec![Write::delete(&bucket, &announcement_key)];
+        if let Some(r) = rival.filter(|r| r.released) {
+            if self.rival_released != Some(r.version) {
+                self.rival_released = Some(r.version);
+                let ann = Announcement::new(s.role, &s.hostname);
+                writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));
             }
         }
         if self.ledger.get(&bucket, &announcement_key).is_none() {

@@ -426,6 +426,22 @@ impl Ledger {
         )
     }
 
+    /// [`apply`](Self::apply) for an entry `from` relayed. An announcement or heartbeat under a
+    /// uuid bound here to another peer, relayed by a third peer, shows that peer bound the uuid
+    /// to the entry's writer: see [`Ledger::rival`]. (A writer sending its own entries shows
+    /// nothing: a member can sign anything under any uuid, honest peers refuse to store it.)
+    pub fn apply_from(
+        &mut self,
+        entry: Entry,
+        now_unix_ms: u64,
+        from: &PeerId,
+    ) -> Result<Applied, LedgerError> {
+        if self.authority.is_some() && entry.writer != *from {
+            self.note_rival(&entry, entry.hash());
+        }
+        self.apply(entry, now_unix_ms)
+    }
+
     /// [`apply`](Self::apply) for many entries; errors are counted, not returned.
     pub fn apply_all(
         &mut self,
@@ -591,9 +607,6 @@ impl Ledger {
         if let Err(e) = entry.check_shape(self.limits.max_value_bytes) {
             self.counters.invalid += 1;
             return Err(e);
-        }
-        if self.authority.is_some() && admit.future {
-            self.note_rival(&entry, entry.hash());
         }
         let old = self
             .buckets
