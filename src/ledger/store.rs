@@ -269,9 +269,30 @@ impl Ledger {
 
     /// Notes `entry` if it is another peer's announcement or heartbeat under a bound uuid.
     fn note_rival(&mut self, entry: &Entry, hash: [u8; 32]) {
+        // Keys only the uuid's own node writes (not `-role`: the leader writes those).
+        let own_suffixes = [
+            super::names::IP_SUFFIX,
+            crate::cluster::election::VOTE_SUFFIX,
+            crate::cluster::election::BALLOT_SUFFIX,
+        ];
         let uuid = match announced_uuid(&entry.bucket, &entry.key) {
             Some(u) => u,
-            None if entry.bucket == super::names::HEALTHCHECK => entry.key.as_str(),
+            None if matches!(
+                entry.bucket.as_str(),
+                super::names::HEALTHCHECK | super::names::DHCP
+            ) =>
+            {
+                entry.key.as_str()
+            }
+            None if entry.bucket != super::names::MACHINES => {
+                match own_suffixes
+                    .iter()
+                    .find_map(|s| entry.key.strip_suffix(s).filter(|u| !u.is_empty()))
+                {
+                    Some(u) => u,
+                    None => return,
+                }
+            }
             None => return,
         };
         let Some(bound) = self.bound_peer(uuid) else {
@@ -293,7 +314,7 @@ impl Ledger {
         }
         let released = announced_uuid(&entry.bucket, &entry.key).is_some() && entry.is_tombstone();
         let previous = self.rivals.get(uuid).filter(|r| r.peer == entry.writer);
-        let released = if entry.bucket == super::names::HEALTHCHECK {
+        let released = if announced_uuid(&entry.bucket, &entry.key).is_none() {
             previous.is_some_and(|r| r.released)
         } else {
             released
