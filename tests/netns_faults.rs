@@ -80,14 +80,14 @@ fn masters_ever_elected(hosts: &[Host]) -> Vec<String> {
     all
 }
 
-/// Stores `bucket/key = value` through the host's API.
-fn put(host: &Host, bucket: &str, key: &str, value: &str) {
+/// Stores `bucket/key = value` through the host's API; returns the status line and the body.
+fn put(host: &Host, bucket: &str, key: &str, value: &str) -> (String, String) {
     let (status, _, body) = api_request(
         &api_socket(host),
         "PUT",
         &format!("/api/ledger/{bucket}/{key}/{value}"),
     );
-    assert_eq!(status, "HTTP/1.1 200 OK", "PUT on {}: {body}", host.ns);
+    (status, body)
 }
 
 /// Whether the host's ledger holds `bucket/key` with `value`.
@@ -203,7 +203,8 @@ fn the_cluster_converges_again_after_packet_loss_a_cut_link_and_kill_9() {
         "roles with 20% loss: {:?}",
         roles(&hosts)
     );
-    put(&hosts[0], "faults", "lossy", "written-under-loss");
+    let (status, body) = put(&hosts[0], "faults", "lossy", "written-under-loss");
+    assert_eq!(status, "HTTP/1.1 200 OK", "PUT on {}: {body}", hosts[0].ns);
     let spread = wait_for(CONVERGE, || {
         hosts
             .iter()
@@ -386,7 +387,24 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
 
     // 4. The state disk fills up: writes fail, the agent keeps running and forwarding.
     let filler = state.fill();
-    put(&hosts[0], "faults", "nospace-key", "written-on-a-full-disk");
+    // A write is answered once saved. Small journal appends may still fit in the file's last
+    // page; once one does not, the answer says the write is made and gossiped but not saved.
+    let mut refused = None;
+    for i in 0..500 {
+        let key = format!("nospace-key-{i:03}");
+        let (status, body) = put(&hosts[0], "faults", &key, "written-on-a-full-disk");
+        if status == "HTTP/1.1 500 Internal Server Error" {
+            assert!(body.contains("not saved"), "{body}");
+            refused = Some(key);
+            break;
+        }
+        assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    }
+    let key = refused.expect("a write on the full disk is answered 'not saved'");
+    let on_disk = |path: &std::path::Path| {
+        fs::read(path).is_ok_and(|b| b.windows(key.len()).any(|w| w == key.as_bytes()))
+    };
+    let journal = state.0.join("ledger.snapshot.journal");
     let errors = wait_for(Duration::from_secs(10), || {
         metric(
             &metrics(&hosts[0]),
@@ -405,7 +423,7 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
         wait_for(Duration::from_secs(10), || holds(
             &hosts[1],
             "faults",
-            "nospace-key",
+            &key,
             "written-on-a-full-disk"
         ))
         .is_some(),
@@ -428,7 +446,7 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
         "saves retried with a back-off, not {saves} times"
     );
     assert!(
-        !fs::read(&snapshot).is_ok_and(|b| b.windows(11).any(|w| w == b"nospace-key")),
+        !on_disk(&snapshot) && !on_disk(&journal),
         "nothing could be saved on the full disk"
     );
     assert!(pings(&hosts[1], &addrs[0]), "the VPN works on a full disk");
@@ -454,7 +472,7 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
         wait_for(Duration::from_secs(10), || holds(
             &hosts[0],
             "faults",
-            "nospace-key",
+            &key,
             "written-on-a-full-disk"
         ))
         .is_some(),
@@ -465,9 +483,7 @@ fn an_agent_lives_through_a_full_state_disk_and_a_deleted_tun_interface() {
     // Space comes back: the snapshot is written again, with the write made meanwhile.
     fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
-    let persisted = wait_for(CONVERGE, || {
-        fs::read(&snapshot).is_ok_and(|b| b.windows(11).any(|w| w == b"nospace-key"))
-    });
+    let persisted = wait_for(CONVERGE, || on_disk(&snapshot) || on_disk(&journal));
     assert!(
         persisted.is_some(),
         "the ledger is saved again once space is freed"

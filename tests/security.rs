@@ -89,6 +89,10 @@ fn node(sim: &Sim, h: HostId) -> &Node {
     sim.node(h).unwrap()
 }
 
+fn cluster(sim: &Sim, h: HostId) -> &kairos_p2p::cluster::Cluster {
+    node(sim, h).cluster().unwrap()
+}
+
 fn ledger(sim: &Sim, h: HostId) -> &Ledger {
     node(sim, h).cluster().unwrap().ledger()
 }
@@ -107,9 +111,8 @@ fn converge(sim: &mut Sim, within: Duration) {
 /// Writes `bucket/key = value` through `h`'s cluster, as the API would.
 fn write(sim: &mut Sim, h: HostId, bucket: &str, key: &str, value: &str) {
     sim.with_node(h, |n, now, unix| {
-        n.cluster_mut()
-            .unwrap()
-            .write(now, unix, Write::put(bucket, key, value));
+        n.write(now, unix, vec![Write::put(bucket, key, value)])
+            .unwrap();
     })
     .unwrap();
 }
@@ -798,4 +801,135 @@ fn debug_of_ledger_writes_and_entries_shows_no_value() {
         assert!(!shown.contains(as_bytes), "{shown}");
         assert!(shown.contains("token-nodetoken"), "{shown}");
     }
+}
+
+/// Issue 14, item 1: a member (a valid identity of the network, signing with its own key)
+/// forges entries of every family owned by others and sends them to every other member: none
+/// takes effect on any node, each is counted as `not_owner`, and the cluster keeps its master.
+#[test]
+fn a_member_forging_others_keys_changes_nothing_anywhere() {
+    run_seeded(
+        TARGET,
+        "a_member_forging_others_keys_changes_nothing_anywhere",
+        SEEDS,
+        |seed| {
+            let (mut sim, _, hosts) = members_on_one_lan(seed, 4);
+            converge(&mut sim, secs(10));
+            sim.run_for(secs(10)).unwrap();
+            let master = cluster(&sim, hosts[0])
+                .master()
+                .expect("a master")
+                .to_string();
+            let uuid_of = |i: usize| format!("security-{i}");
+            let forger_i = (0..4).find(|i| uuid_of(*i) != master).unwrap();
+            let victim_i = (0..4)
+                .find(|i| *i != forger_i && uuid_of(*i) != master)
+                .unwrap();
+            let (forger, victim) = (hosts[forger_i], uuid_of(victim_i));
+            let identity = sim.identity(forger).unwrap();
+            let victim_addr = value(&sim, hosts[0], "dhcp", &victim).expect("a lease");
+            let victim_peer = sim.peer_id(hosts[victim_i]).unwrap();
+            let snapshot = |sim: &Sim, h: HostId| -> Vec<(String, String, Option<Vec<u8>>)> {
+                ledger(sim, h)
+                    .entries()
+                    .filter(|e| e.bucket != "healthcheck")
+                    .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
+                    .collect()
+            };
+            let commit = format!(
+                "{{\"ballot\":{{\"round\":99,\"proposer\":\"{}\"}},\"candidate\":\"{}\"}}",
+                uuid_of(forger_i),
+                uuid_of(forger_i)
+            );
+            let machine = format!("{{\"PeerID\":\"{victim_peer}\",\"Address\":\"{victim_addr}\"}}");
+            let forged: Vec<(&str, String, Option<String>)> = vec![
+                (
+                    "kairos",
+                    format!("{victim}-uuid"),
+                    Some("{\"Role\":\"none\",\"Hostname\":\"x\"}".into()),
+                ),
+                ("kairos", format!("{victim}-ip"), Some("10.66.66.66".into())),
+                ("kairos", format!("{victim}-vote"), Some("{}".into())),
+                (
+                    "kairos",
+                    format!("{victim}-ballot"),
+                    Some("{\"round\":100}".into()),
+                ),
+                ("kairos", format!("{victim}-role"), Some("master".into())),
+                ("kairos", "ip-master".into(), Some("10.66.66.66".into())),
+                ("kairos", "token-nodetoken".into(), Some("K10forged".into())),
+                (
+                    "kairos",
+                    "master-kubeconfig".into(),
+                    Some("Zm9yZ2Vk".into()),
+                ),
+                (
+                    "kairos",
+                    "control-plane-vip".into(),
+                    Some("10.66.66.66".into()),
+                ),
+                ("kairos", "master-commit".into(), None),
+                ("kairos", "master-commit".into(), Some(commit)),
+                ("kairos", "leader-auto".into(), Some(victim.clone())),
+                ("healthcheck", victim.clone(), None),
+                ("dhcp", victim.clone(), Some("10.1.0.200".into())),
+                ("machines", victim_addr.clone(), Some(machine)),
+            ];
+            let before: Vec<_> = hosts.iter().map(|h| snapshot(&sim, *h)).collect();
+            let refused_before: Vec<u64> = hosts
+                .iter()
+                .map(|h| ledger(&sim, *h).counters().not_owner)
+                .collect();
+            // Versions just ahead of everything held, so that none loses on age alone.
+            let at = ledger(&sim, hosts[0]).max_version().millis() + 1_000;
+            let entries: Vec<Entry> = forged
+                .iter()
+                .enumerate()
+                .map(|(i, (b, k, v))| {
+                    Entry::sign(
+                        &identity,
+                        b,
+                        k,
+                        v.as_deref().map(str::as_bytes),
+                        Hlc::new(at + i as u64, 0),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            for h in &hosts {
+                if *h != forger {
+                    send_ledger(
+                        &mut sim,
+                        forger,
+                        *h,
+                        &SyncMessage::Batch(Batch {
+                            entries: entries.clone(),
+                            requests: Vec::new(),
+                        }),
+                    );
+                }
+            }
+            sim.run_for(secs(10)).unwrap();
+            sim.check_invariants().unwrap();
+            for (i, h) in hosts.iter().enumerate() {
+                if *h == forger {
+                    continue;
+                }
+                let now = snapshot(&sim, *h);
+                for (b, k, _) in &forged {
+                    let held = ledger(&sim, *h).entry(b, k).map(|e| e.writer);
+                    assert_ne!(held, Some(identity.peer_id()), "member {i} took {b}/{k}");
+                    let was = before[i].iter().find(|(bb, kk, _)| bb == b && kk == k);
+                    let is = now.iter().find(|(bb, kk, _)| bb == b && kk == k);
+                    assert_eq!(is, was, "member {i}: {b}/{k} changed");
+                }
+                let refused = ledger(&sim, *h).counters().not_owner - refused_before[i];
+                assert!(
+                    refused >= forged.len() as u64 - 1,
+                    "member {i}: {refused} refused"
+                );
+                assert_eq!(cluster(&sim, *h).master(), Some(master.as_str()));
+            }
+        },
+    );
 }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::{P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{Clock, Entry, Ledger, LedgerEvent, Limits, SyncLimits, names};
+use crate::ledger::authority::Authority;
+use crate::ledger::{Clock, Entry, Ledger, LedgerError, LedgerEvent, Limits, SyncLimits, names};
 use crate::rng::Rng;
 
 use election::{Proposer, Tally};
@@ -321,6 +322,10 @@ pub struct Cluster {
     forming_alone: bool,
     /// Times another peer id announced our uuid (see [`Cluster::pass`]).
     foreign_announcements: u32,
+    /// The version of the rival's release this node announced again after.
+    rival_released: Option<crate::ledger::Hlc>,
+    /// Another live node holds our uuid in the network: this node gives way meanwhile.
+    rival_aside: bool,
     events: VecDeque<ClusterEvent>,
     save: SaveState,
     /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
@@ -343,7 +348,18 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// The cluster layer for `identity`, starting from `ledger` (the persisted one, or empty).
-    pub fn new(identity: &Identity, settings: ClusterSettings, ledger: Ledger, seed: u64) -> Self {
+    pub fn new(
+        identity: &Identity,
+        settings: ClusterSettings,
+        mut ledger: Ledger,
+        seed: u64,
+    ) -> Self {
+        ledger.set_authority(Authority {
+            network_bucket: settings.network_id.clone(),
+            quorum_floor: settings.minimum_nodes.max(1),
+            rebind_after_ms: u64::try_from(settings.liveness_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+        });
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
         Self {
@@ -368,6 +384,8 @@ impl Cluster {
             refused: false,
             forming_alone: false,
             foreign_announcements: 0,
+            rival_released: None,
+            rival_aside: false,
             events: VecDeque::new(),
             save: SaveState::default(),
             machines_generation: 0,
@@ -448,6 +466,17 @@ impl Cluster {
         self.save = SaveState::default();
     }
 
+    /// Saves what changed in the ledger since the last save (appended to its journal, or a
+    /// compacted snapshot; see [`crate::ledger::journal`]) and, when that worked, marks it saved.
+    pub fn persist(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<crate::ledger::journal::Persisted, LedgerError> {
+        let persisted = self.ledger.persist(path)?;
+        self.saved();
+        Ok(persisted)
+    }
+
     // ---- inputs ----
 
     /// Whether the node's discovery has converged (bootstrap peers, DHT rendezvous and members
@@ -491,9 +520,14 @@ impl Cluster {
         self.unix_ms = unix_ms;
         let was_synced = self.replication.is_synced();
         let was_all_synced = self.replication.all_peers_synced();
+        let rival_before = self.ledger.rival(&self.settings.uuid);
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
+        // A new sign of another node using our uuid is news for the next pass.
+        if self.ledger.rival(&self.settings.uuid) != rival_before {
+            self.update_at.get_or_insert(now + UPDATE_DELAY);
+        }
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
         // entry that arrives within UPDATE_DELAY is read by one pass.
         if !fresh.is_empty()
@@ -534,21 +568,34 @@ impl Cluster {
                     writes.push(Write::put(&bucket, &key, ann.to_json()));
                 }
             }
-            writes.push(Write::put(
-                names::HEALTHCHECK,
-                &self.settings.uuid,
-                (unix_ms / 1000).to_string(),
-            ));
-            self.write_all(now, writes);
+            if !self.stepped_aside() {
+                writes.push(Write::put(
+                    names::HEALTHCHECK,
+                    &self.settings.uuid,
+                    (unix_ms / 1000).to_string(),
+                ));
+            }
+            // Refusals of our own heartbeat or announcement are logged inside.
+            let _ = self.write_all(now, writes);
         }
         self.update(now);
     }
 
-    /// Writes `bucket/key` (the API's and k3s layer's writes) and gossips it.
-    pub fn write(&mut self, now: Instant, unix_ms: u64, write: Write) {
+    /// Writes `writes` (the API's and the k3s layer's, through [`Node::write`](crate::node::Node::write)),
+    /// under the same ownership rule as entries from peers, and queues their gossip. Returns the
+    /// first write refused (the others are made).
+    pub fn write(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        writes: Vec<Write>,
+    ) -> Result<(), LedgerError> {
         self.unix_ms = unix_ms;
-        self.write_all(now, vec![write]);
+        let result = self.write_all(now, writes);
+        // Somebody waits for these to be on disk (an API client's answer).
+        self.save.urgent = true;
         self.update(now);
+        result
     }
 
     // ---- outputs ----
@@ -585,7 +632,7 @@ impl Cluster {
 
     /// Another running node has our uuid and we gave way (see [`Cluster::pass`]).
     fn stepped_aside(&self) -> bool {
-        self.foreign_announcements >= 2
+        self.foreign_announcements >= 2 || self.rival_aside
     }
 
     fn hlc_now_ms(&self) -> u64 {
@@ -631,7 +678,9 @@ impl Cluster {
                 .is_some_and(|t| now >= t + self.settings.settle)
     }
 
-    fn write_all(&mut self, now: Instant, writes: Vec<Write>) {
+    /// Signs, stores and gossips `writes`; returns the first refusal (each is logged).
+    fn write_all(&mut self, now: Instant, writes: Vec<Write>) -> Result<(), LedgerError> {
+        let mut first_error = None;
         let mut fresh: Vec<(Entry, bool)> = Vec::new();
         for w in writes {
             let previous = self.ledger.entry(&w.bucket, &w.key).map(|e| e.version);
@@ -657,11 +706,15 @@ impl Cluster {
                     let news = self.replication.is_news(previous, &e);
                     fresh.push((e, news));
                 }
-                Err(e) => log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key),
+                Err(e) => {
+                    log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key);
+                    first_error.get_or_insert(e);
+                }
             }
         }
         self.note_changes(now);
         self.replication.push(&mut self.rng, &fresh, None);
+        first_error.map_or(Ok(()), Err)
     }
 
     fn note_changes(&mut self, now: Instant) -> bool {
@@ -694,7 +747,8 @@ impl Cluster {
             if writes.is_empty() {
                 return;
             }
-            self.write_all(now, writes);
+            // Refusals of the layer's own writes are logged inside.
+            let _ = self.write_all(now, writes);
         }
         // Still writing (a lone node runs a whole election by itself, one step per pass): go on
         // at the next timeout rather than wait for a message or the next heartbeat.
@@ -708,6 +762,55 @@ impl Cluster {
         let me = s.uuid.clone();
         let view = View::read(&self.ledger, &bucket, self.hlc_now_ms(), timeout_ms);
         let mut writes = Vec::new();
+
+        // Our announcement is gone (deleted, or expired with a tombstone): announce again, or
+        // the others stop counting this node and it cannot see its own role in the view.
+        // Another running node uses our uuid (a cloned disk: same machine-id and hostname, or
+        // our old identity before a wiped state directory), and a peer relays its entries under
+        // our uuid: that peer bound the uuid to it (each node binds a uuid to whoever announced
+        // it first). While that node is live we give way and delete our announcement, which
+        // frees the uuid wherever we held it; the other announces again so that every node binds
+        // the uuid to it. Once it has been silent for the liveness timeout we come back. A member
+        // forging our announcement cannot trigger this: honest peers refuse to store it.
+        let timeout_ms = u64::try_from(s.liveness_timeout.as_millis()).unwrap_or(u64::MAX);
+        let announcement_key = names::uuid_key(&me);
+        let hlc_now = self.hlc_now_ms();
+        let rival = self.ledger.rival(&me);
+        let rival_live = rival
+            .filter(|r| !r.released && hlc_now.saturating_sub(r.version.millis()) < timeout_ms);
+        if let Some(r) = rival_live {
+            if !self.rival_aside {
+                self.rival_aside = true;
+                self.events.push_back(ClusterEvent::DuplicateUuid {
+                    uuid: me.clone(),
+                    peer: r.peer,
+                });
+                self.view = view;
+                self.my_role = None;
+                self.check_at = Some(now + s.heartbeat_interval());
+                return vec![Write::delete(&bucket, &announcement_key)];
+            }
+        } else if self.rival_aside {
+            log::info!("the other node with uuid {me} is silent: taking part again");
+            self.rival_aside = false;
+        }
+        if self.stepped_aside() {
+            self.check_at = self.rival_aside.then(|| now + s.heartbeat_interval());
+            self.view = view;
+            self.my_role = None;
+            return Vec::new();
+        }
+        if let Some(r) = rival.filter(|r| r.released) {
+            if self.rival_released != Some(r.version) {
+                self.rival_released = Some(r.version);
+                let ann = Announcement::new(s.role, &s.hostname);
+                writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));
+            }
+        }
+        if self.ledger.get(&bucket, &announcement_key).is_none() {
+            let ann = Announcement::new(s.role, &s.hostname);
+            writes.push(Write::put(&bucket, &announcement_key, ann.to_json()));
+        }
 
         // Our uuid announced by another peer id: a stale announcement of ours from before a
         // wiped state (announce again, once), or a second running node with our uuid (a cloned
@@ -836,8 +939,11 @@ impl Cluster {
             }
         }
 
-        // Our own role: follow the ledger; without dynamic roles, keep what was applied.
-        let ledger_role = view.nodes.get(&me).and_then(|n| n.role.clone());
+        // Our own role: follow the ledger; without dynamic roles, keep what was applied. Read
+        // from the ledger itself, not the view: the view lists announced nodes only, and a node
+        // whose announcement was deleted would rewrite its role in every pass without ever
+        // seeing it (the write storm of issue 14).
+        let ledger_role = view::role_of(&self.ledger, &bucket, &me);
         match (&self.my_role, &ledger_role) {
             (Some(applied), other) if other.as_ref() != Some(applied) && !s.roles.dynamic => {
                 writes.push(Write::put(&bucket, &names::role_key(&me), applied.clone()));

@@ -139,7 +139,7 @@ impl Replication {
                 self.send(from, &SyncMessage::Summary(summary));
             }
             SyncMessage::Summary(summary) => {
-                fresh = self.apply(ledger, unix_ms, summary.entries.iter().cloned());
+                fresh = self.apply(ledger, unix_ms, from, summary.entries.iter().cloned());
                 let batch = ledger.reconcile(&summary, &self.limits, unix_ms);
                 if !batch.entries.is_empty() || !batch.requests.is_empty() {
                     self.send(from, &SyncMessage::Batch(batch));
@@ -150,7 +150,7 @@ impl Replication {
                 self.synced = true;
             }
             SyncMessage::Batch(batch) => {
-                fresh = self.apply(ledger, unix_ms, batch.entries);
+                fresh = self.apply(ledger, unix_ms, from, batch.entries);
                 if !batch.requests.is_empty() {
                     let answer = ledger.answer(&batch.requests, &self.limits);
                     self.send(from, &SyncMessage::Batch(answer));
@@ -253,13 +253,14 @@ impl Replication {
         &mut self,
         ledger: &mut Ledger,
         unix_ms: u64,
+        from: PeerId,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Vec<(Entry, bool)> {
         let mut fresh = Vec::new();
         for e in entries {
             let previous = ledger.entry(&e.bucket, &e.key).map(|p| p.version);
             let news = self.is_news(previous, &e);
-            match ledger.apply(e.clone(), unix_ms) {
+            match ledger.apply_from(e.clone(), unix_ms, &from) {
                 Ok(Applied::New | Applied::Replaced) => {
                     self.stats.entries_fresh += 1;
                     fresh.push((e, news));
@@ -269,6 +270,11 @@ impl Replication {
                     self.stats.entries_refused += 1;
                     log::debug!("ledger entry refused: {err}");
                 }
+            }
+            // Entries that waited for this one's owner to be known are news too.
+            for e in ledger.take_settled() {
+                self.stats.entries_fresh += 1;
+                fresh.push((e, true));
             }
         }
         fresh

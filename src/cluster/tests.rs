@@ -1832,3 +1832,216 @@ fn a_second_master_is_reported_once_per_change() {
         "reported again without a change"
     );
 }
+
+/// Applied entries of every node over `duration`.
+fn applied_during(w: &mut Wired, duration: Duration) -> Vec<u64> {
+    let before: Vec<u64> = w
+        .nodes
+        .iter()
+        .map(|n| n.ledger().counters().applied)
+        .collect();
+    w.run_for(duration);
+    w.nodes
+        .iter()
+        .zip(before)
+        .map(|(n, b)| n.ledger().counters().applied - b)
+        .collect()
+}
+
+/// The storm of issue 14: every key of the cluster bucket deleted (as `DELETE
+/// /api/ledger/kairos` did) left the nodes rewriting their roles in every update pass, forever:
+/// a node keeping the role it applied read its role through its announcement, which was gone,
+/// so it never saw its own rewrite. The nodes must announce again and settle.
+#[test]
+fn deleting_the_cluster_bucket_does_not_start_a_write_storm() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    assert!(w.nodes.iter().all(|n| n.role().is_some()));
+    let quiet = applied_during(&mut w, Duration::from_secs(20));
+
+    let keys: Vec<String> = w.nodes[0]
+        .ledger()
+        .bucket(BUCKET)
+        .map(|(k, _)| k.to_string())
+        .collect();
+    assert!(keys.len() > 6, "{keys:?}");
+    // Every node deletes every key it may (its own: the ownership rule refuses the others'),
+    // which together is the whole bucket.
+    let now = w.now;
+    for i in 0..w.nodes.len() {
+        let ms = w.unix_ms(i);
+        for k in &keys {
+            let _ = w.nodes[i].write(now, ms, vec![Write::delete(BUCKET, k)]);
+        }
+    }
+    w.deliver();
+    w.deliver();
+    w.run_for(Duration::from_secs(10));
+    let after = applied_during(&mut w, Duration::from_secs(20));
+    for (i, (q, a)) in quiet.iter().zip(&after).enumerate() {
+        assert!(
+            *a <= q + 10,
+            "node {i}: {a} entries applied in 20 s after the deletion, {q} before"
+        );
+    }
+    for (n, uuid) in w.nodes.iter().zip(uuids) {
+        assert_eq!(
+            n.view().live_eligible_count(),
+            3,
+            "{uuid} sees everybody again"
+        );
+        assert!(n.role().is_some(), "{uuid} keeps its role");
+    }
+}
+
+/// Bucket, key and value of one entry.
+type KeyValue = (String, String, Option<Vec<u8>>);
+
+/// A member (node-c, with its own valid identity and signature) forges an entry of every
+/// family owned by somebody else; none takes effect on any node, its own included.
+#[test]
+fn forged_entries_of_every_family_take_effect_nowhere() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    let master = w.nodes[0].master().expect("a master").to_string();
+    let forger_index = uuids
+        .iter()
+        .position(|u| *u != master)
+        .expect("a non-master");
+    let forger = identity(100 + forger_index as u8);
+    let forger_uuid = uuids[forger_index];
+    let victim = uuids
+        .iter()
+        .find(|u| **u != master && **u != forger_uuid)
+        .expect("a victim")
+        .to_string();
+    let victim_peer = w.nodes[0].ledger().bound_peer(&victim).expect("bound");
+    // Publish what the master owns, as its k3s layer does.
+    let master_index = uuids.iter().position(|u| *u == master).unwrap();
+    let (now, ms) = (w.now, w.unix_ms(master_index));
+    for (k, v) in [
+        (names::IP_MASTER, "10.1.0.1"),
+        (names::NODE_TOKEN, "K10real::server:token"),
+        (names::KUBECONFIG, "a3ViZWNvbmZpZw"),
+    ] {
+        w.nodes[master_index]
+            .write(now, ms, vec![Write::put(BUCKET, k, v)])
+            .unwrap();
+    }
+    w.deliver();
+    w.run_for(Duration::from_secs(2));
+    let before: Vec<Vec<KeyValue>> = w
+        .nodes
+        .iter()
+        .map(|n| {
+            n.ledger()
+                .entries()
+                .filter(|e| e.bucket != names::HEALTHCHECK)
+                .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
+                .collect()
+        })
+        .collect();
+
+    let victim_addr = w.nodes[0]
+        .ledger()
+        .get(names::DHCP, &victim)
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .expect("victim lease");
+    let machine =
+        serde_json::json!({"PeerID": victim_peer.to_string(), "Address": victim_addr}).to_string();
+    let commit = serde_json::json!({
+        "ballot": {"round": 99, "proposer": forger_uuid},
+        "candidate": forger_uuid,
+    })
+    .to_string();
+    let forged: Vec<(&str, String, Option<String>)> = vec![
+        (
+            BUCKET,
+            names::uuid_key(&victim),
+            Some("{\"Role\":\"none\",\"Hostname\":\"x\"}".into()),
+        ),
+        (BUCKET, names::ip_key(&victim), Some("10.66.66.66".into())),
+        (BUCKET, format!("{victim}-vote"), Some("{}".into())),
+        (
+            BUCKET,
+            format!("{victim}-ballot"),
+            Some("{\"round\":100}".into()),
+        ),
+        (BUCKET, format!("{victim}-anything"), Some("x".into())),
+        (
+            BUCKET,
+            names::role_key(&victim),
+            Some(names::ROLE_MASTER.into()),
+        ),
+        (
+            BUCKET,
+            names::role_key(forger_uuid),
+            Some(names::ROLE_MASTER.into()),
+        ),
+        (BUCKET, names::IP_MASTER.into(), Some("10.66.66.66".into())),
+        (BUCKET, names::NODE_TOKEN.into(), Some("K10forged".into())),
+        (BUCKET, names::KUBECONFIG.into(), None),
+        (
+            BUCKET,
+            "control-plane-vip".into(),
+            Some("10.66.66.66".into()),
+        ),
+        (BUCKET, election::MASTER_COMMIT.into(), Some(commit)),
+        (BUCKET, election::MASTER_COMMIT.into(), None),
+        (BUCKET, names::LEADER_AUTO.into(), Some(victim.clone())),
+        (names::HEALTHCHECK, victim.clone(), None),
+        (names::DHCP, victim.clone(), Some("10.1.0.200".into())),
+        (names::MACHINES, victim_addr.clone(), Some(machine)),
+        (names::MACHINES, victim_addr.clone(), None),
+    ];
+    let at = w.unix_ms(0) + 1_000;
+    let mut refused = 0;
+    for (i, (bucket, key, value)) in forged.iter().enumerate() {
+        let entry = Entry::sign(
+            &forger,
+            bucket,
+            key,
+            value.as_deref().map(str::as_bytes),
+            crate::ledger::Hlc::new(at + i as u64, 0),
+        )
+        .unwrap();
+        for n in &mut w.nodes {
+            let unix = at;
+            let deferred = n.ledger.deferred();
+            match n.ledger.apply(entry.clone(), unix) {
+                Err(_) => refused += 1,
+                // Kept aside: its owner could still prove it (a commit's votes may be late).
+                Ok(Applied::Stale) if n.ledger.deferred() > deferred => refused += 1,
+                Ok(a) => panic!("forged {bucket}/{key}: {a:?}"),
+            }
+        }
+    }
+    w.run_for(Duration::from_secs(5));
+    assert_eq!(
+        refused,
+        forged.len() * uuids.len(),
+        "every forgery refused at once"
+    );
+    for (i, n) in w.nodes.iter().enumerate() {
+        let after: Vec<KeyValue> = n
+            .ledger()
+            .entries()
+            .filter(|e| e.bucket != names::HEALTHCHECK)
+            .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
+            .collect();
+        assert_eq!(after, before[i], "node {i}");
+        assert!(n.ledger().entries().all(|e| e.writer != forger.peer_id()
+            || !forged.iter().any(|(b, k, _)| *b == e.bucket && *k == e.key)
+            || e.bucket == names::DHCP && e.key == forger_uuid));
+        // All but the forged commit, which waits for votes that never come.
+        assert!(
+            n.ledger().counters().not_owner >= forged.len() as u64 - 1,
+            "node {i}"
+        );
+        assert_eq!(n.master(), Some(master.as_str()));
+    }
+}

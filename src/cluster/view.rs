@@ -59,6 +59,20 @@ impl Announcement {
     }
 }
 
+/// A role value, also as Kairos' tools store it (`kairosctl role set`, through the API);
+/// `None` when it is not one of the four roles.
+fn parse_role(value: &[u8]) -> Option<String> {
+    let role = edgevpn::text(&String::from_utf8_lossy(value));
+    names::is_role(&role).then_some(role)
+}
+
+/// The role `<uuid>-role` holds in `bucket`, whether or not the node is announced.
+pub fn role_of(ledger: &Ledger, bucket: &str, uuid: &str) -> Option<String> {
+    ledger
+        .get(bucket, &names::role_key(uuid))
+        .and_then(parse_role)
+}
+
 /// One node of the cluster as seen from here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
@@ -102,9 +116,7 @@ impl View {
         let mut roles: BTreeMap<String, String> = BTreeMap::new();
         for (key, value) in ledger.bucket(bucket) {
             if let Some(uuid) = key.strip_suffix(names::ROLE_SUFFIX) {
-                // Also as Kairos' tools store it (`kairosctl role set`, through the API).
-                let role = edgevpn::text(&String::from_utf8_lossy(value));
-                if names::is_role(&role) {
+                if let Some(role) = parse_role(value) {
                     roles.insert(uuid.to_string(), role);
                 }
                 continue;

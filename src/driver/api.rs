@@ -26,9 +26,10 @@ use crate::api::{
     ApiState, ClusterNode, Connection, DiscoveryState, MAX_FEED, MemberStatus, Metrics, NodeInfo,
     PeerPath, PeerStatus, handle,
 };
+use crate::api::{Response, Status};
 use crate::cluster::Cluster;
-use crate::ledger::Ledger;
-use crate::node::Node;
+use crate::ledger::{Ledger, LedgerError};
+use crate::node::{Node, WriteError};
 
 /// Where the API is served.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -206,6 +207,9 @@ struct Client {
     writable: bool,
     /// The socket failed: close it.
     broken: bool,
+    /// The answer to a write, held until the ledger is saved; no further request of this
+    /// connection is read meanwhile (answers keep their order).
+    awaiting_save: Option<crate::api::Response>,
 }
 
 /// A bound listener.
@@ -403,8 +407,44 @@ impl Api {
             last_progress: now,
             writable: false,
             broken: false,
+            awaiting_save: None,
         });
         Some(i)
+    }
+
+    /// True when an answer waits for the ledger to be saved.
+    pub fn awaits_save(&self) -> bool {
+        self.clients
+            .iter()
+            .flatten()
+            .any(|c| c.awaiting_save.is_some())
+    }
+
+    /// The ledger is saved (`Ok`) or its save failed: sends the answers held for it (a failure
+    /// says the write is made and gossiped but not on disk).
+    pub fn release_saved(
+        &mut self,
+        registry: &Registry,
+        node: &mut Node,
+        errors: &LocalErrors,
+        saved: &Result<(), String>,
+    ) {
+        for i in 0..self.clients.len() {
+            let Some(client) = self.clients[i].as_mut() else {
+                continue;
+            };
+            let Some(response) = client.awaiting_save.take() else {
+                continue;
+            };
+            client.conn.respond(match saved {
+                Ok(()) => response,
+                Err(e) => Response::error(
+                    Status::InternalServerError,
+                    &format!("written and sent to the peers, but not saved here: {e}"),
+                ),
+            });
+            self.serve(registry, i, node, errors);
+        }
     }
 
     /// Moves bytes both ways on connection `i`, answers its requests, and closes it when done.
@@ -449,6 +489,19 @@ impl Drop for Api {
             }
         }
     }
+}
+
+/// The answer to a write the node refused.
+fn refusal(e: &WriteError) -> Response {
+    let status = match e {
+        WriteError::Refused(LedgerError::NotOwner { .. }) => Status::Forbidden,
+        WriteError::Refused(LedgerError::ValueTooLarge { .. } | LedgerError::OverQuota { .. }) => {
+            Status::ContentTooLarge
+        }
+        WriteError::Refused(LedgerError::InvalidName { .. }) => Status::BadRequest,
+        _ => Status::InternalServerError,
+    };
+    Response::error(status, &e.to_string())
 }
 
 /// Whether accept failed for this one call or this one client only.
@@ -573,7 +626,10 @@ fn pump(
                 }
             }
         }
-        while let Some(request) = client.conn.poll_request() {
+        while client.awaiting_save.is_none() {
+            let Some(request) = client.conn.poll_request() else {
+                break;
+            };
             let outcome = match trust::request_access(client.access, &request, bearer) {
                 Ok(access) => {
                     let state = State::new(node, started, empty, errors);
@@ -581,15 +637,16 @@ fn pump(
                 }
                 Err(refusal) => refusal.into(),
             };
-            if !outcome.writes.is_empty() {
-                let (now, unix_ms) = super::clocks();
-                if let Some(cluster) = node.cluster_mut() {
-                    for write in outcome.writes {
-                        cluster.write(now, unix_ms, write);
-                    }
-                }
+            if outcome.writes.is_empty() {
+                client.conn.respond(outcome.response);
+                continue;
             }
-            client.conn.respond(outcome.response);
+            let (now, unix_ms) = super::clocks();
+            match node.write(now, unix_ms, outcome.writes) {
+                // Answered once the ledger is saved (see `Api::saved`).
+                Ok(()) => client.awaiting_save = Some(outcome.response),
+                Err(e) => client.conn.respond(refusal(&e)),
+            }
         }
         while !client.conn.pending_output().is_empty() {
             match client.stream.write(client.conn.pending_output()) {
@@ -769,6 +826,8 @@ impl ApiState for State<'_> {
             ("ledger_invalid", l.invalid),
             ("ledger_full", l.rejected_full),
             ("ledger_future", l.rejected_future),
+            ("not_owner", l.not_owner),
+            ("ledger_quota", l.rejected_quota),
         ];
         Metrics {
             uptime: self.now.saturating_duration_since(self.started),

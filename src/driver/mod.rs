@@ -157,22 +157,36 @@ impl Backoff {
 struct Persister {
     path: Option<PathBuf>,
     retry_at: Option<Instant>,
+    /// The error of the last failed save, while saves fail.
+    failure: Option<String>,
 }
 
 impl Persister {
-    fn run(&mut self, node: &mut Node, now: Instant, force: bool, errors: &mut LocalErrors) {
+    /// Saves when due (or `force`); returns whether everything written is on disk (`Ok`, also
+    /// when nothing persists), or why not.
+    fn run(
+        &mut self,
+        node: &mut Node,
+        now: Instant,
+        force: bool,
+        errors: &mut LocalErrors,
+    ) -> Result<(), String> {
         let (Some(path), Some(cluster)) = (&self.path, node.cluster_mut()) else {
-            return;
+            return Ok(());
         };
-        if !(force || cluster.save_due(now)) || self.retry_at.is_some_and(|t| now < t) {
-            return;
+        if !(force || cluster.save_due(now)) {
+            return Ok(());
         }
-        match cluster.ledger().save(path) {
-            Ok(()) => {
+        if self.retry_at.is_some_and(|t| now < t) {
+            return Err(self.failure.clone().unwrap_or_default());
+        }
+        match cluster.persist(path) {
+            Ok(_) => {
                 if self.retry_at.take().is_some() {
                     log::info!("ledger snapshot {} saved again", path.display());
                 }
-                cluster.saved();
+                self.failure = None;
+                Ok(())
             }
             Err(e) => {
                 errors.ledger_save += 1;
@@ -181,6 +195,8 @@ impl Persister {
                     SAVE_RETRY.as_secs()
                 );
                 self.retry_at = Some(now + SAVE_RETRY);
+                self.failure = Some(e.to_string());
+                Err(e.to_string())
             }
         }
     }
@@ -404,6 +420,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     let mut persister = Persister {
         path: settings.ledger_path.clone(),
         retry_at: None,
+        failure: None,
     };
     // Sources read up to MAX_READS_PER_WAKE last turn with more left: mio only reports new
     // readiness, so they are read again without waiting.
@@ -432,7 +449,11 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             t.reopen(poll.registry(), now, &mut errors);
             write_vpn_packets(&mut node, t, poll.registry(), now, &mut errors);
         }
-        persister.run(&mut node, now, false, &mut errors);
+        // Saved before anything written leaves, and before a write's answer.
+        let saved = persister.run(&mut node, now, false, &mut errors);
+        if api.awaits_save() {
+            api.release_saved(poll.registry(), &mut node, &errors, &saved);
+        }
         flush(&mut node, &sockets, &targets, &mut out, &mut errors);
         drain_events(&mut node);
         if let Some(t) = &mut tun {
@@ -521,7 +542,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                     if let Some(signal) = shutdown.take() {
                         log::info!("signal {signal}: closing connections and stopping");
                         node.shutdown(now);
-                        persister.run(&mut node, now, true, &mut errors);
+                        let _ = persister.run(&mut node, now, true, &mut errors);
                         flush(&mut node, &sockets, &targets, &mut out, &mut errors);
                         return Ok(());
                     }

@@ -25,6 +25,8 @@ use crate::node::Node;
 
 /// How often the cluster layer is read for changes (reports are applied at once).
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long a refused publication waits before it is tried again.
+const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 /// How long a LAN address lookup is reused.
 const LAN_CACHE: Duration = Duration::from_secs(5);
 
@@ -87,7 +89,13 @@ pub struct K3s {
     sent: Option<Want>,
     next_check: Option<Instant>,
     lan: Option<(Instant, Option<(String, IpAddr)>)>,
-    pending: Option<JoinData>,
+    /// What this master publishes (the worker's last report): kept, and written again whenever
+    /// the ledger lost it (a deletion, a wiped peer's stale view).
+    published: Option<JoinData>,
+    /// The last refusal of a publication, logged once.
+    publish_note: Option<String>,
+    /// After a refusal, the next attempt.
+    publish_after: Option<Instant>,
     role_note: Option<String>,
 }
 
@@ -110,7 +118,9 @@ impl K3s {
             sent: None,
             next_check: None,
             lan: None,
-            pending: None,
+            published: None,
+            publish_note: None,
+            publish_after: None,
             role_note: None,
         })
     }
@@ -131,7 +141,7 @@ impl K3s {
                     news = true;
                 }
                 Ok(Report::Publish(data)) => {
-                    self.pending = Some(data);
+                    self.published = Some(data);
                     news = true;
                 }
                 Err(TryRecvError::Empty) => break,
@@ -148,38 +158,19 @@ impl K3s {
             return;
         }
         self.next_check = Some(now + CHECK_EVERY);
-        let Some(cluster) = node.cluster_mut() else {
+        self.publish(node, now);
+        let Some(cluster) = node.cluster() else {
             return;
         };
-        if let Some(data) = self.pending.take() {
-            let unix_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            let writes = publish::writes(cluster.ledger(), &self.settings.bucket, &data);
-            if !writes.is_empty() {
-                log::info!(
-                    "k3s: publishing the node token, the kubeconfig and ip-master {} in {}",
-                    data.address,
-                    self.settings.bucket
-                );
-            }
-            for w in writes {
-                cluster.write(now, unix_ms, w);
-            }
-        }
+        // This node's `<uuid>-ip`, written through the node's one write path below.
+        let mut ip_write = None;
         match self.want(cluster, now) {
             Ok(want) => {
                 self.role_note = None;
                 let bucket = &self.settings.bucket;
                 let ip = want.facts.node_ip;
-                if let Some(w) =
-                    publish::node_ip_write(cluster.ledger(), bucket, &self.settings.uuid, ip)
-                {
-                    let unix_ms = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                    cluster.write(now, unix_ms, w);
-                }
+                ip_write =
+                    publish::node_ip_write(cluster.ledger(), bucket, &self.settings.uuid, ip);
                 if self.sent.as_ref() != Some(&want) {
                     log::info!(
                         "k3s: {} on {} ({})",
@@ -202,8 +193,58 @@ impl K3s {
                 }
             }
         }
+        if let Some(w) = ip_write {
+            let unix_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            if let Err(e) = node.write(now, unix_ms, vec![w]) {
+                log::debug!(
+                    "k3s: {} not written: {e}",
+                    names::ip_key(&self.settings.uuid)
+                );
+            }
+        }
         if node.k3s_state() != Some(&self.state) {
             node.set_k3s_state(Some(self.state.clone()));
+        }
+    }
+
+    /// Writes what this master publishes wherever the ledger does not hold it (the first time,
+    /// and again after any loss), through the node's one write path.
+    fn publish(&mut self, node: &mut Node, now: Instant) {
+        if self.publish_after.is_some_and(|t| now < t) {
+            return;
+        }
+        let (Some(data), Some(cluster)) = (&self.published, node.cluster()) else {
+            return;
+        };
+        let writes = publish::writes(cluster.ledger(), &self.settings.bucket, data);
+        if writes.is_empty() {
+            return;
+        }
+        log::info!(
+            "k3s: publishing {} of the node token, the kubeconfig and ip-master {} in {}",
+            writes.len(),
+            data.address,
+            self.settings.bucket
+        );
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match node.write(now, unix_ms, writes) {
+            Ok(()) => {
+                self.publish_note = None;
+                self.publish_after = None;
+            }
+            Err(e) => {
+                let note = e.to_string();
+                if self.publish_note.as_ref() != Some(&note) {
+                    log::warn!("k3s: cannot publish the join data: {note}");
+                    self.publish_note = Some(note);
+                }
+                // Not ours to publish (yet: the commit may still be on its way).
+                self.publish_after = Some(now + PUBLISH_RETRY);
+            }
         }
     }
 

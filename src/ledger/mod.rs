@@ -56,10 +56,12 @@
 
 #![warn(missing_docs)]
 
+pub mod authority;
 mod catchup;
 pub mod edgevpn;
 mod entry;
 mod hlc;
+pub mod journal;
 pub mod names;
 mod persist;
 mod store;
@@ -78,7 +80,10 @@ pub use catchup::{CatchUpReport, catch_up_report};
 pub use entry::{ENTRY_WIRE_OVERHEAD, Entry, KeyId, MAX_BUCKET_LEN, MAX_KEY_LEN, SIGNING_LABEL};
 pub use hlc::{CLOCK_SET_FLOOR_MS, Clock, DEFAULT_MAX_AHEAD_MS, Hlc, TooFarAhead};
 pub use persist::{SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
-pub use store::{Applied, ApplyReport, Counters, Ledger, LedgerEvent, Limits};
+pub use store::{
+    Applied, ApplyReport, Counters, Ledger, LedgerEvent, Limits, MAX_WRITER_BYTES,
+    MAX_WRITER_ENTRIES, Rival,
+};
 pub use sync::{
     Batch, BucketDigest, BucketSummary, Digest, Request, SYNC_VERSION, Summary, SummaryItem,
     SyncLimits, SyncMessage,
@@ -137,6 +142,30 @@ pub enum LedgerError {
         /// Bytes held.
         bytes: usize,
     },
+    /// The writer does not own the key (see [`authority`]).
+    NotOwner {
+        /// Bucket of the entry.
+        bucket: String,
+        /// Key of the entry.
+        key: String,
+        /// The writer.
+        writer: PeerId,
+        /// Why it is not the owner.
+        reason: &'static str,
+    },
+    /// The writer holds its quota of entries or bytes already ([`Limits::max_writer_bytes`]).
+    OverQuota {
+        /// Bucket of the refused entry.
+        bucket: String,
+        /// Key of the refused entry.
+        key: String,
+        /// The writer.
+        writer: PeerId,
+        /// Its entries with this one.
+        entries: usize,
+        /// Its bytes with this one.
+        bytes: usize,
+    },
     /// A sync message did not decode or would not fit its limits.
     Wire(WireError),
     /// The snapshot file could not be read or written.
@@ -190,6 +219,25 @@ impl fmt::Display for LedgerError {
             } => write!(
                 f,
                 "ledger full ({entries} entries, {bytes} bytes): refused {bucket}/{key}"
+            ),
+            Self::NotOwner {
+                bucket,
+                key,
+                writer,
+                reason,
+            } => write!(
+                f,
+                "ledger entry {bucket}/{key}: {writer} does not own it ({reason})"
+            ),
+            Self::OverQuota {
+                bucket,
+                key,
+                writer,
+                entries,
+                bytes,
+            } => write!(
+                f,
+                "ledger entry {bucket}/{key}: {writer} would hold {entries} entries, {bytes} bytes: over its quota"
             ),
             Self::Wire(e) => write!(f, "ledger message: {e}"),
             Self::Io { path, error } => write!(f, "ledger snapshot {}: {error}", path.display()),

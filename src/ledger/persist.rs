@@ -96,12 +96,17 @@ impl Ledger {
             path: path.to_path_buf(),
             error,
         };
+        let cap = max_snapshot_len(&limits);
         let file = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Ledger::new(limits)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A journal without its snapshot (a compaction cut short) still holds writes.
+                let mut ledger = Ledger::new(limits);
+                ledger.replay_journal(path, cap)?;
+                return Ok(ledger);
+            }
             Err(e) => return Err(io_err(e)),
         };
-        let cap = max_snapshot_len(&limits);
         let mut bytes = Vec::new();
         file.take(u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1))
             .read_to_end(&mut bytes)
@@ -112,11 +117,12 @@ impl Ledger {
                 reason: format!("larger than the ledger limits allow ({cap} bytes)"),
             });
         }
-        let ledger =
+        let mut ledger =
             Ledger::decode_snapshot(&bytes, limits).map_err(|reason| LedgerError::Corrupt {
                 path: path.to_path_buf(),
                 reason,
             })?;
+        ledger.replay_journal(path, cap)?;
         let c = ledger.counters();
         if c.bad_signature + c.invalid + c.rejected_full > 0 {
             log::warn!(
@@ -219,6 +225,7 @@ impl Ledger {
         ledger.quarantined_at = (quarantined != NONE && ledger.suspects > 0).then_some(quarantined);
         // Loading is not news: the node reads the ledger after loading it.
         while ledger.poll_event().is_some() {}
+        ledger.journal.dirty.clear();
         Ok(ledger)
     }
 }

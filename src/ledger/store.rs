@@ -2,6 +2,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::authority::{Authority, MAX_DEFERRED, Verdict, announced_uuid};
+use super::journal::JournalState;
+
 use super::entry::{MAX_VALUE_WIRE, known_valid, remember_valid};
 use super::hlc::wall_clock_is_set;
 use super::{Clock, DEFAULT_MAX_AHEAD_MS, Entry, Hlc, KeyId, LedgerError};
@@ -11,6 +14,11 @@ use crate::identity::{Identity, PeerId};
 const MESSAGE_SLACK: usize = 1024;
 /// Bytes counted per stored entry on top of its encoding (hash, key id, map nodes).
 const STORE_OVERHEAD: usize = 64;
+/// Most bytes one writer's entries may hold in a ledger (a quota: one member, or one API
+/// client through it, cannot fill every node's disk and memory).
+pub const MAX_WRITER_BYTES: usize = 4 * 1024 * 1024;
+/// Most entries one writer may hold (the leader writes a role per node: room for thousands).
+pub const MAX_WRITER_ENTRIES: usize = 16_384;
 /// edgevpn's default `max_message_size` (20 MiB).
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 20 * 1024 * 1024;
 
@@ -29,6 +37,11 @@ pub struct Limits {
     /// How far past the local horizon a version may be (see the module documentation).
     /// Default 24 h.
     pub max_future_ms: u64,
+    /// Most bytes held from one writer (counted like `max_total_bytes`). Default
+    /// [`MAX_WRITER_BYTES`].
+    pub max_writer_bytes: usize,
+    /// Most entries held from one writer. Default [`MAX_WRITER_ENTRIES`].
+    pub max_writer_entries: usize,
 }
 
 impl Default for Limits {
@@ -39,6 +52,8 @@ impl Default for Limits {
             max_value_bytes: DEFAULT_MAX_MESSAGE_SIZE - MESSAGE_SLACK,
             tombstone_lifetime_ms: 24 * 60 * 60 * 1000,
             max_future_ms: DEFAULT_MAX_AHEAD_MS,
+            max_writer_bytes: MAX_WRITER_BYTES,
+            max_writer_entries: MAX_WRITER_ENTRIES,
         }
     }
 }
@@ -102,6 +117,12 @@ pub struct Counters {
     pub suspects_dropped: u64,
     /// Events discarded because nobody polled them (replaced by [`LedgerEvent::Resync`]).
     pub events_dropped: u64,
+    /// Entries refused because their writer does not own their key (see [`super::authority`]).
+    pub not_owner: u64,
+    /// Entries kept aside until their owner is known.
+    pub deferred: u64,
+    /// Entries refused because their writer was at its quota.
+    pub rejected_quota: u64,
 }
 
 /// A change the rest of the node may react to; poll with [`Ledger::poll_event`].
@@ -167,6 +188,34 @@ pub struct Ledger {
     pub(crate) last_contact_ms: Option<u64>,
     pub(crate) quarantined_at: Option<u64>,
     pub(crate) suspects: usize,
+    /// The ownership rule (`None`: every writer may write every key, as in plain stores).
+    pub(crate) authority: Option<Authority>,
+    /// uuid -> the peer bound to it and the version time of its announcement.
+    pub(crate) bindings: BTreeMap<String, (PeerId, u64)>,
+    /// Peers bound to at least one uuid, with how many.
+    pub(crate) bound_peers: BTreeMap<PeerId, usize>,
+    /// Entries whose owner is not known yet, oldest first.
+    deferred: VecDeque<Entry>,
+    /// Deferred entries stored since [`Ledger::take_settled`] last ran (to gossip on).
+    settled: Vec<Entry>,
+    /// What the next save must write (see [`super::journal`]).
+    pub(crate) journal: JournalState,
+    /// Entries and bytes held per writer (for the quotas).
+    usage: BTreeMap<PeerId, (usize, usize)>,
+    /// Per bound uuid, the latest sign of another peer using it (see [`Ledger::rival`]).
+    rivals: BTreeMap<String, Rival>,
+}
+
+/// Another peer announcing or beating under a uuid bound to somebody else (a cloned disk, or
+/// the same node before a wipe): what the latest of its signed entries showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rival {
+    /// The other peer.
+    pub peer: PeerId,
+    /// The version of its latest entry under the uuid.
+    pub version: Hlc,
+    /// Its latest announcement was a deletion: it gave the uuid up.
+    pub released: bool,
 }
 
 impl Default for Ledger {
@@ -200,7 +249,95 @@ impl Ledger {
             last_contact_ms: None,
             quarantined_at: None,
             suspects: 0,
+            authority: None,
+            bindings: BTreeMap::new(),
+            bound_peers: BTreeMap::new(),
+            deferred: VecDeque::new(),
+            settled: Vec::new(),
+            journal: JournalState::default(),
+            usage: BTreeMap::new(),
+            rivals: BTreeMap::new(),
         }
+    }
+
+    /// The latest signs of another peer than the bound one using `uuid` (its announcement or its
+    /// heartbeat, valid signatures only), if any.
+    #[must_use]
+    pub fn rival(&self, uuid: &str) -> Option<Rival> {
+        self.rivals.get(uuid).copied()
+    }
+
+    /// Notes `entry` if it is another peer's announcement or heartbeat under a bound uuid.
+    fn note_rival(&mut self, entry: &Entry, hash: [u8; 32]) {
+        // Keys only the uuid's own node writes (not `-role`: the leader writes those).
+        let own_suffixes = [
+            super::names::IP_SUFFIX,
+            crate::cluster::election::VOTE_SUFFIX,
+            crate::cluster::election::BALLOT_SUFFIX,
+        ];
+        let uuid = match announced_uuid(&entry.bucket, &entry.key) {
+            Some(u) => u,
+            None if matches!(
+                entry.bucket.as_str(),
+                super::names::HEALTHCHECK | super::names::DHCP
+            ) =>
+            {
+                entry.key.as_str()
+            }
+            None if entry.bucket != super::names::MACHINES => {
+                match own_suffixes
+                    .iter()
+                    .find_map(|s| entry.key.strip_suffix(s).filter(|u| !u.is_empty()))
+                {
+                    Some(u) => u,
+                    None => return,
+                }
+            }
+            None => return,
+        };
+        let Some(bound) = self.bound_peer(uuid) else {
+            return;
+        };
+        if bound == entry.writer
+            || self
+                .rivals
+                .get(uuid)
+                .is_some_and(|r| r.peer == entry.writer && r.version >= entry.version)
+        {
+            return;
+        }
+        if !known_valid(&hash) {
+            if entry.verify().is_err() {
+                return;
+            }
+            remember_valid(hash);
+        }
+        let released = announced_uuid(&entry.bucket, &entry.key).is_some() && entry.is_tombstone();
+        let previous = self.rivals.get(uuid).filter(|r| r.peer == entry.writer);
+        let released = if announced_uuid(&entry.bucket, &entry.key).is_none() {
+            previous.is_some_and(|r| r.released)
+        } else {
+            released
+        };
+        self.rivals.insert(
+            uuid.to_string(),
+            Rival {
+                peer: entry.writer,
+                version: entry.version,
+                released,
+            },
+        );
+    }
+
+    /// Enforces the ownership rule from now on, on every entry merged or written.
+    pub fn set_authority(&mut self, authority: Authority) {
+        self.authority = Some(authority);
+    }
+
+    /// Entries kept aside until their owner is known.
+    #[must_use]
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
     /// The bounds it was built with.
@@ -308,6 +445,22 @@ impl Ledger {
                 now: Some(now_unix_ms),
             },
         )
+    }
+
+    /// [`apply`](Self::apply) for an entry `from` relayed. An announcement or heartbeat under a
+    /// uuid bound here to another peer, relayed by a third peer, shows that peer bound the uuid
+    /// to the entry's writer: see [`Ledger::rival`]. (A writer sending its own entries shows
+    /// nothing: a member can sign anything under any uuid, honest peers refuse to store it.)
+    pub fn apply_from(
+        &mut self,
+        entry: Entry,
+        now_unix_ms: u64,
+        from: &PeerId,
+    ) -> Result<Applied, LedgerError> {
+        if self.authority.is_some() && entry.writer != *from {
+            self.note_rival(&entry, entry.hash());
+        }
+        self.apply(entry, now_unix_ms)
     }
 
     /// [`apply`](Self::apply) for many entries; errors are counted, not returned.
@@ -524,7 +677,71 @@ impl Ledger {
                 return Ok(Applied::Stale);
             }
         }
+        match self.authorize(&entry, admit.now) {
+            Verdict::Allowed => {}
+            Verdict::Unsettled if admit.verify => {
+                log::debug!(
+                    "ledger: {}/{} by {} waits until its owner is known",
+                    entry.bucket,
+                    entry.key,
+                    entry.writer
+                );
+                if !self.deferred.contains(&entry) {
+                    self.counters.deferred += 1;
+                    if self.deferred.len() >= MAX_DEFERRED {
+                        self.deferred.pop_front();
+                    }
+                    self.deferred.push_back(entry);
+                }
+                return Ok(Applied::Stale);
+            }
+            verdict => {
+                let reason = match verdict {
+                    Verdict::NotOwner(r) => r,
+                    _ => "its owner is not known yet",
+                };
+                self.counters.not_owner += 1;
+                log::debug!(
+                    "ledger: dropped {}/{} by {}: not the owner ({reason})",
+                    entry.bucket,
+                    entry.key,
+                    entry.writer
+                );
+                return Err(LedgerError::NotOwner {
+                    bucket: entry.bucket,
+                    key: entry.key,
+                    writer: entry.writer,
+                    reason,
+                });
+            }
+        }
         let size = stored_size(&entry);
+        let (mut writer_entries, mut writer_bytes) =
+            self.usage.get(&entry.writer).copied().unwrap_or_default();
+        let replaces_own = old.is_some_and(|o| o.entry.writer == entry.writer);
+        let other_writer = old
+            .filter(|o| o.entry.writer != entry.writer)
+            .map(|o| (o.entry.writer, stored_size(&o.entry)));
+        if replaces_own {
+            writer_bytes = writer_bytes.saturating_sub(old_size.unwrap_or(0));
+        } else {
+            writer_entries += 1;
+        }
+        writer_bytes += size;
+        let grows = !replaces_own || Some(size) > old_size;
+        if grows
+            && (writer_entries > self.limits.max_writer_entries
+                || writer_bytes > self.limits.max_writer_bytes)
+        {
+            self.counters.rejected_quota += 1;
+            return Err(LedgerError::OverQuota {
+                bucket: entry.bucket,
+                key: entry.key,
+                writer: entry.writer,
+                entries: writer_entries,
+                bytes: writer_bytes,
+            });
+        }
         let bytes_after = self.bytes.saturating_sub(old_size.unwrap_or(0)) + size;
         let over_count = old_size.is_none() && self.entries >= self.limits.max_entries;
         let over_bytes = bytes_after > self.limits.max_total_bytes && bytes_after > self.bytes;
@@ -539,6 +756,11 @@ impl Ledger {
         }
 
         self.note_high(entry.version, entry.writer);
+        if let Some((w, size)) = other_writer {
+            self.release_usage(&w, size);
+        }
+        self.usage
+            .insert(entry.writer, (writer_entries, writer_bytes));
         let key_id = KeyId::of(&entry.key);
         let (bucket_name, key) = (entry.bucket.clone(), entry.key.clone());
         let bucket = self.buckets.entry(bucket_name.clone()).or_default();
@@ -564,13 +786,90 @@ impl Ledger {
         };
         self.bytes = bytes_after;
         self.counters.applied += 1;
+        self.journal
+            .dirty
+            .insert((bucket_name.clone(), key.clone()));
+        let settles = Self::settles_others(&self.buckets[&bucket_name].entries[&key].entry);
+        if let Some(uuid) = announced_uuid(&bucket_name, &key) {
+            let e = &self.buckets[&bucket_name].entries[&key].entry;
+            let (writer, at, gone) = (e.writer, e.version.millis(), e.is_tombstone());
+            if gone {
+                // The owner deleted its announcement: it gives the uuid up.
+                if self.bound_peer(uuid) == Some(writer) {
+                    self.bindings.remove(uuid);
+                    self.unbind_peer(&writer);
+                }
+            } else {
+                self.bind(uuid, writer, at);
+            }
+        }
         if visible_change {
             self.push_event(LedgerEvent::Changed {
                 bucket: bucket_name,
                 key,
             });
         }
+        if settles && !self.deferred.is_empty() {
+            self.retry_deferred(admit.now);
+        }
         Ok(applied)
+    }
+
+    /// Takes one entry of `size` bytes off `writer`'s usage.
+    fn release_usage(&mut self, writer: &PeerId, size: usize) {
+        if let Some((n, b)) = self.usage.get_mut(writer) {
+            *n = n.saturating_sub(1);
+            *b = b.saturating_sub(size);
+            if *n == 0 {
+                self.usage.remove(writer);
+            }
+        }
+    }
+
+    /// Entries and bytes held from `writer`.
+    #[must_use]
+    pub fn usage_of(&self, writer: &PeerId) -> (usize, usize) {
+        self.usage.get(writer).copied().unwrap_or_default()
+    }
+
+    /// Records that `uuid` is bound to `peer` (announced at `at_ms`).
+    fn bind(&mut self, uuid: &str, peer: PeerId, at_ms: u64) {
+        if let Some((old, _)) = self.bindings.insert(uuid.to_string(), (peer, at_ms)) {
+            self.unbind_peer(&old);
+        }
+        *self.bound_peers.entry(peer).or_default() += 1;
+    }
+
+    fn unbind_peer(&mut self, peer: &PeerId) {
+        if let Some(n) = self.bound_peers.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.bound_peers.remove(peer);
+            }
+        }
+    }
+
+    /// Merges again the deferred entries whose owner may now be known.
+    fn retry_deferred(&mut self, now: Option<u64>) {
+        let waiting: Vec<Entry> = self.deferred.drain(..).collect();
+        let admit = Admit {
+            verify: true,
+            future: false,
+            now,
+        };
+        for e in waiting {
+            // A still-unsettled entry goes back in the queue; refusals are counted inside.
+            if let Ok(Applied::New | Applied::Replaced) = self.admit(e.clone(), admit) {
+                if self.settled.len() < MAX_DEFERRED {
+                    self.settled.push(e);
+                }
+            }
+        }
+    }
+
+    /// The deferred entries stored since the last call (gossip them on like fresh entries).
+    pub fn take_settled(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.settled)
     }
 
     /// Removes one key outright (expiry, quarantine); returns what was held.
@@ -578,11 +877,24 @@ impl Ledger {
         let b = self.buckets.get_mut(bucket)?;
         let s = b.entries.remove(key)?;
         xor_into(&mut b.hash, &s.hash);
+        self.journal.needs_full = true;
+        if let Some(uuid) = announced_uuid(bucket, key) {
+            if self
+                .bindings
+                .get(uuid)
+                .is_some_and(|(p, _)| *p == s.entry.writer)
+            {
+                self.bindings.remove(uuid);
+                self.unbind_peer(&s.entry.writer);
+            }
+        }
+        let b = self.buckets.get_mut(bucket)?;
         if b.entries.is_empty() {
             self.buckets.remove(bucket);
         }
         self.entries = self.entries.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(stored_size(&s.entry));
+        self.release_usage(&s.entry.writer, stored_size(&s.entry));
         if s.suspect {
             self.suspects = self.suspects.saturating_sub(1);
         }
@@ -600,6 +912,9 @@ impl Ledger {
         };
         if s.suspect != suspect {
             s.suspect = suspect;
+            self.journal
+                .dirty
+                .insert((bucket.to_string(), key.to_string()));
             if suspect {
                 self.suspects += 1;
             } else {

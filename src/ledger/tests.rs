@@ -914,3 +914,180 @@ fn oversized_snapshot_is_refused() {
     ));
     fs::remove_dir_all(&dir).unwrap();
 }
+
+// ---- journal ----
+
+/// A ledger of `n` entries of `size`-byte values.
+fn big_ledger(n: usize, size: usize) -> Ledger {
+    let mut l = Ledger::default();
+    let mut clock = Clock::new();
+    let me = id(9);
+    for i in 0..n {
+        l.put(
+            &me,
+            &mut clock,
+            "bulk",
+            &format!("k{i}"),
+            &vec![b'x'; size],
+            NOW,
+        )
+        .unwrap();
+    }
+    l
+}
+
+/// Item 5 of issue 14: with a big ledger, a save after one change appends that change (a few
+/// hundred bytes) to the journal instead of rewriting the whole snapshot; the snapshot is only
+/// rewritten once the journal outgrows the ledger; a load sees every saved change.
+#[test]
+fn saving_one_change_of_a_big_ledger_appends_it_and_compacts_later() {
+    use super::journal::{MIN_COMPACT_BYTES, Persisted, journal_path};
+    let dir = temp_dir("journal");
+    let path = dir.join("ledger.snapshot");
+    let mut l = big_ledger(8_000, 256);
+    assert!(l.total_bytes() as u64 > 2 * MIN_COMPACT_BYTES);
+    assert_eq!(l.persist(&path).unwrap(), Persisted::Compacted);
+    let snapshot = fs::metadata(&path).unwrap();
+    let (me, mut clock) = (id(9), Clock::new());
+    let started = std::time::Instant::now();
+    let mut changes = 0;
+    let appended = loop {
+        l.put(
+            &me,
+            &mut clock,
+            "bulk",
+            "k7",
+            format!("v{changes}").as_bytes(),
+            NOW,
+        )
+        .unwrap();
+        changes += 1;
+        match l.persist(&path).unwrap() {
+            Persisted::Appended(n) => {
+                assert!(n < 1024, "one change appended {n} bytes");
+                if changes == 100 {
+                    break n;
+                }
+            }
+            other => panic!("change {changes}: {other:?}"),
+        }
+    };
+    let appends = started.elapsed();
+    let full = std::time::Instant::now();
+    l.save(&dir.join("full.snapshot")).unwrap();
+    eprintln!(
+        "100 saves of one change each in a {} KiB ledger: {appends:?} ({appended} bytes each); \
+         one whole snapshot: {:?}",
+        l.total_bytes() / 1024,
+        full.elapsed()
+    );
+    let now = fs::metadata(&path).unwrap();
+    assert_eq!(now.len(), snapshot.len(), "the snapshot was not rewritten");
+    assert_eq!(now.modified().unwrap(), snapshot.modified().unwrap());
+    assert_eq!(
+        fs::metadata(journal_path(&path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let back = Ledger::load(&path, Limits::default()).unwrap();
+    assert_eq!(back.get("bulk", "k7"), Some(&b"v99"[..]));
+    assert_eq!(state(&back), state(&l));
+
+    // Enough changes: the journal outgrows the ledger and is compacted into the snapshot.
+    let mut compacted = false;
+    for i in 0..(l.total_bytes() / 200 + 10) {
+        l.put(
+            &me,
+            &mut clock,
+            "bulk",
+            &format!("k{}", i % 8_000),
+            &vec![b'y'; 256],
+            NOW,
+        )
+        .unwrap();
+        if l.persist(&path).unwrap() == Persisted::Compacted {
+            compacted = true;
+            break;
+        }
+    }
+    assert!(compacted);
+    assert!(!journal_path(&path).exists());
+    assert_eq!(
+        state(&Ledger::load(&path, Limits::default()).unwrap()),
+        state(&l)
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A crash in the middle of an append leaves a torn record: it and what follows are ignored,
+/// what came before loads, and the next save compacts rather than append behind it.
+#[test]
+fn a_torn_journal_record_is_ignored_and_the_next_save_compacts() {
+    use super::journal::{Persisted, journal_path};
+    let dir = temp_dir("torn");
+    let path = dir.join("ledger.snapshot");
+    let (me, mut clock) = (id(9), Clock::new());
+    let mut l = Ledger::default();
+    l.put(&me, &mut clock, "b", "base", b"0", NOW).unwrap();
+    assert_eq!(l.persist(&path).unwrap(), Persisted::Compacted);
+    l.put(&me, &mut clock, "b", "first", b"1", NOW).unwrap();
+    assert!(matches!(l.persist(&path).unwrap(), Persisted::Appended(_)));
+    let good = fs::metadata(journal_path(&path)).unwrap().len();
+    l.put(&me, &mut clock, "b", "second", b"2", NOW).unwrap();
+    assert!(matches!(l.persist(&path).unwrap(), Persisted::Appended(_)));
+    let journal = fs::read(journal_path(&path)).unwrap();
+    // Cut inside the second append's first record.
+    fs::write(journal_path(&path), &journal[..good as usize + 10]).unwrap();
+    let mut back = Ledger::load(&path, Limits::default()).unwrap();
+    assert_eq!(back.get("b", "first"), Some(&b"1"[..]));
+    assert_eq!(back.get("b", "second"), None, "torn");
+    assert!(good < journal.len() as u64);
+    back.put(&me, &mut clock, "b", "third", b"3", NOW).unwrap();
+    assert_eq!(back.persist(&path).unwrap(), Persisted::Compacted);
+    let again = Ledger::load(&path, Limits::default()).unwrap();
+    assert_eq!(again.get("b", "third"), Some(&b"3"[..]));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The issue's "150 PUTs of 60 KB": one writer stops at its quota, on every node (the check is
+/// in the merge), others still write, and the quota writer may still update what it holds.
+#[test]
+fn one_writer_stops_at_its_quota_and_others_still_write() {
+    let (spammer, other) = (id(1), id(2));
+    let mut clock = Clock::new();
+    let mut local = Ledger::default();
+    let mut remote = Ledger::default();
+    let value = vec![b'x'; 60 * 1024];
+    let mut stored = 0;
+    for i in 0..150 {
+        match local.put(&spammer, &mut clock, "spam", &format!("k{i}"), &value, NOW) {
+            Ok(e) => {
+                remote.apply(e, NOW).unwrap();
+                stored += 1;
+            }
+            Err(e) => assert!(matches!(e, LedgerError::OverQuota { .. }), "{e}"),
+        }
+    }
+    assert!(
+        stored < 150 && stored * value.len() <= MAX_WRITER_BYTES,
+        "{stored}"
+    );
+    assert!(local.usage_of(&spammer.peer_id()).1 <= MAX_WRITER_BYTES);
+    assert_eq!(local.counters().rejected_quota, 150 - stored as u64);
+    // A forged batch straight to a peer is refused there too.
+    let past = Entry::sign(&spammer, "spam", "more", Some(&value), Hlc::new(NOW + 1, 0)).unwrap();
+    assert!(matches!(
+        remote.apply(past, NOW),
+        Err(LedgerError::OverQuota { .. })
+    ));
+    // The others are not affected; the spammer may still shrink or update its own.
+    local
+        .put(&other, &mut clock, "kairos", "k", b"v", NOW)
+        .unwrap();
+    local
+        .put(&spammer, &mut clock, "spam", "k0", b"small", NOW)
+        .unwrap();
+}

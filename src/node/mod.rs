@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::cluster::{Cluster, ClusterEvent};
+use crate::cluster::{Cluster, ClusterEvent, Write};
 use crate::discovery::beacon::looks_like_beacon;
 use crate::discovery::kad::{self, Kad, KadEvent, KadSettings};
 use crate::discovery::lan::{LanDiscovery, LanEvent};
@@ -102,6 +102,26 @@ pub const MAX_RELAY_PATHS: usize = 1024;
 /// VPN packets accepted from peers and not yet taken by [`Node::poll_vpn_packet`]; more are
 /// dropped (the driver drains them after every input, so this only bounds a stalled TUN).
 pub const MAX_VPN_QUEUE: usize = 4096;
+
+/// Why [`Node::write`] did not make a write.
+#[derive(Debug)]
+pub enum WriteError {
+    /// This node has no cluster layer (no ledger).
+    NoCluster,
+    /// The ledger refused it (not the owner, full, too large, bad name).
+    Refused(crate::ledger::LedgerError),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::NoCluster => f.write_str("this node keeps no ledger"),
+            WriteError::Refused(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
 
 /// Tunables of a node. [`Default`] gives the documented values.
 #[derive(Debug, Clone)]
@@ -396,7 +416,24 @@ impl Node {
         self.cluster.as_ref()
     }
 
-    /// The cluster layer, mutably (ledger writes from the API or k3s set-up, saves).
+    /// The one entry point for ledger writes made on this node's behalf (API requests, k3s
+    /// publishing): the writes pass the ownership rule every node applies to entries from peers
+    /// (see [`crate::ledger::authority`]), and their gossip is queued on the connections at once,
+    /// to leave with the driver's next flush, after the ledger is saved.
+    pub fn write(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        writes: Vec<Write>,
+    ) -> Result<(), WriteError> {
+        self.unix_ms = unix_ms;
+        let cluster = self.cluster.as_mut().ok_or(WriteError::NoCluster)?;
+        let result = cluster.write(now, unix_ms, writes);
+        self.pump(now);
+        result.map_err(WriteError::Refused)
+    }
+
+    /// The cluster layer, mutably (saves).
     pub fn cluster_mut(&mut self) -> Option<&mut Cluster> {
         self.cluster.as_mut()
     }

@@ -731,6 +731,13 @@ impl Sim {
         self.slot(host).map(|s| s.peer)
     }
 
+    /// The node's identity (its signing key: tests forge entries a member could sign).
+    #[must_use]
+    pub fn identity(&self, host: HostId) -> Option<Identity> {
+        self.slot(host)
+            .map(|s| Identity::from_seed(s.identity_seed))
+    }
+
     /// The host of a peer id.
     #[must_use]
     pub fn host_of(&self, peer: &PeerId) -> Option<HostId> {

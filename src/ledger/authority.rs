@@ -1,0 +1,283 @@
+//! Who may write which key: the ownership rule every node applies where entries are merged
+//! ([`Ledger::apply`](super::Ledger::apply) and local writes alike), so that an entry from the
+//! wrong writer never takes effect on any node, whichever API or peer it came through.
+//!
+//! # Bindings
+//! A node's uuid is bound to the peer id that wrote its announcement `<uuid>-uuid` (in any bucket
+//! but the three network-wide ones). The first announcement a ledger stores binds the uuid;
+//! another peer's announcement of a bound uuid is refused, except when the bound peer has been
+//! silent (no heartbeat `healthcheck/<uuid>` of its own) for [`Authority::rebind_after_ms`]: a
+//! node whose state directory was wiped comes back with a new peer id under its old uuid, and
+//! takes it over once its old identity has been silent that long (until then its entries are
+//! refused and anti-entropy offers them again). A member can thus take over the uuid of a node
+//! that is gone for good, never that of a live one.
+//!
+//! # Families
+//! - `<uuid>-*` in any bucket (`-uuid`, `-ip`, `-vote`, `-ballot`, anything under a bound uuid),
+//!   `healthcheck/<uuid>`, `dhcp/<uuid>`: the bound peer of `<uuid>`.
+//! - `<uuid>-role`: the bound peer of `<uuid>`, or another member (a peer bound to some uuid: the
+//!   leader assigns roles, and Kairos' `role set` goes through any node's API). Once a master is
+//!   committed, `master`/`master/clusterinit` go to the committed master only, whoever writes
+//!   them; before, only a node itself may take them (manual roles, `auto.enable: false`).
+//! - `machines/<ip>`: a value must name its writer as `PeerID` (the VPN routes the address to that
+//!   peer); a deletion comes from the writer of the entry it deletes.
+//! - In the node's own cluster bucket: `ip-master`, `token-nodetoken`, `master-kubeconfig` and
+//!   `control-plane-*` by the bound peer of the committed master; `master-commit` by the bound
+//!   peer of the ballot's proposer, and only with at least [`Authority::quorum_floor`] votes in the
+//!   ledger accepting exactly that ballot and candidate (the proof of the quorum); `leader-auto` by
+//!   the peer bound to the uuid it names.
+//! - Everything else (free-form buckets and keys written through the API) is open to members.
+//!
+//! An entry whose owner cannot be known yet (its uuid is not announced here yet, no master is
+//! committed yet, the votes proving a commit have not arrived) is *deferred*: kept aside (at most
+//! [`MAX_DEFERRED`]) and merged again when the ledger learns what decides it. Entries refused as
+//! not the owner's are counted ([`Counters::not_owner`](super::Counters::not_owner)).
+
+use super::names;
+use super::{Entry, Ledger};
+use crate::cluster::election::{BALLOT_SUFFIX, Commit, MASTER_COMMIT, VOTE_SUFFIX, Vote};
+use crate::identity::PeerId;
+
+/// Most entries kept aside until their owner is known; the oldest go first (anti-entropy offers
+/// them again).
+pub const MAX_DEFERRED: usize = 1024;
+
+/// Prefix of the control-plane keys the committed master publishes (KubeVIP, HA).
+pub const CONTROL_PLANE_PREFIX: &str = "control-plane-";
+
+/// The settings of the ownership rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    /// The cluster bucket of this node's `network_id`: where the master's keys are checked.
+    pub network_bucket: String,
+    /// Votes that must prove a `master-commit` (`minimum_nodes`, at least 1).
+    pub quorum_floor: usize,
+    /// How long a bound peer must be silent before another may announce its uuid.
+    pub rebind_after_ms: u64,
+}
+
+/// What the rule says of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Its writer may write it.
+    Allowed,
+    /// Its writer may not (why).
+    NotOwner(&'static str),
+    /// Its owner is not known yet.
+    Unsettled,
+}
+
+/// True for the buckets keyed by uuid or address for the whole network.
+fn network_wide(bucket: &str) -> bool {
+    matches!(bucket, names::HEALTHCHECK | names::DHCP | names::MACHINES)
+}
+
+/// The uuid an announcement key names, if it is one (in a bucket that may hold them).
+pub(crate) fn announced_uuid<'a>(bucket: &str, key: &'a str) -> Option<&'a str> {
+    if network_wide(bucket) {
+        return None;
+    }
+    key.strip_suffix(names::UUID_SUFFIX)
+        .filter(|u| !u.is_empty())
+}
+
+impl Ledger {
+    /// The peer bound to `uuid`, if it announced itself here.
+    pub fn bound_peer(&self, uuid: &str) -> Option<PeerId> {
+        self.bindings.get(uuid).map(|(p, _)| *p)
+    }
+
+    /// True when `peer` is bound to some uuid (a cluster member, bridge included).
+    fn is_member(&self, peer: &PeerId) -> bool {
+        self.bound_peers.get(peer).is_some_and(|n| *n > 0)
+    }
+
+    /// What the ownership rule says of `entry` at hybrid time `now` (`None`: no time, accept
+    /// rebinding as the snapshot did).
+    pub(crate) fn authorize(&self, entry: &Entry, now: Option<u64>) -> Verdict {
+        let Some(auth) = &self.authority else {
+            return Verdict::Allowed;
+        };
+        let (bucket, key, writer) = (entry.bucket.as_str(), entry.key.as_str(), &entry.writer);
+        match bucket {
+            names::HEALTHCHECK | names::DHCP => return self.owner_is(key, writer),
+            names::MACHINES => return self.machine_writer(entry),
+            _ => {}
+        }
+        if let Some(uuid) = announced_uuid(bucket, key) {
+            return self.announcement(auth, uuid, writer, now);
+        }
+        if bucket == auth.network_bucket {
+            if key == MASTER_COMMIT {
+                return self.commit_proof(auth, entry);
+            }
+            if matches!(
+                key,
+                names::IP_MASTER | names::NODE_TOKEN | names::KUBECONFIG
+            ) || key.starts_with(CONTROL_PLANE_PREFIX)
+            {
+                return match self.committed_master(bucket) {
+                    None => Verdict::Unsettled,
+                    Some(master) => self.owner_is(&master, writer),
+                };
+            }
+            if key == names::LEADER_AUTO {
+                return match &entry.value {
+                    Some(v) => self.owner_is(&String::from_utf8_lossy(v), writer),
+                    None => self.same_writer(entry),
+                };
+            }
+        }
+        if let Some(uuid) = key.strip_suffix(names::ROLE_SUFFIX) {
+            return self.role(auth, bucket, uuid, entry);
+        }
+        for suffix in [names::IP_SUFFIX, VOTE_SUFFIX, BALLOT_SUFFIX] {
+            if let Some(uuid) = key.strip_suffix(suffix).filter(|u| !u.is_empty()) {
+                return self.owner_is(uuid, writer);
+            }
+        }
+        // Any other key under a bound uuid (`<uuid>-anything`): the longest bound prefix.
+        let owner = key
+            .match_indices('-')
+            .rev()
+            .find_map(|(i, _)| self.bound_peer(&key[..i]));
+        match owner {
+            Some(p) if p == *writer => Verdict::Allowed,
+            Some(_) => Verdict::NotOwner("another node's key"),
+            None => Verdict::Allowed,
+        }
+    }
+
+    fn owner_is(&self, uuid: &str, writer: &PeerId) -> Verdict {
+        match self.bound_peer(uuid) {
+            None => Verdict::Unsettled,
+            Some(p) if p == *writer => Verdict::Allowed,
+            Some(_) => Verdict::NotOwner("another node's key"),
+        }
+    }
+
+    /// A deletion or change by the writer of what is held (or of nothing held).
+    fn same_writer(&self, entry: &Entry) -> Verdict {
+        match self.entry(&entry.bucket, &entry.key) {
+            Some(held) if held.writer != entry.writer => Verdict::NotOwner("written by another"),
+            _ => Verdict::Allowed,
+        }
+    }
+
+    fn announcement(
+        &self,
+        auth: &Authority,
+        uuid: &str,
+        writer: &PeerId,
+        now: Option<u64>,
+    ) -> Verdict {
+        let Some(bound) = self.bound_peer(uuid) else {
+            return Verdict::Allowed;
+        };
+        if bound == *writer {
+            return Verdict::Allowed;
+        }
+        let Some(now) = now else {
+            return Verdict::Allowed;
+        };
+        // The bound peer's last sign of life: its own heartbeat, else its announcement.
+        let last = self
+            .entry(names::HEALTHCHECK, uuid)
+            .filter(|e| e.writer == bound)
+            .map(|e| e.version.millis())
+            .or_else(|| self.bindings.get(uuid).map(|(_, v)| *v))
+            .unwrap_or(0);
+        let now = now.max(self.max_version().millis());
+        if now.saturating_sub(last) >= auth.rebind_after_ms {
+            Verdict::Allowed
+        } else {
+            Verdict::NotOwner("uuid bound to a live peer")
+        }
+    }
+
+    fn machine_writer(&self, entry: &Entry) -> Verdict {
+        let Some(value) = &entry.value else {
+            return self.same_writer(entry);
+        };
+        let named = serde_json::from_slice::<serde_json::Value>(value)
+            .ok()
+            .and_then(|v| v.get("PeerID")?.as_str().map(str::to_string));
+        if named.as_deref() == Some(entry.writer.to_string().as_str()) {
+            Verdict::Allowed
+        } else {
+            Verdict::NotOwner("machine entry naming another peer")
+        }
+    }
+
+    fn role(&self, auth: &Authority, bucket: &str, uuid: &str, entry: &Entry) -> Verdict {
+        let own = match self.bound_peer(uuid) {
+            None => return Verdict::Unsettled,
+            Some(p) => p == entry.writer,
+        };
+        if !own && !self.is_member(&entry.writer) {
+            // Maybe a member whose announcement has not arrived yet.
+            return Verdict::Unsettled;
+        }
+        let text = entry
+            .value
+            .as_deref()
+            .map(|v| super::edgevpn::text(&String::from_utf8_lossy(v)));
+        let master_role = matches!(
+            text.as_deref(),
+            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+        );
+        if !master_role || bucket != auth.network_bucket {
+            return Verdict::Allowed;
+        }
+        match self.committed_master(bucket) {
+            // Without `auto` nobody commits: a node takes the role it asks for itself.
+            None if own => Verdict::Allowed,
+            None => Verdict::Unsettled,
+            Some(m) if m == uuid => Verdict::Allowed,
+            Some(_) => Verdict::NotOwner("master role for a node not committed"),
+        }
+    }
+
+    /// The committed master's uuid in `bucket`.
+    fn committed_master(&self, bucket: &str) -> Option<String> {
+        let raw = self.get(bucket, MASTER_COMMIT)?;
+        serde_json::from_slice::<Commit>(raw)
+            .ok()
+            .map(|c| c.candidate)
+    }
+
+    fn commit_proof(&self, auth: &Authority, entry: &Entry) -> Verdict {
+        let Some(value) = &entry.value else {
+            return self.same_writer(entry);
+        };
+        let Ok(commit) = serde_json::from_slice::<Commit>(value) else {
+            return Verdict::NotOwner("master-commit does not parse");
+        };
+        match self.owner_is(&commit.ballot.proposer, &entry.writer) {
+            Verdict::Allowed => {}
+            other => return other,
+        }
+        let votes = self
+            .bucket(&entry.bucket)
+            .filter(|(k, _)| k.ends_with(VOTE_SUFFIX))
+            .filter_map(|(_, v)| serde_json::from_slice::<Vote>(v).ok())
+            .filter(|v| {
+                v.accepted
+                    .as_ref()
+                    .is_some_and(|a| a.ballot == commit.ballot && a.candidate == commit.candidate)
+            })
+            .count();
+        if votes >= auth.quorum_floor.max(1) {
+            Verdict::Allowed
+        } else {
+            Verdict::Unsettled
+        }
+    }
+
+    /// Entries whose arrival may settle deferred ones.
+    pub(crate) fn settles_others(entry: &Entry) -> bool {
+        announced_uuid(&entry.bucket, &entry.key).is_some()
+            || entry.key == MASTER_COMMIT
+            || entry.key.ends_with(VOTE_SUFFIX)
+    }
+}
