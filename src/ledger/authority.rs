@@ -24,7 +24,8 @@
 //! - In the node's own cluster bucket: `ip-master`, `token-nodetoken`, `master-kubeconfig` and
 //!   `control-plane-*` by the bound peer of the committed master; `master-commit` by the bound
 //!   peer of the ballot's proposer, and only with at least [`Authority::quorum_floor`] votes in the
-//!   ledger accepting exactly that ballot and candidate (the proof of the quorum); `leader-auto` by
+//!   ledger accepting exactly that ballot and candidate (the proof of the quorum; one, when the
+//!   proposer names itself, as a lone master does); `leader-auto` by
 //!   the peer bound to the uuid it names.
 //! - Everything else (free-form buckets and keys written through the API) is open to members.
 //!
@@ -267,7 +268,13 @@ impl Ledger {
                     .is_some_and(|a| a.ballot == commit.ballot && a.candidate == commit.candidate)
             })
             .count();
-        if votes >= auth.quorum_floor.max(1) {
+        // A node that formed the cluster alone (a lone `role: master`, see
+        // `cluster::LONE_MASTER_WAIT`) proves its commit with its own vote: a commit that names
+        // its proposer as the master needs one vote. That lets a member make only itself master,
+        // which members are trusted with; it never lets one name another node.
+        let alone = commit.candidate == commit.ballot.proposer;
+        let needed = if alone { 1 } else { auth.quorum_floor.max(1) };
+        if votes >= needed {
             Verdict::Allowed
         } else {
             Verdict::Unsettled
