@@ -90,6 +90,7 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         tun: vpn.create.then(|| TunSettings {
             name: vpn.settings.iface.clone(),
             mtu: vpn.settings.mtu,
+            offload: crate::driver::tun::offload_from_env(),
         }),
         report_connected: false,
         k3s: crate::k3s::K3sSettings::from_env(&cfg, &uuid, &state_dir),

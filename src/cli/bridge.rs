@@ -147,6 +147,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         tun: Some(TunSettings {
             name: args.interface.clone(),
             mtu: args.mtu,
+            offload: crate::driver::tun::offload_from_env(),
         }),
         report_connected: true,
         k3s: None,
