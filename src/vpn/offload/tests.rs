@@ -364,7 +364,8 @@ fn only_in_order_segments_of_one_flow_merge() {
 fn segments_with_different_headers_do_not_merge() {
     let m = MSS as u32;
     let base = tcp4([10, 1, 0, 1], 1, 0, TCP_ACK, &payload(MSS));
-    let edits: [(&str, fn(&mut Vec<u8>)); 4] = [
+    type Edit = fn(&mut Vec<u8>);
+    let edits: [(&str, Edit); 4] = [
         ("ack", |p| p[28] ^= 1),
         ("window", |p| p[34] ^= 1),
         ("timestamp", |p| p[51] ^= 1),
