@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::BytesMut;
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -39,6 +40,8 @@ const MAX_READS_PER_WAKE: usize = 256;
 const INTERFACE_REFRESH: Duration = Duration::from_secs(2);
 /// Largest UDP payload we receive.
 const RECV_BUF: usize = 65_536;
+/// Size of each buffer overlay datagrams are received into (and quinn-proto keeps slices of).
+const RECV_POOL_CHUNK: usize = 128 * 1024;
 
 /// How the driver binds and what it may use.
 #[derive(Debug, Clone)]
@@ -394,6 +397,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     };
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
+    let mut rx_pool = BytesMut::new();
     let mut out = Vec::with_capacity(RECV_BUF);
     let mut targets = Vec::new();
     let mut next_refresh = Instant::now();
@@ -466,7 +470,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             backlog.overlay = read_overlay(
                 &mut node,
                 &sockets.overlay,
-                &mut buf,
+                &mut rx_pool,
                 now,
                 unix,
                 &mut errors,
@@ -483,7 +487,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                     backlog.overlay = read_overlay(
                         &mut node,
                         &sockets.overlay,
-                        &mut buf,
+                        &mut rx_pool,
                         now,
                         unix,
                         &mut errors,
@@ -661,22 +665,25 @@ fn read_all(
 fn read_overlay(
     node: &mut Node,
     socket: &UdpSocket,
-    buf: &mut [u8],
+    pool: &mut BytesMut,
     now: Instant,
     unix: u64,
     errors: &mut LocalErrors,
 ) -> bool {
     // Counted in datagrams, not reads (a GRO run holds up to 64): the turn's budget bounds the
     // VPN packets queued for the TUN interface before they are written.
+    // Datagrams are read into shared buffers and handed over without a copy (see
+    // `Node::handle_packet`).
     let mut read = 0;
     while read < MAX_READS_PER_WAKE {
-        match socket::recv_segments(socket, buf) {
+        match socket::recv_segments_into(socket, pool, RECV_BUF, RECV_POOL_CHUNK) {
             Ok(r) => {
-                let data = buf.get(..r.len).unwrap_or_default();
+                let mut data = pool.split();
                 let size = r.segment_size.unwrap_or(r.len).max(1);
-                for datagram in data.chunks(size) {
+                while !data.is_empty() {
                     read += 1;
-                    node.handle_datagram(now, unix, r.from, None, datagram);
+                    let datagram = data.split_to(size.min(data.len()));
+                    node.handle_packet(now, unix, r.from, None, datagram);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::cluster::{Cluster, ClusterEvent};
 use crate::discovery::beacon::looks_like_beacon;
@@ -517,6 +517,24 @@ impl Node {
         } else {
             self.stats.unknown_packets += 1;
         }
+        self.pump(now);
+    }
+
+    /// [`handle_datagram`](Self::handle_datagram) for a payload the driver received into a
+    /// buffer of its own: a QUIC packet goes to the transport without a copy.
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        packet: BytesMut,
+    ) {
+        if !packet.first().is_some_and(|&b| is_quic_packet(b)) {
+            return self.handle_datagram(now, unix_ms, from, local_ip, &packet);
+        }
+        self.unix_ms = unix_ms;
+        self.transport.handle_packet(now, from, local_ip, packet);
         self.pump(now);
     }
 
