@@ -36,6 +36,9 @@ const K3S: Token = Token(15);
 /// Datagrams (or TUN packets) read from one source per turn before the others get theirs; a
 /// source left with more to read is read again on the next turn without waiting.
 const MAX_READS_PER_WAKE: usize = 256;
+/// Longest pause of TUN reads while the transport's datagram queues are backlogged (see
+/// `Backlog::backlogged_since`).
+const MAX_TUN_PAUSE: Duration = Duration::from_millis(20);
 /// How often interface addresses are re-read (DHCP renewals, cables plugged in).
 const INTERFACE_REFRESH: Duration = Duration::from_secs(2);
 /// Largest UDP payload we receive.
@@ -455,10 +458,19 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                         t.saturating_duration_since(Instant::now())
                     }),
             );
+        // What the flush above sent may have made room: paused TUN reads go on without waiting.
+        if !node.vpn_backlogged() {
+            backlog.backlogged_since = None;
+            if std::mem::take(&mut backlog.tun_paused) {
+                backlog.tun = true;
+            }
+        }
         let timeout = if backlog.any() {
             Duration::ZERO
         } else {
-            timeout
+            backlog.pause_ends().map_or(timeout, |t| {
+                timeout.min(t.saturating_duration_since(Instant::now()))
+            })
         };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -466,6 +478,10 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             }
         }
         let (now, unix) = clocks();
+        if backlog.pause_ends().is_some_and(|t| t <= now) {
+            backlog.tun_paused = false;
+            backlog.tun = true;
+        }
         if std::mem::take(&mut backlog.overlay) {
             backlog.overlay = read_overlay(
                 &mut node,
@@ -478,7 +494,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         if let Some(t) = &mut tun {
             if std::mem::take(&mut backlog.tun) {
-                backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
+                backlog.tun = read_tun(
+                    &mut node,
+                    t,
+                    &mut backlog,
+                    poll.registry(),
+                    now,
+                    &mut errors,
+                );
             }
         }
         for event in &events {
@@ -495,7 +518,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                 }
                 TUN => {
                     if let Some(t) = &mut tun {
-                        backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
+                        backlog.tun = read_tun(
+                            &mut node,
+                            t,
+                            &mut backlog,
+                            poll.registry(),
+                            now,
+                            &mut errors,
+                        );
                     }
                 }
                 // Beacons are few: whatever is left waits for the next one.
@@ -721,9 +751,31 @@ fn recv_failed(e: &io::Error, errors: &mut LocalErrors) -> bool {
 struct Backlog {
     overlay: bool,
     tun: bool,
+    /// TUN reads pause while the transport's datagram queues are backlogged
+    /// ([`Node::vpn_backlogged`]); they go on at the first turn they are not.
+    tun_paused: bool,
+    /// Since when the queues are backlogged: past [`MAX_TUN_PAUSE`] TUN reads go on all the
+    /// same (a peer that stopped answering must not stall the VPN to the others; its queue
+    /// then drops its oldest packets).
+    backlogged_since: Option<Instant>,
 }
 
 impl Backlog {
+    /// Whether TUN reads may pause now (the queues are backlogged at `now`).
+    fn may_pause(&mut self, now: Instant) -> bool {
+        now < *self.backlogged_since.get_or_insert(now) + MAX_TUN_PAUSE
+    }
+
+    /// When a paused TUN must be read again whatever the queues.
+    fn pause_ends(&self) -> Option<Instant> {
+        self.backlogged_since
+            .filter(|_| self.tun_paused)
+            .map(|t| t + MAX_TUN_PAUSE)
+    }
+}
+
+impl Backlog {
+    /// Whether a source is to be read without waiting.
     fn any(&self) -> bool {
         self.overlay || self.tun
     }
@@ -734,6 +786,7 @@ impl Backlog {
 fn read_tun(
     node: &mut Node,
     tun: &mut Tun,
+    backlog: &mut Backlog,
     registry: &mio::Registry,
     now: Instant,
     errors: &mut LocalErrors,
@@ -743,6 +796,10 @@ fn read_tun(
     };
     let mut read = 0;
     while read < MAX_READS_PER_WAKE {
+        if node.vpn_backlogged() && backlog.may_pause(now) {
+            backlog.tun_paused = true;
+            return false;
+        }
         // Drops are counted by the VPN path (see /metrics).
         match device.read_packets(|packet| {
             let _ = node.send_vpn_packet(now, packet);
@@ -957,6 +1014,26 @@ mod tests {
         b.succeeded(t0 + ms(100));
         assert_eq!(b.failed(t0 + ms(100) + Duration::from_secs(30)), ms(250));
         assert_eq!(b.failed(t0 + Duration::from_secs(31)), ms(500));
+    }
+
+    #[test]
+    fn tun_reads_pause_for_a_backlog_at_most_max_tun_pause() {
+        let t0 = Instant::now();
+        let mut b = Backlog::default();
+        assert!(b.may_pause(t0));
+        b.tun_paused = true;
+        assert_eq!(b.pause_ends(), Some(t0 + MAX_TUN_PAUSE));
+        assert!(!b.any(), "a paused TUN does not spin the loop");
+        assert!(
+            b.may_pause(t0 + MAX_TUN_PAUSE / 2),
+            "still backlogged, same pause"
+        );
+        assert!(!b.may_pause(t0 + MAX_TUN_PAUSE), "then read all the same");
+        // The backlog cleared: a later one may pause again.
+        b.backlogged_since = None;
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(b.may_pause(t1));
+        assert_eq!(b.pause_ends(), Some(t1 + MAX_TUN_PAUSE));
     }
 
     #[test]

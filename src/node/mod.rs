@@ -619,6 +619,13 @@ impl Node {
         }
     }
 
+    /// Whether VPN packets wait in a connection's datagram queue beyond half its size: the
+    /// driver then stops reading the TUN interface until they are sent (the kernel holds the
+    /// rest, and TCP inside slows down) rather than have the oldest dropped.
+    pub fn vpn_backlogged(&mut self) -> bool {
+        self.transport.datagrams_backlogged()
+    }
+
     /// Sends a control message to a connected member.
     pub fn send_control(&mut self, peer: &PeerId, msg: &Control) {
         let mut buf = std::mem::take(&mut self.scratch);

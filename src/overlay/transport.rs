@@ -836,6 +836,15 @@ impl Transport {
         self.conns.len()
     }
 
+    /// Whether a connection's datagram send queue is more than half full (its packets are read
+    /// faster than its congestion controller lets them out; past full, the oldest are dropped).
+    pub fn datagrams_backlogged(&mut self) -> bool {
+        let half = self.settings.datagram_send_buffer / 2;
+        self.conns
+            .values_mut()
+            .any(|c| c.conn.datagrams().send_buffer_space() < half)
+    }
+
     /// Largest datagram [`send_datagram`](Self::send_datagram) accepts for `peer` now (it may
     /// change with the path MTU), or `None` if not connected or unsupported.
     pub fn max_datagram_size(&mut self, peer: &PeerId) -> Option<usize> {
