@@ -57,9 +57,15 @@ test: deps lint unit-test sim-properties
 
 # Benchmarks print numbers and ratios; they assert nothing. The VPN bench compares against
 # iperf3 over the raw link, boringtun-cli and wireguard-go: setup-tools.sh installs them.
+# VPN_BASELINE=<git rev> (e.g. the branch point) adds the agent built at that revision as the
+# VPN bench's baseline row: "CPU per Gbit/s, ours / baseline" and the like then come from one run.
+VPN_BASELINE ?=
 bench: deps
 	@bash tests/bench/setup-tools.sh
-	$(CARGO) bench --locked
+	@if [ -n "$(VPN_BASELINE)" ]; then \
+	  KAIROS_BENCH_BASELINE="$$(bash tests/bench/build-baseline.sh $(VPN_BASELINE) | tail -1)" \
+	    $(CARGO) bench --locked; \
+	else $(CARGO) bench --locked; fi
 
 # The one-machine cluster demo (as root): four agents in network namespaces form a k3s cluster
 # (k3s stand-in unless k3s is on PATH), then a bridge fetches the kubeconfig. HA=1: HA + KubeVIP.

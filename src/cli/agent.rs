@@ -27,8 +27,11 @@ pub const LEDGER_FILE: &str = "ledger.snapshot";
 /// The API's unix socket in the state directory.
 pub const API_SOCKET: &str = "api.sock";
 
-/// QUIC packets per batch the transport may build for the driver's UDP GSO sends.
-const GSO_BATCH: usize = 16;
+/// QUIC packets per batch the transport may build for the driver's UDP GSO sends: 32 packets
+/// of at most 1452 bytes (the transport's `initial_mtu`) make 46 KiB, within UDP's 64 KiB.
+/// Measured against 16 (issue 16): about 15 % less CPU per GB and more throughput; 64 would
+/// overflow a UDP datagram at 1452-byte packets.
+pub(super) const GSO_BATCH: usize = 32;
 
 /// Runs the agent until a signal stops it.
 pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
@@ -92,6 +95,7 @@ pub(super) fn run(args: &AgentArgs, state_dir: Option<PathBuf>) -> ExitCode {
         tun: vpn.create.then(|| TunSettings {
             name: vpn.settings.iface.clone(),
             mtu: vpn.settings.mtu,
+            offload: crate::driver::tun::offload_from_env(),
         }),
         report_connected: false,
         k3s: crate::k3s::K3sSettings::from_env(&cfg, &uuid, &state_dir),

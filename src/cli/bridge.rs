@@ -100,6 +100,8 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
 
     let mut settings = NodeSettings::for_token(&token);
     settings.dht = !args.disable_dht;
+    // The driver sends the transport's batches with UDP GSO, as an agent's.
+    settings.transport.max_gso_segments = super::agent::GSO_BATCH;
     let mut cluster = ClusterSettings::defaults(&uuid);
     cluster.network_id = names::network_bucket(&args.network_id).to_string();
     cluster.hostname = hostname.clone();
@@ -147,6 +149,7 @@ pub(super) fn run(args: &BridgeArgs, state_dir: Option<PathBuf>) -> ExitCode {
         tun: Some(TunSettings {
             name: args.interface.clone(),
             mtu: args.mtu,
+            offload: crate::driver::tun::offload_from_env(),
         }),
         report_connected: true,
         k3s: None,

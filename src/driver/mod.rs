@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::BytesMut;
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll};
@@ -31,10 +32,15 @@ use tokens::{BEACON_V4, BEACON_V6, K3S, OVERLAY, SIGNAL, TUN};
 /// Datagrams (or TUN packets) read from one source per turn before the others get theirs; a
 /// source left with more to read is read again on the next turn without waiting.
 const MAX_READS_PER_WAKE: usize = 256;
+/// Longest pause of TUN reads while the transport's datagram queues are backlogged (see
+/// `Backlog::backlogged_since`).
+const MAX_TUN_PAUSE: Duration = Duration::from_millis(20);
 /// How often interface addresses are re-read (DHCP renewals, cables plugged in).
 const INTERFACE_REFRESH: Duration = Duration::from_secs(2);
 /// Largest UDP payload we receive.
 const RECV_BUF: usize = 65_536;
+/// Size of each buffer overlay datagrams are received into (and quinn-proto keeps slices of).
+const RECV_POOL_CHUNK: usize = 128 * 1024;
 
 /// How the driver binds and what it may use.
 #[derive(Debug, Clone)]
@@ -412,6 +418,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     });
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
+    let mut rx_pool = BytesMut::new();
     let mut out = Vec::with_capacity(RECV_BUF);
     let mut targets = Vec::new();
     let mut next_refresh = Instant::now();
@@ -484,10 +491,19 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                         t.saturating_duration_since(Instant::now())
                     }),
             );
+        // What the flush above sent may have made room: paused TUN reads go on without waiting.
+        if !node.vpn_backlogged() {
+            backlog.backlogged_since = None;
+            if std::mem::take(&mut backlog.tun_paused) {
+                backlog.tun = true;
+            }
+        }
         let timeout = if backlog.any() {
             Duration::ZERO
         } else {
-            timeout
+            backlog.pause_ends().map_or(timeout, |t| {
+                timeout.min(t.saturating_duration_since(Instant::now()))
+            })
         };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -495,11 +511,15 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             }
         }
         let (now, unix) = clocks();
+        if backlog.pause_ends().is_some_and(|t| t <= now) {
+            backlog.tun_paused = false;
+            backlog.tun = true;
+        }
         if std::mem::take(&mut backlog.overlay) {
             backlog.overlay = read_overlay(
                 &mut node,
                 &sockets.overlay,
-                &mut buf,
+                &mut rx_pool,
                 now,
                 unix,
                 &mut errors,
@@ -507,7 +527,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
         }
         if let Some(t) = &mut tun {
             if std::mem::take(&mut backlog.tun) {
-                backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
+                backlog.tun = read_tun(
+                    &mut node,
+                    t,
+                    &mut backlog,
+                    poll.registry(),
+                    now,
+                    &mut errors,
+                );
             }
         }
         for event in &events {
@@ -516,7 +543,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                     backlog.overlay = read_overlay(
                         &mut node,
                         &sockets.overlay,
-                        &mut buf,
+                        &mut rx_pool,
                         now,
                         unix,
                         &mut errors,
@@ -524,7 +551,14 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
                 }
                 TUN => {
                     if let Some(t) = &mut tun {
-                        backlog.tun = read_tun(&mut node, t, poll.registry(), now, &mut errors);
+                        backlog.tun = read_tun(
+                            &mut node,
+                            t,
+                            &mut backlog,
+                            poll.registry(),
+                            now,
+                            &mut errors,
+                        );
                     }
                 }
                 // Beacons are few: whatever is left waits for the next one.
@@ -699,18 +733,25 @@ fn read_all(
 fn read_overlay(
     node: &mut Node,
     socket: &UdpSocket,
-    buf: &mut [u8],
+    pool: &mut BytesMut,
     now: Instant,
     unix: u64,
     errors: &mut LocalErrors,
 ) -> bool {
-    for _ in 0..MAX_READS_PER_WAKE {
-        match socket::recv_segments(socket, buf) {
+    // Counted in datagrams, not reads (a GRO run holds up to 64): the turn's budget bounds the
+    // VPN packets queued for the TUN interface before they are written.
+    // Datagrams are read into shared buffers and handed over without a copy (see
+    // `Node::handle_packet`).
+    let mut read = 0;
+    while read < MAX_READS_PER_WAKE {
+        match socket::recv_segments_into(socket, pool, RECV_BUF, RECV_POOL_CHUNK) {
             Ok(r) => {
-                let data = buf.get(..r.len).unwrap_or_default();
+                let mut data = pool.split();
                 let size = r.segment_size.unwrap_or(r.len).max(1);
-                for datagram in data.chunks(size) {
-                    node.handle_datagram(now, unix, r.from, None, datagram);
+                while !data.is_empty() {
+                    read += 1;
+                    let datagram = data.split_to(size.min(data.len()));
+                    node.handle_packet(now, unix, r.from, None, datagram);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -748,9 +789,31 @@ fn recv_failed(e: &io::Error, errors: &mut LocalErrors) -> bool {
 struct Backlog {
     overlay: bool,
     tun: bool,
+    /// TUN reads pause while the transport's datagram queues are backlogged
+    /// ([`Node::vpn_backlogged`]); they go on at the first turn they are not.
+    tun_paused: bool,
+    /// Since when the queues are backlogged: past [`MAX_TUN_PAUSE`] TUN reads go on all the
+    /// same (a peer that stopped answering must not stall the VPN to the others; its queue
+    /// then drops its oldest packets).
+    backlogged_since: Option<Instant>,
 }
 
 impl Backlog {
+    /// Whether TUN reads may pause now (the queues are backlogged at `now`).
+    fn may_pause(&mut self, now: Instant) -> bool {
+        now < *self.backlogged_since.get_or_insert(now) + MAX_TUN_PAUSE
+    }
+
+    /// When a paused TUN must be read again whatever the queues.
+    fn pause_ends(&self) -> Option<Instant> {
+        self.backlogged_since
+            .filter(|_| self.tun_paused)
+            .map(|t| t + MAX_TUN_PAUSE)
+    }
+}
+
+impl Backlog {
+    /// Whether a source is to be read without waiting.
     fn any(&self) -> bool {
         self.overlay || self.tun
     }
@@ -761,6 +824,7 @@ impl Backlog {
 fn read_tun(
     node: &mut Node,
     tun: &mut Tun,
+    backlog: &mut Backlog,
     registry: &mio::Registry,
     now: Instant,
     errors: &mut LocalErrors,
@@ -768,12 +832,19 @@ fn read_tun(
     let Some(device) = &mut tun.device else {
         return false;
     };
-    for _ in 0..MAX_READS_PER_WAKE {
-        match device.read_packet() {
-            Ok(Some(packet)) => {
-                // Drops are counted by the VPN path (see /metrics).
-                let _ = node.send_vpn_packet(now, packet);
-            }
+    let mut read = 0;
+    while read < MAX_READS_PER_WAKE {
+        if node.vpn_backlogged() && backlog.may_pause(now) {
+            backlog.tun_paused = true;
+            return false;
+        }
+        // Drops are counted by the VPN path (see /metrics).
+        match device.read_packets(|packet| {
+            let _ = node.send_vpn_packet(now, packet);
+        }) {
+            // A super-packet counts as the packets it carries: the turn's budget bounds what
+            // waits in the transport's datagram queue before the next flush.
+            Ok(Some(n)) => read += n.max(1),
             Ok(None) => return false,
             Err(e) if tun::device_gone(&e) => {
                 tun.lost(registry, now, &e, errors);
@@ -799,18 +870,30 @@ fn write_vpn_packets(
     errors: &mut LocalErrors,
 ) {
     while let Some(packet) = node.poll_vpn_packet() {
-        let Some(device) = &tun.device else {
+        let Some(device) = &mut tun.device else {
             errors.tun_write += 1;
             continue;
         };
-        match device.write_packet(&packet) {
-            Ok(()) => {}
-            Err(e) if tun::device_gone(&e) => tun.lost(registry, now, &e, errors),
-            Err(e) => {
-                errors.tun_write += 1;
-                log::trace!("TUN write: {e}");
-            }
-        }
+        let written = device.queue_packet(packet);
+        tun_written(tun, written, registry, now, errors);
+    }
+    if let Some(device) = &mut tun.device {
+        let written = device.flush();
+        tun_written(tun, written, registry, now, errors);
+    }
+}
+
+/// Counts the packets the TUN interface refused, or closes it when it is gone.
+fn tun_written(
+    tun: &mut Tun,
+    written: io::Result<u64>,
+    registry: &mio::Registry,
+    now: Instant,
+    errors: &mut LocalErrors,
+) {
+    match written {
+        Ok(refused) => errors.tun_write += refused,
+        Err(e) => tun.lost(registry, now, &e, errors),
     }
 }
 
@@ -975,6 +1058,26 @@ mod tests {
         b.succeeded(t0 + ms(100));
         assert_eq!(b.failed(t0 + ms(100) + Duration::from_secs(30)), ms(250));
         assert_eq!(b.failed(t0 + Duration::from_secs(31)), ms(500));
+    }
+
+    #[test]
+    fn tun_reads_pause_for_a_backlog_at_most_max_tun_pause() {
+        let t0 = Instant::now();
+        let mut b = Backlog::default();
+        assert!(b.may_pause(t0));
+        b.tun_paused = true;
+        assert_eq!(b.pause_ends(), Some(t0 + MAX_TUN_PAUSE));
+        assert!(!b.any(), "a paused TUN does not spin the loop");
+        assert!(
+            b.may_pause(t0 + MAX_TUN_PAUSE / 2),
+            "still backlogged, same pause"
+        );
+        assert!(!b.may_pause(t0 + MAX_TUN_PAUSE), "then read all the same");
+        // The backlog cleared: a later one may pause again.
+        b.backlogged_since = None;
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(b.may_pause(t1));
+        assert_eq!(b.pause_ends(), Some(t1 + MAX_TUN_PAUSE));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::mem;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
+use bytes::BytesMut;
+
 /// Receive and send buffer size asked for (the kernel doubles it for its bookkeeping).
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// Most segments one UDP GSO send may carry (the kernel's `UDP_MAX_SEGMENTS`).
@@ -124,11 +126,39 @@ pub struct Received {
 
 /// Reads one datagram or GRO run (see [`enable_gro`]) without blocking.
 pub fn recv_segments(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
+    // SAFETY: `buf` is writable for its whole length.
+    unsafe { recv_raw(socket, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// [`recv_segments`] into the spare capacity of `buf` (at least `room` bytes of it, a new
+/// buffer of `chunk` bytes when less is left): what was read is appended to `buf`.
+pub fn recv_segments_into(
+    socket: &impl AsRawFd,
+    buf: &mut BytesMut,
+    room: usize,
+    chunk: usize,
+) -> io::Result<Received> {
+    if buf.capacity() - buf.len() < room {
+        *buf = BytesMut::with_capacity(chunk.max(room));
+    }
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the spare capacity is writable for its length; recvmsg writes only bytes.
+    let received = unsafe { recv_raw(socket, spare.as_mut_ptr().cast(), spare.len())? };
+    // SAFETY: the kernel initialised the first `received.len` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + received.len) };
+    Ok(received)
+}
+
+/// Reads one datagram or GRO run into `len` bytes at `data`.
+///
+/// # Safety
+/// `data` must be valid for writes of `len` bytes.
+unsafe fn recv_raw(socket: &impl AsRawFd, data: *mut u8, len: usize) -> io::Result<Received> {
     // SAFETY: an all-zero sockaddr_storage is a valid value.
     let mut addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_base: data.cast(),
+        iov_len: len,
     };
     let mut control = [0u64; 8];
     // SAFETY: every pointer in `msg` points to a live buffer of the length given; the kernel
@@ -327,6 +357,35 @@ mod tests {
             got.extend_from_slice(&buf[..r.len]);
         }
         assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn datagrams_are_received_into_the_spare_room_of_a_shared_buffer() {
+        let rx = bind_udp("127.0.0.1:0".parse().unwrap(), SocketOptions::default()).unwrap();
+        let tx = bind_udp("127.0.0.1:0".parse().unwrap(), SocketOptions::default()).unwrap();
+        for payload in [&b"first"[..], b"second", b"third"] {
+            tx.send_to(payload, rx.local_addr().unwrap()).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut pool = BytesMut::new();
+        let first = recv_segments_into(&rx, &mut pool, 1000, 2048).unwrap();
+        assert_eq!((first.len, &pool[..]), (5, &b"first"[..]));
+        assert!(
+            pool.capacity() >= 2048,
+            "a new buffer when there was no room"
+        );
+        let taken = pool.split().freeze();
+        // The next datagram lands in the same allocation, after the first.
+        recv_segments_into(&rx, &mut pool, 1000, 2048).unwrap();
+        assert_eq!(&pool[..], b"second");
+        assert_eq!(pool.as_ptr(), taken.as_ptr().wrapping_add(5));
+        pool.clear();
+        // Less room left than asked for: a fresh buffer, the taken packet untouched.
+        recv_segments_into(&rx, &mut pool, 4000, 4096).unwrap();
+        assert_eq!(&pool[..], b"third");
+        assert_eq!(&taken[..], b"first");
+        let err = recv_segments_into(&rx, &mut pool, 1000, 2048).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]

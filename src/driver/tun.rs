@@ -1,12 +1,21 @@
 //! The VPN's TUN interface: created by name with its MTU, given its address once the cluster
 //! allocates one, read and written without blocking from the event loop.
 //!
-//! Packets read are cut from a shared 64 KiB buffer ([`bytes::BytesMut`]): a packet handed to
-//! the transport keeps its part of the buffer alive without a copy or an allocation of its own;
-//! a new buffer is allocated once per ~50 full-size packets.
+//! Packets read are cut from a shared buffer ([`bytes::BytesMut`]): a packet handed to the
+//! transport keeps its part of the buffer alive without an allocation of its own; a new buffer
+//! is allocated once per ~50 to ~100 full-size packets.
+//!
+//! # Offloads
+//! Where the kernel offers them (Linux 2.6.27+ for `IFF_VNET_HDR`, `TUNSETOFFLOAD`), the interface
+//! is opened with a virtio-net header and TCP segmentation offload (`TUN_F_CSUM | TUN_F_TSO4`):
+//! one read returns up to 64 KiB of one TCP flow, split into MTU-sized packets in user space,
+//! and received in-order TCP segments are merged into one write ([`crate::vpn::offload`]). When
+//! the kernel (or the `tun` crate) refuses either, the interface is opened again without them
+//! and carries one packet per read and write, as before; `KAIROS_P2P_TUN_OFFLOAD=off` asks for
+//! that plain mode. The packets sent to peers are the same in both modes.
 
 use std::fmt;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, IoSlice};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -14,9 +23,15 @@ use bytes::{Bytes, BytesMut};
 use tun::AbstractDevice;
 
 use crate::config::Ipv4Cidr;
+use crate::vpn::offload::{self, Coalescer, MAX_MERGED_SEGMENTS, MAX_SUPER_PACKET, VNET_HDR_LEN};
 
 /// Size of each receive buffer packets are cut from.
 const POOL_CHUNK: usize = 64 * 1024;
+/// Environment variable that turns TUN offloads off (`off`, `0`, `false`, `no`).
+pub const OFFLOAD_ENV: &str = "KAIROS_P2P_TUN_OFFLOAD";
+/// The offloads asked of the kernel: checksums and TCP segmentation over IPv4 (see
+/// [`crate::vpn::offload`] for why not IPv6 or UDP).
+const OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
 
 /// What the TUN interface is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +40,19 @@ pub struct TunSettings {
     pub name: String,
     /// Its MTU (`EDGEVPNMTU`).
     pub mtu: u16,
+    /// Use TCP segmentation offload and receive coalescing where the kernel offers them (see
+    /// the module documentation).
+    pub offload: bool,
+}
+
+/// Whether the environment leaves TUN offloads on ([`OFFLOAD_ENV`]; on unless told otherwise).
+pub fn offload_from_env() -> bool {
+    std::env::var(OFFLOAD_ENV).map_or(true, |v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "off" | "0" | "false" | "no"
+        )
+    })
 }
 
 /// Why the TUN interface could not be set up.
@@ -59,6 +87,13 @@ pub struct TunDevice {
     mtu: usize,
     address: Option<Ipv4Cidr>,
     pool: BytesMut,
+    /// With offloads: the read buffer (virtio header + up to 64 KiB) and the receive coalescer.
+    offload: Option<Offload>,
+}
+
+struct Offload {
+    read_buf: Vec<u8>,
+    coalescer: Coalescer,
 }
 
 impl fmt::Debug for TunDevice {
@@ -66,16 +101,39 @@ impl fmt::Debug for TunDevice {
         f.debug_struct("TunDevice")
             .field("name", &self.name)
             .field("address", &self.address)
+            .field("offload", &self.offload.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl TunDevice {
-    /// Creates the interface (up, no address yet, IPv6 off) in non-blocking mode.
+    /// Creates the interface (up, no address yet, IPv6 off) in non-blocking mode, with offloads
+    /// when asked and the kernel offers them.
     pub fn open(settings: &TunSettings) -> Result<Self, TunError> {
+        if settings.offload {
+            match Self::create(settings, true) {
+                Ok(device) => match set_offload(&device) {
+                    Ok(()) => return Self::finish(settings, device, true),
+                    Err(e) => log::info!(
+                        "TUN interface {}: no segmentation offload ({e}); one packet per read",
+                        settings.name
+                    ),
+                },
+                Err(TunError::Permission(name)) => return Err(TunError::Permission(name)),
+                Err(e) => log::info!("{e} with a virtio header; trying without"),
+            }
+        }
+        let device = Self::create(settings, false)?;
+        Self::finish(settings, device, false)
+    }
+
+    fn create(settings: &TunSettings, vnet_hdr: bool) -> Result<tun::Device, TunError> {
         let mut config = tun::Configuration::default();
         config.tun_name(&settings.name).mtu(settings.mtu).up();
-        let device = tun::create(&config).map_err(|e| match e {
+        config.platform_config(|p| {
+            p.vnet_hdr(vnet_hdr);
+        });
+        tun::create(&config).map_err(|e| match e {
             tun::Error::Io(io) if io.kind() == ErrorKind::PermissionDenied => {
                 TunError::Permission(settings.name.clone())
             }
@@ -83,7 +141,14 @@ impl TunDevice {
                 format!("cannot create the TUN interface {}", settings.name),
                 io::Error::other(other.to_string()),
             ),
-        })?;
+        })
+    }
+
+    fn finish(
+        settings: &TunSettings,
+        device: tun::Device,
+        offload: bool,
+    ) -> Result<Self, TunError> {
         device.set_nonblock().map_err(|e| {
             TunError::Os(
                 format!("TUN interface {}: non-blocking mode", settings.name),
@@ -102,7 +167,16 @@ impl TunDevice {
             mtu: usize::from(settings.mtu),
             address: None,
             pool: BytesMut::new(),
+            offload: offload.then(|| Offload {
+                read_buf: vec![0; VNET_HDR_LEN + MAX_SUPER_PACKET],
+                coalescer: Coalescer::new(),
+            }),
         })
+    }
+
+    /// Whether the interface runs with offloads.
+    pub fn offloads(&self) -> bool {
+        self.offload.is_some()
     }
 
     /// The interface name.
@@ -137,10 +211,39 @@ impl TunDevice {
         Ok(())
     }
 
-    /// The next packet, `None` when there is none now.
-    pub fn read_packet(&mut self) -> io::Result<Option<Bytes>> {
+    /// Reads once and hands the packet(s) read to `emit` (one, or with offloads the segments of
+    /// a super-packet); how many, `None` when there was nothing to read.
+    pub fn read_packets(&mut self, mut emit: impl FnMut(Bytes)) -> io::Result<Option<usize>> {
+        let Some(offload) = &mut self.offload else {
+            return Ok(self.read_packet()?.map(|p| {
+                emit(p);
+                1
+            }));
+        };
+        let n = loop {
+            match self.device.recv(&mut offload.read_buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        let mut count = 0;
+        let read = offload.read_buf.get(..n).unwrap_or_default();
+        if let Err(e) = offload::split(read, &mut self.pool, |p| {
+            count += 1;
+            emit(p);
+        }) {
+            // What the kernel wrote does not parse: lost like a malformed packet.
+            log::debug!("TUN interface {}: {e}", self.name);
+        }
+        Ok(Some(count))
+    }
+
+    /// The next packet (no offloads), `None` when there is none now.
+    fn read_packet(&mut self) -> io::Result<Option<Bytes>> {
         if self.pool.capacity() < self.mtu {
-            self.pool.reserve(POOL_CHUNK.max(self.mtu));
+            self.pool = BytesMut::with_capacity(POOL_CHUNK.max(self.mtu));
         }
         self.pool.resize(self.mtu, 0);
         loop {
@@ -162,16 +265,91 @@ impl TunDevice {
         }
     }
 
-    /// Writes one packet; an error when the kernel refused it (the packet is lost, as on a
-    /// link; see [`device_gone`] for whether the interface is still there).
-    pub fn write_packet(&self, packet: &[u8]) -> io::Result<()> {
-        loop {
-            match self.device.send(packet) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+    /// Queues a packet for the interface: written now without offloads, at the next
+    /// [`flush`](Self::flush) (merged with the segments of its TCP flow) with them. Gives the
+    /// number of packets the kernel refused (lost, as on a link), or the error that says the
+    /// interface is gone ([`device_gone`]).
+    pub fn queue_packet(&mut self, packet: Bytes) -> io::Result<u64> {
+        let full = match &self.offload {
+            None => return count_refused(self.write_packet(&packet)),
+            Some(o) => o.coalescer.is_full(),
+        };
+        let refused = if full { self.flush()? } else { 0 };
+        if let Some(o) = &mut self.offload {
+            o.coalescer.push(packet);
         }
+        Ok(refused)
+    }
+
+    /// Writes what [`queue_packet`](Self::queue_packet) queued; as it, the number of packets
+    /// refused or the error that says the interface is gone.
+    pub fn flush(&mut self) -> io::Result<u64> {
+        let Some(offload) = &mut self.offload else {
+            return Ok(0);
+        };
+        let mut refused = 0;
+        let fd = self.device.as_raw_fd();
+        offload.coalescer.flush(|header, parts| {
+            refused += count_refused(write_parts(fd, header, parts))?;
+            Ok::<(), io::Error>(())
+        })?;
+        Ok(refused)
+    }
+
+    fn write_packet(&self, packet: &[u8]) -> io::Result<()> {
+        write_parts(self.device.as_raw_fd(), &[], &[IoSlice::new(packet)])
+    }
+}
+
+/// 0 when written, 1 when the kernel refused the packet, the error when the interface is gone.
+fn count_refused(result: io::Result<()>) -> io::Result<u64> {
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) if device_gone(&e) => Err(e),
+        Err(e) => {
+            log::trace!("TUN write: {e}");
+            Ok(1)
+        }
+    }
+}
+
+/// Writes `header` and `parts` as one packet (one `writev`).
+fn write_parts(fd: RawFd, header: &[u8], parts: &[IoSlice<'_>]) -> io::Result<()> {
+    let mut iov = [IoSlice::new(&[]); MAX_MERGED_SEGMENTS + 2];
+    let n = parts.len().min(MAX_MERGED_SEGMENTS + 1);
+    iov[0] = IoSlice::new(header);
+    iov[1..=n].copy_from_slice(&parts[..n]);
+    let iov = &iov[..=n];
+    loop {
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; every slice is live for the
+        // call and writev only reads them.
+        let written =
+            unsafe { libc::writev(fd, iov.as_ptr().cast::<libc::iovec>(), iov.len() as _) };
+        if written >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Turns on checksum and TCP segmentation offload (`TUNSETOFFLOAD`) for a device opened with
+/// `IFF_VNET_HDR`.
+fn set_offload(device: &tun::Device) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; the fd is the open TUN device.
+    let ret = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            libc::TUNSETOFFLOAD as _,
+            libc::c_ulong::from(OFFLOADS),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::cluster::{Cluster, ClusterEvent, Write};
 use crate::discovery::beacon::looks_like_beacon;
@@ -590,6 +590,24 @@ impl Node {
         self.pump(now);
     }
 
+    /// [`handle_datagram`](Self::handle_datagram) for a payload the driver received into a
+    /// buffer of its own: a QUIC packet goes to the transport without a copy.
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        packet: BytesMut,
+    ) {
+        if !packet.first().is_some_and(|&b| is_quic_packet(b)) {
+            return self.handle_datagram(now, unix_ms, from, local_ip, &packet);
+        }
+        self.unix_ms = unix_ms;
+        self.transport.handle_packet(now, from, local_ip, packet);
+        self.pump(now);
+    }
+
     /// Runs timers that are due.
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
@@ -674,6 +692,13 @@ impl Node {
             }
             Err(reason) => Err(reason),
         }
+    }
+
+    /// Whether VPN packets wait in a connection's datagram queue beyond half its size: the
+    /// driver then stops reading the TUN interface until they are sent (the kernel holds the
+    /// rest, and TCP inside slows down) rather than have the oldest dropped.
+    pub fn vpn_backlogged(&mut self) -> bool {
+        self.transport.datagrams_backlogged()
     }
 
     /// Sends a control message to a connected member.

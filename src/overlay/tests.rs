@@ -481,6 +481,22 @@ fn send_queue_is_bounded() {
 }
 
 #[test]
+fn a_datagram_queue_over_half_full_is_backlogged_until_sent() {
+    let mut net = Net::pair(ms(10));
+    assert!(!net.t(0).datagrams_backlogged());
+    let half = TransportSettings::default().datagram_send_buffer / 2;
+    let packet = Bytes::from(vec![1u8; 1200]);
+    for _ in 0..=half / 1200 {
+        net.t(0).send_datagram(&peer(2), packet.clone()).unwrap();
+    }
+    assert!(net.t(0).datagrams_backlogged(), "queued, not sent yet");
+    assert!(!net.t(1).datagrams_backlogged());
+    net.flush();
+    net.run_for(secs(2));
+    assert!(!net.t(0).datagrams_backlogged(), "sent");
+}
+
+#[test]
 fn datagrams_flow_both_ways() {
     let mut net = Net::pair(ms(10));
     let max = net.t(0).max_datagram_size(&peer(2)).unwrap();

@@ -836,6 +836,15 @@ impl Transport {
         self.conns.len()
     }
 
+    /// Whether a connection's datagram send queue is more than half full (its packets are read
+    /// faster than its congestion controller lets them out; past full, the oldest are dropped).
+    pub fn datagrams_backlogged(&mut self) -> bool {
+        let half = self.settings.datagram_send_buffer / 2;
+        self.conns
+            .values_mut()
+            .any(|c| c.conn.datagrams().send_buffer_space() < half)
+    }
+
     /// Largest datagram [`send_datagram`](Self::send_datagram) accepts for `peer` now (it may
     /// change with the path MTU), or `None` if not connected or unsupported.
     pub fn max_datagram_size(&mut self, peer: &PeerId) -> Option<usize> {
@@ -864,14 +873,6 @@ impl Transport {
         local_ip: Option<IpAddr>,
         bytes: &[u8],
     ) {
-        self.stats.packets_in += 1;
-        self.stats.bytes_in += bytes.len() as u64;
-        if bytes.first().is_none_or(|&b| !super::is_quic_packet(b)) {
-            self.stats.drops.not_quic += 1;
-            return;
-        }
-        let mut buf = mem::take(&mut self.scratch);
-        buf.clear();
         // Packets are copied into shared receive buffers (what quinn-proto keeps of one, a
         // datagram's data, refers to it): no allocation per packet.
         if self.rx_pool.capacity() < bytes.len() {
@@ -879,6 +880,26 @@ impl Transport {
         }
         self.rx_pool.extend_from_slice(bytes);
         let packet = self.rx_pool.split();
+        self.handle_packet(now, from, local_ip, packet);
+    }
+
+    /// [`handle_datagram`](Self::handle_datagram) for a payload the caller received into a
+    /// buffer of its own (no copy: quinn-proto decrypts it in place and keeps what it needs).
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        packet: BytesMut,
+    ) {
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += packet.len() as u64;
+        if packet.first().is_none_or(|&b| !super::is_quic_packet(b)) {
+            self.stats.drops.not_quic += 1;
+            return;
+        }
+        let mut buf = mem::take(&mut self.scratch);
+        buf.clear();
         match self
             .endpoint
             .handle(now, from, local_ip, None, packet, &mut buf)

@@ -62,6 +62,7 @@
 //! With a larger MTU configured, [`Vpn::route_outgoing`] refuses the packets the peer's
 //! connection cannot take and counts them.
 
+pub mod offload;
 pub mod packet;
 pub mod routes;
 

@@ -10,7 +10,13 @@
 //!
 //! Environment:
 //! - `KAIROS_BENCH_SECS`: seconds per iperf3 run (default 10).
-//! - `KAIROS_BENCH_ROWS`: a comma-separated subset of `raw,ours,boringtun,wireguard-go`.
+//! - `KAIROS_BENCH_ROWS`: a comma-separated subset of
+//!   `raw,ours,ours-plain,ours-maxmtu,baseline,boringtun,wireguard-go` (`ours-plain`: ours with
+//!   the TUN offloads off; `ours-maxmtu`: ours at the largest VPN MTU a 1500-byte path carries;
+//!   `baseline`: an older build of the agent, see `KAIROS_BENCH_BASELINE`).
+//! - `KAIROS_BENCH_BASELINE`: path of an older `kairos-p2p` binary (e.g. built from main at the
+//!   branch point) measured in the same run as the `baseline` row; CPU and throughput goals
+//!   that compare against "today" use it.
 //! - `KAIROS_BENCH_HUB=0`: skips the 10-peer memory part.
 //! - `KAIROS_BENCH_BT_MTU`: boringtun's TUN MTU (default 1420 as wg-quick sets; `default` keeps
 //!   the 1500 boringtun-cli leaves).
@@ -39,9 +45,15 @@ const PING_INTERVAL: &str = "0.02";
 const OURS_TIMEOUT: Duration = Duration::from_secs(30);
 const HUB_PEERS: usize = 10;
 const HUB_TIMEOUT: Duration = Duration::from_secs(60);
-const GOAL_TPUT_VS_BORINGTUN: f64 = 1.5;
-const GOAL_RTT_OVERHEAD_MS: f64 = 0.15;
-const GOAL_RSS_MB: f64 = 20.0;
+/// Issue 16, goal 1: one TCP stream at least 5x boringtun-cli's in the same run.
+const GOAL_TPUT_VS_BORINGTUN: f64 = 5.0;
+/// Issue 16, goal 1: CPU per Gbit/s at most half the baseline's.
+const GOAL_CPU_VS_BASELINE: f64 = 0.5;
+/// Issue 16, goal 5: peak RSS of an agent with 10 peers pushing traffic.
+const GOAL_RSS_MB: f64 = 10.0;
+/// The largest VPN MTU a direct connection over a 1500-byte path carries: the transport's
+/// `initial_mtu` (1452) less what quinn-proto reserves per datagram (38).
+const MAX_PATH_MTU_VPN: &str = "1414";
 
 // ---------------------------------------------------------------------------------------------
 // Cleanup registry: namespaces this process made, removed (with every process inside, by pid)
@@ -670,34 +682,80 @@ fn agent_config(token: &str, address: &str) -> String {
     )
 }
 
+/// How an agent row runs.
+struct AgentRun<'a> {
+    binary: &'a str,
+    env: &'a [(&'a str, &'a str)],
+    mtu: Option<&'a str>,
+}
+
+const OURS: AgentRun<'static> = AgentRun {
+    binary: env!("CARGO_BIN_EXE_kairos-p2p"),
+    env: &[],
+    mtu: None,
+};
+
 fn ours_row(pair: &Pair, secs: u64) -> Result<Measured, String> {
+    agent_row(pair, secs, &OURS)
+}
+
+fn ours_plain_row(pair: &Pair, secs: u64) -> Result<Measured, String> {
+    let run = AgentRun {
+        env: &[("KAIROS_P2P_TUN_OFFLOAD", "off")],
+        ..OURS
+    };
+    agent_row(pair, secs, &run)
+}
+
+fn ours_maxmtu_row(pair: &Pair, secs: u64) -> Result<Measured, String> {
+    let run = AgentRun {
+        mtu: Some(MAX_PATH_MTU_VPN),
+        ..OURS
+    };
+    agent_row(pair, secs, &run)
+}
+
+fn baseline_row(pair: &Pair, secs: u64) -> Result<Measured, String> {
+    let binary = std::env::var("KAIROS_BENCH_BASELINE")
+        .map_err(|_| "not measured: KAIROS_BENCH_BASELINE is not set".to_string())?;
+    let run = AgentRun {
+        binary: &binary,
+        ..OURS
+    };
+    agent_row(pair, secs, &run)
+}
+
+fn agent_row(pair: &Pair, secs: u64, run: &AgentRun<'_>) -> Result<Measured, String> {
     let token = kairos(&["generate-token"])?.trim().to_string();
     let pid = std::process::id();
     let mut agents = Vec::new();
     for side in 0..2 {
-        let config = write_config(
-            &pair.dir,
-            &format!("ours-{side}.yaml"),
-            &agent_config(&token, &format!("{}/24", INNER[side])),
-        );
+        let mut body = agent_config(&token, &format!("{}/24", INNER[side]));
+        if let Some(mtu) = run.mtu {
+            body.push_str(&format!("      EDGEVPNMTU: \"{mtu}\"\n"));
+        }
+        let config = write_config(&pair.dir, &format!("ours-{side}.yaml"), &body);
         let state = pair.dir.join(format!("state-{side}"));
+        let _ = fs::remove_dir_all(&state);
         let listen = format!("{}:7120", VETH[side]);
         let uuid = format!("bench-vpn-{pid}-{side}");
+        let mut env = vec![
+            ("UUID", uuid.as_str()),
+            ("KAIROS_P2P_STATE_DIR", state.to_str().unwrap()),
+            ("KAIROS_P2P_LOG", "info"),
+        ];
+        env.extend_from_slice(run.env);
         agents.push(Proc::spawn(
             &pair.ns[side],
             &[
-                env!("CARGO_BIN_EXE_kairos-p2p"),
+                run.binary,
                 "agent",
                 "--config",
                 config.to_str().unwrap(),
                 "--listen",
                 &listen,
             ],
-            &[
-                ("UUID", &uuid),
-                ("KAIROS_P2P_STATE_DIR", state.to_str().unwrap()),
-                ("KAIROS_P2P_LOG", "info"),
-            ],
+            &env,
             pair.log(&format!("agent-{side}")),
         )?);
     }
@@ -938,7 +996,7 @@ fn print_rows(rows: &[Row], secs: u64) {
             .find(|r| r.name == name)
             .and_then(|r| r.result.as_ref().ok())
     };
-    let (raw, ours, bt) = (get(ROW_RAW), get(ROW_OURS), get(ROW_BT));
+    let (raw, ours, bt, base) = (get(ROW_RAW), get(ROW_OURS), get(ROW_BT), get(ROW_BASELINE));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -949,6 +1007,7 @@ fn print_rows(rows: &[Row], secs: u64) {
         None => "n/a",
     };
     let x = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}x"));
+    let ms = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:+.3} ms"));
 
     println!();
     println!("| tunnel vs raw veth | 1 stream | 4 streams | RTT overhead (avg) |");
@@ -963,22 +1022,20 @@ fn print_rows(rows: &[Row], secs: u64) {
         println!("| {} | {} | {} | {over} |", row.name, x(r(0)), x(r(1)));
     }
 
-    let t1 = ratio(tput(ours, 0).map(|t| t.gbps), tput(bt, 0).map(|t| t.gbps));
-    let t4 = ratio(tput(ours, 1).map(|t| t.gbps), tput(bt, 1).map(|t| t.gbps));
-    let c1 = ratio(
-        tput(ours, 0).and_then(|t| t.cpu_per_gb),
-        tput(bt, 0).and_then(|t| t.cpu_per_gb),
-    );
-    let c4 = ratio(
-        tput(ours, 1).and_then(|t| t.cpu_per_gb),
-        tput(bt, 1).and_then(|t| t.cpu_per_gb),
-    );
-    let over = match (rtt(ours), rtt(raw)) {
+    let gbps = |m: Option<&Measured>, i: usize| tput(m, i).map(|t| t.gbps);
+    let cpu = |m: Option<&Measured>, i: usize| tput(m, i).and_then(|t| t.cpu_per_gb);
+    let t1 = ratio(gbps(ours, 0), gbps(bt, 0));
+    let t4 = ratio(gbps(ours, 1), gbps(bt, 1));
+    let streams = ratio(gbps(ours, 1), gbps(ours, 0));
+    let c1 = ratio(cpu(ours, 0), cpu(base, 0));
+    let c4 = ratio(cpu(ours, 1), cpu(base, 1));
+    let over = |m: Option<&Measured>| match (rtt(m), rtt(raw)) {
         (Some(a), Some(b)) => Some(a.avg - b.avg),
         _ => None,
     };
+    let (over_ours, over_bt) = (over(ours), over(bt));
     println!();
-    println!("| ours vs goals | measured | goal | |");
+    println!("| ours vs goals (issue 16) | measured | goal | |");
     println!("|---|---|---|---|");
     println!(
         "| TCP 1 stream, ours / boringtun | {} | >= {GOAL_TPUT_VS_BORINGTUN}x | {} |",
@@ -987,27 +1044,42 @@ fn print_rows(rows: &[Row], secs: u64) {
     );
     println!("| TCP 4 streams, ours / boringtun | {} | | |", x(t4));
     println!(
-        "| CPU per GB (1 stream), ours / boringtun | {} | < 1x | {} |",
-        x(c1),
-        verdict(c1.map(|v| v < 1.0))
+        "| TCP 4 streams / 1 stream, ours | {} | >= 1x | {} |",
+        x(streams),
+        verdict(streams.map(|v| v >= 1.0))
     );
     println!(
-        "| CPU per GB (4 streams), ours / boringtun | {} | < 1x | {} |",
+        "| CPU per Gbit/s (1 stream), ours / baseline | {} | <= {GOAL_CPU_VS_BASELINE}x | {} |",
+        x(c1),
+        verdict(c1.map(|v| v <= GOAL_CPU_VS_BASELINE))
+    );
+    println!(
+        "| CPU per Gbit/s (4 streams), ours / baseline | {} | <= {GOAL_CPU_VS_BASELINE}x | {} |",
         x(c4),
-        verdict(c4.map(|v| v < 1.0))
+        verdict(c4.map(|v| v <= GOAL_CPU_VS_BASELINE))
+    );
+    println!(
+        "| TCP 1 stream, ours / baseline | {} | | |",
+        x(ratio(gbps(ours, 0), gbps(base, 0)))
+    );
+    println!(
+        "| CPU per GB (1 stream), ours / boringtun | {} | | |",
+        x(ratio(cpu(ours, 0), cpu(bt, 0)))
     );
     println!(
         "| TCP 1 stream, ours / raw veth | {} | | |",
-        x(ratio(
-            tput(ours, 0).map(|t| t.gbps),
-            tput(raw, 0).map(|t| t.gbps)
-        ))
+        x(ratio(gbps(ours, 0), gbps(raw, 0)))
     );
     println!(
-        "| RTT overhead over raw veth (avg) | {} | < {GOAL_RTT_OVERHEAD_MS} ms | {} |",
-        over.map_or("n/a".into(), |v| format!("{v:.3} ms")),
-        verdict(over.map(|v| v < GOAL_RTT_OVERHEAD_MS))
+        "| RTT overhead over raw veth (avg), ours vs boringtun | {} vs {} | <= boringtun's | {} |",
+        ms(over_ours),
+        ms(over_bt),
+        verdict(match (over_ours, over_bt) {
+            (Some(o), Some(b)) => Some(o <= b),
+            _ => None,
+        })
     );
+    println!("| largest VPN MTU over a 1500-byte path (direct) | {MAX_PATH_MTU_VPN} | | |");
 }
 
 fn print_hub(result: &Result<Hub, String>, secs: u64) {
@@ -1056,6 +1128,9 @@ fn print_hub(result: &Result<Hub, String>, secs: u64) {
 const ROW_RAW: &str = "raw veth";
 const ROW_OURS: &str = "kairos-p2p (ours)";
 const ROW_BT: &str = "boringtun-cli";
+const ROW_OURS_PLAIN: &str = "kairos-p2p, TUN offloads off";
+const ROW_OURS_MAXMTU: &str = "kairos-p2p, MTU 1414";
+const ROW_BASELINE: &str = "kairos-p2p baseline (KAIROS_BENCH_BASELINE)";
 const ROW_WGGO: &str = "wireguard-go";
 
 fn main() {
@@ -1092,9 +1167,12 @@ fn main() {
         Err(e) => println!("cannot build the namespace pair: {e}"),
         Ok(pair) => {
             type RowFn = fn(&Pair, u64) -> Result<Measured, String>;
-            let all: [(&str, &'static str, RowFn); 4] = [
+            let all: [(&str, &'static str, RowFn); 7] = [
                 ("raw", ROW_RAW, raw_row),
                 ("ours", ROW_OURS, ours_row),
+                ("ours-plain", ROW_OURS_PLAIN, ours_plain_row),
+                ("ours-maxmtu", ROW_OURS_MAXMTU, ours_maxmtu_row),
+                ("baseline", ROW_BASELINE, baseline_row),
                 ("boringtun", ROW_BT, |p, s| wg_row(p, Wg::Boringtun, s)),
                 ("wireguard-go", ROW_WGGO, |p, s| {
                     wg_row(p, Wg::WireguardGo, s)
