@@ -183,7 +183,7 @@ fn malformed_single_files() {
             "API on every interface",
             "p2p:\n  vpn:\n    env:\n      APILISTEN: \"0.0.0.0:8080\"\n",
             &[
-                "x.yaml:4: p2p.vpn.env.APILISTEN: 0.0.0.0:8080 is not a loopback address; the API has no authentication, use 127.0.0.1:8080",
+                "x.yaml:4: p2p.vpn.env.APILISTEN: 0.0.0.0:8080 is not a loopback address; the API is plain HTTP (inspection for anyone who reaches it, its bearer token in clear), use 127.0.0.1:8080",
             ],
         ),
         (

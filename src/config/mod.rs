@@ -34,7 +34,7 @@
 //!   KubeVIP (args, env, `external_db`, image, version) may not contain control characters.
 //! - `p2p.vpn.env` (see [`VpnSettings`]): `DHCP` defaults to true unless `ADDRESS` is set;
 //!   `ADDRESS` needs a prefix of /8 to /30; `EDGEVPNMTU` 576 to 9000; `APILISTEN` must be a
-//!   loopback address (default `127.0.0.1:8080`, the API has no authentication);
+//!   loopback address (default `127.0.0.1:8080`; the API is plain HTTP, see `api::trust`);
 //!   `p2p.disable_dht: true` turns the DHT off whatever `EDGEVPNDHT` says.
 //! - Files larger than [`MAX_FILE_SIZE`] and files that are not UTF-8 are errors; at most 50
 //!   errors (and 50 warnings) are listed per file, and one error per key. A pipe or FIFO must

@@ -443,7 +443,7 @@ fn parse_api_listen(s: &str) -> Result<SocketAddr, String> {
     }
     if !addr.ip().is_loopback() {
         return Err(format!(
-            "{addr} is not a loopback address; the API has no authentication, use {}",
+            "{addr} is not a loopback address; the API is plain HTTP (inspection for anyone who reaches it, its bearer token in clear), use {}",
             SocketAddr::new(DEFAULT_API_LISTEN.ip(), addr.port())
         ));
     }
@@ -586,7 +586,7 @@ mod tests {
         );
         assert_eq!(
             parse_api_listen("0.0.0.0:8080"),
-            Err("0.0.0.0:8080 is not a loopback address; the API has no authentication, use 127.0.0.1:8080".to_owned())
+            Err("0.0.0.0:8080 is not a loopback address; the API is plain HTTP (inspection for anyone who reaches it, its bearer token in clear), use 127.0.0.1:8080".to_owned())
         );
         assert!(parse_api_listen(":8080").is_err());
         assert!(parse_api_listen("127.0.0.1:0").is_err());
