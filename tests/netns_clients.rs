@@ -30,9 +30,14 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
 
-/// Stores `value` under `kairos/<key>` as provider-kairos does (edgevpn's Go client).
+/// The cluster whose published keys the test writes by hand: not the agents' own `kairos`, where
+/// the ledger takes `master-kubeconfig` and `ip-master` only from the committed master's peer
+/// (`ledger::authority`); a node holds other networks' buckets without judging their keys.
+const OTHER: &str = "clients-elsewhere";
+
+/// Stores `value` under `<OTHER>/<key>` as provider-kairos does (edgevpn's Go client).
 fn put_like_kairos(host: &Host, key: &str, value: &str) {
-    let target = format!("/api/ledger/kairos/{key}/{}", client_segment(value));
+    let target = format!("/api/ledger/{OTHER}/{key}/{}", client_segment(value));
     let (status, _, body) = api_request(&api_socket(host), "PUT", &target);
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
 }
@@ -66,14 +71,14 @@ fn clients_read_and_write_through_a_real_agent() {
     assert!(err.contains("kairos-p2p bridge"), "{err}");
 
     // No master has published a kubeconfig yet.
-    let out = run(h, &["get-kubeconfig", "--api", API]);
+    let out = run(h, &["get-kubeconfig", "--api", API, "--network-id", OTHER]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no kubeconfig in the ledger yet"), "{err}");
 
     // A master's kubeconfig and address, stored as provider-kairos stores them.
     put_like_kairos(h, "master-kubeconfig", &URL_SAFE_NO_PAD.encode(K3S_YAML));
-    let out = run(h, &["get-kubeconfig", "--api", API]);
+    let out = run(h, &["get-kubeconfig", "--api", API, "--network-id", OTHER]);
     assert_eq!(out.status.code(), Some(1), "no address yet");
     assert!(
         text(&out.stderr).contains("ip-master"),
@@ -81,10 +86,7 @@ fn clients_read_and_write_through_a_real_agent() {
         text(&out.stderr)
     );
     put_like_kairos(h, "ip-master", "10.1.0.1");
-    let out = run(
-        h,
-        &["get-kubeconfig", "--api", API, "--network-id", "kairos"],
-    );
+    let out = run(h, &["get-kubeconfig", "--api", API, "--network-id", OTHER]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
@@ -92,15 +94,18 @@ fn clients_read_and_write_through_a_real_agent() {
     );
     // The other node reads it too, once the ledger has spread it.
     let spread = wait_for(Duration::from_secs(10), || {
-        run(&hosts[1], &["get-kubeconfig", "--api", API])
-            .status
-            .success()
+        run(
+            &hosts[1],
+            &["get-kubeconfig", "--api", API, "--network-id", OTHER],
+        )
+        .status
+        .success()
     });
     assert!(spread.is_some(), "kubeconfig gossiped to the second node");
 
     // A value that is not base64.
     put_like_kairos(h, "master-kubeconfig", "not base64!");
-    let out = run(h, &["get-kubeconfig", "--api", API]);
+    let out = run(h, &["get-kubeconfig", "--api", API, "--network-id", OTHER]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("cannot be decoded"),

@@ -211,10 +211,9 @@ impl Ledger {
     }
 
     fn role(&self, auth: &Authority, bucket: &str, uuid: &str, entry: &Entry) -> Verdict {
-        let own = match self.bound_peer(uuid) {
-            None => return Verdict::Unsettled,
-            Some(p) => p == entry.writer,
-        };
+        // A role for a uuid nobody announced yet is Kairos' `role set` before the node joins:
+        // any member may write it, as any member may write a bound node's role (below).
+        let own = self.bound_peer(uuid).is_some_and(|p| p == entry.writer);
         if !own && !self.is_member(&entry.writer) {
             // Maybe a member whose announcement has not arrived yet.
             return Verdict::Unsettled;
