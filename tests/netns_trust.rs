@@ -229,7 +229,9 @@ fn loosen(socket: &Path) {
 
 /// Starts one agent and waits for its sockets and bearer token.
 fn one_agent(test: &str, subnet: &str) -> (common::Lab, Host, PathBuf, PathBuf, String) {
-    let (mut lab, config, hosts) = lab_with_hosts(test, subnet, 1, "");
+    // minimum_nodes 1: the lone agent commits itself master at once, so that root may write
+    // the master's keys through it (the ledger takes them only from the committed master).
+    let (mut lab, config, hosts) = lab_with_hosts(test, subnet, 1, "  minimum_nodes: 1\n");
     let host = hosts[0].clone();
     lab.spawn_with_env(
         &host,
@@ -261,6 +263,14 @@ fn nobody_inspects_and_root_controls_the_api() {
     for path in [&state_socket, &kairos, &host.dir.join("state/api.token")] {
         assert_eq!(mode_of(path), 0o600, "{}", path.display());
     }
+    let committed = wait_for(Duration::from_secs(20), || {
+        let (_, _, body) = api_request(&state_socket, "GET", "/api/ledger/kairos/master-commit");
+        body.len() > 4
+    });
+    assert!(
+        committed.is_some(),
+        "the lone agent committed itself master"
+    );
     // Root (this process) through the state socket: the master's secrets, as Kairos stores them.
     let kubeconfig = common_b64(K3S_YAML);
     for (key, value) in [
