@@ -16,6 +16,7 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 # minbase root lacks is here (tests/tool_guard.rs checks it against what the repo runs):
 # - gcc: the linker cargo calls (cc), with the C library's start files and headers (libc6-dev,
 #   only a Recommends of gcc, which --no-install-recommends skips);
+# - c++ (g++): libFuzzer's C++ sources, built by the fuzz targets' libfuzzer-sys (make fuzz-short);
 # - python3: the k3s stand-in and the demo's status poller;
 # - ip, iptables: the namespace labs; ping: VPN reachability;
 # - kill, ps, sysctl (procps): stopping agents by pid, a bridge's command line
@@ -26,7 +27,7 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 # - openssl: tests/cli_kairosctl.rs makes a test CA and serves HTTPS (`openssl s_server`);
 # - dig: tests/netns_dns.rs resolves through the agents' DNS service;
 # - update-ca-certificates stands for ca-certificates, the CA bundle cargo's HTTPS needs.
-install_missing setup-host gcc=gcc cc=gcc /usr/include/stdio.h=libc6-dev python3=python3 \
+install_missing setup-host gcc=gcc cc=gcc /usr/include/stdio.h=libc6-dev c++=g++ python3=python3 \
   ip=iproute2 iptables=iptables ping=iputils-ping kill=procps ps=procps sysctl=procps \
   setpriv=util-linux chromium=chromium chromedriver=chromium-driver iperf3=iperf3 curl=curl \
   openssl=openssl dig=bind9-dnsutils update-ca-certificates=ca-certificates
