@@ -51,8 +51,14 @@ lint: fmt-check clippy
 
 # The short fuzz runs and the ARM cross tests run side by side: the cross builds spend minutes
 # on one core (fat LTO) and in apt, which the fuzzer's build and its one-at-a-time runs fill.
-test: deps lint unit-test sim-properties
-	@$(MAKE) --no-print-directory -j2 fuzz-short cross-test
+# Each step prints its wall time ("[make test] STEP: N s").
+STEP = bash tests/timed.sh
+test:
+	@$(STEP) deps $(MAKE) --no-print-directory deps
+	@$(STEP) lint $(MAKE) --no-print-directory lint
+	@$(STEP) unit-test $(MAKE) --no-print-directory unit-test
+	@$(STEP) sim-properties $(MAKE) --no-print-directory sim-properties
+	@$(STEP) "fuzz-short + cross-test" $(MAKE) --no-print-directory -j2 fuzz-short cross-test
 	@echo "make test: all steps passed"
 
 # Benchmarks print numbers and ratios; they assert nothing. The VPN bench compares against
