@@ -75,6 +75,9 @@ pub struct ClusterSettings {
     /// alone, whatever `minimum_nodes` says, as Kairos applies a static role; see
     /// [`LONE_MASTER_WAIT`] and the README for what this keeps of the one-master guarantee.
     pub lone_master_wait: Duration,
+    /// `p2p.auto.merge_window`: two clusters that meet while the one chosen first is younger
+    /// than this are merged into it (see [`Cluster::merge_split`]); zero never merges.
+    pub merge_window: Duration,
     /// VPN address allocation (`None`: no address, e.g. `vpn.create: false`).
     pub ipam: Option<ipam::IpamSettings>,
     /// Ledger bounds.
@@ -112,6 +115,7 @@ impl ClusterSettings {
             liveness_timeout: Duration::from_secs(p2p.liveness_timeout.max(1)),
             settle: DEFAULT_SETTLE,
             lone_master_wait: LONE_MASTER_WAIT,
+            merge_window: Duration::from_secs(p2p.auto.merge_window),
             ipam,
             ledger_limits: Limits::for_max_message_size(max_message),
             max_message_bytes,
@@ -136,6 +140,7 @@ impl ClusterSettings {
             liveness_timeout: Duration::from_secs(crate::config::DEFAULT_LIVENESS_TIMEOUT_SECS),
             settle: DEFAULT_SETTLE,
             lone_master_wait: LONE_MASTER_WAIT,
+            merge_window: Duration::from_secs(crate::config::DEFAULT_MERGE_WINDOW_SECS),
             ipam: Some(ipam::IpamSettings {
                 network: crate::config::DEFAULT_ADDRESS,
                 static_address: None,
@@ -203,6 +208,24 @@ pub enum ClusterEvent {
         /// The other nodes with a master role.
         others: Vec<String>,
     },
+    /// Two clusters met while the one chosen first was younger than `p2p.auto.merge_window`,
+    /// and this node's k3s server belongs to the other: it gives up its role (its k3s server
+    /// stops and its data directory is moved aside) and takes the role the winner's leader
+    /// gives it.
+    LeavingCluster {
+        /// The master of the cluster this node leaves.
+        lost: String,
+        /// The master of the cluster kept.
+        winner: String,
+    },
+    /// Two clusters met too late to be merged automatically (the one chosen first is older than
+    /// `p2p.auto.merge_window`, or merging is off): the second-master alarm stays.
+    SplitTooOld {
+        /// The master of the cluster chosen first.
+        winner: String,
+        /// Its age when the split was seen.
+        age: Duration,
+    },
     /// Another running node uses this node's uuid; this node takes no part in the cluster.
     DuplicateUuid {
         /// The uuid.
@@ -221,6 +244,8 @@ impl ClusterEvent {
                 | ClusterEvent::MasterRefused
                 | ClusterEvent::RoleRemoved
                 | ClusterEvent::DuplicateUuid { .. }
+                | ClusterEvent::LeavingCluster { .. }
+                | ClusterEvent::SplitTooOld { .. }
                 | ClusterEvent::Address(ipam::IpamEvent::Clash { .. } | ipam::IpamEvent::Exhausted)
         ) || matches!(self, ClusterEvent::SecondMaster { others, .. } if !others.is_empty())
     }
@@ -274,6 +299,18 @@ impl std::fmt::Display for ClusterEvent {
             ClusterEvent::Address(IpamEvent::Clash { addr, other_uuid }) => write!(
                 f,
                 "static VPN address {addr} is also configured on {other_uuid}: fix ADDRESS on one"
+            ),
+            ClusterEvent::LeavingCluster { lost, winner } => write!(
+                f,
+                "MERGING: this node's k3s server belongs to the cluster of {lost}, which met the \
+                 older cluster of {winner} within p2p.auto.merge_window: stopping k3s, moving its \
+                 data directory aside (kept) and joining {winner}'s cluster"
+            ),
+            ClusterEvent::SplitTooOld { winner, age } => write!(
+                f,
+                "two clusters met but the older one (master {winner}) is {} s old, past \
+                 p2p.auto.merge_window: not merged automatically (see the README, \"Second master\")",
+                age.as_secs()
             ),
             ClusterEvent::DuplicateUuid { uuid, peer } => write!(
                 f,
@@ -334,6 +371,12 @@ pub struct Cluster {
     discovery_settled: bool,
     /// Nodes other than the chosen master that hold a master role.
     second_masters: Vec<String>,
+    /// Times this node left a cluster in a merge (the k3s layer resets k3s at each).
+    left_clusters: u64,
+    /// The split last reported as too old to merge (its winner), reported once.
+    split_reported: Option<String>,
+    /// Two clusters are being merged (see [`Cluster::merging`]).
+    merging: bool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -391,6 +434,9 @@ impl Cluster {
             machines_generation: 0,
             discovery_settled: true,
             second_masters: Vec::new(),
+            left_clusters: 0,
+            split_reported: None,
+            merging: false,
             ledger,
             clock: Clock::new(),
             settings,
@@ -433,6 +479,20 @@ impl Cluster {
     /// empty when all is well.
     pub fn second_masters(&self) -> &[String] {
         &self.second_masters
+    }
+
+    /// How many times this node left its cluster in a merge of two clusters (see
+    /// [`ClusterEvent::LeavingCluster`]): each time, the k3s layer stops k3s and moves its data
+    /// aside before it applies the next role.
+    pub fn left_clusters(&self) -> u64 {
+        self.left_clusters
+    }
+
+    /// Two clusters met within `p2p.auto.merge_window` and are being merged: the committed
+    /// master may flip until the loser's servers have left, so joining nodes keep the master
+    /// they joined meanwhile.
+    pub fn merging(&self) -> bool {
+        self.merging
     }
 
     /// The chosen master has not been heard from for the liveness timeout.
@@ -755,6 +815,138 @@ impl Cluster {
         self.update_at.get_or_insert(now + UPDATE_DELAY);
     }
 
+    /// The clusters this ledger shows: the committed one, and the one of every node holding
+    /// `master` or `master/clusterinit` as recorded in its `<uuid>-cluster`. `None` while there
+    /// is at most one. The winner is the one chosen first ([`election::Commit::merge_key`]):
+    /// every node computes the same from the same entries.
+    fn split(&self, view: &View, tally: &Tally, hlc_now: u64) -> Option<Split> {
+        let mut clusters: Vec<election::Commit> = tally.commit.iter().cloned().collect();
+        for (uuid, n) in &view.nodes {
+            if !matches!(
+                n.role.as_deref(),
+                Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+            ) {
+                continue;
+            }
+            if let Some(c) = self.cluster_of(uuid).filter(|c| c.candidate == *uuid) {
+                if !clusters.iter().any(|k| k.same_cluster(&c)) {
+                    clusters.push(c);
+                }
+            }
+        }
+        if clusters.len() < 2 {
+            return None;
+        }
+        let winner = clusters
+            .into_iter()
+            .min_by(|a, b| a.merge_key().cmp(&b.merge_key()))?;
+        let age_ms = hlc_now.saturating_sub(winner.at_ms);
+        let window = u64::try_from(self.settings.merge_window.as_millis()).unwrap_or(u64::MAX);
+        Some(Split {
+            merge: window > 0 && age_ms < window,
+            winner,
+            age_ms,
+        })
+    }
+
+    /// The cluster `uuid`'s k3s server belongs to (its `<uuid>-cluster`).
+    fn cluster_of(&self, uuid: &str) -> Option<election::Commit> {
+        let key = format!("{uuid}{}", election::CLUSTER_SUFFIX);
+        let raw = self.ledger.get(&self.settings.network_id, &key)?;
+        serde_json::from_slice(raw).ok()
+    }
+
+    /// This node holds a k3s server role (`master`, `master/clusterinit`, `master/ha`).
+    fn holds_server_role(&self) -> bool {
+        matches!(
+            self.my_role.as_deref(),
+            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT | names::ROLE_MASTER_HA)
+        )
+    }
+
+    /// A server records the cluster it belongs to (`<uuid>-cluster`) once it holds its role
+    /// under a commit: the master under its own, an HA master under the one it joined.
+    fn record_cluster(&self, tally: &Tally, writes: &mut Vec<Write>) {
+        let me = &self.settings.uuid;
+        let Some(commit) = &tally.commit else { return };
+        if !self.holds_server_role() || self.cluster_of(me).is_some() {
+            return;
+        }
+        let own_master_role = self.my_role.as_deref() != Some(names::ROLE_MASTER_HA);
+        if own_master_role && commit.candidate != *me {
+            // A master role under another commit: the other cluster's commit won the ledger
+            // before this node recorded its own; its cluster is unknown (the alarm stays).
+            return;
+        }
+        let key = format!("{me}{}", election::CLUSTER_SUFFIX);
+        let value = serde_json::to_vec(commit).unwrap_or_default();
+        writes.push(Write::put(&self.settings.network_id, &key, value));
+    }
+
+    /// Merges two clusters that met (see [`Split`]): within `p2p.auto.merge_window` of the
+    /// winner's commit, the winner's master writes its commit again if the ledger names the
+    /// other (its proof, the votes, is still there; the newer write wins everywhere), and every
+    /// server of another cluster leaves it: it deletes its role and its `<uuid>-cluster`, and
+    /// the k3s layer stops k3s and moves its data aside ([`Cluster::left_clusters`]); the
+    /// leader then gives it a role in the winner's cluster. Past the window nothing is done
+    /// (reported once): the second-master alarm stays until a person acts.
+    fn merge_split(&mut self, view: &View, tally: &Tally, split: &Split, writes: &mut Vec<Write>) {
+        let bucket = self.settings.network_id.clone();
+        let me = self.settings.uuid.clone();
+        let winner = &split.winner;
+        let committed = tally.commit.as_ref();
+        // The committed master gave up its role already (it left, past the window or not):
+        // the winner takes the commit back whatever the window says.
+        let committed_left = committed.is_some_and(|c| {
+            !matches!(
+                view.nodes.get(&c.candidate).and_then(|n| n.role.as_deref()),
+                Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+            )
+        });
+        if winner.candidate == me
+            && committed.is_some_and(|c| !c.same_cluster(winner))
+            && (split.merge || committed_left)
+            && self
+                .cluster_of(&me)
+                .is_some_and(|c| c.same_cluster(winner))
+        {
+            log::info!(
+                "two clusters met; this node's was chosen first ({} s ago): writing its \
+                 master-commit again",
+                split.age_ms / 1000
+            );
+            let value = serde_json::to_vec(winner).unwrap_or_default();
+            writes.push(Write::put(&bucket, election::MASTER_COMMIT, value));
+        }
+        if !split.merge {
+            if self.split_reported.as_ref() != Some(&winner.candidate) {
+                self.split_reported = Some(winner.candidate.clone());
+                self.events.push_back(ClusterEvent::SplitTooOld {
+                    winner: winner.candidate.clone(),
+                    age: Duration::from_millis(split.age_ms),
+                });
+            }
+            return;
+        }
+        let Some(mine) = self.cluster_of(&me) else {
+            return;
+        };
+        if !self.holds_server_role() || mine.same_cluster(winner) {
+            return;
+        }
+        writes.push(Write::delete(&bucket, &names::role_key(&me)));
+        writes.push(Write::delete(
+            &bucket,
+            &format!("{me}{}", election::CLUSTER_SUFFIX),
+        ));
+        self.my_role = None;
+        self.left_clusters += 1;
+        self.events.push_back(ClusterEvent::LeavingCluster {
+            lost: mine.candidate,
+            winner: winner.candidate.clone(),
+        });
+    }
+
     fn pass(&mut self, now: Instant) -> Vec<Write> {
         let s = &self.settings;
         let timeout_ms = u64::try_from(s.liveness_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -861,6 +1053,8 @@ impl Cluster {
                 });
             }
         }
+        let split = self.split(&view, &tally, hlc_now);
+        self.merging = split.as_ref().is_some_and(|sp| sp.merge);
         let eligible = s.role != Role::None;
         let ready = self.ready(now);
         let stable_at = self.view_changed_at.map(|t| t + s.settle);
@@ -900,6 +1094,7 @@ impl Cluster {
                                 quorum,
                                 pick.as_deref(),
                                 s.roles.master_role(),
+                                hlc_now,
                             );
                             writes.extend(step.writes);
                         } else {
@@ -909,6 +1104,9 @@ impl Cluster {
                             }
                         }
                     }
+                    // Two clusters being merged: no role is handed out until the loser's
+                    // servers have left (they would get their master role back).
+                    Some(_) if split.as_ref().is_some_and(|sp| sp.merge) => {}
                     Some(commit) => {
                         // Declaring others dead on stale news (a leader just restarted and
                         // not yet synced) would take live nodes' roles away.
@@ -959,6 +1157,16 @@ impl Cluster {
             }
             _ => {}
         }
+        if s.auto && eligible && ready {
+            if let Some(sp) = &split {
+                self.merge_split(&view, &tally, sp, &mut writes);
+            } else {
+                self.split_reported = None;
+            }
+            self.record_cluster(&tally, &mut writes);
+        }
+        let s = &self.settings;
+
         let refused = self.my_role.is_none()
             && s.role == Role::Master
             && self.master.as_ref().is_some_and(|m| *m != me)
@@ -1032,6 +1240,17 @@ impl Cluster {
         self.view = view;
         writes
     }
+}
+
+/// Two clusters (or more) seen in one ledger: see [`Cluster::split`].
+#[derive(Debug, Clone)]
+struct Split {
+    /// The cluster chosen first: the one kept.
+    winner: election::Commit,
+    /// Its age is within `p2p.auto.merge_window`: the others are merged into it now.
+    merge: bool,
+    /// Its age.
+    age_ms: u64,
 }
 
 /// The master candidate a leader proposes when nobody accepted one yet: the live node that asked

@@ -114,6 +114,7 @@ impl ElectionModel {
                 self.quorum,
                 Some(&m.uuid),
                 names::ROLE_MASTER,
+                0,
             );
             self.chosen.extend(step.chosen);
             writes.extend(step.writes);
@@ -625,6 +626,7 @@ fn acceptor_ignores_other_votes_and_stops_after_a_commit() {
     tally.commit = Some(election::Commit {
         ballot: ballot(1, "a"),
         candidate: "a".to_string(),
+        at_ms: 0,
     });
     assert_eq!(vote_written(&tally), None);
 }
@@ -1796,6 +1798,7 @@ fn a_second_master_is_reported_once_per_change() {
     let commit = serde_json::to_vec(&election::Commit {
         ballot: ballot(1, "a"),
         candidate: "a".into(),
+        at_ms: 0,
     })
     .unwrap();
     ledger

@@ -69,6 +69,7 @@ use sources::SourceError;
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
     AutoConfig, Config, DEFAULT_KUBEVIP_IMAGE, DEFAULT_LIVENESS_TIMEOUT_SECS,
+    DEFAULT_MERGE_WINDOW_SECS,
     DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig, K3sConfig, KubeVipConfig, LogLevel,
     P2pConfig, Role, VpnConfig,
 };

@@ -95,6 +95,10 @@ pub struct Want {
 pub enum Command {
     /// Run k3s for this want (replaces the previous one).
     Apply(Want),
+    /// This node left its cluster (a merge of two clusters): stop the k3s server, move its
+    /// data directory aside (kept) and forget the set-up; the next [`Command::Apply`] sets the
+    /// new role up afresh.
+    LeaveCluster,
     /// Stop (the supervised k3s too) and end the thread.
     Stop,
 }
@@ -161,6 +165,7 @@ impl Worker {
             });
             match commands.recv_timeout(wait) {
                 Ok(Command::Apply(want)) => self.apply(want),
+                Ok(Command::LeaveCluster) => self.leave_cluster(),
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -247,6 +252,40 @@ impl Worker {
             logged_wait: None,
         });
         self.report(Report::State(K3sState::Starting));
+    }
+
+    fn leave_cluster(&mut self) {
+        if let Some(mut s) = self.supervisor.take() {
+            s.stop();
+        }
+        for cmd in init::stop_server_commands(self.s.init) {
+            if let Err(e) = init::run(&cmd) {
+                // The data of a server that may still run is not moved under it.
+                self.job = None;
+                return self.fail(format!(
+                    "leaving the cluster: {e}; k3s server data left in place: stop k3s and move \
+                     it aside by hand (see the README, \"Second master\")"
+                ));
+            }
+        }
+        let data_dir = super::data_dir(&self.s.config.k3s.args);
+        match super::move_server_data_aside(&self.s.root, &data_dir, unix_secs()) {
+            Ok(Some(kept)) => log::warn!(
+                "k3s: left the cluster: k3s server stopped, its data kept in {}",
+                kept.display()
+            ),
+            Ok(None) => log::warn!(
+                "k3s: left the cluster: k3s server stopped ({} held no server data)",
+                self.s.root.path(data_dir.join("server")).display()
+            ),
+            Err(e) => log::error!("k3s: left the cluster: k3s server stopped, but {e}"),
+        }
+        if let Err(e) = self.markers.clear() {
+            log::warn!("k3s: {e}");
+        }
+        self.job = None;
+        self.state = None;
+        self.report(Report::State(K3sState::WaitingForRole));
     }
 
     fn step(&mut self, now: Instant) {
