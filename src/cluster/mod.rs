@@ -377,6 +377,9 @@ pub struct Cluster {
     split_reported: Option<String>,
     /// Two clusters are being merged (see [`Cluster::merging`]).
     merging: bool,
+    /// The cluster this node left last in a merge: a master role under its commit (a leader
+    /// that has not seen the winner's commit yet) is not taken again.
+    left: Option<election::Commit>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -437,6 +440,7 @@ impl Cluster {
             left_clusters: 0,
             split_reported: None,
             merging: false,
+            left: None,
             ledger,
             clock: Clock::new(),
             settings,
@@ -815,23 +819,17 @@ impl Cluster {
         self.update_at.get_or_insert(now + UPDATE_DELAY);
     }
 
-    /// The clusters this ledger shows: the committed one, and the one of every node holding
-    /// `master` or `master/clusterinit` as recorded in its `<uuid>-cluster`. `None` while there
-    /// is at most one. The winner is the one chosen first ([`election::Commit::merge_key`]):
-    /// every node computes the same from the same entries.
-    fn split(&self, view: &View, tally: &Tally, hlc_now: u64) -> Option<Split> {
+    /// The clusters this ledger shows: the committed one, and the one every master recorded
+    /// in its own `<uuid>-cluster` (the commit naming it). `<uuid>-cluster` is written by the
+    /// node itself, so no rule refuses it where the other cluster's master role is refused (a
+    /// master role is taken only from the committed master). `None` while there is at most one.
+    /// The winner is the one chosen first ([`election::Commit::merge_key`]): every node computes
+    /// the same from the same entries.
+    fn split(&self, tally: &Tally, hlc_now: u64) -> Option<Split> {
         let mut clusters: Vec<election::Commit> = tally.commit.iter().cloned().collect();
-        for (uuid, n) in &view.nodes {
-            if !matches!(
-                n.role.as_deref(),
-                Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
-            ) {
-                continue;
-            }
-            if let Some(c) = self.cluster_of(uuid).filter(|c| c.candidate == *uuid) {
-                if !clusters.iter().any(|k| k.same_cluster(&c)) {
-                    clusters.push(c);
-                }
+        for c in self.recorded_masters() {
+            if !clusters.iter().any(|k| k.same_cluster(&c)) {
+                clusters.push(c);
             }
         }
         if clusters.len() < 2 {
@@ -847,6 +845,18 @@ impl Cluster {
             winner,
             age_ms,
         })
+    }
+
+    /// The clusters masters recorded: every `<uuid>-cluster` whose commit names `<uuid>`.
+    fn recorded_masters(&self) -> Vec<election::Commit> {
+        self.ledger
+            .bucket(&self.settings.network_id)
+            .filter_map(|(k, v)| {
+                let uuid = k.strip_suffix(election::CLUSTER_SUFFIX)?;
+                let c: election::Commit = serde_json::from_slice(v).ok()?;
+                (c.candidate == uuid).then_some(c)
+            })
+            .collect()
     }
 
     /// The cluster `uuid`'s k3s server belongs to (its `<uuid>-cluster`).
@@ -865,11 +875,20 @@ impl Cluster {
     }
 
     /// A server records the cluster it belongs to (`<uuid>-cluster`) once it holds its role
-    /// under a commit: the master under its own, an HA master under the one it joined.
+    /// under a commit: the master under its own, an HA master under the one it joined. A node
+    /// without a server role (a worker now, after a manual fix) deletes its record.
     fn record_cluster(&self, tally: &Tally, writes: &mut Vec<Write>) {
         let me = &self.settings.uuid;
+        let key = format!("{me}{}", election::CLUSTER_SUFFIX);
+        let recorded = self.cluster_of(me).is_some();
+        if !self.holds_server_role() {
+            if recorded && self.my_role.is_some() {
+                writes.push(Write::delete(&self.settings.network_id, &key));
+            }
+            return;
+        }
         let Some(commit) = &tally.commit else { return };
-        if !self.holds_server_role() || self.cluster_of(me).is_some() {
+        if recorded {
             return;
         }
         let own_master_role = self.my_role.as_deref() != Some(names::ROLE_MASTER_HA);
@@ -878,7 +897,6 @@ impl Cluster {
             // before this node recorded its own; its cluster is unknown (the alarm stays).
             return;
         }
-        let key = format!("{me}{}", election::CLUSTER_SUFFIX);
         let value = serde_json::to_vec(commit).unwrap_or_default();
         writes.push(Write::put(&self.settings.network_id, &key, value));
     }
@@ -890,25 +908,24 @@ impl Cluster {
     /// the k3s layer stops k3s and moves its data aside ([`Cluster::left_clusters`]); the
     /// leader then gives it a role in the winner's cluster. Past the window nothing is done
     /// (reported once): the second-master alarm stays until a person acts.
-    fn merge_split(&mut self, view: &View, tally: &Tally, split: &Split, writes: &mut Vec<Write>) {
+    fn merge_split(&mut self, tally: &Tally, split: &Split, writes: &mut Vec<Write>) {
         let bucket = self.settings.network_id.clone();
         let me = self.settings.uuid.clone();
         let winner = &split.winner;
         let committed = tally.commit.as_ref();
-        // The committed master gave up its role already (it left, past the window or not):
-        // the winner takes the commit back whatever the window says.
+        // The committed master left its cluster already (its record is gone): the winner takes
+        // the commit back whatever the window says.
         let committed_left = committed.is_some_and(|c| {
-            !matches!(
-                view.nodes.get(&c.candidate).and_then(|n| n.role.as_deref()),
-                Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
-            )
+            self.cluster_of(&c.candidate)
+                .is_none_or(|r| !r.same_cluster(c))
         });
-        if winner.candidate == me
+        let mine = self.cluster_of(&me);
+        let i_am_winner = winner.candidate == me
+            && self.holds_server_role()
+            && mine.as_ref().is_some_and(|c| c.same_cluster(winner));
+        if i_am_winner
             && committed.is_some_and(|c| !c.same_cluster(winner))
             && (split.merge || committed_left)
-            && self
-                .cluster_of(&me)
-                .is_some_and(|c| c.same_cluster(winner))
         {
             log::info!(
                 "two clusters met; this node's was chosen first ({} s ago): writing its \
@@ -928,7 +945,7 @@ impl Cluster {
             }
             return;
         }
-        let Some(mine) = self.cluster_of(&me) else {
+        let Some(mine) = mine else {
             return;
         };
         if !self.holds_server_role() || mine.same_cluster(winner) {
@@ -942,9 +959,10 @@ impl Cluster {
         self.my_role = None;
         self.left_clusters += 1;
         self.events.push_back(ClusterEvent::LeavingCluster {
-            lost: mine.candidate,
+            lost: mine.candidate.clone(),
             winner: winner.candidate.clone(),
         });
+        self.left = Some(mine);
     }
 
     fn pass(&mut self, now: Instant) -> Vec<Write> {
@@ -1053,7 +1071,7 @@ impl Cluster {
                 });
             }
         }
-        let split = self.split(&view, &tally, hlc_now);
+        let split = self.split(&tally, hlc_now);
         self.merging = split.as_ref().is_some_and(|sp| sp.merge);
         let eligible = s.role != Role::None;
         let ready = self.ready(now);
@@ -1141,7 +1159,16 @@ impl Cluster {
         // from the ledger itself, not the view: the view lists announced nodes only, and a node
         // whose announcement was deleted would rewrite its role in every pass without ever
         // seeing it (the write storm of issue 14).
-        let ledger_role = view::role_of(&self.ledger, &bucket, &me);
+        let ledger_role = view::role_of(&self.ledger, &bucket, &me).filter(|r| {
+            let left_cluster = self.left.as_ref().is_some_and(|l| {
+                tally.commit.as_ref().is_some_and(|c| c.same_cluster(l))
+            });
+            !(left_cluster
+                && matches!(
+                    r.as_str(),
+                    names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT
+                ))
+        });
         match (&self.my_role, &ledger_role) {
             (Some(applied), other) if other.as_ref() != Some(applied) && !s.roles.dynamic => {
                 writes.push(Write::put(&bucket, &names::role_key(&me), applied.clone()));
@@ -1159,7 +1186,7 @@ impl Cluster {
         }
         if s.auto && eligible && ready {
             if let Some(sp) = &split {
-                self.merge_split(&view, &tally, sp, &mut writes);
+                self.merge_split(&tally, sp, &mut writes);
             } else {
                 self.split_reported = None;
             }
@@ -1194,18 +1221,30 @@ impl Cluster {
         }
 
         let others: Vec<String> = match &self.master {
-            Some(master) => view
-                .nodes
-                .iter()
-                .filter(|(uuid, n)| {
-                    *uuid != master
-                        && matches!(
-                            n.role.as_deref(),
-                            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
-                        )
-                })
-                .map(|(uuid, _)| uuid.clone())
-                .collect(),
+            Some(master) => {
+                // Master roles in the view, and masters that recorded another cluster than the
+                // committed one (their master role is refused here: it is not the committed
+                // master's, and a leader may have written another role over it).
+                let mut others: BTreeSet<String> = view
+                    .nodes
+                    .iter()
+                    .filter(|(uuid, n)| {
+                        *uuid != master
+                            && matches!(
+                                n.role.as_deref(),
+                                Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+                            )
+                    })
+                    .map(|(uuid, _)| uuid.clone())
+                    .collect();
+                others.extend(
+                    self.recorded_masters()
+                        .into_iter()
+                        .filter(|c| c.candidate != *master)
+                        .map(|c| c.candidate),
+                );
+                others.into_iter().collect()
+            }
             None => Vec::new(),
         };
         if others != self.second_masters {
