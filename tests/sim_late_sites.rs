@@ -16,7 +16,7 @@
 //!   60 s later: within the gate's bound the sites form one cluster at once; past it each site
 //!   of two nodes or more elects its own master, and the merge (`p2p.auto.merge_window`, 600 s)
 //!   must fold the younger cluster into the older one.
-//! - `a_split_older_than_the_window_stays`: the same cut, 40 to 60 s, with a merge window of 10 s:
+//! - `a_split_older_than_the_window_stays`: the same cut, 30 to 40 s, with a merge window of 5 s:
 //!   a split that formed is not merged; both masters keep their role and every node raises the
 //!   second-master alarm.
 //!
@@ -309,6 +309,9 @@ impl Lab {
 
     fn finish(&mut self, formed: Duration) {
         self.run_until(formed + secs(10));
+        if self.sim.config().record_events {
+            self.dump();
+        }
         assert!(self.one_cluster().is_some(), "the cluster came apart");
         self.sim.check_invariants().unwrap();
         // Every master role a second node took was given up by leaving (k3s reset).
@@ -398,7 +401,7 @@ fn a_split_older_than_the_window_stays() {
         &seeds(),
         |seed| {
             let sizes = [2, 2];
-            let tune: fn(&mut ClusterSettings) = |c| c.merge_window = secs(10);
+            let tune: fn(&mut ClusterSettings) = |c| c.merge_window = secs(5);
             let mut lab = Lab::with_sizes(seed, bootstrap_kind(seed), Some(sizes), Some(tune));
             lab.sim.schedule(Duration::ZERO, Action::Start(lab.boot));
             let others: Vec<HostId> = lab
@@ -407,16 +410,36 @@ fn a_split_older_than_the_window_stays() {
                 .filter(|h| !lab.sites[0].contains(h))
                 .collect();
             let cut = lab.sim.partition(&lab.sites[0], &others, true);
-            let delay = ms(40_000 + lab.sim.rng().below(20_000));
+            let delay = ms(30_000 + lab.sim.rng().below(10_000));
             lab.start_site(0, ms(100));
             lab.start_site(1, ms(100));
             lab.sim.schedule(delay, Action::Heal(cut));
-            lab.run_until(delay + secs(60));
+            lab.run_until(delay);
+            // Until every member raises the alarm (the sites met), or they form one cluster
+            // (they met before either elected: nothing to merge).
+            let alarm_everywhere = |lab: &Lab| {
+                lab.members.iter().all(|(h, _)| {
+                    lab.sim
+                        .node(*h)
+                        .and_then(|n| n.cluster())
+                        .is_some_and(|c| !c.second_masters().is_empty())
+                })
+            };
+            let until = delay + secs(120);
+            while !alarm_everywhere(&lab) && lab.one_cluster().is_none() {
+                if lab.sim.now() >= until {
+                    lab.dump();
+                    panic!("neither the alarm on every node nor one cluster at {until:?}");
+                }
+                let next = (lab.sim.now() + ms(250)).min(until);
+                lab.run_until(next);
+            }
+            // It stays.
+            let settled = lab.sim.now();
+            lab.run_until(settled + secs(10));
             let masters = lab.master_holders();
             assert_eq!(lab.clusters_left(), 0, "nothing merged past the window");
             if lab.sim.second_masters_taken() == 0 {
-                // The sites met before either elected (the DHT-only bootstrap node's NATs):
-                // one cluster, nothing to merge.
                 assert!(lab.one_cluster().is_some(), "masters {masters:?}");
                 return;
             }
