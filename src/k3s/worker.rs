@@ -759,6 +759,64 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A master that leaves its cluster in a merge: its k3s server stops, its server data is
+    /// moved aside (kept), its markers are forgotten, and the next role is set up afresh.
+    #[test]
+    fn a_master_leaving_its_cluster_keeps_its_data_aside() {
+        let dir = std::env::temp_dir().join(format!("kp2p-worker-leave-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ip: std::net::IpAddr = format!(
+            "127.78.{}.{}",
+            std::process::id() % 200,
+            1 + std::process::id() % 250
+        )
+        .parse()
+        .unwrap();
+        let _api = std::net::TcpListener::bind((ip, crate::k3s::API_PORT)).unwrap();
+        let s = settings(&dir, "");
+        let markers = Markers::new(&s.state_dir);
+        let h = Harness::start(s.clone());
+        h.commands
+            .send(Command::Apply(want(K3sRole::Master, ip)))
+            .unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        assert!(markers.deployed().unwrap().is_some());
+        let token = s.root.path(crate::k3s::NODE_TOKEN_FILE);
+        assert!(token.exists());
+
+        h.commands.send(Command::LeaveCluster).unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::WaitingForRole)));
+        assert!(!token.exists(), "the server data is moved away");
+        let data = s.root.path(crate::k3s::DEFAULT_DATA_DIR);
+        let kept: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("server.left-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(data.join(&kept[0]).join("node-token").exists(), "kept, not deleted");
+        assert!(markers.deployed().unwrap().is_none());
+
+        // The role the winner's leader gives: a worker of the other cluster.
+        let mut w = want(K3sRole::Worker, ip);
+        w.facts.master = Some("10.1.0.1".parse().unwrap());
+        w.facts.node_token = Some(K3sToken::parse("K10other::server:secret").unwrap());
+        h.commands.send(Command::Apply(w)).unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        let runs = dir.join("bin/runs");
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&runs).map_or(0, |t| t.lines().count()) < 2 {
+            assert!(Instant::now() < end, "the agent never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h.stop();
+        let all = std::fs::read_to_string(&runs).unwrap();
+        assert!(all.lines().next().unwrap().starts_with("server "), "{all}");
+        assert!(all.lines().nth(1).unwrap().starts_with("agent "), "{all}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A worker: joins with K3S_URL/K3S_TOKEN; a missing binary is reported and retried.
     #[test]
     fn worker_joins_and_a_missing_binary_is_retried() {
