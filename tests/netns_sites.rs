@@ -93,12 +93,7 @@ impl Sites {
         let mut lab = Lab::new(test);
         let public = lab.add_host(1, "192.0.2.100/24");
         let site_a = lab.add_nat_site(2, "192.0.2.11/24", "10.1.1.1/24", NatKind::HomeRouter);
-        let site_b = lab.add_nat_site(
-            3,
-            "192.0.2.12/24",
-            "10.1.2.1/24",
-            NatKind::PlainMasquerade,
-        );
+        let site_b = lab.add_nat_site(3, "192.0.2.12/24", "10.1.2.1/24", NatKind::PlainMasquerade);
         let hosts = [
             lab.add_host_behind(&site_a, 4, "10.1.1.2/24"),
             lab.add_host_behind(&site_a, 5, "10.1.1.3/24"),
@@ -203,9 +198,10 @@ fn one_cluster_with_a_late_bootstrap_node(run: usize) -> Duration {
     sites.start_public();
     // Every node holds a role and runs k3s, and exactly one new-cluster server runs.
     let formed = wait_for(Duration::from_secs(60), || {
-        sites.all().all(|n| {
-            !n.role().is_empty() && !standin::running(&n.root()).is_empty()
-        }) && sites.running_new_servers().len() == 1
+        sites
+            .all()
+            .all(|n| !n.role().is_empty() && !standin::running(&n.root()).is_empty())
+            && sites.running_new_servers().len() == 1
     });
     if formed.is_none() {
         sites.dump();
@@ -235,7 +231,11 @@ fn one_cluster_with_a_late_bootstrap_node(run: usize) -> Duration {
         if merged.contains(&n.uuid.as_str()) {
             // A site elected alone before it met the other: its server was stopped by the
             // merge and its data moved aside.
-            assert!(n.log_has("left the cluster"), "{}: merged without leaving", n.uuid);
+            assert!(
+                n.log_has("left the cluster"),
+                "{}: merged without leaving",
+                n.uuid
+            );
         }
     }
     eprintln!(
@@ -283,10 +283,16 @@ fn a_split_older_than_the_merge_window_stays() {
         panic!("the split should stay: {} servers running", servers.len());
     }
     for n in &everyone {
-        assert!(!n.log_has("left the cluster"), "{}: merged past the window", n.uuid);
+        assert!(
+            !n.log_has("left the cluster"),
+            "{}: merged past the window",
+            n.uuid
+        );
     }
     assert!(
-        everyone.iter().any(|n| n.log_has("past p2p.auto.merge_window")),
+        everyone
+            .iter()
+            .any(|n| n.log_has("past p2p.auto.merge_window")),
         "the too-old split is reported"
     );
 }

@@ -443,7 +443,11 @@ fn a_split_older_than_the_window_stays() {
                 assert!(lab.one_cluster().is_some(), "masters {masters:?}");
                 return;
             }
-            assert_eq!(masters.len(), 2, "both masters keep their role: {masters:?}");
+            assert_eq!(
+                masters.len(),
+                2,
+                "both masters keep their role: {masters:?}"
+            );
             for (h, uuid) in &lab.members {
                 let c = lab.sim.node(*h).and_then(|n| n.cluster()).unwrap();
                 assert!(

@@ -1160,9 +1160,10 @@ impl Cluster {
         // whose announcement was deleted would rewrite its role in every pass without ever
         // seeing it (the write storm of issue 14).
         let ledger_role = view::role_of(&self.ledger, &bucket, &me).filter(|r| {
-            let left_cluster = self.left.as_ref().is_some_and(|l| {
-                tally.commit.as_ref().is_some_and(|c| c.same_cluster(l))
-            });
+            let left_cluster = self
+                .left
+                .as_ref()
+                .is_some_and(|l| tally.commit.as_ref().is_some_and(|c| c.same_cluster(l)));
             !(left_cluster
                 && matches!(
                     r.as_str(),

@@ -285,7 +285,10 @@ mod tests {
         std::fs::create_dir_all(token.parent().unwrap()).unwrap();
         std::fs::write(&token, "K10x").unwrap();
         let first = move_server_data_aside(&root, data, 7).unwrap().unwrap();
-        assert!(first.ends_with("var/lib/rancher/k3s/server.left-7"), "{first:?}");
+        assert!(
+            first.ends_with("var/lib/rancher/k3s/server.left-7"),
+            "{first:?}"
+        );
         assert!(first.join("node-token").exists() && !token.exists());
         std::fs::create_dir_all(token.parent().unwrap()).unwrap();
         let second = move_server_data_aside(&root, data, 7).unwrap().unwrap();

@@ -795,7 +795,10 @@ mod tests {
             .filter(|n| n.starts_with("server.left-"))
             .collect();
         assert_eq!(kept.len(), 1, "{kept:?}");
-        assert!(data.join(&kept[0]).join("node-token").exists(), "kept, not deleted");
+        assert!(
+            data.join(&kept[0]).join("node-token").exists(),
+            "kept, not deleted"
+        );
         assert!(markers.deployed().unwrap().is_none());
 
         // The role the winner's leader gives: a worker of the other cluster.
