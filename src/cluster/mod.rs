@@ -945,10 +945,13 @@ impl Cluster {
             }
             return;
         }
+        // Our record says our k3s server belongs to the other cluster, whatever role the
+        // ledger shows now (a leader that could not see our master role may have written
+        // another over it while this node was down).
         let Some(mine) = mine else {
             return;
         };
-        if !self.holds_server_role() || mine.same_cluster(winner) {
+        if mine.same_cluster(winner) {
             return;
         }
         writes.push(Write::delete(&bucket, &names::role_key(&me)));
