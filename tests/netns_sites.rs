@@ -4,10 +4,12 @@
 //! `p2p.bootstrap_peers`, started after the sites. Every node has the same cloud-config
 //! (defaults otherwise: `minimum_nodes` 2, no HA) and runs the k3s stand-in under its own root.
 //!
-//! - `late_bootstrap_node_gives_one_cluster`: the public node starts 10 s after the sites; run
-//!   twice. Every time: one master, and exactly one k3s cluster (one stand-in `init: new` server
-//!   still running; a second one, if a site elected alone before it met the other, must have
-//!   been stopped by the merge), every node with a role under that master.
+//! - `late_bootstrap_node_gives_one_cluster`: two runs. The public node starts 10 s after the
+//!   sites (within the discovery gate's bound: one election), then 35 s after them (past it:
+//!   each site elects its own master, and the merge, `p2p.auto.merge_window` 600 s by default,
+//!   must fold the younger cluster into the older one). Every time: one master, and exactly one
+//!   k3s cluster (one stand-in `init: new` server still running; the other, in the second run,
+//!   stopped by the merge with its server data moved aside), every node with a role.
 //! - `a_split_older_than_the_merge_window_stays`: `p2p.auto.merge_window: 5` and the public node
 //!   started 35 s after the sites (past the discovery gate's 20 s bound: each site elects its own
 //!   master): once the sites meet, every node shows the second master in `/api/summary`, both
@@ -189,12 +191,20 @@ impl Sites {
     }
 }
 
-/// One run: the sites boot, the public node 10 s later; one master and one k3s cluster.
-fn one_cluster_with_a_late_bootstrap_node(run: usize) -> Duration {
+/// One run: the sites boot, the public node `late` later; one master and one k3s cluster, after a
+/// merge when `merged` (each site elects its own master before they meet).
+fn one_cluster_with_a_late_bootstrap_node(run: usize, late: Duration, merged: bool) -> Duration {
     let mut sites = Sites::new(&format!("sites{run}"), "");
     let t0 = Instant::now();
     sites.start_sites();
-    std::thread::sleep(Duration::from_secs(10));
+    if merged {
+        let split = wait_for(late, || sites.running_new_servers().len() == 2);
+        if split.is_none() {
+            sites.dump();
+            panic!("run {run}: each site should have formed its own cluster first");
+        }
+    }
+    std::thread::sleep(late.saturating_sub(t0.elapsed()));
     sites.start_public();
     // Every node holds a role and runs k3s, and exactly one new-cluster server runs.
     let formed = wait_for(Duration::from_secs(60), || {
@@ -222,6 +232,7 @@ fn one_cluster_with_a_late_bootstrap_node(run: usize) -> Duration {
         .map(|n| n.uuid.as_str())
         .collect();
     assert_eq!(masters, vec![master.as_str()], "run {run}: one master");
+    let was_split = merged;
     let merged: Vec<&str> = sites
         .all()
         .filter(|n| n.new_servers_ever() > n.running_new_servers().len())
@@ -230,27 +241,41 @@ fn one_cluster_with_a_late_bootstrap_node(run: usize) -> Duration {
     for n in sites.all() {
         if merged.contains(&n.uuid.as_str()) {
             // A site elected alone before it met the other: its server was stopped by the
-            // merge and its data moved aside.
+            // merge and its data moved aside (kept).
             assert!(
                 n.log_has("left the cluster"),
                 "{}: merged without leaving",
                 n.uuid
             );
+            let data = n.root().join("var/lib/rancher/k3s");
+            let kept = std::fs::read_dir(&data)
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .any(|e| {
+                    e.file_name().to_string_lossy().starts_with("server.left-")
+                        && e.path().join("node-token").exists()
+                });
+            assert!(kept, "{}: no server.left-* with the old data", n.uuid);
         }
+    }
+    if was_split {
+        assert_eq!(merged.len(), 1, "run {run}: one master left its cluster");
     }
     eprintln!(
         "run {run}: one cluster (master {master}) {:.1} s after the sites started, {:.1} s \
          after the public node; servers stopped by a merge: {merged:?}",
         took.as_secs_f64(),
-        took.as_secs_f64() - 10.0
+        took.as_secs_f64() - late.as_secs_f64()
     );
     took
 }
 
 #[test]
 fn late_bootstrap_node_gives_one_cluster() {
-    let times: Vec<Duration> = (0..2).map(one_cluster_with_a_late_bootstrap_node).collect();
-    eprintln!("formation times: {times:?}");
+    let within_gate = one_cluster_with_a_late_bootstrap_node(0, Duration::from_secs(10), false);
+    let merged = one_cluster_with_a_late_bootstrap_node(1, Duration::from_secs(35), true);
+    eprintln!("formation times: {within_gate:?} (one election), {merged:?} (split, merged)");
 }
 
 #[test]

@@ -825,11 +825,11 @@ impl Cluster {
     /// master role is taken only from the committed master). `None` while there is at most one.
     /// The winner is the one chosen first ([`election::Commit::merge_key`]): every node computes
     /// the same from the same entries.
-    fn split(&self, tally: &Tally, hlc_now: u64) -> Option<Split> {
+    fn split(&self, tally: &Tally, recorded: &[election::Commit], hlc_now: u64) -> Option<Split> {
         let mut clusters: Vec<election::Commit> = tally.commit.iter().cloned().collect();
-        for c in self.recorded_masters() {
-            if !clusters.iter().any(|k| k.same_cluster(&c)) {
-                clusters.push(c);
+        for c in recorded {
+            if !clusters.iter().any(|k| k.same_cluster(c)) {
+                clusters.push(c.clone());
             }
         }
         if clusters.len() < 2 {
@@ -1074,7 +1074,9 @@ impl Cluster {
                 });
             }
         }
-        let split = self.split(&tally, hlc_now);
+        // One scan of the bucket for the masters' records, used below twice.
+        let recorded = self.recorded_masters();
+        let split = self.split(&tally, &recorded, hlc_now);
         self.merging = split.as_ref().is_some_and(|sp| sp.merge);
         let eligible = s.role != Role::None;
         let ready = self.ready(now);
@@ -1242,10 +1244,10 @@ impl Cluster {
                     .map(|(uuid, _)| uuid.clone())
                     .collect();
                 others.extend(
-                    self.recorded_masters()
-                        .into_iter()
+                    recorded
+                        .iter()
                         .filter(|c| c.candidate != *master)
-                        .map(|c| c.candidate),
+                        .map(|c| c.candidate.clone()),
                 );
                 others.into_iter().collect()
             }
