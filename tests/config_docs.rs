@@ -267,6 +267,7 @@ p2p:
       DNSCACHESIZE: "200"
   auto:
     enable: true
+    merge_window: 600
     ha:
       enable: false
       master_nodes: 0

@@ -64,6 +64,8 @@ mod tests {
             "id=\"peers-body\"",
             "id=\"peers-empty\"",
             "id=\"status\"",
+            "id=\"alarm\"",
+            "SecondMasters",
         ] {
             assert!(STATUS_PAGE.contains(id), "missing {id}");
         }

@@ -40,6 +40,10 @@ pub const MASTER_COMMIT: &str = "master-commit";
 pub const BALLOT_SUFFIX: &str = "-ballot";
 /// Key suffix of an acceptor's state.
 pub const VOTE_SUFFIX: &str = "-vote";
+/// Key suffix of the cluster a k3s server belongs to: `<uuid>-cluster` holds the [`Commit`]
+/// under which the node got its server role (written by the node itself; see
+/// `Cluster::merge_split`).
+pub const CLUSTER_SUFFIX: &str = "-cluster";
 
 /// A Paxos ballot: higher rounds win, then the proposer's uuid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +105,28 @@ pub struct Commit {
     pub ballot: Ballot,
     /// The master's uuid.
     pub candidate: String,
+    /// When it was chosen (the proposer's hybrid time, unix ms; 0 in commits written before
+    /// this field existed). Of two clusters that meet, the one chosen first is kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub at_ms: u64,
+}
+
+impl Commit {
+    /// The same cluster: the same ballot and candidate (a re-asserted commit keeps `at_ms`).
+    pub fn same_cluster(&self, other: &Commit) -> bool {
+        self.ballot == other.ballot && self.candidate == other.candidate
+    }
+
+    /// The merge order of clusters: chosen first, then the smaller master uuid, then the
+    /// smaller ballot. Every node computes it alike from the commits it holds.
+    pub fn merge_key(&self) -> (u64, &str, &Ballot) {
+        (self.at_ms, self.candidate.as_str(), &self.ballot)
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -255,7 +281,8 @@ impl Proposer {
     }
 
     /// One proposer step: `quorum` is the number of acceptors needed, `pick` the candidate to
-    /// propose when no value was accepted yet, `master_role` the role the master gets.
+    /// propose when no value was accepted yet, `master_role` the role the master gets, `now_ms`
+    /// the hybrid time a commit records.
     pub fn step(
         &mut self,
         tally: &Tally,
@@ -263,6 +290,7 @@ impl Proposer {
         quorum: usize,
         pick: Option<&str>,
         master_role: &str,
+        now_ms: u64,
     ) -> Step {
         let mut step = Step::default();
         if tally.commit.is_some() {
@@ -319,6 +347,7 @@ impl Proposer {
                 let commit = Commit {
                     ballot,
                     candidate: candidate.clone(),
+                    at_ms: now_ms,
                 };
                 step.writes
                     .push(Write::put(bucket, MASTER_COMMIT, json(&commit)));

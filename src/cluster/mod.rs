@@ -75,6 +75,9 @@ pub struct ClusterSettings {
     /// alone, whatever `minimum_nodes` says, as Kairos applies a static role; see
     /// [`LONE_MASTER_WAIT`] and the README for what this keeps of the one-master guarantee.
     pub lone_master_wait: Duration,
+    /// `p2p.auto.merge_window`: two clusters that meet while the one chosen first is younger
+    /// than this are merged into it (see [`Cluster::merge_split`]); zero never merges.
+    pub merge_window: Duration,
     /// VPN address allocation (`None`: no address, e.g. `vpn.create: false`).
     pub ipam: Option<ipam::IpamSettings>,
     /// Ledger bounds.
@@ -112,6 +115,7 @@ impl ClusterSettings {
             liveness_timeout: Duration::from_secs(p2p.liveness_timeout.max(1)),
             settle: DEFAULT_SETTLE,
             lone_master_wait: LONE_MASTER_WAIT,
+            merge_window: Duration::from_secs(p2p.auto.merge_window),
             ipam,
             ledger_limits: Limits::for_max_message_size(max_message),
             max_message_bytes,
@@ -136,6 +140,7 @@ impl ClusterSettings {
             liveness_timeout: Duration::from_secs(crate::config::DEFAULT_LIVENESS_TIMEOUT_SECS),
             settle: DEFAULT_SETTLE,
             lone_master_wait: LONE_MASTER_WAIT,
+            merge_window: Duration::from_secs(crate::config::DEFAULT_MERGE_WINDOW_SECS),
             ipam: Some(ipam::IpamSettings {
                 network: crate::config::DEFAULT_ADDRESS,
                 static_address: None,
@@ -203,6 +208,24 @@ pub enum ClusterEvent {
         /// The other nodes with a master role.
         others: Vec<String>,
     },
+    /// Two clusters met while the one chosen first was younger than `p2p.auto.merge_window`,
+    /// and this node's k3s server belongs to the other: it gives up its role (its k3s server
+    /// stops and its data directory is moved aside) and takes the role the winner's leader
+    /// gives it.
+    LeavingCluster {
+        /// The master of the cluster this node leaves.
+        lost: String,
+        /// The master of the cluster kept.
+        winner: String,
+    },
+    /// Two clusters met too late to be merged automatically (the one chosen first is older than
+    /// `p2p.auto.merge_window`, or merging is off): the second-master alarm stays.
+    SplitTooOld {
+        /// The master of the cluster chosen first.
+        winner: String,
+        /// Its age when the split was seen.
+        age: Duration,
+    },
     /// Another running node uses this node's uuid; this node takes no part in the cluster.
     DuplicateUuid {
         /// The uuid.
@@ -221,6 +244,8 @@ impl ClusterEvent {
                 | ClusterEvent::MasterRefused
                 | ClusterEvent::RoleRemoved
                 | ClusterEvent::DuplicateUuid { .. }
+                | ClusterEvent::LeavingCluster { .. }
+                | ClusterEvent::SplitTooOld { .. }
                 | ClusterEvent::Address(ipam::IpamEvent::Clash { .. } | ipam::IpamEvent::Exhausted)
         ) || matches!(self, ClusterEvent::SecondMaster { others, .. } if !others.is_empty())
     }
@@ -274,6 +299,18 @@ impl std::fmt::Display for ClusterEvent {
             ClusterEvent::Address(IpamEvent::Clash { addr, other_uuid }) => write!(
                 f,
                 "static VPN address {addr} is also configured on {other_uuid}: fix ADDRESS on one"
+            ),
+            ClusterEvent::LeavingCluster { lost, winner } => write!(
+                f,
+                "MERGING: this node's k3s server belongs to the cluster of {lost}, which met the \
+                 older cluster of {winner} within p2p.auto.merge_window: stopping k3s, moving its \
+                 data directory aside (kept) and joining {winner}'s cluster"
+            ),
+            ClusterEvent::SplitTooOld { winner, age } => write!(
+                f,
+                "two clusters met but the older one (master {winner}) is {} s old, past \
+                 p2p.auto.merge_window: not merged automatically (see the README, \"Second master\")",
+                age.as_secs()
             ),
             ClusterEvent::DuplicateUuid { uuid, peer } => write!(
                 f,
@@ -334,6 +371,15 @@ pub struct Cluster {
     discovery_settled: bool,
     /// Nodes other than the chosen master that hold a master role.
     second_masters: Vec<String>,
+    /// Times this node left a cluster in a merge (the k3s layer resets k3s at each).
+    left_clusters: u64,
+    /// The split last reported as too old to merge (its winner), reported once.
+    split_reported: Option<String>,
+    /// Two clusters are being merged (see [`Cluster::merging`]).
+    merging: bool,
+    /// The cluster this node left last in a merge: a master role under its commit (a leader
+    /// that has not seen the winner's commit yet) is not taken again.
+    left: Option<election::Commit>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -391,6 +437,10 @@ impl Cluster {
             machines_generation: 0,
             discovery_settled: true,
             second_masters: Vec::new(),
+            left_clusters: 0,
+            split_reported: None,
+            merging: false,
+            left: None,
             ledger,
             clock: Clock::new(),
             settings,
@@ -433,6 +483,20 @@ impl Cluster {
     /// empty when all is well.
     pub fn second_masters(&self) -> &[String] {
         &self.second_masters
+    }
+
+    /// How many times this node left its cluster in a merge of two clusters (see
+    /// [`ClusterEvent::LeavingCluster`]): each time, the k3s layer stops k3s and moves its data
+    /// aside before it applies the next role.
+    pub fn left_clusters(&self) -> u64 {
+        self.left_clusters
+    }
+
+    /// Two clusters met within `p2p.auto.merge_window` and are being merged: the committed
+    /// master may flip until the loser's servers have left, so joining nodes keep the master
+    /// they joined meanwhile.
+    pub fn merging(&self) -> bool {
+        self.merging
     }
 
     /// The chosen master has not been heard from for the liveness timeout.
@@ -755,6 +819,155 @@ impl Cluster {
         self.update_at.get_or_insert(now + UPDATE_DELAY);
     }
 
+    /// The clusters this ledger shows: the committed one, and the one every master recorded
+    /// in its own `<uuid>-cluster` (the commit naming it). `<uuid>-cluster` is written by the
+    /// node itself, so no rule refuses it where the other cluster's master role is refused (a
+    /// master role is taken only from the committed master). `None` while there is at most one.
+    /// The winner is the one chosen first ([`election::Commit::merge_key`]): every node computes
+    /// the same from the same entries.
+    fn split(&self, tally: &Tally, recorded: &[election::Commit], hlc_now: u64) -> Option<Split> {
+        let mut clusters: Vec<election::Commit> = tally.commit.iter().cloned().collect();
+        for c in recorded {
+            if !clusters.iter().any(|k| k.same_cluster(c)) {
+                clusters.push(c.clone());
+            }
+        }
+        if clusters.len() < 2 {
+            return None;
+        }
+        let winner = clusters
+            .into_iter()
+            .min_by(|a, b| a.merge_key().cmp(&b.merge_key()))?;
+        let age_ms = hlc_now.saturating_sub(winner.at_ms);
+        let window = u64::try_from(self.settings.merge_window.as_millis()).unwrap_or(u64::MAX);
+        Some(Split {
+            merge: window > 0 && age_ms < window,
+            winner,
+            age_ms,
+        })
+    }
+
+    /// The clusters masters recorded: every `<uuid>-cluster` whose commit names `<uuid>`.
+    fn recorded_masters(&self) -> Vec<election::Commit> {
+        self.ledger
+            .bucket(&self.settings.network_id)
+            .filter_map(|(k, v)| {
+                let uuid = k.strip_suffix(election::CLUSTER_SUFFIX)?;
+                let c: election::Commit = serde_json::from_slice(v).ok()?;
+                (c.candidate == uuid).then_some(c)
+            })
+            .collect()
+    }
+
+    /// The cluster `uuid`'s k3s server belongs to (its `<uuid>-cluster`).
+    fn cluster_of(&self, uuid: &str) -> Option<election::Commit> {
+        let key = format!("{uuid}{}", election::CLUSTER_SUFFIX);
+        let raw = self.ledger.get(&self.settings.network_id, &key)?;
+        serde_json::from_slice(raw).ok()
+    }
+
+    /// This node holds a k3s server role (`master`, `master/clusterinit`, `master/ha`).
+    fn holds_server_role(&self) -> bool {
+        matches!(
+            self.my_role.as_deref(),
+            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT | names::ROLE_MASTER_HA)
+        )
+    }
+
+    /// A server records the cluster it belongs to (`<uuid>-cluster`) once it holds its role
+    /// under a commit: the master under its own, an HA master under the one it joined. A node
+    /// without a server role (a worker now, after a manual fix) deletes its record.
+    fn record_cluster(&self, tally: &Tally, writes: &mut Vec<Write>) {
+        let me = &self.settings.uuid;
+        let key = format!("{me}{}", election::CLUSTER_SUFFIX);
+        let recorded = self.cluster_of(me).is_some();
+        if !self.holds_server_role() {
+            if recorded && self.my_role.is_some() {
+                writes.push(Write::delete(&self.settings.network_id, &key));
+            }
+            return;
+        }
+        let Some(commit) = &tally.commit else { return };
+        if recorded {
+            return;
+        }
+        let own_master_role = self.my_role.as_deref() != Some(names::ROLE_MASTER_HA);
+        if own_master_role && commit.candidate != *me {
+            // A master role under another commit: the other cluster's commit won the ledger
+            // before this node recorded its own; its cluster is unknown (the alarm stays).
+            return;
+        }
+        let value = serde_json::to_vec(commit).unwrap_or_default();
+        writes.push(Write::put(&self.settings.network_id, &key, value));
+    }
+
+    /// Merges two clusters that met (see [`Split`]): within `p2p.auto.merge_window` of the
+    /// winner's commit, the winner's master writes its commit again if the ledger names the
+    /// other (its proof, the votes, is still there; the newer write wins everywhere), and every
+    /// server of another cluster leaves it: it deletes its role and its `<uuid>-cluster`, and
+    /// the k3s layer stops k3s and moves its data aside ([`Cluster::left_clusters`]); the
+    /// leader then gives it a role in the winner's cluster. Past the window nothing is done
+    /// (reported once): the second-master alarm stays until a person acts.
+    fn merge_split(&mut self, tally: &Tally, split: &Split, writes: &mut Vec<Write>) {
+        let bucket = self.settings.network_id.clone();
+        let me = self.settings.uuid.clone();
+        let winner = &split.winner;
+        let committed = tally.commit.as_ref();
+        // The committed master left its cluster already (its record is gone): the winner takes
+        // the commit back whatever the window says.
+        let committed_left = committed.is_some_and(|c| {
+            self.cluster_of(&c.candidate)
+                .is_none_or(|r| !r.same_cluster(c))
+        });
+        let mine = self.cluster_of(&me);
+        let i_am_winner = winner.candidate == me
+            && self.holds_server_role()
+            && mine.as_ref().is_some_and(|c| c.same_cluster(winner));
+        if i_am_winner
+            && committed.is_some_and(|c| !c.same_cluster(winner))
+            && (split.merge || committed_left)
+        {
+            log::info!(
+                "two clusters met; this node's was chosen first ({} s ago): writing its \
+                 master-commit again",
+                split.age_ms / 1000
+            );
+            let value = serde_json::to_vec(winner).unwrap_or_default();
+            writes.push(Write::put(&bucket, election::MASTER_COMMIT, value));
+        }
+        if !split.merge {
+            if self.split_reported.as_ref() != Some(&winner.candidate) {
+                self.split_reported = Some(winner.candidate.clone());
+                self.events.push_back(ClusterEvent::SplitTooOld {
+                    winner: winner.candidate.clone(),
+                    age: Duration::from_millis(split.age_ms),
+                });
+            }
+            return;
+        }
+        // Our record says our k3s server belongs to the other cluster, whatever role the
+        // ledger shows now (a leader that could not see our master role may have written
+        // another over it while this node was down).
+        let Some(mine) = mine else {
+            return;
+        };
+        if mine.same_cluster(winner) {
+            return;
+        }
+        writes.push(Write::delete(&bucket, &names::role_key(&me)));
+        writes.push(Write::delete(
+            &bucket,
+            &format!("{me}{}", election::CLUSTER_SUFFIX),
+        ));
+        self.my_role = None;
+        self.left_clusters += 1;
+        self.events.push_back(ClusterEvent::LeavingCluster {
+            lost: mine.candidate.clone(),
+            winner: winner.candidate.clone(),
+        });
+        self.left = Some(mine);
+    }
+
     fn pass(&mut self, now: Instant) -> Vec<Write> {
         let s = &self.settings;
         let timeout_ms = u64::try_from(s.liveness_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -861,6 +1074,10 @@ impl Cluster {
                 });
             }
         }
+        // One scan of the bucket for the masters' records, used below twice.
+        let recorded = self.recorded_masters();
+        let split = self.split(&tally, &recorded, hlc_now);
+        self.merging = split.as_ref().is_some_and(|sp| sp.merge);
         let eligible = s.role != Role::None;
         let ready = self.ready(now);
         let stable_at = self.view_changed_at.map(|t| t + s.settle);
@@ -900,6 +1117,7 @@ impl Cluster {
                                 quorum,
                                 pick.as_deref(),
                                 s.roles.master_role(),
+                                hlc_now,
                             );
                             writes.extend(step.writes);
                         } else {
@@ -909,6 +1127,9 @@ impl Cluster {
                             }
                         }
                     }
+                    // Two clusters being merged: no role is handed out until the loser's
+                    // servers have left (they would get their master role back).
+                    Some(_) if split.as_ref().is_some_and(|sp| sp.merge) => {}
                     Some(commit) => {
                         // Declaring others dead on stale news (a leader just restarted and
                         // not yet synced) would take live nodes' roles away.
@@ -943,7 +1164,17 @@ impl Cluster {
         // from the ledger itself, not the view: the view lists announced nodes only, and a node
         // whose announcement was deleted would rewrite its role in every pass without ever
         // seeing it (the write storm of issue 14).
-        let ledger_role = view::role_of(&self.ledger, &bucket, &me);
+        let ledger_role = view::role_of(&self.ledger, &bucket, &me).filter(|r| {
+            let left_cluster = self
+                .left
+                .as_ref()
+                .is_some_and(|l| tally.commit.as_ref().is_some_and(|c| c.same_cluster(l)));
+            !(left_cluster
+                && matches!(
+                    r.as_str(),
+                    names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT
+                ))
+        });
         match (&self.my_role, &ledger_role) {
             (Some(applied), other) if other.as_ref() != Some(applied) && !s.roles.dynamic => {
                 writes.push(Write::put(&bucket, &names::role_key(&me), applied.clone()));
@@ -959,6 +1190,16 @@ impl Cluster {
             }
             _ => {}
         }
+        if s.auto && eligible && ready {
+            if let Some(sp) = &split {
+                self.merge_split(&tally, sp, &mut writes);
+            } else {
+                self.split_reported = None;
+            }
+            self.record_cluster(&tally, &mut writes);
+        }
+        let s = &self.settings;
+
         let refused = self.my_role.is_none()
             && s.role == Role::Master
             && self.master.as_ref().is_some_and(|m| *m != me)
@@ -986,18 +1227,30 @@ impl Cluster {
         }
 
         let others: Vec<String> = match &self.master {
-            Some(master) => view
-                .nodes
-                .iter()
-                .filter(|(uuid, n)| {
-                    *uuid != master
-                        && matches!(
-                            n.role.as_deref(),
-                            Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
-                        )
-                })
-                .map(|(uuid, _)| uuid.clone())
-                .collect(),
+            Some(master) => {
+                // Master roles in the view, and masters that recorded another cluster than the
+                // committed one (their master role is refused here: it is not the committed
+                // master's, and a leader may have written another role over it).
+                let mut others: BTreeSet<String> = view
+                    .nodes
+                    .iter()
+                    .filter(|(uuid, n)| {
+                        *uuid != master
+                            && matches!(
+                                n.role.as_deref(),
+                                Some(names::ROLE_MASTER | names::ROLE_MASTER_CLUSTERINIT)
+                            )
+                    })
+                    .map(|(uuid, _)| uuid.clone())
+                    .collect();
+                others.extend(
+                    recorded
+                        .iter()
+                        .filter(|c| c.candidate != *master)
+                        .map(|c| c.candidate.clone()),
+                );
+                others.into_iter().collect()
+            }
             None => Vec::new(),
         };
         if others != self.second_masters {
@@ -1032,6 +1285,17 @@ impl Cluster {
         self.view = view;
         writes
     }
+}
+
+/// Two clusters (or more) seen in one ledger: see [`Cluster::split`].
+#[derive(Debug, Clone)]
+struct Split {
+    /// The cluster chosen first: the one kept.
+    winner: election::Commit,
+    /// Its age is within `p2p.auto.merge_window`: the others are merged into it now.
+    merge: bool,
+    /// Its age.
+    age_ms: u64,
 }
 
 /// The master candidate a leader proposes when nobody accepted one yet: the live node that asked

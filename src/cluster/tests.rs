@@ -114,6 +114,7 @@ impl ElectionModel {
                 self.quorum,
                 Some(&m.uuid),
                 names::ROLE_MASTER,
+                0,
             );
             self.chosen.extend(step.chosen);
             writes.extend(step.writes);
@@ -625,6 +626,7 @@ fn acceptor_ignores_other_votes_and_stops_after_a_commit() {
     tally.commit = Some(election::Commit {
         ballot: ballot(1, "a"),
         candidate: "a".to_string(),
+        at_ms: 0,
     });
     assert_eq!(vote_written(&tally), None);
 }
@@ -1796,6 +1798,7 @@ fn a_second_master_is_reported_once_per_change() {
     let commit = serde_json::to_vec(&election::Commit {
         ballot: ballot(1, "a"),
         candidate: "a".into(),
+        at_ms: 0,
     })
     .unwrap();
     ledger
@@ -2044,4 +2047,112 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
         );
         assert_eq!(n.master(), Some(master.as_str()));
     }
+}
+
+/// The ledger of a node `b` whose cluster (committed at `b_at`) met the cluster of `a`
+/// (committed at `a_at`): `master-commit` names a (the ledger kept a's), both masters recorded
+/// their cluster, b still holds its master role.
+fn split_ledger(a: &Identity, b: &Identity, a_at: u64, b_at: u64, t: u64) -> Ledger {
+    let mut ledger = Ledger::new(Limits::default());
+    let mut clock = Clock::new();
+    for (id, uuid) in [(a, "a"), (b, "b")] {
+        let ann = Announcement::new(Role::Auto, uuid).to_json();
+        ledger
+            .put(id, &mut clock, BUCKET, &names::uuid_key(uuid), &ann, t)
+            .unwrap();
+        ledger
+            .put(id, &mut clock, names::HEALTHCHECK, uuid, b"1767225600", t)
+            .unwrap();
+    }
+    let commit = |uuid: &str, at_ms: u64| election::Commit {
+        ballot: ballot(1, uuid),
+        candidate: uuid.into(),
+        at_ms,
+    };
+    let json = |c: &election::Commit| serde_json::to_vec(c).unwrap();
+    let (ca, cb) = (commit("a", a_at), commit("b", b_at));
+    ledger
+        .put(
+            a,
+            &mut clock,
+            BUCKET,
+            election::MASTER_COMMIT,
+            &json(&ca),
+            t,
+        )
+        .unwrap();
+    for (id, uuid, c) in [(a, "a", &ca), (b, "b", &cb)] {
+        ledger
+            .put(id, &mut clock, BUCKET, &names::role_key(uuid), b"master", t)
+            .unwrap();
+        let key = format!("{uuid}{}", election::CLUSTER_SUFFIX);
+        ledger
+            .put(id, &mut clock, BUCKET, &key, &json(c), t)
+            .unwrap();
+    }
+    ledger
+}
+
+#[test]
+fn the_younger_cluster_s_master_leaves_within_the_merge_window() {
+    let (a, b) = (identity(1), identity(2));
+    let t = UNIX_BASE_MS;
+    let ledger = split_ledger(&a, &b, t - 20_000, t - 10_000, t);
+    let mut settings = ClusterSettings::defaults("b");
+    settings.settle = Duration::ZERO;
+    let mut cluster = Cluster::new(&b, settings, ledger, 7);
+    let now = Instant::now();
+    cluster.handle_timeout(now, t);
+    cluster.handle_timeout(now + Duration::from_millis(10), t + 10);
+    let events: Vec<ClusterEvent> = std::iter::from_fn(|| cluster.poll_event()).collect();
+    assert!(
+        events.contains(&ClusterEvent::LeavingCluster {
+            lost: "b".into(),
+            winner: "a".into()
+        }),
+        "{events:?}"
+    );
+    assert_eq!(cluster.left_clusters(), 1);
+    // Its master role deleted; the leader (here itself) may have made it a worker since.
+    assert!(
+        matches!(cluster.role(), None | Some("worker")),
+        "{:?}",
+        cluster.role()
+    );
+    let l = cluster.ledger();
+    let role = l.get(BUCKET, &names::role_key("b"));
+    assert!(matches!(role, None | Some(b"worker")), "{role:?}");
+    assert_eq!(l.get(BUCKET, "b-cluster"), None, "its record deleted");
+    // It never takes a master role under the commit it left.
+    cluster.handle_timeout(now + Duration::from_secs(1), t + 1000);
+    assert_eq!(cluster.left_clusters(), 1);
+    assert_ne!(cluster.role(), Some("master"));
+}
+
+#[test]
+fn a_split_past_the_merge_window_is_left_alone() {
+    let (a, b) = (identity(1), identity(2));
+    let t = UNIX_BASE_MS;
+    let ledger = split_ledger(&a, &b, t - 700_000, t - 650_000, t);
+    let mut settings = ClusterSettings::defaults("b");
+    settings.settle = Duration::ZERO;
+    let mut cluster = Cluster::new(&b, settings, ledger, 7);
+    let now = Instant::now();
+    cluster.handle_timeout(now, t);
+    cluster.handle_timeout(now + Duration::from_millis(10), t + 10);
+    let events: Vec<ClusterEvent> = std::iter::from_fn(|| cluster.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ClusterEvent::SplitTooOld { winner, .. } if winner == "a")),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ClusterEvent::LeavingCluster { .. }))
+    );
+    assert_eq!(cluster.left_clusters(), 0);
+    assert_eq!(cluster.role(), Some("master"));
+    assert_eq!(cluster.second_masters(), ["b".to_string()]);
 }

@@ -108,6 +108,7 @@ impl Config {
         }
         d.line(1, "auto:");
         d.kv(2, "enable", &p.auto.enable.to_string());
+        d.kv(2, "merge_window", &p.auto.merge_window.to_string());
         d.line(2, "ha:");
         d.kv(3, "enable", &p.auto.ha.enable.to_string());
         d.kv(3, "master_nodes", &p.auto.ha.master_nodes.to_string());

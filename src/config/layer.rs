@@ -55,6 +55,7 @@ pub(super) struct P2pLayer {
     pub(super) vpn_use: Option<Sourced<bool>>,
     pub(super) vpn_env: EnvLayer,
     pub(super) auto_enable: Option<bool>,
+    pub(super) merge_window: Option<u32>,
     pub(super) ha: HaLayer,
 }
 
@@ -244,6 +245,7 @@ impl P2pLayer {
                         let q = p.key(&key);
                         match key.as_str() {
                             "enable" => out.auto_enable = boolean(ctx, value, &q),
+                            "merge_window" => out.merge_window = count(ctx, value, &q),
                             "ha" => out.ha = HaLayer::read(ctx, value, &q),
                             _ => unknown(ctx, &q, &key, schema::AUTO),
                         }
@@ -293,6 +295,7 @@ impl P2pLayer {
         set(&mut self.vpn_use, later.vpn_use);
         self.vpn_env.overlay(later.vpn_env);
         set(&mut self.auto_enable, later.auto_enable);
+        set(&mut self.merge_window, later.merge_window);
         self.ha.overlay(later.ha);
     }
 }

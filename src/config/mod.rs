@@ -69,8 +69,8 @@ use sources::SourceError;
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
     AutoConfig, Config, DEFAULT_KUBEVIP_IMAGE, DEFAULT_LIVENESS_TIMEOUT_SECS,
-    DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig, K3sConfig, KubeVipConfig, LogLevel,
-    P2pConfig, Role, VpnConfig,
+    DEFAULT_MERGE_WINDOW_SECS, DEFAULT_MINIMUM_NODES, DEFAULT_NETWORK_ID, HaConfig, K3sConfig,
+    KubeVipConfig, LogLevel, P2pConfig, Role, VpnConfig,
 };
 pub use sources::{DEFAULT_DIRS, MAX_FILE_SIZE, MAX_PIPE_WAIT, default_sources, sources_in};
 pub use vpn_env::{

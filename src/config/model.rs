@@ -20,6 +20,8 @@ pub const DEFAULT_NETWORK_ID: &str = "kairos";
 pub const DEFAULT_MINIMUM_NODES: u32 = 2;
 /// Effective `p2p.liveness_timeout` (seconds) when it is 0 or unset.
 pub const DEFAULT_LIVENESS_TIMEOUT_SECS: u64 = 60;
+/// `p2p.auto.merge_window` (seconds) when unset: splits younger than this are merged.
+pub const DEFAULT_MERGE_WINDOW_SECS: u64 = 600;
 /// Default `kubevip.image`.
 pub const DEFAULT_KUBEVIP_IMAGE: &str = "ghcr.io/kube-vip/kube-vip";
 
@@ -103,6 +105,10 @@ pub struct VpnConfig {
 pub struct AutoConfig {
     /// Automatic role assignment.
     pub enable: bool,
+    /// `p2p.auto.merge_window`: seconds; two clusters that both formed within this window of
+    /// each other's discovery are merged automatically (the one committed first wins); 0 never
+    /// merges. Default [`DEFAULT_MERGE_WINDOW_SECS`].
+    pub merge_window: u64,
     /// `p2p.auto.ha` (or its alias `p2p.ha`).
     pub ha: HaConfig,
 }
@@ -396,6 +402,9 @@ pub(super) fn resolve(layer: Layer, sources: Vec<PathBuf>, diags: &mut Diagnosti
             },
             auto: AutoConfig {
                 enable: p2p.auto_enable.unwrap_or(true),
+                merge_window: p2p
+                    .merge_window
+                    .map_or(DEFAULT_MERGE_WINDOW_SECS, u64::from),
                 ha: HaConfig {
                     enable: p2p.ha.enable.unwrap_or(master_nodes > 0),
                     master_nodes,

@@ -23,7 +23,7 @@ pub(super) const P2P: &[&str] = &[
 /// Keys of `p2p.vpn`.
 pub(super) const VPN: &[&str] = &["create", "use", "env"];
 /// Keys of `p2p.auto`.
-pub(super) const AUTO: &[&str] = &["enable", "ha"];
+pub(super) const AUTO: &[&str] = &["enable", "merge_window", "ha"];
 /// Keys of `p2p.auto.ha` and `p2p.ha`.
 pub(super) const HA: &[&str] = &["enable", "master_nodes", "external_db"];
 /// Keys of `kubevip`.

@@ -97,6 +97,8 @@ pub struct K3s {
     /// After a refusal, the next attempt.
     publish_after: Option<Instant>,
     role_note: Option<String>,
+    /// [`Cluster::left_clusters`] as last acted on.
+    left_seen: u64,
 }
 
 impl K3s {
@@ -122,6 +124,7 @@ impl K3s {
             publish_note: None,
             publish_after: None,
             role_note: None,
+            left_seen: 0,
         })
     }
 
@@ -162,9 +165,22 @@ impl K3s {
         let Some(cluster) = node.cluster() else {
             return;
         };
+        if cluster.left_clusters() > self.left_seen {
+            // Sent before any new role's want: the worker handles its commands in order.
+            self.left_seen = cluster.left_clusters();
+            if self.commands.send(Command::LeaveCluster).is_ok() {
+                self.sent = None;
+                self.published = None;
+                self.state = K3sState::WaitingForRole;
+            }
+        }
         // This node's `<uuid>-ip`, written through the node's one write path below.
         let mut ip_write = None;
+        // Two clusters being merged: the committed master may flip meanwhile; k3s keeps the
+        // master it joined until the loser's servers have left.
+        let hold = cluster.merging() && self.sent.is_some();
         match self.want(cluster, now) {
+            Ok(_) | Err(_) if hold => {}
             Ok(want) => {
                 self.role_note = None;
                 let bucket = &self.settings.bucket;

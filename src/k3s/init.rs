@@ -183,6 +183,21 @@ pub fn start_commands(init: InitSystem, service: &str) -> Vec<Vec<String>> {
     }
 }
 
+/// The commands that stop the k3s server service and keep it from starting at boot (a node
+/// that leaves its cluster in a merge).
+pub fn stop_server_commands(init: InitSystem) -> Vec<Vec<String>> {
+    let cmd = |parts: &[&str]| parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let svc = super::K3sRole::Master.service();
+    match init {
+        InitSystem::None => Vec::new(),
+        InitSystem::Systemd => vec![cmd(&["systemctl", "disable", "--now", svc])],
+        InitSystem::OpenRc => vec![
+            cmd(&["rc-service", svc, "stop"]),
+            cmd(&["rc-update", "del", svc, "default"]),
+        ],
+    }
+}
+
 /// The commands that make the init system read changed files without a restart.
 pub fn reload_commands(init: InitSystem) -> Vec<Vec<String>> {
     match init {

@@ -82,6 +82,19 @@ impl Markers {
         files::write(&self.path(DEPLOYED), &json, files::PRIVATE).map(|_| ())
     }
 
+    /// Forgets both markers (the node left its cluster: the next role is set up afresh).
+    pub fn clear(&self) -> Result<(), String> {
+        for name in [DEPLOYED, CLUSTER_INIT] {
+            let path = self.path(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
+            }
+        }
+        Ok(())
+    }
+
     /// Whether this node's cluster-init server created its datastore already.
     pub fn cluster_initialised(&self) -> bool {
         self.path(CLUSTER_INIT).exists()

@@ -43,6 +43,8 @@ pub const NODE_TOKEN_FILE: &str = "/var/lib/rancher/k3s/server/node-token";
 pub const MANIFESTS_DIR: &str = "/var/lib/rancher/k3s/server/manifests";
 /// Static pods the kubelet runs (KubeVIP with `static_pod`).
 pub const POD_MANIFESTS_DIR: &str = "/var/lib/rancher/k3s/agent/pod-manifests";
+/// k3s' data directory when `--data-dir` is not given.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/rancher/k3s";
 /// The k3s API port.
 pub const API_PORT: u16 = 6443;
 
@@ -203,9 +205,97 @@ impl Root {
     }
 }
 
+/// k3s' data directory for the server's arguments `args` (`k3s.args`): the last `--data-dir` /
+/// `-d` value, else [`DEFAULT_DATA_DIR`]. A relative or empty value is ignored (k3s would read it
+/// relative to its working directory, which kairos-p2p cannot know).
+pub fn data_dir(args: &[String]) -> PathBuf {
+    let mut found: Option<&str> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let a = a.trim();
+        let value = if let Some(v) = a
+            .strip_prefix("--data-dir=")
+            .or_else(|| a.strip_prefix("-d="))
+        {
+            Some(v)
+        } else if a == "--data-dir" || a == "-d" {
+            it.next().map(|v| v.trim())
+        } else {
+            None
+        };
+        if let Some(v) = value.filter(|v| v.starts_with('/')) {
+            found = Some(v);
+        }
+    }
+    PathBuf::from(found.unwrap_or(DEFAULT_DATA_DIR))
+}
+
+/// Moves the server part of k3s' data directory (`<data_dir>/server`: datastore, certificates,
+/// tokens) under `root` aside to `<data_dir>/server.left-<unix_secs>` (a suffix `-2`, `-3`...
+/// when taken), keeping it. `Ok(None)` when there is none.
+pub fn move_server_data_aside(
+    root: &Root,
+    data_dir: &Path,
+    unix_secs: u64,
+) -> Result<Option<PathBuf>, String> {
+    let server = root.path(data_dir.join("server"));
+    if std::fs::symlink_metadata(&server).is_err() {
+        return Ok(None);
+    }
+    let base = root.path(data_dir.join(format!("server.left-{unix_secs}")));
+    let mut target = base.clone();
+    let mut n = 1;
+    while std::fs::symlink_metadata(&target).is_ok() {
+        n += 1;
+        if n > 1000 {
+            return Err(format!("no free name next to {}", base.display()));
+        }
+        target = PathBuf::from(format!("{}-{n}", base.display()));
+    }
+    std::fs::rename(&server, &target).map_err(|e| {
+        format!(
+            "cannot move {} aside to {}: {e}",
+            server.display(),
+            target.display()
+        )
+    })?;
+    Ok(Some(target))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_dir_from_args() {
+        let a = |v: &[&str]| data_dir(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(a(&[]), Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(a(&["--data-dir=/srv/k3s"]), Path::new("/srv/k3s"));
+        assert_eq!(a(&["--node-label", "x=y", "-d", "/d"]), Path::new("/d"));
+        assert_eq!(a(&["--data-dir", "relative"]), Path::new(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn server_data_is_moved_aside_and_kept() {
+        let dir = std::env::temp_dir().join(format!("kp2p-aside-{}", std::process::id()));
+        let root = Root::new(&dir);
+        let data = Path::new(DEFAULT_DATA_DIR);
+        assert_eq!(move_server_data_aside(&root, data, 7).unwrap(), None);
+        let token = root.path(NODE_TOKEN_FILE);
+        std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+        std::fs::write(&token, "K10x").unwrap();
+        let first = move_server_data_aside(&root, data, 7).unwrap().unwrap();
+        assert!(
+            first.ends_with("var/lib/rancher/k3s/server.left-7"),
+            "{first:?}"
+        );
+        assert!(first.join("node-token").exists() && !token.exists());
+        std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+        let second = move_server_data_aside(&root, data, 7).unwrap().unwrap();
+        assert!(second.ends_with("server.left-7-2"), "{second:?}");
+        assert!(first.join("node-token").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn roles_round_trip() {

@@ -95,6 +95,10 @@ pub struct Want {
 pub enum Command {
     /// Run k3s for this want (replaces the previous one).
     Apply(Want),
+    /// This node left its cluster (a merge of two clusters): stop the k3s server, move its
+    /// data directory aside (kept) and forget the set-up; the next [`Command::Apply`] sets the
+    /// new role up afresh.
+    LeaveCluster,
     /// Stop (the supervised k3s too) and end the thread.
     Stop,
 }
@@ -161,6 +165,7 @@ impl Worker {
             });
             match commands.recv_timeout(wait) {
                 Ok(Command::Apply(want)) => self.apply(want),
+                Ok(Command::LeaveCluster) => self.leave_cluster(),
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -247,6 +252,40 @@ impl Worker {
             logged_wait: None,
         });
         self.report(Report::State(K3sState::Starting));
+    }
+
+    fn leave_cluster(&mut self) {
+        if let Some(mut s) = self.supervisor.take() {
+            s.stop();
+        }
+        for cmd in init::stop_server_commands(self.s.init) {
+            if let Err(e) = init::run(&cmd) {
+                // The data of a server that may still run is not moved under it.
+                self.job = None;
+                return self.fail(format!(
+                    "leaving the cluster: {e}; k3s server data left in place: stop k3s and move \
+                     it aside by hand (see the README, \"Second master\")"
+                ));
+            }
+        }
+        let data_dir = super::data_dir(&self.s.config.k3s.args);
+        match super::move_server_data_aside(&self.s.root, &data_dir, unix_secs()) {
+            Ok(Some(kept)) => log::warn!(
+                "k3s: left the cluster: k3s server stopped, its data kept in {}",
+                kept.display()
+            ),
+            Ok(None) => log::warn!(
+                "k3s: left the cluster: k3s server stopped ({} held no server data)",
+                self.s.root.path(data_dir.join("server")).display()
+            ),
+            Err(e) => log::error!("k3s: left the cluster: k3s server stopped, but {e}"),
+        }
+        if let Err(e) = self.markers.clear() {
+            log::warn!("k3s: {e}");
+        }
+        self.job = None;
+        self.state = None;
+        self.report(Report::State(K3sState::WaitingForRole));
     }
 
     fn step(&mut self, now: Instant) {
@@ -717,6 +756,67 @@ mod tests {
             deployed,
             "nothing redone"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A master that leaves its cluster in a merge: its k3s server stops, its server data is
+    /// moved aside (kept), its markers are forgotten, and the next role is set up afresh.
+    #[test]
+    fn a_master_leaving_its_cluster_keeps_its_data_aside() {
+        let dir = std::env::temp_dir().join(format!("kp2p-worker-leave-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ip: std::net::IpAddr = format!(
+            "127.78.{}.{}",
+            std::process::id() % 200,
+            1 + std::process::id() % 250
+        )
+        .parse()
+        .unwrap();
+        let _api = std::net::TcpListener::bind((ip, crate::k3s::API_PORT)).unwrap();
+        let s = settings(&dir, "");
+        let markers = Markers::new(&s.state_dir);
+        let h = Harness::start(s.clone());
+        h.commands
+            .send(Command::Apply(want(K3sRole::Master, ip)))
+            .unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        assert!(markers.deployed().unwrap().is_some());
+        let token = s.root.path(crate::k3s::NODE_TOKEN_FILE);
+        assert!(token.exists());
+
+        h.commands.send(Command::LeaveCluster).unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::WaitingForRole)));
+        assert!(!token.exists(), "the server data is moved away");
+        let data = s.root.path(crate::k3s::DEFAULT_DATA_DIR);
+        let kept: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("server.left-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            data.join(&kept[0]).join("node-token").exists(),
+            "kept, not deleted"
+        );
+        assert!(markers.deployed().unwrap().is_none());
+
+        // The role the winner's leader gives: a worker of the other cluster.
+        let mut w = want(K3sRole::Worker, ip);
+        w.facts.master = Some("10.1.0.1".parse().unwrap());
+        w.facts.node_token = Some(K3sToken::parse("K10other::server:secret").unwrap());
+        h.commands.send(Command::Apply(w)).unwrap();
+        h.wait(|r| matches!(r, Report::State(K3sState::Running { .. })));
+        let runs = dir.join("bin/runs");
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&runs).map_or(0, |t| t.lines().count()) < 2 {
+            assert!(Instant::now() < end, "the agent never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h.stop();
+        let all = std::fs::read_to_string(&runs).unwrap();
+        assert!(all.lines().next().unwrap().starts_with("server "), "{all}");
+        assert!(all.lines().nth(1).unwrap().starts_with("agent "), "{all}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -23,7 +23,7 @@
 //!   peer); a deletion comes from the writer of the entry it deletes.
 //! - In the node's own cluster bucket: `ip-master`, `token-nodetoken`, `master-kubeconfig` and
 //!   `control-plane-*` by the bound peer of the committed master; `master-commit` by the bound
-//!   peer of the ballot's proposer, and only with at least [`Authority::quorum_floor`] votes in the
+//!   peer of the ballot's proposer or of the master it names, and only with at least [`Authority::quorum_floor`] votes in the
 //!   ledger accepting exactly that ballot and candidate (the proof of the quorum; one, when the
 //!   proposer names itself, as a lone master does); `leader-auto` by
 //!   the peer bound to the uuid it names.
@@ -253,8 +253,12 @@ impl Ledger {
         let Ok(commit) = serde_json::from_slice::<Commit>(value) else {
             return Verdict::NotOwner("master-commit does not parse");
         };
+        // The proposer, or the master it names: the master re-asserts its cluster's commit when
+        // two clusters meet and its own was chosen first (`Cluster::merge_split`); the votes
+        // below prove it all the same.
         match self.owner_is(&commit.ballot.proposer, &entry.writer) {
             Verdict::Allowed => {}
+            _ if self.owner_is(&commit.candidate, &entry.writer) == Verdict::Allowed => {}
             other => return other,
         }
         let votes = self

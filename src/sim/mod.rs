@@ -94,6 +94,10 @@ pub struct SimConfig {
     pub trace_tail: usize,
     /// Most packets kept by mirrors and by hosts without a node (default 100 000).
     pub capture_limit: usize,
+    /// A second node taking a master role is counted ([`Sim::second_masters_taken`]) instead of
+    /// stopping the run: for scenarios where splits form and `p2p.auto.merge_window` merges
+    /// them, whose tests check what is left after the merge (default false).
+    pub allow_second_masters: bool,
 }
 
 impl SimConfig {
@@ -111,6 +115,7 @@ impl SimConfig {
             record_events: false,
             trace_tail: 0,
             capture_limit: 100_000,
+            allow_second_masters: false,
         }
     }
 }
@@ -302,6 +307,7 @@ pub struct Sim {
     buf: Vec<u8>,
     node_events: Vec<NodeEvent>,
     masters: BTreeMap<String, String>,
+    second_masters_taken: u64,
 }
 
 impl fmt::Debug for Sim {
@@ -340,6 +346,7 @@ impl Sim {
             buf: Vec::with_capacity(65_536),
             node_events: Vec::new(),
             masters: BTreeMap::new(),
+            second_masters_taken: 0,
             config,
         }
     }
@@ -486,6 +493,12 @@ impl Sim {
     /// broken: the simulator stops with an invariant error the moment a second one appears).
     pub fn masters(&self) -> &BTreeMap<String, String> {
         &self.masters
+    }
+
+    /// Master roles taken by a node other than the first master of its network (only with
+    /// [`SimConfig::allow_second_masters`]; otherwise the first one stops the run).
+    pub fn second_masters_taken(&self) -> u64 {
+        self.second_masters_taken
     }
 
     /// Sets how far a node's wall clock is off, in seconds (either way).
@@ -1222,6 +1235,10 @@ impl Sim {
         };
         let (id, uuid) = (settings.network_id.clone(), settings.uuid.clone());
         match self.masters.get(&id) {
+            Some(m) if *m != uuid && self.config.allow_second_masters => {
+                self.second_masters_taken += 1;
+                Ok(())
+            }
             Some(m) if *m != uuid => Err(SimError::Invariant {
                 at: self.now(),
                 host,
