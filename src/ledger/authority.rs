@@ -37,6 +37,7 @@
 use super::names;
 use super::{Entry, Ledger};
 use crate::cluster::election::{BALLOT_SUFFIX, Commit, MASTER_COMMIT, VOTE_SUFFIX, Vote};
+use crate::cluster::fnv32a;
 use crate::identity::PeerId;
 
 /// Most entries kept aside until their owner is known; the oldest go first (anti-entropy offers
@@ -122,12 +123,9 @@ impl Ledger {
                     Some(master) => self.owner_is(&master, writer),
                 };
             }
-            if key == names::LEADER_AUTO {
-                return match &entry.value {
-                    Some(v) => self.owner_is(&String::from_utf8_lossy(v), writer),
-                    None => self.same_writer(entry),
-                };
-            }
+        }
+        if key == names::LEADER_AUTO {
+            return self.leader_auto(entry, now);
         }
         if let Some(uuid) = key.strip_suffix(names::ROLE_SUFFIX) {
             return self.role(auth, bucket, uuid, entry);
@@ -181,15 +179,7 @@ impl Ledger {
         let Some(now) = now else {
             return Verdict::Allowed;
         };
-        // The bound peer's last sign of life: its own heartbeat, else its announcement.
-        let last = self
-            .entry(names::HEALTHCHECK, uuid)
-            .filter(|e| e.writer == bound)
-            .map(|e| e.version.millis())
-            .or_else(|| self.bindings.get(uuid).map(|(_, v)| *v))
-            .unwrap_or(0);
-        let now = now.max(self.max_version().millis());
-        if now.saturating_sub(last) >= auth.rebind_after_ms {
+        if self.silent_for(uuid, now) >= auth.rebind_after_ms {
             Verdict::Allowed
         } else {
             Verdict::NotOwner("uuid bound to a live peer")
@@ -211,12 +201,18 @@ impl Ledger {
     }
 
     fn role(&self, auth: &Authority, bucket: &str, uuid: &str, entry: &Entry) -> Verdict {
-        // A role for a uuid nobody announced yet is Kairos' `role set` before the node joins:
-        // any member may write it, as any member may write a bound node's role (below).
         let own = self.bound_peer(uuid).is_some_and(|p| p == entry.writer);
-        if !own && !self.is_member(&entry.writer) {
-            // Maybe a member whose announcement has not arrived yet.
-            return Verdict::Unsettled;
+        if !own {
+            match self.leader_of_record(bucket) {
+                Some(leader) if leader == entry.writer => {}
+                // Maybe a member whose announcement, or the leader whose `leader-auto`, has not
+                // arrived yet.
+                _ if !self.is_member(&entry.writer) => return Verdict::Unsettled,
+                None => return Verdict::Unsettled,
+                Some(_) => {
+                    return Verdict::NotOwner("role written by neither the node nor the leader");
+                }
+            }
         }
         let text = entry
             .value
@@ -235,6 +231,68 @@ impl Ledger {
             None => Verdict::Unsettled,
             Some(m) if m == uuid => Verdict::Allowed,
             Some(_) => Verdict::NotOwner("master role for a node not committed"),
+        }
+    }
+
+    /// The peer that assigns roles in `bucket`: the peer bound to the uuid `leader-auto` names,
+    /// else (the commit was just written) the committed ballot's proposer.
+    pub fn leader_of_record(&self, bucket: &str) -> Option<PeerId> {
+        match self.get(bucket, names::LEADER_AUTO) {
+            Some(v) => self.bound_peer(&String::from_utf8_lossy(v)),
+            None => {
+                let raw = self.get(bucket, MASTER_COMMIT)?;
+                let commit = serde_json::from_slice::<Commit>(raw).ok()?;
+                self.bound_peer(&commit.ballot.proposer)
+            }
+        }
+    }
+
+    /// Whether `uuid` may take `leader-auto` in `bucket` at hybrid time `now` (`None`: yes):
+    /// nobody holds it, `uuid` holds it, `uuid` outranks the holder as the view's leader rule
+    /// ranks nodes, or the holder has been silent for [`Authority::rebind_after_ms`].
+    pub fn may_lead(&self, bucket: &str, uuid: &str, now: Option<u64>) -> bool {
+        let Some(auth) = &self.authority else {
+            return true;
+        };
+        let Some(held) = self.get(bucket, names::LEADER_AUTO) else {
+            return true;
+        };
+        let holder = String::from_utf8_lossy(held).to_string();
+        if holder == uuid {
+            return true;
+        }
+        let rank = |u: &str| (fnv32a(u), u.to_string());
+        if rank(uuid) > rank(&holder) {
+            return true;
+        }
+        match now {
+            None => true,
+            Some(now) => self.silent_for(&holder, now) >= auth.rebind_after_ms,
+        }
+    }
+
+    /// Milliseconds since `uuid`'s bound peer was last heard of (its own heartbeat, else its
+    /// announcement), at hybrid time `now`.
+    fn silent_for(&self, uuid: &str, now: u64) -> u64 {
+        let bound = self.bound_peer(uuid);
+        let last = self
+            .entry(names::HEALTHCHECK, uuid)
+            .filter(|e| Some(e.writer) == bound)
+            .map(|e| e.version.millis())
+            .or_else(|| self.bindings.get(uuid).map(|(_, v)| *v))
+            .unwrap_or(0);
+        now.max(self.max_version().millis()).saturating_sub(last)
+    }
+
+    fn leader_auto(&self, entry: &Entry, now: Option<u64>) -> Verdict {
+        let Some(value) = &entry.value else {
+            return self.same_writer(entry);
+        };
+        let uuid = String::from_utf8_lossy(value);
+        match self.owner_is(&uuid, &entry.writer) {
+            Verdict::Allowed if self.may_lead(&entry.bucket, &uuid, now) => Verdict::Allowed,
+            Verdict::Allowed => Verdict::NotOwner("leader-auto while a higher leader is live"),
+            other => other,
         }
     }
 
@@ -284,6 +342,7 @@ impl Ledger {
     pub(crate) fn settles_others(entry: &Entry) -> bool {
         announced_uuid(&entry.bucket, &entry.key).is_some()
             || entry.key == MASTER_COMMIT
+            || entry.key == names::LEADER_AUTO
             || entry.key.ends_with(VOTE_SUFFIX)
     }
 }
