@@ -1934,13 +1934,14 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
     }
     w.deliver();
     w.run_for(Duration::from_secs(2));
+    let forged_vote_key = format!("{forger_uuid}-vote");
     let before: Vec<Vec<KeyValue>> = w
         .nodes
         .iter()
         .map(|n| {
             n.ledger()
                 .entries()
-                .filter(|e| e.bucket != names::HEALTHCHECK)
+                .filter(|e| e.bucket != names::HEALTHCHECK && e.key != forged_vote_key)
                 .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
                 .collect()
         })
@@ -2013,6 +2014,24 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
         (names::MACHINES, victim_addr.clone(), None),
     ];
     let at = w.unix_ms(0) + 1_000;
+    // The forger's own vote for its forged ballot (its own key: stored): the lone master's
+    // proof, which must not replace a commit naming another master.
+    let own_vote = serde_json::json!({
+        "promised": {"round": 99, "proposer": forger_uuid},
+        "accepted": {"ballot": {"round": 99, "proposer": forger_uuid}, "candidate": forger_uuid},
+    })
+    .to_string();
+    let own_vote = Entry::sign(
+        &forger,
+        BUCKET,
+        &format!("{forger_uuid}-vote"),
+        Some(own_vote.as_bytes()),
+        crate::ledger::Hlc::new(at - 1, 0),
+    )
+    .unwrap();
+    for n in &mut w.nodes {
+        n.ledger.apply(own_vote.clone(), at).unwrap();
+    }
     let mut refused = 0;
     for (i, (bucket, key, value)) in forged.iter().enumerate() {
         let entry = Entry::sign(
@@ -2044,7 +2063,7 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
         let after: Vec<KeyValue> = n
             .ledger()
             .entries()
-            .filter(|e| e.bucket != names::HEALTHCHECK)
+            .filter(|e| e.bucket != names::HEALTHCHECK && e.key != forged_vote_key)
             .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
             .collect();
         assert_eq!(after, before[i], "node {i}");

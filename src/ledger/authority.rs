@@ -38,6 +38,8 @@ use super::names;
 use super::{Entry, Ledger};
 use crate::cluster::election::{BALLOT_SUFFIX, Commit, MASTER_COMMIT, VOTE_SUFFIX, Vote};
 use crate::cluster::fnv32a;
+use crate::cluster::view::Announcement;
+use crate::config::Role;
 use crate::identity::PeerId;
 
 /// Most entries kept aside until their owner is known; the oldest go first (anti-entropy offers
@@ -247,13 +249,22 @@ impl Ledger {
         }
     }
 
-    /// Whether `uuid` may take `leader-auto` in `bucket` at hybrid time `now` (`None`: yes):
+    /// Whether `uuid` may take `leader-auto` in `bucket` at hybrid time `now` (`None`: the
+    /// holder counts as silent): `uuid` is announced there as taking part in elections, and
     /// nobody holds it, `uuid` holds it, `uuid` outranks the holder as the view's leader rule
     /// ranks nodes, or the holder has been silent for [`Authority::rebind_after_ms`].
     pub fn may_lead(&self, bucket: &str, uuid: &str, now: Option<u64>) -> bool {
         let Some(auth) = &self.authority else {
             return true;
         };
+        // Only a node that takes part in elections leads (`p2p.role: none` does not).
+        let eligible = self
+            .get(bucket, &names::uuid_key(uuid))
+            .and_then(|v| serde_json::from_slice::<Announcement>(v).ok())
+            .is_some_and(|a| a.asked() != Role::None);
+        if !eligible {
+            return false;
+        }
         let Some(held) = self.get(bucket, names::LEADER_AUTO) else {
             return true;
         };
@@ -261,6 +272,7 @@ impl Ledger {
         if holder == uuid {
             return true;
         }
+
         let rank = |u: &str| (fnv32a(u), u.to_string());
         if rank(uuid) > rank(&holder) {
             return true;
@@ -329,7 +341,10 @@ impl Ledger {
         // `cluster::LONE_MASTER_WAIT`) proves its commit with its own vote: a commit that names
         // its proposer as the master needs one vote. That lets a member make only itself master,
         // which members are trusted with; it never lets one name another node.
-        let alone = commit.candidate == commit.ballot.proposer;
+        // Never to replace a commit naming another master, though: that takes a quorum.
+        let held = self.committed_master(&entry.bucket);
+        let alone = commit.candidate == commit.ballot.proposer
+            && held.as_ref().is_none_or(|m| *m == commit.candidate);
         let needed = if alone { 1 } else { auth.quorum_floor.max(1) };
         if votes >= needed {
             Verdict::Allowed
