@@ -48,8 +48,11 @@ pub fn route(
         (true, Some(names::NodeKey::Role(target))) if target != me.uuid => target.to_string(),
         _ => return Ok(write),
     };
-    if ledger.leader_of_record(bucket) == Some(me.peer) {
-        return Ok(write);
+    match ledger.leader_of_record(bucket) {
+        Some(leader) if leader == me.peer => return Ok(write),
+        // Nobody leads yet and the node has not joined: the rule lets any member write it.
+        None if ledger.bound_peer(&target).is_none() => return Ok(write),
+        _ => {}
     }
     let Some(value) = &write.value else {
         // Deleting a role is refused by the API; a deletion is the leader's or the node's own.

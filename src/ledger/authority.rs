@@ -210,6 +210,9 @@ impl Ledger {
                 // Maybe a member whose announcement, or the leader whose `leader-auto`, has not
                 // arrived yet.
                 _ if !self.is_member(&entry.writer) => return Verdict::Unsettled,
+                // Kairos' `role set` before the node joins and before anybody leads: any member
+                // (the leader signs it again once it leads).
+                None if self.bound_peer(uuid).is_none() => {}
                 None => return Verdict::Unsettled,
                 Some(_) => {
                     return Verdict::NotOwner("role written by neither the node nor the leader");
