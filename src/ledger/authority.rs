@@ -15,19 +15,38 @@
 //! # Families
 //! - `<uuid>-*` in any bucket (`-uuid`, `-ip`, `-vote`, `-ballot`, anything under a bound uuid),
 //!   `healthcheck/<uuid>`, `dhcp/<uuid>`: the bound peer of `<uuid>`.
-//! - `<uuid>-role`: the bound peer of `<uuid>`, or another member (a peer bound to some uuid: the
-//!   leader assigns roles, and Kairos' `role set` goes through any node's API). Once a master is
-//!   committed, `master`/`master/clusterinit` go to the committed master only, whoever writes
-//!   them; before, only a node itself may take them (manual roles, `auto.enable: false`).
+//! - `<uuid>-role`: the bound peer of `<uuid>` (a node taking its own manual role, a node keeping
+//!   the role it applied), or the *leader of record* of the bucket: the peer bound to the uuid
+//!   `leader-auto` names, or, until the leader writes `leader-auto`, the peer bound to the
+//!   committed ballot's proposer (it writes the master's role with the commit). Before anybody
+//!   leads, a role for a uuid nobody announced yet (Kairos' `role set` before the node joins) may
+//!   be written by any member. Anything else is refused; from a writer not known as a member yet,
+//!   or while nobody leads, it waits. Kairos' `role set <uuid>` through another node's API
+//!   becomes a request in a key that node owns, which the leader or the target applies (see
+//!   [`crate::cluster::requests`]); a new leader signs its predecessor's roles again, so that a
+//!   node learning them later takes them from the leader it knows. Once a master is committed,
+//!   `master`/`master/clusterinit` go to the committed master only, whoever writes them; before,
+//!   only a node itself may take them (manual roles, `auto.enable: false`).
+//! - `leader-auto` (any bucket): the peer bound to the uuid it names, when that uuid is announced
+//!   in the bucket as taking part in elections (not `p2p.role: none`) and nobody holds
+//!   `leader-auto`, it holds it already, it outranks the holder (the view's leader rule: highest
+//!   FNV-32a, then uuid) or the holder has been silent for [`Authority::rebind_after_ms`]. A
+//!   member can thus lead only where the election rule makes it the leader.
 //! - `machines/<ip>`: a value must name its writer as `PeerID` (the VPN routes the address to that
 //!   peer); a deletion comes from the writer of the entry it deletes.
 //! - In the node's own cluster bucket: `ip-master`, `token-nodetoken`, `master-kubeconfig` and
 //!   `control-plane-*` by the bound peer of the committed master; `master-commit` by the bound
 //!   peer of the ballot's proposer, and only with at least [`Authority::quorum_floor`] votes in the
 //!   ledger accepting exactly that ballot and candidate (the proof of the quorum; one, when the
-//!   proposer names itself, as a lone master does); `leader-auto` by
-//!   the peer bound to the uuid it names.
+//!   proposer names itself, as a lone master does, unless a commit naming another master is
+//!   held: a member's own vote never replaces the master).
 //! - Everything else (free-form buckets and keys written through the API) is open to members.
+//!
+//! What a member can still do, by design: ask for any non-master role for any node (Kairos'
+//! `role set` as root through any node), since the leader applies requests whoever signed them
+//! (the request names its writer; the leader logs it); publish `machines/<ip>` naming itself
+//! for an address it does not hold (see [`crate::vpn::routes`]); lead where the election rule
+//! makes it the leader.
 //!
 //! An entry whose owner cannot be known yet (its uuid is not announced here yet, no master is
 //! committed yet, the votes proving a commit have not arrived) is *deferred*: kept aside (at most
