@@ -384,6 +384,37 @@ fn a_member_forging_entries_changes_nothing_on_any_node() {
         }
         assert_eq!(a.summary("Role"), before[i]["summary Role"]);
     }
+
+    // Root's `role set` through a node that neither leads nor is the target still works: a
+    // request the leader applies (here for a node that has not joined yet), written by the
+    // leader on every node; a master role for a node that is not the committed master is refused.
+    let leader_auto = agents[0].value("kairos", names::LEADER_AUTO).to_string();
+    let via = agents
+        .iter()
+        .find(|a| !leader_auto.contains(&a.uuid))
+        .expect("a node that does not lead");
+    let later = "netns-forgery-later";
+    let (status, _, body) = common::api_request(
+        &via.socket(),
+        "PUT",
+        &format!("/api/ledger/kairos/{later}-role/worker"),
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let applied = wait_for(Duration::from_secs(10), || {
+        agents.iter().all(|a| {
+            a.value("kairos", &names::role_key(later))
+                .to_string()
+                .contains("worker")
+        })
+    });
+    eprintln!("role set through a non-leader applied everywhere after {applied:?}");
+    assert!(applied.is_some(), "role set through a non-leader");
+    let (status, _, body) = common::api_request(
+        &via.socket(),
+        "PUT",
+        &format!("/api/ledger/kairos/{victim_uuid}-role/master"),
+    );
+    assert_eq!(status, "HTTP/1.1 403 Forbidden", "{body}");
     eprintln!("whole test {:?}", started.elapsed());
 }
 

@@ -279,12 +279,7 @@ impl Ledger {
         let Some(auth) = &self.authority else {
             return true;
         };
-        // Only a node that takes part in elections leads (`p2p.role: none` does not).
-        let eligible = self
-            .get(bucket, &names::uuid_key(uuid))
-            .and_then(|v| serde_json::from_slice::<Announcement>(v).ok())
-            .is_some_and(|a| a.asked() != Role::None);
-        if !eligible {
+        if !self.takes_part(bucket, uuid) {
             return false;
         }
         let Some(held) = self.get(bucket, names::LEADER_AUTO) else {
@@ -303,6 +298,14 @@ impl Ledger {
             None => true,
             Some(now) => self.silent_for(&holder, now) >= auth.rebind_after_ms,
         }
+    }
+
+    /// Whether `uuid` is announced in `bucket` as taking part in elections (`p2p.role: none`
+    /// does not): only such a node leads.
+    fn takes_part(&self, bucket: &str, uuid: &str) -> bool {
+        self.get(bucket, &names::uuid_key(uuid))
+            .and_then(|v| serde_json::from_slice::<Announcement>(v).ok())
+            .is_some_and(|a| a.asked() != Role::None)
     }
 
     /// Milliseconds since `uuid`'s bound peer was last heard of (its own heartbeat, else its
@@ -325,6 +328,9 @@ impl Ledger {
         let uuid = String::from_utf8_lossy(value);
         match self.owner_is(&uuid, &entry.writer) {
             Verdict::Allowed if self.may_lead(&entry.bucket, &uuid, now) => Verdict::Allowed,
+            Verdict::Allowed if !self.takes_part(&entry.bucket, &uuid) => {
+                Verdict::NotOwner("leader-auto for a node that takes no part in elections")
+            }
             Verdict::Allowed => Verdict::NotOwner("leader-auto while a higher leader is live"),
             other => other,
         }
