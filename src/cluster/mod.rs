@@ -689,17 +689,17 @@ impl Cluster {
     }
 
     /// As the leader of record: the roles held here from a former leader (neither from their
-    /// node nor from us), signed again under our name so that nodes that learn them later take
-    /// them from the leader they know (see [`crate::ledger::authority`]); `skip` are written
-    /// anyway.
-    fn resign_roles(&self, bucket: &str, skip: &[Write]) -> Vec<Write> {
+    /// node nor from us; with `ours`, from us too), signed again under our name so that nodes
+    /// that learn them later take them from the leader they know (see
+    /// [`crate::ledger::authority`]); `skip` are written anyway.
+    fn resign_roles(&self, bucket: &str, skip: &[Write], ours: bool) -> Vec<Write> {
         self.ledger
             .bucket(bucket)
             .filter_map(|(key, value)| {
                 let uuid = key.strip_suffix(names::ROLE_SUFFIX)?;
                 let entry = self.ledger.entry(bucket, key)?;
-                let foreign =
-                    entry.writer != self.me && self.ledger.bound_peer(uuid) != Some(entry.writer);
+                let foreign = (ours || entry.writer != self.me)
+                    && self.ledger.bound_peer(uuid) != Some(entry.writer);
                 (foreign && !skip.iter().any(|w| w.key == key))
                     .then(|| Write::put(bucket, key, value))
             })
@@ -949,11 +949,24 @@ impl Cluster {
                         // record: claim `leader-auto` first (in the same batch, so peers learn
                         // it before the roles), unless a higher leader still holds it here.
                         if self.ledger.may_lead(&bucket, &me, Some(hlc_now)) {
-                            if self.ledger.get(&bucket, names::LEADER_AUTO) != Some(me.as_bytes()) {
+                            let held = self.ledger.entry(&bucket, names::LEADER_AUTO);
+                            // Another node claimed the lead after our claim, and we refused it:
+                            // the nodes that took it follow that node. Claim again, newer, and
+                            // sign every role again so that they take ours.
+                            let refused = self.ledger.refused_claim(&bucket);
+                            let outbid =
+                                held.is_some_and(|e| refused.is_some_and(|v| v > e.version));
+                            if let Some(v) = refused.filter(|_| outbid) {
+                                // Our claim must be newer than the one the others took.
+                                self.clock.advance(v);
+                            }
+                            if outbid
+                                || held.and_then(|e| e.value.as_deref()) != Some(me.as_bytes())
+                            {
                                 writes.push(Write::put(&bucket, names::LEADER_AUTO, me.clone()));
                             }
                             let a = roles::assign(&view, &bucket, &commit.candidate, policy);
-                            writes.extend(self.resign_roles(&bucket, &a.writes));
+                            writes.extend(self.resign_roles(&bucket, &a.writes, outbid));
                             writes.extend(a.writes);
                             leading = true;
                         }
