@@ -313,10 +313,23 @@ fn a_member_forging_entries_changes_nothing_on_any_node() {
         .iter()
         .filter(|(_, k, _)| !k.ends_with("-vote") && k != "master-commit")
         .collect();
+    // The forger's own agent stores what the real nodes write: the leader, told of the forged
+    // `leader-auto`, claims the lead again and signs every role again, and the victim renews its
+    // lease, so those forgeries may leave the forger's ledger before every node saw them; each
+    // reaches at least one node. The others stay on offer: every node must drop them.
+    let superseded =
+        |k: &str| k == names::LEADER_AUTO || k.ends_with(names::ROLE_SUFFIX) || k == victim_uuid;
+    let everywhere: Vec<&&(&str, String, String)> = refused_keys
+        .iter()
+        .filter(|(_, k, _)| !superseded(k))
+        .collect();
     let reached = wait_for(REFUSED_WITHIN, || {
         agents
             .iter()
-            .all(|a| refused_keys.iter().all(|(b, k, _)| dropped(a, b, k)))
+            .all(|a| everywhere.iter().all(|(b, k, _)| dropped(a, b, k)))
+            && refused_keys
+                .iter()
+                .all(|(b, k, _)| agents.iter().any(|a| dropped(a, b, k)))
     });
     let took = reached.unwrap_or_else(|| {
         for a in &agents {
@@ -328,9 +341,9 @@ fn a_member_forging_entries_changes_nothing_on_any_node() {
             eprintln!("=== {}: not dropped (yet): {missing:?}", a.uuid);
         }
         eprintln!("=== member\n{}", tail(&forger.log()));
-        panic!("the forgeries did not reach every node within {REFUSED_WITHIN:?}")
+        panic!("the forgeries did not reach the nodes within {REFUSED_WITHIN:?}")
     });
-    eprintln!("every forgery refused on every node {took:?} after the member came back");
+    eprintln!("the forgeries refused {took:?} after the member came back");
     for a in &agents {
         let mut seen: Vec<String> = a
             .log()
@@ -350,7 +363,7 @@ fn a_member_forging_entries_changes_nothing_on_any_node() {
         assert_eq!(after[i], before[i], "{}: what the API shows", a.uuid);
         assert_eq!(a.value("kairos", names::IP_MASTER), true_ip_master);
         assert!(
-            a.not_owner() >= not_owner_before[i] + refused_keys.len() as u64,
+            a.not_owner() >= not_owner_before[i] + everywhere.len() as u64,
             "{}: not_owner {} -> {}",
             a.uuid,
             not_owner_before[i],
