@@ -2253,3 +2253,63 @@ fn a_new_leader_signs_its_predecessors_roles_again() {
         }
     }
 }
+
+/// The leader comes back after the others took the lead under a lower-ranked node: it refuses
+/// that claim (it is live), claims again, newer, and signs every role again, and every ledger
+/// ends with the same `leader-auto` and roles.
+#[test]
+fn a_returning_leader_claims_again_and_the_ledgers_agree() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    let leader = w.nodes[0].leader().expect("a leader").to_string();
+    let leader_index = uuids.iter().position(|u| *u == leader).unwrap();
+    // Away for longer than the liveness timeout: the others move the lead.
+    let away = w.nodes.remove(leader_index);
+    let away_peer = w.peers.remove(leader_index);
+    let away_skew = w.skew_ms.remove(leader_index);
+    for n in &mut w.nodes {
+        n.peer_disconnected(&away_peer);
+    }
+    w.run_for(Duration::from_secs(150));
+    let interim = w.nodes[0].leader().expect("an interim leader").to_string();
+    assert_ne!(interim, leader);
+    assert_eq!(
+        w.nodes[0].ledger().get(BUCKET, names::LEADER_AUTO),
+        Some(interim.as_bytes())
+    );
+    // Back.
+    w.nodes.insert(leader_index, away);
+    w.peers.insert(leader_index, away_peer);
+    w.skew_ms.insert(leader_index, away_skew);
+    let now = w.now;
+    let ms = w.unix_ms(leader_index);
+    w.nodes[leader_index].handle_timeout(now, ms);
+    for i in 0..w.nodes.len() {
+        if i != leader_index {
+            let (mi, ml) = (w.unix_ms(i), w.unix_ms(leader_index));
+            let (pi, pl) = (w.peers[i], w.peers[leader_index]);
+            w.nodes[i].peer_connected(now, mi, pl);
+            w.nodes[leader_index].peer_connected(now, ml, pi);
+        }
+    }
+    w.deliver();
+    w.run_for(Duration::from_secs(60));
+    let state = |n: &Cluster| -> Vec<(String, Option<Vec<u8>>)> {
+        n.ledger()
+            .bucket(BUCKET)
+            .filter(|(k, _)| *k == names::LEADER_AUTO || k.ends_with(names::ROLE_SUFFIX))
+            .map(|(k, v)| (k.to_string(), Some(v.to_vec())))
+            .collect()
+    };
+    let first = state(&w.nodes[0]);
+    for n in &w.nodes {
+        assert_eq!(state(n), first, "every ledger agrees");
+        assert_eq!(
+            n.ledger().get(BUCKET, names::LEADER_AUTO),
+            Some(leader.as_bytes()),
+            "the returning leader leads"
+        );
+    }
+}
