@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::cluster::requests::RoleRequest;
 use crate::cluster::view::Announcement;
 use crate::ledger::{MAX_KEY_LEN, edgevpn, names};
 
@@ -77,7 +78,15 @@ pub struct RoleRow {
 /// themselves (`<uuid>-uuid`) and those given a role (`<uuid>-role`, perhaps before joining).
 pub fn rows(bucket: &BTreeMap<String, String>, online: &BTreeSet<String>) -> Vec<RoleRow> {
     let mut by_uuid: BTreeMap<&str, RoleRow> = BTreeMap::new();
+    // Pending `role set` requests (see `cluster::requests`), shown until the role is written.
+    let mut requested: BTreeMap<String, String> = BTreeMap::new();
     for (key, value) in bucket {
+        if key.contains(names::ROLE_REQUEST_INFIX) {
+            if let Ok(r) = serde_json::from_str::<RoleRequest>(&edgevpn::text(value)) {
+                requested.insert(r.uuid, edgevpn::text(&r.role));
+            }
+            continue;
+        }
         let (uuid, is_role) = match names::parse_node_key(key) {
             Some(names::NodeKey::Uuid(uuid)) => (uuid, false),
             Some(names::NodeKey::Role(uuid)) => (uuid, true),
@@ -95,7 +104,21 @@ pub fn rows(bucket: &BTreeMap<String, String>, online: &BTreeSet<String>) -> Vec
             row.hostname = ann.hostname;
         }
     }
-    by_uuid.into_values().collect()
+    let mut rows: Vec<RoleRow> = by_uuid.into_values().collect();
+    for (uuid, role) in requested {
+        match rows.iter_mut().find(|r| r.uuid == uuid) {
+            Some(row) if row.role.is_empty() => row.role = role,
+            Some(_) => {}
+            None => rows.push(RoleRow {
+                online: online.contains(&uuid),
+                uuid,
+                hostname: String::new(),
+                role,
+            }),
+        }
+    }
+    rows.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+    rows
 }
 
 /// The `role list` table.
@@ -176,6 +199,19 @@ mod tests {
             ("d-uuid", "{garbage".to_string()),
             ("leader-auto", "a".to_string()),
             ("ip-master", "10.1.0.1".to_string()),
+            // Pending requests: shown where no role is written yet.
+            (
+                "a-role-request-0badc0de",
+                r#"{"uuid":"b","role":"worker"}"#.to_string(),
+            ),
+            (
+                "b-role-request-0badc0de",
+                r#"{"uuid":"a","role":"worker"}"#.to_string(),
+            ),
+            (
+                "b-role-request-12345678",
+                r#"{"uuid":"e","role":"master/ha"}"#.to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -192,18 +228,20 @@ mod tests {
             got,
             [
                 row("a", "host-a", "master", true),
-                row("b", "host-b", "", true),
+                row("b", "host-b", "worker", true),
                 row("c", "", "master/ha", false),
                 row("d", "", "", false),
+                row("e", "", "master/ha", false),
             ]
         );
         assert_eq!(
             render(&got),
             "UUID  HOSTNAME  ROLE       ONLINE\n\
              a     host-a    master     yes\n\
-             b     host-b    -          yes\n\
+             b     host-b    worker     yes\n\
              c     -         master/ha  no\n\
-             d     -         -          no\n"
+             d     -         -          no\n\
+             e     -         master/ha  no\n"
         );
     }
 }

@@ -11,6 +11,7 @@
 pub mod election;
 pub mod ipam;
 pub mod replication;
+pub mod requests;
 pub mod roles;
 #[cfg(test)]
 #[path = "tests.rs"]
@@ -655,6 +656,15 @@ impl Cluster {
         writes: Vec<Write>,
     ) -> Result<(), LedgerError> {
         self.unix_ms = unix_ms;
+        let bucket = self.settings.network_id.clone();
+        let me = requests::Me {
+            uuid: &self.settings.uuid,
+            peer: self.me,
+        };
+        let writes = writes
+            .into_iter()
+            .map(|w| requests::route(&self.ledger, &bucket, &me, w))
+            .collect::<Result<Vec<Write>, LedgerError>>()?;
         let result = self.write_all(now, writes);
         // Somebody waits for these to be on disk (an API client's answer).
         self.save.urgent = true;
@@ -740,6 +750,24 @@ impl Cluster {
             || self
                 .started
                 .is_some_and(|t| now >= t + self.settings.settle)
+    }
+
+    /// As the leader of record: the roles held here from a former leader (neither from their
+    /// node nor from us; with `ours`, from us too), signed again under our name so that nodes
+    /// that learn them later take them from the leader they know (see
+    /// [`crate::ledger::authority`]); `skip` are written anyway.
+    fn resign_roles(&self, bucket: &str, skip: &[Write], ours: bool) -> Vec<Write> {
+        self.ledger
+            .bucket(bucket)
+            .filter_map(|(key, value)| {
+                let uuid = key.strip_suffix(names::ROLE_SUFFIX)?;
+                let entry = self.ledger.entry(bucket, key)?;
+                let foreign = (ours || entry.writer != self.me)
+                    && self.ledger.bound_peer(uuid) != Some(entry.writer);
+                (foreign && !skip.iter().any(|w| w.key == key))
+                    .then(|| Write::put(bucket, key, value))
+            })
+            .collect()
     }
 
     /// Signs, stores and gossips `writes`; returns the first refusal (each is logged).
@@ -1079,6 +1107,7 @@ impl Cluster {
         let split = self.split(&tally, &recorded, hlc_now);
         self.merging = split.as_ref().is_some_and(|sp| sp.merge);
         let eligible = s.role != Role::None;
+        let mut leading = false;
         let ready = self.ready(now);
         let stable_at = self.view_changed_at.map(|t| t + s.settle);
         let lone_at = self.lone_master_at(&view);
@@ -1137,10 +1166,30 @@ impl Cluster {
                             dynamic: s.roles.dynamic && self.replication.is_synced(),
                             ..s.roles
                         };
-                        let a = roles::assign(&view, &bucket, &commit.candidate, policy);
-                        writes.extend(a.writes);
-                        if self.ledger.get(&bucket, names::LEADER_AUTO) != Some(me.as_bytes()) {
-                            writes.push(Write::put(&bucket, names::LEADER_AUTO, me.clone()));
+                        // The ownership rule takes roles for others only from the leader of
+                        // record: claim `leader-auto` first (in the same batch, so peers learn
+                        // it before the roles), unless a higher leader still holds it here.
+                        if self.ledger.may_lead(&bucket, &me, Some(hlc_now)) {
+                            let held = self.ledger.entry(&bucket, names::LEADER_AUTO);
+                            // Another node claimed the lead after our claim, and we refused it:
+                            // the nodes that took it follow that node. Claim again, newer, and
+                            // sign every role again so that they take ours.
+                            let refused = self.ledger.refused_claim(&bucket);
+                            let outbid =
+                                held.is_some_and(|e| refused.is_some_and(|v| v > e.version));
+                            if let Some(v) = refused.filter(|_| outbid) {
+                                // Our claim must be newer than the one the others took.
+                                self.clock.advance(v);
+                            }
+                            if outbid
+                                || held.and_then(|e| e.value.as_deref()) != Some(me.as_bytes())
+                            {
+                                writes.push(Write::put(&bucket, names::LEADER_AUTO, me.clone()));
+                            }
+                            let a = roles::assign(&view, &bucket, &commit.candidate, policy);
+                            writes.extend(self.resign_roles(&bucket, &a.writes, outbid));
+                            writes.extend(a.writes);
+                            leading = true;
                         }
                     }
                 }
@@ -1159,6 +1208,19 @@ impl Cluster {
                 writes.push(Write::put(&bucket, &names::role_key(&me), role));
             }
         }
+
+        // `role set` requests: apply them as the leader or their target, drop ours once done.
+        let me_req = requests::Me {
+            uuid: &me,
+            peer: self.me,
+        };
+        let applied = requests::pending(&self.ledger, &bucket, &me_req, leading);
+        writes.retain(|w| {
+            !applied
+                .iter()
+                .any(|a| a.key == w.key && a.bucket == w.bucket)
+        });
+        writes.extend(applied);
 
         // Our own role: follow the ledger; without dynamic roles, keep what was applied. Read
         // from the ledger itself, not the view: the view lists announced nodes only, and a node

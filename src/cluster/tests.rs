@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
 use super::replication::{HEARTBEAT_FANOUT, Replication};
 use super::roles::{self, Assignment, RolePolicy};
-use super::view::{Announcement, NodeView, View};
+use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
 use crate::config::{self, HostFacts, P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{Applied, Clock, Entry, Ledger, Limits, SyncLimits, names};
+use crate::ledger::{Applied, Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, names};
 use crate::rng::Rng;
 
 /// The cluster bucket of the tests (the default `network_id`).
@@ -1937,13 +1937,14 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
     }
     w.deliver();
     w.run_for(Duration::from_secs(2));
+    let forged_vote_key = format!("{forger_uuid}-vote");
     let before: Vec<Vec<KeyValue>> = w
         .nodes
         .iter()
         .map(|n| {
             n.ledger()
                 .entries()
-                .filter(|e| e.bucket != names::HEALTHCHECK)
+                .filter(|e| e.bucket != names::HEALTHCHECK && e.key != forged_vote_key)
                 .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
                 .collect()
         })
@@ -1996,12 +1997,44 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
         (BUCKET, election::MASTER_COMMIT.into(), Some(commit)),
         (BUCKET, election::MASTER_COMMIT.into(), None),
         (BUCKET, names::LEADER_AUTO.into(), Some(victim.clone())),
+        // Claiming the lead while the real (higher-ranked) leader is live.
+        (BUCKET, names::LEADER_AUTO.into(), Some(forger_uuid.into())),
+        // Another node's role, not a master role: only that node or the leader writes it.
+        (
+            BUCKET,
+            names::role_key(&victim),
+            Some(names::ROLE_MASTER_HA.into()),
+        ),
+        // A role for a node that has not joined yet.
+        (
+            BUCKET,
+            names::role_key("node-z"),
+            Some(names::ROLE_WORKER.into()),
+        ),
         (names::HEALTHCHECK, victim.clone(), None),
         (names::DHCP, victim.clone(), Some("10.1.0.200".into())),
         (names::MACHINES, victim_addr.clone(), Some(machine)),
         (names::MACHINES, victim_addr.clone(), None),
     ];
     let at = w.unix_ms(0) + 1_000;
+    // The forger's own vote for its forged ballot (its own key: stored): the lone master's
+    // proof, which must not replace a commit naming another master.
+    let own_vote = serde_json::json!({
+        "promised": {"round": 99, "proposer": forger_uuid},
+        "accepted": {"ballot": {"round": 99, "proposer": forger_uuid}, "candidate": forger_uuid},
+    })
+    .to_string();
+    let own_vote = Entry::sign(
+        &forger,
+        BUCKET,
+        &format!("{forger_uuid}-vote"),
+        Some(own_vote.as_bytes()),
+        crate::ledger::Hlc::new(at - 1, 0),
+    )
+    .unwrap();
+    for n in &mut w.nodes {
+        n.ledger.apply(own_vote.clone(), at).unwrap();
+    }
     let mut refused = 0;
     for (i, (bucket, key, value)) in forged.iter().enumerate() {
         let entry = Entry::sign(
@@ -2033,7 +2066,7 @@ fn forged_entries_of_every_family_take_effect_nowhere() {
         let after: Vec<KeyValue> = n
             .ledger()
             .entries()
-            .filter(|e| e.bucket != names::HEALTHCHECK)
+            .filter(|e| e.bucket != names::HEALTHCHECK && e.key != forged_vote_key)
             .map(|e| (e.bucket.clone(), e.key.clone(), e.value.clone()))
             .collect();
         assert_eq!(after, before[i], "node {i}");
@@ -2155,4 +2188,239 @@ fn a_split_past_the_merge_window_is_left_alone() {
     assert_eq!(cluster.left_clusters(), 0);
     assert_eq!(cluster.role(), Some("master"));
     assert_eq!(cluster.second_masters(), ["b".to_string()]);
+}
+
+/// Runs `w` for a while and returns what `<uuid>-role` holds on every node.
+fn roles_everywhere(w: &Wired, uuid: &str) -> Vec<Option<String>> {
+    w.nodes
+        .iter()
+        .map(|n| view::role_of(n.ledger(), BUCKET, uuid))
+        .collect()
+}
+
+/// `kairosctl role set` through any node's API: the leader writes the role itself; another
+/// node stores a request that the leader (or the target) applies, for a node that joined and
+/// for one that has not joined yet, and deletes the request once done. A master role for a node
+/// that is not the committed master is refused at once.
+#[test]
+fn role_set_through_any_node_reaches_every_node() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    // Dynamic roles: a node follows the ledger (otherwise it keeps the role it applied).
+    let mut w = wired_with(&uuids, |uuid| {
+        let mut s = ClusterSettings::defaults(uuid);
+        s.roles.dynamic = true;
+        s
+    });
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    let master = w.nodes[0].master().expect("a master").to_string();
+    let leader = w.nodes[0].leader().expect("a leader").to_string();
+    let leader_index = uuids.iter().position(|u| *u == leader).unwrap();
+    assert_eq!(
+        w.nodes[0].ledger().get(BUCKET, names::LEADER_AUTO),
+        Some(leader.as_bytes())
+    );
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader_index).collect();
+    let (via, target) = (others[0], uuids[others[1]]);
+    assert_ne!(target, master);
+
+    // Through a node that is neither the leader nor the target: a request.
+    let (now, ms) = (w.now, w.unix_ms(via));
+    w.nodes[via]
+        .write(
+            now,
+            ms,
+            vec![Write::put(BUCKET, &names::role_key(target), "master/ha")],
+        )
+        .unwrap();
+    let request_key = names::role_request_key(uuids[via], target);
+    assert!(w.nodes[via].ledger().get(BUCKET, &request_key).is_some());
+    w.deliver();
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(
+        roles_everywhere(&w, target),
+        vec![Some("master/ha".to_string()); 3]
+    );
+    for n in &w.nodes {
+        assert_eq!(
+            n.ledger().get(BUCKET, &request_key),
+            None,
+            "request deleted"
+        );
+        let writer = n
+            .ledger()
+            .entry(BUCKET, &names::role_key(target))
+            .unwrap()
+            .writer;
+        let owners = [w.peers[leader_index], w.peers[others[1]]];
+        assert!(
+            owners.contains(&writer),
+            "written by the leader or the node"
+        );
+    }
+
+    // For a node that has not joined yet, through a non-leader: the leader writes it.
+    let (now, ms) = (w.now, w.unix_ms(via));
+    w.nodes[via]
+        .write(
+            now,
+            ms,
+            vec![Write::put(BUCKET, &names::role_key("node-z"), "worker")],
+        )
+        .unwrap();
+    w.deliver();
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(
+        roles_everywhere(&w, "node-z"),
+        vec![Some("worker".to_string()); 3]
+    );
+    assert!(w.nodes.iter().all(|n| {
+        n.ledger()
+            .entry(BUCKET, &names::role_key("node-z"))
+            .unwrap()
+            .writer
+            == w.peers[leader_index]
+    }));
+
+    // Through the leader itself: written at once.
+    let (now, ms) = (w.now, w.unix_ms(leader_index));
+    w.nodes[leader_index]
+        .write(
+            now,
+            ms,
+            vec![Write::put(BUCKET, &names::role_key("node-y"), "worker")],
+        )
+        .unwrap();
+    assert_eq!(
+        view::role_of(w.nodes[leader_index].ledger(), BUCKET, "node-y").as_deref(),
+        Some("worker")
+    );
+
+    // A master role for a node that is not the committed master: refused, nothing stored.
+    let (now, ms) = (w.now, w.unix_ms(via));
+    let refused = w.nodes[via].write(
+        now,
+        ms,
+        vec![Write::put(BUCKET, &names::role_key(target), "master")],
+    );
+    assert!(
+        matches!(refused, Err(LedgerError::NotOwner { .. })),
+        "{refused:?}"
+    );
+    w.deliver();
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(
+        roles_everywhere(&w, target),
+        vec![Some("master/ha".to_string()); 3]
+    );
+}
+
+/// A new leader signs again the roles its predecessor wrote, so that a node that learns them
+/// only now (a late joiner) takes them from the leader it knows.
+#[test]
+fn a_new_leader_signs_its_predecessors_roles_again() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    let leader = w.nodes[0].leader().expect("a leader").to_string();
+    let leader_index = uuids.iter().position(|u| *u == leader).unwrap();
+    let old_leader_peer = w.peers[leader_index];
+    // Roles the leader assigned to the others.
+    let assigned: Vec<&str> = uuids.iter().copied().filter(|u| *u != leader).collect();
+    for u in &assigned {
+        let e = w.nodes[0]
+            .ledger()
+            .entry(BUCKET, &names::role_key(u))
+            .unwrap();
+        assert_eq!(e.writer, old_leader_peer, "{u}'s role by the leader");
+    }
+    // The leader goes silent: once its heartbeat is older than the liveness timeout, the next
+    // leader takes `leader-auto` and signs the roles again.
+    w.nodes.remove(leader_index);
+    let dead_peer = w.peers.remove(leader_index);
+    w.skew_ms.remove(leader_index);
+    for n in &mut w.nodes {
+        n.peer_disconnected(&dead_peer);
+    }
+    w.run_for(Duration::from_secs(150));
+    let new_leader = w.nodes[0].leader().expect("a new leader").to_string();
+    assert_ne!(new_leader, leader);
+    let new_index = [assigned[0], assigned[1]]
+        .iter()
+        .position(|u| *u == new_leader)
+        .unwrap();
+    for n in &w.nodes {
+        assert_eq!(
+            n.ledger().get(BUCKET, names::LEADER_AUTO),
+            Some(new_leader.as_bytes())
+        );
+        for u in &assigned {
+            if *u == new_leader {
+                continue;
+            }
+            let e = n.ledger().entry(BUCKET, &names::role_key(u)).unwrap();
+            assert_eq!(e.writer, w.peers[new_index], "{u}'s role signed again");
+        }
+    }
+}
+
+/// The leader comes back after the others took the lead under a lower-ranked node: it refuses
+/// that claim (it is live), claims again, newer, and signs every role again, and every ledger
+/// ends with the same `leader-auto` and roles.
+#[test]
+fn a_returning_leader_claims_again_and_the_ledgers_agree() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    let leader = w.nodes[0].leader().expect("a leader").to_string();
+    let leader_index = uuids.iter().position(|u| *u == leader).unwrap();
+    // Away for longer than the liveness timeout: the others move the lead.
+    let away = w.nodes.remove(leader_index);
+    let away_peer = w.peers.remove(leader_index);
+    let away_skew = w.skew_ms.remove(leader_index);
+    for n in &mut w.nodes {
+        n.peer_disconnected(&away_peer);
+    }
+    w.run_for(Duration::from_secs(150));
+    let interim = w.nodes[0].leader().expect("an interim leader").to_string();
+    assert_ne!(interim, leader);
+    assert_eq!(
+        w.nodes[0].ledger().get(BUCKET, names::LEADER_AUTO),
+        Some(interim.as_bytes())
+    );
+    // Back.
+    w.nodes.insert(leader_index, away);
+    w.peers.insert(leader_index, away_peer);
+    w.skew_ms.insert(leader_index, away_skew);
+    let now = w.now;
+    let ms = w.unix_ms(leader_index);
+    w.nodes[leader_index].handle_timeout(now, ms);
+    for i in 0..w.nodes.len() {
+        if i != leader_index {
+            let (mi, ml) = (w.unix_ms(i), w.unix_ms(leader_index));
+            let (pi, pl) = (w.peers[i], w.peers[leader_index]);
+            w.nodes[i].peer_connected(now, mi, pl);
+            w.nodes[leader_index].peer_connected(now, ml, pi);
+        }
+    }
+    w.deliver();
+    w.run_for(Duration::from_secs(60));
+    let state = |n: &Cluster| -> Vec<(String, Option<Vec<u8>>)> {
+        n.ledger()
+            .bucket(BUCKET)
+            .filter(|(k, _)| *k == names::LEADER_AUTO || k.ends_with(names::ROLE_SUFFIX))
+            .map(|(k, v)| (k.to_string(), Some(v.to_vec())))
+            .collect()
+    };
+    let first = state(&w.nodes[0]);
+    for n in &w.nodes {
+        assert_eq!(state(n), first, "every ledger agrees");
+        assert_eq!(
+            n.ledger().get(BUCKET, names::LEADER_AUTO),
+            Some(leader.as_bytes()),
+            "the returning leader leads"
+        );
+    }
 }

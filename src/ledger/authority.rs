@@ -15,19 +15,38 @@
 //! # Families
 //! - `<uuid>-*` in any bucket (`-uuid`, `-ip`, `-vote`, `-ballot`, anything under a bound uuid),
 //!   `healthcheck/<uuid>`, `dhcp/<uuid>`: the bound peer of `<uuid>`.
-//! - `<uuid>-role`: the bound peer of `<uuid>`, or another member (a peer bound to some uuid: the
-//!   leader assigns roles, and Kairos' `role set` goes through any node's API). Once a master is
-//!   committed, `master`/`master/clusterinit` go to the committed master only, whoever writes
-//!   them; before, only a node itself may take them (manual roles, `auto.enable: false`).
+//! - `<uuid>-role`: the bound peer of `<uuid>` (a node taking its own manual role, a node keeping
+//!   the role it applied), or the *leader of record* of the bucket: the peer bound to the uuid
+//!   `leader-auto` names, or, until the leader writes `leader-auto`, the peer bound to the
+//!   committed ballot's proposer (it writes the master's role with the commit). Before anybody
+//!   leads, a role for a uuid nobody announced yet (Kairos' `role set` before the node joins) may
+//!   be written by any member. Anything else is refused; from a writer not known as a member yet,
+//!   or while nobody leads, it waits. Kairos' `role set <uuid>` through another node's API
+//!   becomes a request in a key that node owns, which the leader or the target applies (see
+//!   [`crate::cluster::requests`]); a new leader signs its predecessor's roles again, so that a
+//!   node learning them later takes them from the leader it knows. Once a master is committed,
+//!   `master`/`master/clusterinit` go to the committed master only, whoever writes them; before,
+//!   only a node itself may take them (manual roles, `auto.enable: false`).
+//! - `leader-auto` (any bucket): the peer bound to the uuid it names, when that uuid is announced
+//!   in the bucket as taking part in elections (not `p2p.role: none`) and nobody holds
+//!   `leader-auto`, it holds it already, it outranks the holder (the view's leader rule: highest
+//!   FNV-32a, then uuid) or the holder has been silent for [`Authority::rebind_after_ms`]. A
+//!   member can thus lead only where the election rule makes it the leader.
 //! - `machines/<ip>`: a value must name its writer as `PeerID` (the VPN routes the address to that
 //!   peer); a deletion comes from the writer of the entry it deletes.
 //! - In the node's own cluster bucket: `ip-master`, `token-nodetoken`, `master-kubeconfig` and
 //!   `control-plane-*` by the bound peer of the committed master; `master-commit` by the bound
 //!   peer of the ballot's proposer or of the master it names, and only with at least [`Authority::quorum_floor`] votes in the
 //!   ledger accepting exactly that ballot and candidate (the proof of the quorum; one, when the
-//!   proposer names itself, as a lone master does); `leader-auto` by
-//!   the peer bound to the uuid it names.
+//!   proposer names itself, as a lone master does, unless a commit naming another master is
+//!   held: a member's own vote never replaces the master).
 //! - Everything else (free-form buckets and keys written through the API) is open to members.
+//!
+//! What a member can still do, by design: ask for any non-master role for any node (Kairos'
+//! `role set` as root through any node), since the leader applies requests whoever signed them
+//! (the request names its writer; the leader logs it); publish `machines/<ip>` naming itself
+//! for an address it does not hold (see [`crate::vpn::routes`]); lead where the election rule
+//! makes it the leader.
 //!
 //! An entry whose owner cannot be known yet (its uuid is not announced here yet, no master is
 //! committed yet, the votes proving a commit have not arrived) is *deferred*: kept aside (at most
@@ -37,6 +56,9 @@
 use super::names;
 use super::{Entry, Ledger};
 use crate::cluster::election::{BALLOT_SUFFIX, Commit, MASTER_COMMIT, VOTE_SUFFIX, Vote};
+use crate::cluster::fnv32a;
+use crate::cluster::view::Announcement;
+use crate::config::Role;
 use crate::identity::PeerId;
 
 /// Most entries kept aside until their owner is known; the oldest go first (anti-entropy offers
@@ -122,12 +144,9 @@ impl Ledger {
                     Some(master) => self.owner_is(&master, writer),
                 };
             }
-            if key == names::LEADER_AUTO {
-                return match &entry.value {
-                    Some(v) => self.owner_is(&String::from_utf8_lossy(v), writer),
-                    None => self.same_writer(entry),
-                };
-            }
+        }
+        if key == names::LEADER_AUTO {
+            return self.leader_auto(entry, now);
         }
         if let Some(uuid) = key.strip_suffix(names::ROLE_SUFFIX) {
             return self.role(auth, bucket, uuid, entry);
@@ -181,15 +200,7 @@ impl Ledger {
         let Some(now) = now else {
             return Verdict::Allowed;
         };
-        // The bound peer's last sign of life: its own heartbeat, else its announcement.
-        let last = self
-            .entry(names::HEALTHCHECK, uuid)
-            .filter(|e| e.writer == bound)
-            .map(|e| e.version.millis())
-            .or_else(|| self.bindings.get(uuid).map(|(_, v)| *v))
-            .unwrap_or(0);
-        let now = now.max(self.max_version().millis());
-        if now.saturating_sub(last) >= auth.rebind_after_ms {
+        if self.silent_for(uuid, now) >= auth.rebind_after_ms {
             Verdict::Allowed
         } else {
             Verdict::NotOwner("uuid bound to a live peer")
@@ -211,12 +222,21 @@ impl Ledger {
     }
 
     fn role(&self, auth: &Authority, bucket: &str, uuid: &str, entry: &Entry) -> Verdict {
-        // A role for a uuid nobody announced yet is Kairos' `role set` before the node joins:
-        // any member may write it, as any member may write a bound node's role (below).
         let own = self.bound_peer(uuid).is_some_and(|p| p == entry.writer);
-        if !own && !self.is_member(&entry.writer) {
-            // Maybe a member whose announcement has not arrived yet.
-            return Verdict::Unsettled;
+        if !own {
+            match self.leader_of_record(bucket) {
+                Some(leader) if leader == entry.writer => {}
+                // Maybe a member whose announcement, or the leader whose `leader-auto`, has not
+                // arrived yet.
+                _ if !self.is_member(&entry.writer) => return Verdict::Unsettled,
+                // Kairos' `role set` before the node joins and before anybody leads: any member
+                // (the leader signs it again once it leads).
+                None if self.bound_peer(uuid).is_none() => {}
+                None => return Verdict::Unsettled,
+                Some(_) => {
+                    return Verdict::NotOwner("role written by neither the node nor the leader");
+                }
+            }
         }
         let text = entry
             .value
@@ -235,6 +255,84 @@ impl Ledger {
             None => Verdict::Unsettled,
             Some(m) if m == uuid => Verdict::Allowed,
             Some(_) => Verdict::NotOwner("master role for a node not committed"),
+        }
+    }
+
+    /// The peer that assigns roles in `bucket`: the peer bound to the uuid `leader-auto` names,
+    /// else (the commit was just written) the committed ballot's proposer.
+    pub fn leader_of_record(&self, bucket: &str) -> Option<PeerId> {
+        match self.get(bucket, names::LEADER_AUTO) {
+            Some(v) => self.bound_peer(&String::from_utf8_lossy(v)),
+            None => {
+                let raw = self.get(bucket, MASTER_COMMIT)?;
+                let commit = serde_json::from_slice::<Commit>(raw).ok()?;
+                self.bound_peer(&commit.ballot.proposer)
+            }
+        }
+    }
+
+    /// Whether `uuid` may take `leader-auto` in `bucket` at hybrid time `now` (`None`: the
+    /// holder counts as silent): `uuid` is announced there as taking part in elections, and
+    /// nobody holds it, `uuid` holds it, `uuid` outranks the holder as the view's leader rule
+    /// ranks nodes, or the holder has been silent for [`Authority::rebind_after_ms`].
+    pub fn may_lead(&self, bucket: &str, uuid: &str, now: Option<u64>) -> bool {
+        let Some(auth) = &self.authority else {
+            return true;
+        };
+        if !self.takes_part(bucket, uuid) {
+            return false;
+        }
+        let Some(held) = self.get(bucket, names::LEADER_AUTO) else {
+            return true;
+        };
+        let holder = String::from_utf8_lossy(held).to_string();
+        if holder == uuid {
+            return true;
+        }
+
+        let rank = |u: &str| (fnv32a(u), u.to_string());
+        if rank(uuid) > rank(&holder) {
+            return true;
+        }
+        match now {
+            None => true,
+            Some(now) => self.silent_for(&holder, now) >= auth.rebind_after_ms,
+        }
+    }
+
+    /// Whether `uuid` is announced in `bucket` as taking part in elections (`p2p.role: none`
+    /// does not): only such a node leads.
+    fn takes_part(&self, bucket: &str, uuid: &str) -> bool {
+        self.get(bucket, &names::uuid_key(uuid))
+            .and_then(|v| serde_json::from_slice::<Announcement>(v).ok())
+            .is_some_and(|a| a.asked() != Role::None)
+    }
+
+    /// Milliseconds since `uuid`'s bound peer was last heard of (its own heartbeat, else its
+    /// announcement), at hybrid time `now`.
+    fn silent_for(&self, uuid: &str, now: u64) -> u64 {
+        let bound = self.bound_peer(uuid);
+        let last = self
+            .entry(names::HEALTHCHECK, uuid)
+            .filter(|e| Some(e.writer) == bound)
+            .map(|e| e.version.millis())
+            .or_else(|| self.bindings.get(uuid).map(|(_, v)| *v))
+            .unwrap_or(0);
+        now.max(self.max_version().millis()).saturating_sub(last)
+    }
+
+    fn leader_auto(&self, entry: &Entry, now: Option<u64>) -> Verdict {
+        let Some(value) = &entry.value else {
+            return self.same_writer(entry);
+        };
+        let uuid = String::from_utf8_lossy(value);
+        match self.owner_is(&uuid, &entry.writer) {
+            Verdict::Allowed if self.may_lead(&entry.bucket, &uuid, now) => Verdict::Allowed,
+            Verdict::Allowed if !self.takes_part(&entry.bucket, &uuid) => {
+                Verdict::NotOwner("leader-auto for a node that takes no part in elections")
+            }
+            Verdict::Allowed => Verdict::NotOwner("leader-auto while a higher leader is live"),
+            other => other,
         }
     }
 
@@ -275,7 +373,10 @@ impl Ledger {
         // `cluster::LONE_MASTER_WAIT`) proves its commit with its own vote: a commit that names
         // its proposer as the master needs one vote. That lets a member make only itself master,
         // which members are trusted with; it never lets one name another node.
-        let alone = commit.candidate == commit.ballot.proposer;
+        // Never to replace a commit naming another master, though: that takes a quorum.
+        let held = self.committed_master(&entry.bucket);
+        let alone = commit.candidate == commit.ballot.proposer
+            && held.as_ref().is_none_or(|m| *m == commit.candidate);
         let needed = if alone { 1 } else { auth.quorum_floor.max(1) };
         if votes >= needed {
             Verdict::Allowed
@@ -288,6 +389,7 @@ impl Ledger {
     pub(crate) fn settles_others(entry: &Entry) -> bool {
         announced_uuid(&entry.bucket, &entry.key).is_some()
             || entry.key == MASTER_COMMIT
+            || entry.key == names::LEADER_AUTO
             || entry.key.ends_with(VOTE_SUFFIX)
     }
 }

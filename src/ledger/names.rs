@@ -75,6 +75,19 @@ pub fn ip_key(uuid: &str) -> String {
     format!("{uuid}{IP_SUFFIX}")
 }
 
+/// Infix of a role request: `<requester uuid>-role-request-<8 hex digits of the target uuid's
+/// FNV-32a>` (see `cluster::requests`).
+pub const ROLE_REQUEST_INFIX: &str = "-role-request-";
+
+/// The key of `requester`'s request for `target`'s role.
+#[must_use]
+pub fn role_request_key(requester: &str, target: &str) -> String {
+    format!(
+        "{requester}{ROLE_REQUEST_INFIX}{:08x}",
+        crate::cluster::fnv32a(target)
+    )
+}
+
 /// Which per-node key a key is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKey<'a> {

@@ -198,6 +198,8 @@ pub struct Ledger {
     deferred: VecDeque<Entry>,
     /// Deferred entries stored since [`Ledger::take_settled`] last ran (to gossip on).
     settled: Vec<Entry>,
+    /// Per bucket, the newest `leader-auto` claim refused here (see [`Ledger::refused_claim`]).
+    refused_claims: BTreeMap<String, Hlc>,
     /// What the next save must write (see [`super::journal`]).
     pub(crate) journal: JournalState,
     /// Entries and bytes held per writer (for the quotas).
@@ -254,6 +256,7 @@ impl Ledger {
             bound_peers: BTreeMap::new(),
             deferred: VecDeque::new(),
             settled: Vec::new(),
+            refused_claims: BTreeMap::new(),
             journal: JournalState::default(),
             usage: BTreeMap::new(),
             rivals: BTreeMap::new(),
@@ -332,6 +335,14 @@ impl Ledger {
     /// Enforces the ownership rule from now on, on every entry merged or written.
     pub fn set_authority(&mut self, authority: Authority) {
         self.authority = Some(authority);
+    }
+
+    /// The newest claim of `leader-auto` in `bucket` this ledger refused (a lower-ranked node
+    /// claimed the lead while the holder was live here): the holder, if it still leads, claims
+    /// again with a newer version, or the nodes that took the other claim would never come back.
+    #[must_use]
+    pub fn refused_claim(&self, bucket: &str) -> Option<Hlc> {
+        self.refused_claims.get(bucket).copied()
     }
 
     /// Entries kept aside until their owner is known.
@@ -701,6 +712,13 @@ impl Ledger {
                     _ => "its owner is not known yet",
                 };
                 self.counters.not_owner += 1;
+                if entry.key == super::names::LEADER_AUTO && entry.value.is_some() {
+                    let newest = self
+                        .refused_claims
+                        .entry(entry.bucket.clone())
+                        .or_insert(entry.version);
+                    *newest = (*newest).max(entry.version);
+                }
                 log::debug!(
                     "ledger: dropped {}/{} by {}: not the owner ({reason})",
                     entry.bucket,
