@@ -477,6 +477,13 @@ impl Cluster {
         Ok(persisted)
     }
 
+    /// [`persist`](Self::persist) to the simulator's virtual disk (see
+    /// [`Ledger::persist_in_memory`]).
+    pub fn persist_in_memory(&mut self, disk: &mut Option<Ledger>) {
+        self.ledger.persist_in_memory(disk);
+        self.saved();
+    }
+
     // ---- inputs ----
 
     /// Whether the node's discovery has converged (bootstrap peers, DHT rendezvous and members
