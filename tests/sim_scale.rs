@@ -28,11 +28,12 @@ fn two_hundred_nodes_in_ten_clusters_all_form() {
         );
         let (_, report) = formation(spec).expect("simulation");
         eprintln!(
-            "{} nodes: formed at {:?} virtual, {:.1} s wall, {} steps",
+            "{} nodes: formed at {:?} virtual, {:.1} s wall, {} steps, replication {:?}",
             spec.nodes(),
             report.formed_at,
             report.wall.as_secs_f64(),
-            report.steps
+            report.steps,
+            report.replication
         );
         for (id, c) in &report.clusters {
             assert_eq!(c.with_role, c.nodes, "{id}: {c:?}");

@@ -362,11 +362,13 @@ impl Cluster {
         });
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
+        let mut replication = Replication::new(limits, settings.heartbeat_interval());
+        replication.coalesce_pushes();
         Self {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication: Replication::new(limits, settings.heartbeat_interval()),
+            replication,
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,
@@ -531,6 +533,7 @@ impl Cluster {
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
+        self.replication.arm_flush(now);
         // A new sign of another node using our uuid is news for the next pass.
         if self.ledger.rival(&self.settings.uuid) != rival_before {
             self.update_at.get_or_insert(now + UPDATE_DELAY);
@@ -721,6 +724,7 @@ impl Cluster {
         }
         self.note_changes(now);
         self.replication.push(&mut self.rng, &fresh, None);
+        self.replication.arm_flush(now);
         first_error.map_or(Ok(()), Err)
     }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ClusterSettings;
+use crate::cluster::replication::ReplicationStats;
 use crate::ledger::names;
 
 use super::metrics::total_traffic;
@@ -145,6 +146,28 @@ impl ScaleRun {
         out
     }
 
+    /// Ledger replication counters summed over the running nodes.
+    #[must_use]
+    pub fn replication_stats(&self) -> ReplicationStats {
+        let mut sum = ReplicationStats::default();
+        for s in self
+            .hosts
+            .iter()
+            .filter_map(|h| self.sim.node(*h).and_then(|n| n.cluster()))
+            .map(crate::cluster::Cluster::replication_stats)
+        {
+            sum.messages_in += s.messages_in;
+            sum.messages_out += s.messages_out;
+            sum.bytes_in += s.bytes_in;
+            sum.bytes_out += s.bytes_out;
+            sum.rejected += s.rejected;
+            sum.entries_fresh += s.entries_fresh;
+            sum.entries_stale += s.entries_stale;
+            sum.entries_refused += s.entries_refused;
+        }
+        sum
+    }
+
     /// Every node holds a role.
     #[must_use]
     pub fn all_have_roles(&self) -> bool {
@@ -200,6 +223,8 @@ pub struct ScaleReport {
     pub steps: u64,
     /// Each cluster's outcome.
     pub clusters: BTreeMap<String, ClusterOutcome>,
+    /// Ledger replication, summed over the nodes.
+    pub replication: ReplicationStats,
 }
 
 /// Builds and runs `spec` until formed.
@@ -212,6 +237,7 @@ pub fn formation(spec: ScaleSpec) -> Result<(ScaleRun, ScaleReport), SimError> {
         wall: wall.elapsed(),
         steps: run.sim.steps(),
         clusters: run.outcomes(),
+        replication: run.replication_stats(),
     };
     Ok((run, report))
 }
