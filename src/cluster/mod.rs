@@ -10,6 +10,7 @@
 
 pub mod election;
 pub mod ipam;
+mod relevance;
 pub mod replication;
 pub mod roles;
 #[cfg(test)]
@@ -539,8 +540,16 @@ impl Cluster {
             self.update_at.get_or_insert(now + UPDATE_DELAY);
         }
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
-        // entry that arrives within UPDATE_DELAY is read by one pass.
-        if !fresh.is_empty()
+        // entry that arrives within UPDATE_DELAY is read by one pass; entries that concern
+        // another cluster, or routine heartbeats, run none (see `relevance`).
+        let (bucket, me) = (&self.settings.network_id, &self.settings.uuid);
+        let concerns = fresh
+            .iter()
+            .any(|e| relevance::concerns(&self.view, bucket, me, e));
+        if !fresh.is_empty() {
+            self.note_changes(now);
+        }
+        if concerns
             || was_synced != self.replication.is_synced()
             || was_all_synced != self.replication.all_peers_synced()
         {

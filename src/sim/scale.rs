@@ -4,17 +4,27 @@
 //! (200 nodes).
 //!
 //! Node `i` sits on subnet `i / 100` and belongs to cluster `i % clusters`, so every cluster
-//! spans every subnet and must be found beyond its LAN.
+//! spans every subnet and must be found beyond its LAN. VPN addresses are network-wide: the
+//! scenario gives the token a /20 ([`VPN_NETWORK`]), as a network of 1,000 nodes needs (the
+//! default /24 holds 254).
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ClusterSettings;
 use crate::cluster::replication::ReplicationStats;
+use crate::config::Ipv4Cidr;
 use crate::ledger::names;
 
 use super::metrics::total_traffic;
 use super::{Action, HostId, LinkParams, Sim, SimConfig, SimError};
+
+/// The VPN network of the scenario's token (`vpn.address`).
+pub const VPN_NETWORK: Ipv4Cidr = Ipv4Cidr {
+    addr: Ipv4Addr::new(10, 1, 0, 1),
+    prefix_len: 20,
+};
 
 /// Hosts per subnet (one LAN broadcast domain).
 pub const HOSTS_PER_SUBNET: usize = 100;
@@ -100,6 +110,9 @@ impl ScaleRun {
             let h = sim.add_node(lans[i / HOSTS_PER_SUBNET], net, settings.clone())?;
             let mut cluster = ClusterSettings::defaults(&format!("node-{i:04}"));
             cluster.network_id = network_id(i % spec.clusters.max(1));
+            if let Some(ipam) = &mut cluster.ipam {
+                ipam.network = VPN_NETWORK;
+            }
             network_ids.push(cluster.network_id.clone());
             sim.set_cluster(h, cluster);
             if i == 0 && subnets > 1 {
@@ -110,7 +123,9 @@ impl ScaleRun {
                     sim.peer_id(h),
                 )];
             } else {
-                let spread = u64::try_from(spec.start_spread.as_millis()).unwrap_or(1).max(1);
+                let spread = u64::try_from(spec.start_spread.as_millis())
+                    .unwrap_or(1)
+                    .max(1);
                 let at = Duration::from_millis(sim.rng().below(spread));
                 sim.schedule(at, Action::Start(h));
             }
