@@ -6,7 +6,9 @@
 //!
 //! `cargo bench --bench scale`; `SIM_SEED` picks the seed, `SIM_BENCH_SCALE_NODES` the big
 //! run's nodes per cluster (default 100), `SIM_BENCH_IDLE_SECS` the idle measurement (default
-//! 60 virtual seconds).
+//! 60 virtual seconds). The 1,000-node run runs only with `SIM_BENCH_SCALE_BIG=1`: today it does
+//! not form within half an hour of wall time and passes 7 GB (issue 16 is open on it), which
+//! `make bench` must not spend by default.
 
 use std::time::{Duration, Instant};
 
@@ -107,7 +109,15 @@ fn main() {
     let idle = Duration::from_secs(env_num("SIM_BENCH_IDLE_SECS", 60));
     println!("simulator scale benchmark, seed {seed}");
     // The big run first: the peak RSS printed is its own.
-    scale(seed, 10, per_cluster, idle, true);
+    if env_num("SIM_BENCH_SCALE_BIG", 0) == 1 {
+        scale(seed, 10, per_cluster, idle, true);
+    } else {
+        println!(
+            "{} nodes (10 x {per_cluster}): skipped (SIM_BENCH_SCALE_BIG=1 runs it; over 30 min \
+             of wall time and 7 GB today)",
+            10 * per_cluster
+        );
+    }
     scale(seed, 1, 11, idle, false);
     scale(seed, 1, 100, idle, false);
 }
