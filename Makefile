@@ -43,9 +43,9 @@ unit-test:
 
 # The simulator's role and election properties and the late-sites scenarios over 1,000 seeds per
 # scenario, and the fault scenarios over 50, optimised (the debug pass of unit-test runs 20, 3
-# and 5 seeds of each).
+# and 5 seeds of each); the 200-node scale scenario once (50 nodes in the debug pass).
 sim-properties:
-	$(CARGO) test --locked --profile sim --test sim_roles --test sim_faults --test sim_late_sites
+	$(CARGO) test --locked --profile sim --test sim_roles --test sim_faults --test sim_late_sites --test sim_scale
 
 lint: fmt-check clippy
 

@@ -10,6 +10,7 @@
 
 pub mod election;
 pub mod ipam;
+mod relevance;
 pub mod replication;
 pub mod requests;
 pub mod roles;
@@ -409,11 +410,13 @@ impl Cluster {
         });
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
+        let mut replication = Replication::new(limits, settings.heartbeat_interval());
+        replication.coalesce_pushes();
         Self {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication: Replication::new(limits, settings.heartbeat_interval()),
+            replication,
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,
@@ -542,6 +545,13 @@ impl Cluster {
         Ok(persisted)
     }
 
+    /// [`persist`](Self::persist) to the simulator's virtual disk (see
+    /// [`Ledger::persist_in_memory`]).
+    pub fn persist_in_memory(&mut self, disk: &mut Option<Ledger>) {
+        self.ledger.persist_in_memory(disk);
+        self.saved();
+    }
+
     // ---- inputs ----
 
     /// Whether the node's discovery has converged (bootstrap peers, DHT rendezvous and members
@@ -589,13 +599,22 @@ impl Cluster {
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
+        self.replication.arm_flush(now);
         // A new sign of another node using our uuid is news for the next pass.
         if self.ledger.rival(&self.settings.uuid) != rival_before {
             self.update_at.get_or_insert(now + UPDATE_DELAY);
         }
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
-        // entry that arrives within UPDATE_DELAY is read by one pass.
-        if !fresh.is_empty()
+        // entry that arrives within UPDATE_DELAY is read by one pass; entries that concern
+        // another cluster, or routine heartbeats, run none (see `relevance`).
+        let (bucket, me) = (&self.settings.network_id, &self.settings.uuid);
+        let concerns = fresh
+            .iter()
+            .any(|e| relevance::concerns(&self.view, bucket, me, e));
+        if !fresh.is_empty() {
+            self.note_changes(now);
+        }
+        if concerns
             || was_synced != self.replication.is_synced()
             || was_all_synced != self.replication.all_peers_synced()
         {
@@ -806,6 +825,7 @@ impl Cluster {
         }
         self.note_changes(now);
         self.replication.push(&mut self.rng, &fresh, None);
+        self.replication.arm_flush(now);
         first_error.map_or(Ok(()), Err)
     }
 

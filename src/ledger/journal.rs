@@ -152,6 +152,46 @@ impl Ledger {
         }
     }
 
+    /// The simulator's virtual disk: brings `disk` (this ledger as it was last saved) up to what
+    /// a [`persist`](Self::persist) and a later load would give, at the cost of what changed
+    /// (the dirty entries are replayed over it as a journal is), or copies the whole ledger when
+    /// a journal could not record the change (a key removed) or there is no copy yet.
+    pub fn persist_in_memory(&mut self, disk: &mut Option<Ledger>) {
+        let full = self.journal.needs_full || self.journal.bytes.is_none();
+        match disk {
+            Some(copy) if !full => {
+                // Checked when they were first stored; a journal replay checks them again only
+                // because a file can be damaged.
+                let trusted = Admit {
+                    verify: false,
+                    future: false,
+                    now: None,
+                };
+                for (bucket, key) in std::mem::take(&mut self.journal.dirty) {
+                    let Some(stored) = self.buckets.get(&bucket).and_then(|b| b.entries.get(&key))
+                    else {
+                        continue;
+                    };
+                    let suspect = stored.suspect;
+                    if copy.admit(stored.entry.clone(), trusted).is_ok() {
+                        copy.set_suspect(&bucket, &key, suspect);
+                    }
+                }
+                copy.last_contact_ms = self.last_contact_ms;
+                copy.quarantined_at = self.quarantined_at.filter(|_| copy.suspects > 0);
+                copy.journal = JournalState::default();
+                while copy.poll_event().is_some() {}
+            }
+            _ => {
+                self.journal = JournalState {
+                    bytes: Some(0),
+                    ..JournalState::default()
+                };
+                *disk = Some(self.clone());
+            }
+        }
+    }
+
     /// Replays the journal of the snapshot at `path` over this ledger (just loaded from it).
     pub(crate) fn replay_journal(&mut self, path: &Path, cap: usize) -> Result<(), LedgerError> {
         let journal = journal_path(path);

@@ -48,6 +48,7 @@
 
 pub mod metrics;
 pub mod net;
+pub mod scale;
 pub mod seed;
 pub mod trace;
 
@@ -1111,10 +1112,8 @@ impl Sim {
         // Saved before anything is sent, as the driver does.
         if let Some(cluster) = node.cluster_mut() {
             if cluster.save_due(now) {
-                let ledger = cluster.ledger().clone();
-                cluster.saved();
                 if let Some(slot) = self.slot_mut(host) {
-                    slot.disk = Some(ledger);
+                    cluster.persist_in_memory(&mut slot.disk);
                 }
             }
         }
