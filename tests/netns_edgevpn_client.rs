@@ -193,6 +193,9 @@ fn kairos_tools_read_what_the_agents_write_and_their_writes_round_trip() {
             String::from_utf8_lossy(&out.stderr)
         );
         put(&sockets[0], "kairos", "later-node-kairosctl-role", "worker");
+        // The role set went through the leader, the PUT is a request the leader applies (this
+        // node does not lead): wait until both arrived here (a missing key reads as an empty
+        // value too), then compare.
         let same = wait_for(Duration::from_secs(5), || {
             let (_, _, ours) =
                 api_request(&sockets[0], "GET", "/api/ledger/kairos/later-node-role");
@@ -201,7 +204,7 @@ fn kairos_tools_read_what_the_agents_write_and_their_writes_round_trip() {
                 "GET",
                 "/api/ledger/kairos/later-node-kairosctl-role",
             );
-            ours == theirs
+            get(&sockets[0], "kairos", "later-node-role") == "worker" && ours == theirs
         });
         assert!(same.is_some(), "role set stores kairosctl's Data");
         assert_eq!(get(&sockets[0], "kairos", "later-node-role"), "worker");

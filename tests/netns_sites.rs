@@ -14,6 +14,11 @@
 //!   started 35 s after the sites (past the discovery gate's 20 s bound: each site elects its own
 //!   master): once the sites meet, every node shows the second master in `/api/summary`, both
 //!   k3s servers keep running, and it stays so.
+//! - `a_wan_outage_heals_into_one_cluster`: every node up at once (one cluster), then site B's
+//!   WAN link is cut (its router forwards nothing) for 20 s, twice `p2p.liveness_timeout` (10 s
+//!   here), so each side counts the other dead and may elect its own master. Within 30 s of the
+//!   link coming back the sites talk over the VPN again, and the young split is merged: one
+//!   master, one running k3s cluster, every node with a role.
 
 mod common;
 mod standin;
@@ -21,7 +26,9 @@ mod standin;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Host, Lab, NatKind, generate_token, unix_get, wait_for, write_config};
+use common::{
+    Host, Lab, NatKind, generate_token, pings, sh, unix_get, vpn_addr, wait_for, write_config,
+};
 use standin::{Record, STANDIN, read_log};
 
 /// One agent host.
@@ -88,6 +95,8 @@ struct Sites {
     config: String,
     public: Node,
     nodes: Vec<Node>,
+    /// Site B's NAT router: where its WAN link is cut.
+    router_b: Host,
 }
 
 impl Sites {
@@ -96,6 +105,7 @@ impl Sites {
         let public = lab.add_host(1, "192.0.2.100/24");
         let site_a = lab.add_nat_site(2, "192.0.2.11/24", "10.1.1.1/24", NatKind::HomeRouter);
         let site_b = lab.add_nat_site(3, "192.0.2.12/24", "10.1.2.1/24", NatKind::PlainMasquerade);
+        let router_b = site_b.router.clone();
         let hosts = [
             lab.add_host_behind(&site_a, 4, "10.1.1.2/24"),
             lab.add_host_behind(&site_a, 5, "10.1.1.3/24"),
@@ -126,6 +136,7 @@ impl Sites {
             config: config.to_str().unwrap().to_string(),
             lab,
             nodes,
+            router_b,
         }
     }
 
@@ -319,5 +330,89 @@ fn a_split_older_than_the_merge_window_stays() {
             .iter()
             .any(|n| n.log_has("past p2p.auto.merge_window")),
         "the too-old split is reported"
+    );
+}
+
+/// Whether one cluster holds: every node has a role and runs k3s, exactly one new-cluster server
+/// runs, and one node holds a master role.
+fn one_cluster(sites: &Sites) -> bool {
+    sites
+        .all()
+        .all(|n| !n.role().is_empty() && !standin::running(&n.root()).is_empty())
+        && sites.running_new_servers().len() == 1
+        && sites
+            .all()
+            .filter(|n| matches!(n.role().as_str(), "master" | "master/clusterinit"))
+            .count()
+            == 1
+}
+
+#[test]
+fn a_wan_outage_heals_into_one_cluster() {
+    const VPN_IFACE: &str = "edgevpn0";
+    let mut sites = Sites::new("wancut", "  liveness_timeout: 10\n");
+    sites.start_public();
+    sites.start_sites();
+    if wait_for(Duration::from_secs(60), || one_cluster(&sites)).is_none() {
+        sites.dump();
+        panic!("no single cluster before the outage");
+    }
+    let addr = |n: &Node| vpn_addr(&n.host, VPN_IFACE).expect("a VPN address");
+    let (a1, a2, b1, b2) = (
+        &sites.nodes[0],
+        &sites.nodes[1],
+        &sites.nodes[2],
+        &sites.nodes[3],
+    );
+    let (a2_vpn, b1_vpn) = (addr(a2), addr(b1));
+    assert!(
+        wait_for(Duration::from_secs(10), || pings(&a1.host, &b1_vpn)).is_some(),
+        "site A reaches site B over the VPN before the outage"
+    );
+
+    // The outage: site B's router forwards nothing to or from its WAN side.
+    let router = sites.router_b.ns.clone();
+    let rule = |op: &str, dir: &str| {
+        let dir = format!("-{dir}");
+        sh(&[
+            "ip", "netns", "exec", &router, "iptables", op, "FORWARD", &dir, "eth0", "-j", "DROP",
+        ])
+        .unwrap()
+    };
+    rule("-I", "i");
+    rule("-I", "o");
+    assert!(
+        wait_for(Duration::from_secs(5), || !pings(&a1.host, &b1_vpn)).is_some(),
+        "the cut stops the VPN between the sites"
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    rule("-D", "i");
+    rule("-D", "o");
+    let restored = Instant::now();
+
+    // Within 30 s of the path coming back, the sites talk over the VPN again.
+    let talk = wait_for(Duration::from_secs(30), || {
+        pings(&a1.host, &b1_vpn) && pings(&b2.host, &a2_vpn)
+    });
+    if talk.is_none() {
+        sites.dump();
+        panic!("the sites did not find each other within 30 s of the link coming back");
+    }
+    // And one cluster again (a split during the outage is young: it is merged).
+    if wait_for(Duration::from_secs(60), || one_cluster(&sites)).is_none() {
+        sites.dump();
+        panic!("not one cluster after the outage");
+    }
+    let healed = restored.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    if !one_cluster(&sites) {
+        sites.dump();
+        panic!("one cluster did not hold after the outage");
+    }
+    eprintln!(
+        "outage of 20 s: the sites talk again {:.1} s and form one cluster {:.1} s after the \
+         link came back",
+        talk.unwrap().as_secs_f64(),
+        healed.as_secs_f64()
     );
 }
