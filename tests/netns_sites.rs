@@ -15,10 +15,12 @@
 //!   master): once the sites meet, every node shows the second master in `/api/summary`, both
 //!   k3s servers keep running, and it stays so.
 //! - `a_wan_outage_heals_into_one_cluster`: every node up at once (one cluster), then site B's
-//!   WAN link is cut (its router forwards nothing) for 20 s, twice `p2p.liveness_timeout` (10 s
-//!   here), so each side counts the other dead and may elect its own master. Within 30 s of the
-//!   link coming back the sites talk over the VPN again, and the young split is merged: one
-//!   master, one running k3s cluster, every node with a role.
+//!   WAN link is cut (its router forwards nothing) for 40 s: past the overlay's 30 s idle
+//!   timeout (the connections between the sites close; discovery must find the other site
+//!   again) and four times `p2p.liveness_timeout` (10 s here: each side counts the other dead).
+//!   Within 30 s of the link coming back the sites talk over the VPN again, and one master and
+//!   one running k3s cluster hold, every node with a role (a committed master is never
+//!   re-elected, so the outage splits nothing; were there a split, it would be young and merged).
 
 mod common;
 mod sites;
@@ -160,6 +162,9 @@ fn a_split_older_than_the_merge_window_stays() {
     );
 }
 
+/// How long site B's WAN link is cut: past the overlay's idle timeout (30 s).
+const OUTAGE: Duration = Duration::from_secs(40);
+
 #[test]
 fn a_wan_outage_heals_into_one_cluster() {
     const VPN_IFACE: &str = "edgevpn0";
@@ -198,7 +203,7 @@ fn a_wan_outage_heals_into_one_cluster() {
         wait_for(Duration::from_secs(5), || !pings(&a1.host, &b1_vpn)).is_some(),
         "the cut stops the VPN between the sites"
     );
-    std::thread::sleep(Duration::from_secs(20));
+    std::thread::sleep(OUTAGE);
     rule("-D", "i");
     rule("-D", "o");
     let restored = Instant::now();
@@ -223,7 +228,7 @@ fn a_wan_outage_heals_into_one_cluster() {
         panic!("one cluster did not hold after the outage");
     }
     eprintln!(
-        "outage of 20 s: the sites talk again {:.1} s and form one cluster {:.1} s after the \
+        "outage of {OUTAGE:?}: the sites talk again {:.1} s and form one cluster {:.1} s after the \
          link came back",
         talk.unwrap().as_secs_f64(),
         healed.as_secs_f64()

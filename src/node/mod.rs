@@ -72,8 +72,11 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// need be: without them, subnets full of LAN peers would gossip only among themselves.
 pub const REMOTE_NEIGHBOURS: usize = 2;
 /// Longest back-off between dial attempts to one member: sites cut apart (a WAN outage) dial
-/// each other again within this long of the path coming back.
-pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(30);
+/// each other again within this long of the path coming back (with the bootstrap retry's
+/// [`MAX_BOOTSTRAP_RETRY`](crate::discovery::kad::MAX_BOOTSTRAP_RETRY) before it when the members
+/// were forgotten meanwhile: within 30 s in all, handshakes included). A dial to a member that
+/// stays away costs one QUIC Initial per path per period.
+pub const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(10);
 /// The discovery gate's bound (see [`Node::discovery_settled`]): how long a node waits, from its
 /// start, for bootstrap peers that do not answer and for a first complete rendezvous round, and,
 /// from the moment it learns of a member, for a connection to it. A site that reaches the others

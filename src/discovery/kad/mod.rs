@@ -111,8 +111,9 @@ const EAGER_BOOTSTRAP: Duration = Duration::from_secs(20);
 /// Longest wait between pings of a bootstrap peer that does not answer. Such a peer is retried
 /// for as long as it does not answer (one ping and its two retransmits per period): a site that
 /// booted with its uplink down, or before the bootstrap node, reaches the DHT within this long
-/// of the path coming up.
-pub const MAX_BOOTSTRAP_RETRY: Duration = Duration::from_secs(30);
+/// of the path coming up (then members dial within `MAX_DIAL_BACKOFF`, 10 s: a site cut off
+/// finds the others within 30 s of its path coming back, handshakes included).
+pub const MAX_BOOTSTRAP_RETRY: Duration = Duration::from_secs(10);
 
 /// Tunables; [`Default`] gives the values argued for in the module doc.
 #[derive(Clone, Debug)]
