@@ -410,13 +410,11 @@ impl Cluster {
         });
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
-        let mut replication = Replication::new(limits, settings.heartbeat_interval());
-        replication.coalesce_pushes();
         Self {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication,
+            replication: Replication::new(limits, settings.heartbeat_interval()),
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,
@@ -599,7 +597,6 @@ impl Cluster {
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
-        self.replication.arm_flush(now);
         // A new sign of another node using our uuid is news for the next pass.
         if self.ledger.rival(&self.settings.uuid) != rival_before {
             self.update_at.get_or_insert(now + UPDATE_DELAY);
@@ -825,7 +822,6 @@ impl Cluster {
         }
         self.note_changes(now);
         self.replication.push(&mut self.rng, &fresh, None);
-        self.replication.arm_flush(now);
         first_error.map_or(Ok(()), Err)
     }
 
