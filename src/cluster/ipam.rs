@@ -30,7 +30,7 @@
 //! Call [`Ipam::update`] after every ledger change, when `synced` changes and at
 //! [`Ipam::poll_timeout`]; apply the writes it returns to the ledger before the next call.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -218,6 +218,26 @@ impl Ipam {
         Claims::read(ledger, None)
             .owner(addr)
             .map(|c| c.uuid.to_owned())
+    }
+
+    /// The peer holding each leased address: for the winning claim on it (the rule above), the
+    /// peer bound to the claim's uuid (see [`Ledger::bound_peer`]), else the claim's writer. The
+    /// VPN routes an address only to its holder (`vpn::routes`), so that a member cannot publish
+    /// another node's address as its own. O(claims · log claims).
+    pub fn lease_holders(ledger: &Ledger) -> BTreeMap<Ipv4Addr, PeerId> {
+        let mut winners: BTreeMap<Ipv4Addr, Claim<'_>> = BTreeMap::new();
+        for claim in Claims::read(ledger, None).list {
+            match winners.get(&claim.addr) {
+                Some(best) if best.rank() <= claim.rank() => {}
+                _ => {
+                    winners.insert(claim.addr, claim);
+                }
+            }
+        }
+        winners
+            .into_iter()
+            .map(|(addr, c)| (addr, ledger.bound_peer(c.uuid).unwrap_or(c.writer)))
+            .collect()
     }
 
     /// Static mode: keeps `addr ... static` in the ledger and reports other static claims on it.

@@ -367,8 +367,9 @@ pub struct Cluster {
     rival_aside: bool,
     events: VecDeque<ClusterEvent>,
     save: SaveState,
-    /// Bumped whenever the `machines` bucket changes (the VPN re-reads its routes).
-    machines_generation: u64,
+    /// Bumped whenever what the VPN's routes are read from changes: the `machines` and `dhcp`
+    /// buckets and the uuid announcements (bindings).
+    routes_generation: u64,
     /// The node's discovery gate is open (see [`Cluster::set_discovery_settled`]).
     discovery_settled: bool,
     /// Nodes other than the chosen master that hold a master role.
@@ -410,13 +411,11 @@ impl Cluster {
         });
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
-        let mut replication = Replication::new(limits, settings.heartbeat_interval());
-        replication.coalesce_pushes();
         Self {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication,
+            replication: Replication::new(limits, settings.heartbeat_interval()),
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,
@@ -438,7 +437,7 @@ impl Cluster {
             rival_aside: false,
             events: VecDeque::new(),
             save: SaveState::default(),
-            machines_generation: 0,
+            routes_generation: 0,
             discovery_settled: true,
             second_masters: Vec::new(),
             left_clusters: 0,
@@ -513,9 +512,10 @@ impl Cluster {
         self.ipam.as_ref().and_then(ipam::Ipam::address)
     }
 
-    /// A number that changes whenever the `machines` bucket (VPN address → peer) changes.
-    pub fn machines_generation(&self) -> u64 {
-        self.machines_generation
+    /// A number that changes whenever what the VPN's routes are read from changes (`machines`,
+    /// `dhcp`, uuid announcements).
+    pub fn routes_generation(&self) -> u64 {
+        self.routes_generation
     }
 
     /// Replication counters.
@@ -599,7 +599,6 @@ impl Cluster {
         let fresh =
             self.replication
                 .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
-        self.replication.arm_flush(now);
         // A new sign of another node using our uuid is news for the next pass.
         if self.ledger.rival(&self.settings.uuid) != rival_before {
             self.update_at.get_or_insert(now + UPDATE_DELAY);
@@ -825,7 +824,6 @@ impl Cluster {
         }
         self.note_changes(now);
         self.replication.push(&mut self.rng, &fresh, None);
-        self.replication.arm_flush(now);
         first_error.map_or(Ok(()), Err)
     }
 
@@ -837,12 +835,20 @@ impl Cluster {
                 LedgerEvent::Changed { bucket, .. } if bucket == names::HEALTHCHECK => {
                     self.save.lazy_since.get_or_insert(now);
                 }
-                LedgerEvent::Changed { bucket, .. } if bucket != names::MACHINES => {
+                // What routes are read from, or a resync (which may hide any of it).
+                LedgerEvent::Changed { bucket, key }
+                    if bucket == names::MACHINES
+                        || bucket == names::DHCP
+                        || key.ends_with(names::UUID_SUFFIX) =>
+                {
+                    self.routes_generation += 1;
                     self.save.urgent = true;
                 }
-                // A machine entry, or a resync (which may hide one).
-                LedgerEvent::Changed { .. } | LedgerEvent::Resync => {
-                    self.machines_generation += 1;
+                LedgerEvent::Resync => {
+                    self.routes_generation += 1;
+                    self.save.urgent = true;
+                }
+                LedgerEvent::Changed { .. } => {
                     self.save.urgent = true;
                 }
             }

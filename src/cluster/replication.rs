@@ -10,12 +10,6 @@
 //!   spreading reaches everybody in a few hops, anti-entropy does the rest), except a heartbeat
 //!   that is news (the first of a node, or one after a silence): that one goes everywhere, so a
 //!   node that appears is seen live at once.
-//! - Pushes are coalesced (when [`Replication::coalesce_pushes`] is on, as the cluster layer
-//!   has it): what becomes fresh within [`PUSH_COALESCE`] goes to each member as one batch, and
-//!   an entry that member sent us meanwhile (it holds it already) is left out. In a formation
-//!   burst a node learns entries one by one from each of its neighbours; pushing each at once
-//!   cost every node one message per entry per neighbour (at 1,000 nodes, tens of thousands a
-//!   second), coalesced it costs at most one per neighbour per [`PUSH_COALESCE`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -31,9 +25,6 @@ pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 pub const FIRST_EXCHANGE_RETRY: Duration = Duration::from_secs(2);
 /// Members each fresh heartbeat is pushed to.
 pub const HEARTBEAT_FANOUT: usize = 2;
-/// How long fresh entries wait for more before they are pushed (see the module documentation):
-/// a few hops of it stay far below the election's settle time.
-pub const PUSH_COALESCE: Duration = Duration::from_millis(10);
 
 /// What replication has done since the node started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,11 +54,6 @@ pub struct Replication {
     /// Connected members, and whether an exchange with each has completed.
     peers: BTreeMap<PeerId, bool>,
     out: VecDeque<(PeerId, Vec<u8>)>,
-    /// Coalesced pushes waiting for `flush_at`, per member, by (bucket, key).
-    pending: BTreeMap<PeerId, BTreeMap<(String, String), Entry>>,
-    /// Pushes wait [`PUSH_COALESCE`] (`false`: they go at once).
-    coalesce: bool,
-    flush_at: Option<Instant>,
     next_round: Option<Instant>,
     turn: usize,
     synced: bool,
@@ -83,28 +69,11 @@ impl Replication {
             limits,
             peers: BTreeMap::new(),
             out: VecDeque::new(),
-            pending: BTreeMap::new(),
-            coalesce: false,
-            flush_at: None,
             next_round: None,
             turn: 0,
             synced: false,
             news_gap_ms: u64::try_from(heartbeat_interval.as_millis() * 3 / 2).unwrap_or(u64::MAX),
             stats: ReplicationStats::default(),
-        }
-    }
-
-    /// Coalesces pushes from now on (see the module documentation); the caller then calls
-    /// [`arm_flush`](Self::arm_flush) after each input and
-    /// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout).
-    pub fn coalesce_pushes(&mut self) {
-        self.coalesce = true;
-    }
-
-    /// Starts the coalescing wait when pushes are pending and none runs.
-    pub fn arm_flush(&mut self, now: Instant) {
-        if !self.pending.is_empty() && self.flush_at.is_none() {
-            self.flush_at = Some(now + PUSH_COALESCE);
         }
     }
 
@@ -140,7 +109,6 @@ impl Replication {
     /// The connection to `peer` went away.
     pub fn disconnected(&mut self, peer: &PeerId) {
         self.peers.remove(peer);
-        self.pending.remove(peer);
         self.out.retain(|(p, _)| p != peer);
     }
 
@@ -227,7 +195,7 @@ impl Replication {
         let (news, beats) = (pick(true), pick(false));
         if !news.is_empty() {
             for peer in &targets {
-                self.push_to(*peer, &news);
+                self.send_entries(*peer, &news);
             }
         }
         if !beats.is_empty() {
@@ -235,55 +203,13 @@ impl Replication {
             for _ in 0..HEARTBEAT_FANOUT.min(pool.len()) {
                 let i = rng.below(pool.len() as u64) as usize;
                 let peer = pool.swap_remove(i);
-                self.push_to(peer, &beats);
-            }
-        }
-    }
-
-    /// Sends `entries` to `peer` now, or queues them for the coalesced push.
-    fn push_to(&mut self, peer: PeerId, entries: &[&Entry]) {
-        if !self.coalesce {
-            self.send_entries(peer, entries);
-            return;
-        }
-        let queue = self.pending.entry(peer).or_default();
-        for e in entries {
-            let key = (e.bucket.clone(), e.key.clone());
-            if queue.get(&key).is_none_or(|q| q.version < e.version) {
-                queue.insert(key, (*e).clone());
-            }
-        }
-    }
-
-    /// `from` sent us `entry`: it needs no push of that version or an older one.
-    fn forget_pending(&mut self, from: &PeerId, entry: &Entry) {
-        let Some(queue) = self.pending.get_mut(from) else {
-            return;
-        };
-        // Borrowed lookups by (bucket, key) need owned strings in this map; pending queues
-        // are short-lived and small.
-        let key = (entry.bucket.clone(), entry.key.clone());
-        if queue.get(&key).is_some_and(|q| q.version <= entry.version) {
-            queue.remove(&key);
-        }
-    }
-
-    /// Sends every coalesced push.
-    fn flush(&mut self) {
-        self.flush_at = None;
-        for (peer, queue) in std::mem::take(&mut self.pending) {
-            let entries: Vec<&Entry> = queue.values().collect();
-            if !entries.is_empty() {
-                self.send_entries(peer, &entries);
+                self.send_entries(peer, &beats);
             }
         }
     }
 
     /// Runs the periodic exchange when due.
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger) {
-        if self.flush_at.is_some_and(|t| t <= now) {
-            self.flush();
-        }
         if self.next_round.is_none_or(|t| t > now) {
             return;
         }
@@ -315,7 +241,7 @@ impl Replication {
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.next_round, self.flush_at].into_iter().flatten().min()
+        self.next_round
     }
 
     /// The next message to send: the peer and the encoded sync message.
@@ -332,7 +258,6 @@ impl Replication {
     ) -> Vec<(Entry, bool)> {
         let mut fresh = Vec::new();
         for e in entries {
-            self.forget_pending(&from, &e);
             let previous = ledger.entry(&e.bucket, &e.key).map(|p| p.version);
             let news = self.is_news(previous, &e);
             match ledger.apply_from(e.clone(), unix_ms, &from) {

@@ -1291,57 +1291,6 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
 }
 
 #[test]
-fn coalesced_pushes_go_as_one_batch_without_what_the_member_sent_meanwhile() {
-    let mut r: Vec<Replica> = (1..=3).map(Replica::new).collect();
-    let now = Instant::now();
-    connect(&mut r, 0, 1, now);
-    connect(&mut r, 0, 2, now);
-    pump(&mut r);
-    r[0].replication.coalesce_pushes();
-    let t = UNIX_BASE_MS + 5_000;
-    // Two writes of the hub within the window: nothing goes yet.
-    for key in ["one", "two"] {
-        let e = r[0].put(BUCKET, key, "v", t);
-        let hub = &mut r[0];
-        hub.replication.push(&mut hub.rng, &[(e, true)], None);
-        hub.replication.arm_flush(now);
-    }
-    assert!(r[0].outbox().is_empty());
-    assert_eq!(
-        r[0].replication.poll_timeout(),
-        Some(now + super::replication::PUSH_COALESCE)
-    );
-    // Member 2 sends the hub "two" (as after learning it from another member): the hub learns
-    // that member 2 holds it and leaves it out of member 2's batch.
-    let two = r[0].ledger.entry(BUCKET, "two").cloned().expect("two");
-    let mut batch = Vec::new();
-    crate::ledger::SyncMessage::Batch(crate::ledger::Batch {
-        entries: vec![two],
-        requests: Vec::new(),
-    })
-    .encode(
-        &SyncLimits::for_ledger(&Limits::default(), 1 << 20),
-        &mut batch,
-    )
-    .expect("encode");
-    let from = r[2].peer();
-    let hub = &mut r[0];
-    hub.replication
-        .handle_message(t, &mut hub.ledger, &mut hub.rng, from, &batch);
-    hub.replication
-        .handle_timeout(now + super::replication::PUSH_COALESCE, t, &hub.ledger);
-    let out = hub.outbox();
-    // One message per member: both entries to member 1, only "one" to member 2.
-    assert_eq!(out.len(), 2, "{out:?}");
-    hand_over(&mut r, 0, out);
-    for key in ["one", "two"] {
-        assert_eq!(r[1].ledger.get(BUCKET, key), Some(&b"v"[..]));
-    }
-    assert_eq!(r[2].ledger.get(BUCKET, "one"), Some(&b"v"[..]));
-    assert_eq!(r[2].replication.stats().entries_fresh, 1);
-}
-
-#[test]
 fn malformed_messages_are_counted_not_fatal() {
     let mut r = vec![Replica::new(1), Replica::new(2)];
     r[1].put(BUCKET, "k", "v", UNIX_BASE_MS);

@@ -994,7 +994,7 @@ impl Node {
                 vpn.set_local(local, cluster.ledger());
             }
         }
-        let generation = cluster.machines_generation();
+        let generation = cluster.routes_generation();
         if self.vpn_routes_at != Some(generation) {
             self.vpn_routes_at = Some(generation);
             vpn.update_routes(cluster.ledger());

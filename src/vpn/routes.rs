@@ -8,13 +8,12 @@
 //! the prefix's hosts, or whose writer is not their `PeerID` are ignored and counted
 //! ([`Routes::ignored`]).
 //!
-//! # Not cross-checked with `dhcp`
-//! Claims in the `dhcp` bucket are keyed by node uuid and may still be signed by a previous
-//! identity of that node (a wiped state directory keeps its lease), while `machines` carries no
-//! uuid: linking the two would need the cluster bucket's uuid announcements and the allocator's
-//! ownership rule for every address ([`Ipam::owner_of`](crate::cluster::ipam::Ipam::owner_of)
-//! reads the whole bucket per address). A node that loses its address retires its `machines`
-//! entry and the winner overwrites it, so the table follows ownership anyway.
+//! # Only to the address's lease holder
+//! An entry also counts only when its writer holds the address's lease: the peer of the winning
+//! `dhcp` claim on it ([`Ipam::lease_holders`]: the peer bound to the claim's uuid, which
+//! follows a node whose state directory was wiped, else the claim's writer). So a member can
+//! publish the address it leased, never another node's. An address nobody claims in `dhcp` is
+//! routed on the `machines` entry alone (nobody holds it to be taken from).
 //!
 //! # Cost
 //! [`Routes::update`] rebuilds the table (call it after `machines` changes, not per packet);
@@ -26,6 +25,7 @@ use std::net::Ipv4Addr;
 
 use serde::Deserialize;
 
+use crate::cluster::ipam::Ipam;
 use crate::config::Ipv4Cidr;
 use crate::identity::PeerId;
 use crate::ledger::Ledger;
@@ -88,6 +88,8 @@ pub struct IgnoredEntries {
     pub outside_prefix: usize,
     /// The entry was written by another peer than the `PeerID` it names.
     pub writer_mismatch: usize,
+    /// The address is leased (`dhcp`) to another peer than the entry's writer.
+    pub not_lease_holder: usize,
 }
 
 /// The fields of edgevpn's machine JSON that routing reads.
@@ -128,11 +130,15 @@ impl Routes {
     pub fn update(&mut self, ledger: &Ledger) -> bool {
         let mut owners = BTreeMap::new();
         let mut ignored = IgnoredEntries::default();
+        let holders = Ipam::lease_holders(ledger);
         for (key, value) in ledger.bucket(MACHINES) {
             let Some(writer) = ledger.entry(MACHINES, key).map(|e| e.writer) else {
                 continue;
             };
             match self.read_entry(key, value, writer) {
+                Ok((addr, peer)) if holders.get(&addr).is_some_and(|h| *h != peer) => {
+                    ignored.not_lease_holder += 1;
+                }
                 Ok((addr, peer)) => {
                     owners.insert(addr, peer);
                 }
@@ -145,6 +151,12 @@ impl Routes {
             log::warn!(
                 "vpn: ignoring {} {MACHINES} entries written by another peer than the one they name",
                 ignored.writer_mismatch
+            );
+        }
+        if ignored.not_lease_holder > self.ignored.not_lease_holder {
+            log::warn!(
+                "vpn: ignoring {} {MACHINES} entries for addresses leased to another peer",
+                ignored.not_lease_holder
             );
         }
         self.ignored = ignored;
@@ -216,6 +228,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::identity::Identity;
     use crate::ledger::Clock;
+    use crate::ledger::names::DHCP;
 
     const T0_MS: u64 = 1_760_000_000_000;
 
@@ -246,6 +259,15 @@ pub(crate) mod tests {
                 None => self.ledger.delete(writer, clock, MACHINES, key, now),
             }
             .unwrap();
+        }
+
+        /// `writer` claims `addr` for `uuid` in `dhcp`, the way the allocator does.
+        pub(crate) fn lease(&mut self, writer: &Identity, uuid: &str, addr: &str) {
+            self.unix_ms += 1;
+            let (clock, now) = (&mut self.clock, self.unix_ms);
+            self.ledger
+                .put(writer, clock, DHCP, uuid, addr.as_bytes(), now)
+                .unwrap();
         }
 
         /// `writer` publishes `addr` as its own, the way the allocator does.
@@ -344,6 +366,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_address_routes_only_to_the_peer_holding_its_lease() {
+        let (a, b, c) = (identity(1), identity(2), identity(3));
+        let mut w = Writers::new();
+        w.lease(&a, "node-a", "10.1.0.5");
+        w.publish(&a, "10.1.0.5");
+        w.lease(&b, "node-b", "10.1.0.6");
+        // c publishes a's leased address as its own, and an address nobody leased.
+        w.publish(&c, "10.1.0.5");
+        w.publish(&c, "10.1.0.9");
+        let routes = Routes::from_ledger(&w.ledger, cidr("10.1.0.1/24"));
+        assert_eq!(
+            routes.owner(ip("10.1.0.5")),
+            None,
+            "c's entry overwrote a's"
+        );
+        assert_eq!(routes.owner(ip("10.1.0.9")), Some(c.peer_id()), "unleased");
+        assert_eq!(routes.ignored().not_lease_holder, 1);
+        // a publishes again: routed to a; b's lease alone routes nothing.
+        w.publish(&a, "10.1.0.5");
+        let routes = Routes::from_ledger(&w.ledger, cidr("10.1.0.1/24"));
+        assert_eq!(routes.owner(ip("10.1.0.5")), Some(a.peer_id()));
+        assert_eq!(routes.owner(ip("10.1.0.6")), None);
+        assert_eq!(routes.ignored(), IgnoredEntries::default());
+        // A later claim of c on the same address loses to a's older one (the allocator's rule).
+        w.lease(&c, "node-c", "10.1.0.5");
+        w.publish(&c, "10.1.0.5");
+        let routes = Routes::from_ledger(&w.ledger, cidr("10.1.0.1/24"));
+        assert_eq!(routes.owner(ip("10.1.0.5")), None);
+        assert_eq!(routes.ignored().not_lease_holder, 1);
+    }
+
+    #[test]
     fn malformed_and_outside_entries_are_ignored_and_counted() {
         let a = identity(1);
         let peer = a.peer_id().to_string();
@@ -384,7 +438,7 @@ pub(crate) mod tests {
             IgnoredEntries {
                 malformed: malformed.len(),
                 outside_prefix: 4,
-                writer_mismatch: 0,
+                ..IgnoredEntries::default()
             }
         );
         assert_eq!(routes.len(), 2);
