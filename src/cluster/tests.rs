@@ -2190,6 +2190,141 @@ fn a_split_past_the_merge_window_is_left_alone() {
     assert_eq!(cluster.second_masters(), ["b".to_string()]);
 }
 
+/// After two clusters merge, a node that took the loser's join data while the loser's commit was
+/// the one it held ends with the winner's, although the winner published its earlier: the
+/// loser's token, address and master role no longer belong to their writer once another commit
+/// wins, so they are dropped and the winner's older entries take their place. (Seen in
+/// `netns_sites`: a worker kept the loser's node token, which the winner's k3s refused.)
+#[test]
+fn the_losing_master_s_join_data_gives_way_to_the_winner_s_older_one() {
+    let (a, b) = (identity(1), identity(2));
+    let t = UNIX_BASE_MS;
+    let mut ledger = Ledger::new(Limits::default());
+    ledger.set_authority(crate::ledger::authority::Authority {
+        network_bucket: BUCKET.into(),
+        quorum_floor: 1,
+        rebind_after_ms: 60_000,
+    });
+    let signed = |id: &Identity, key: &str, value: &[u8], at: u64| {
+        Entry::sign(id, BUCKET, key, Some(value), crate::ledger::Hlc::new(at, 0)).unwrap()
+    };
+    let mut apply = |ledger: &mut Ledger, e: Entry| ledger.apply(e, t + 100_000);
+    let cluster_of = |uuid: &str, at: u64| -> (Vec<u8>, Vec<u8>) {
+        let commit = election::Commit {
+            ballot: ballot(1, uuid),
+            candidate: uuid.into(),
+            at_ms: at,
+        };
+        let v = vote(None, Some((ballot(1, uuid), uuid)));
+        (
+            serde_json::to_vec(&commit).unwrap(),
+            serde_json::to_vec(&v).unwrap(),
+        )
+    };
+    for (id, uuid) in [(&a, "a"), (&b, "b")] {
+        let ann = Announcement::new(Role::Auto, uuid).to_json();
+        apply(&mut ledger, signed(id, &names::uuid_key(uuid), &ann, t)).unwrap();
+    }
+    // The winner b committed and published first (t + 10 … t + 12) …
+    let (commit_b, vote_b) = cluster_of("b", t + 10);
+    let b_entries = [
+        signed(&b, "b-vote", &vote_b, t + 10),
+        signed(&b, election::MASTER_COMMIT, &commit_b, t + 11),
+        signed(&b, &names::role_key("b"), b"master", t + 11),
+        signed(&b, names::NODE_TOKEN, b"K10bbbb::server:b", t + 12),
+        signed(&b, names::IP_MASTER, b"10.1.0.2", t + 12),
+    ];
+    // … but this node first took a's cluster, committed and published later.
+    let (commit_a, vote_a) = cluster_of("a", t + 20);
+    for e in [
+        signed(&a, "a-vote", &vote_a, t + 20),
+        signed(&a, election::MASTER_COMMIT, &commit_a, t + 21),
+        signed(&a, &names::role_key("a"), b"master", t + 21),
+        signed(&a, names::NODE_TOKEN, b"K10aaaa::server:a", t + 22),
+        signed(&a, names::IP_MASTER, b"10.1.0.1", t + 22),
+    ] {
+        apply(&mut ledger, e).unwrap();
+    }
+    assert_eq!(
+        ledger.get(BUCKET, names::NODE_TOKEN),
+        Some(&b"K10aaaa::server:a"[..])
+    );
+    // b's entries while a's commit holds: older, and a's are still a's to hold.
+    for e in b_entries.iter().cloned() {
+        let _ = apply(&mut ledger, e);
+    }
+    assert_eq!(
+        ledger.get(BUCKET, names::NODE_TOKEN),
+        Some(&b"K10aaaa::server:a"[..])
+    );
+    // The merge: b re-asserts its commit (newer), then anti-entropy offers b's older entries.
+    let reasserted = signed(&b, election::MASTER_COMMIT, &commit_b, t + 30);
+    for e in [reasserted].into_iter().chain(b_entries.iter().cloned()) {
+        let _ = apply(&mut ledger, e);
+    }
+    assert_eq!(
+        ledger.get(BUCKET, names::NODE_TOKEN),
+        Some(&b"K10bbbb::server:b"[..])
+    );
+    assert_eq!(ledger.get(BUCKET, names::IP_MASTER), Some(&b"10.1.0.2"[..]));
+    assert_eq!(
+        ledger.get(BUCKET, &names::role_key("a")),
+        None,
+        "a's master role dropped"
+    );
+    assert_eq!(
+        ledger.get(BUCKET, &names::role_key("b")),
+        Some(&b"master"[..])
+    );
+    // In either order: the winner's older token also displaces the loser's newer one directly.
+    let mut late = Ledger::new(Limits::default());
+    late.set_authority(crate::ledger::authority::Authority {
+        network_bucket: BUCKET.into(),
+        quorum_floor: 1,
+        rebind_after_ms: 60_000,
+    });
+    for (id, uuid) in [(&a, "a"), (&b, "b")] {
+        let ann = Announcement::new(Role::Auto, uuid).to_json();
+        apply(&mut late, signed(id, &names::uuid_key(uuid), &ann, t)).unwrap();
+    }
+    apply(&mut late, signed(&b, "b-vote", &vote_b, t + 10)).unwrap();
+    apply(&mut late, signed(&a, "a-vote", &vote_a, t + 20)).unwrap();
+    apply(
+        &mut late,
+        signed(&a, election::MASTER_COMMIT, &commit_a, t + 21),
+    )
+    .unwrap();
+    apply(
+        &mut late,
+        signed(&a, names::NODE_TOKEN, b"K10aaaa::server:a", t + 22),
+    )
+    .unwrap();
+    // Its commit flips: the loser's token is dropped at once, nothing stale is read meanwhile.
+    apply(
+        &mut late,
+        signed(&b, election::MASTER_COMMIT, &commit_b, t + 30),
+    )
+    .unwrap();
+    assert_eq!(late.get(BUCKET, names::NODE_TOKEN), None);
+    // The loser's token offered again is refused; the winner's older one is taken.
+    assert!(
+        apply(
+            &mut late,
+            signed(&a, names::NODE_TOKEN, b"K10aaaa::server:a", t + 22)
+        )
+        .is_err()
+    );
+    apply(
+        &mut late,
+        signed(&b, names::NODE_TOKEN, b"K10bbbb::server:b", t + 12),
+    )
+    .unwrap();
+    assert_eq!(
+        late.get(BUCKET, names::NODE_TOKEN),
+        Some(&b"K10bbbb::server:b"[..])
+    );
+}
+
 /// Runs `w` for a while and returns what `<uuid>-role` holds on every node.
 fn roles_everywhere(w: &Wired, uuid: &str) -> Vec<Option<String>> {
     w.nodes

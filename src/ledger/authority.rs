@@ -336,8 +336,51 @@ impl Ledger {
         }
     }
 
+    /// True when `held` is no longer its writer's to hold (see [`Verdict::NotOwner`]) and
+    /// `writer` is another peer, whose entry may then replace it even if older.
+    pub(crate) fn disowned(&self, held: &Entry, writer: &PeerId, now: Option<u64>) -> bool {
+        held.writer != *writer && matches!(self.authorize(held, now), Verdict::NotOwner(_))
+    }
+
+    /// After the committed master of `bucket` changed: removes the master's keys and master
+    /// roles held from a writer that no longer owns them (the previous master's join data),
+    /// without a tombstone, so that the new master's entries, older or not, take their place
+    /// (anti-entropy brings them: this ledger now lacks the keys).
+    pub(crate) fn drop_disowned_master_keys(&mut self, bucket: &str, now: Option<u64>) {
+        let Some(auth) = &self.authority else { return };
+        if bucket != auth.network_bucket {
+            return;
+        }
+        let disowned: Vec<String> = self
+            .buckets
+            .get(bucket)
+            .into_iter()
+            .flat_map(|b| b.entries.iter())
+            .filter(|(key, _)| {
+                matches!(
+                    key.as_str(),
+                    names::IP_MASTER | names::NODE_TOKEN | names::KUBECONFIG
+                ) || key.starts_with(CONTROL_PLANE_PREFIX)
+                    || key.ends_with(names::ROLE_SUFFIX)
+            })
+            .filter(|(_, s)| matches!(self.authorize(&s.entry, now), Verdict::NotOwner(_)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in disowned {
+            log::debug!(
+                "ledger: {bucket}/{key} is no longer its writer's (another master committed)"
+            );
+            self.remove(bucket, &key);
+            self.counters.not_owner += 1;
+            self.push_event(super::LedgerEvent::Changed {
+                bucket: bucket.to_string(),
+                key,
+            });
+        }
+    }
+
     /// The committed master's uuid in `bucket`.
-    fn committed_master(&self, bucket: &str) -> Option<String> {
+    pub(crate) fn committed_master(&self, bucket: &str) -> Option<String> {
         let raw = self.get(bucket, MASTER_COMMIT)?;
         serde_json::from_slice::<Commit>(raw)
             .ok()

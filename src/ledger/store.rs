@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::authority::{Authority, MAX_DEFERRED, Verdict, announced_uuid};
 use super::journal::JournalState;
+use crate::cluster::election::MASTER_COMMIT;
 
 use super::entry::{MAX_VALUE_WIRE, known_valid, remember_valid};
 use super::hlc::wall_clock_is_set;
@@ -645,11 +646,19 @@ impl Ledger {
             .get(&entry.bucket)
             .and_then(|b| b.entries.get(&entry.key));
         if let Some(old) = old {
-            if !entry.wins_over(&old.entry) {
+            // An older entry still replaces one its writer no longer owns (the master's keys
+            // after another commit won, roles after another leader took over): otherwise the
+            // disowned one would keep the key here for good, and anti-entropy would offer it
+            // to the owner, which refuses it, at every exchange.
+            if !entry.wins_over(&old.entry) && !self.disowned(&old.entry, &entry.writer, admit.now)
+            {
                 self.counters.stale += 1;
                 return Ok(Applied::Stale);
             }
         }
+        let commit_before = (entry.key == MASTER_COMMIT)
+            .then(|| self.committed_master(&entry.bucket))
+            .flatten();
         let old_size = old.map(|o| stored_size(&o.entry));
         let visible_change = match old {
             Some(o) => o.entry.value != entry.value,
@@ -821,11 +830,16 @@ impl Ledger {
                 self.bind(uuid, writer, at);
             }
         }
+        let commit_changed =
+            key == MASTER_COMMIT && self.committed_master(&bucket_name) != commit_before;
         if visible_change {
             self.push_event(LedgerEvent::Changed {
-                bucket: bucket_name,
+                bucket: bucket_name.clone(),
                 key,
             });
+        }
+        if commit_changed {
+            self.drop_disowned_master_keys(&bucket_name, admit.now);
         }
         if settles && !self.deferred.is_empty() {
             self.retry_deferred(admit.now);
@@ -1001,7 +1015,7 @@ impl Ledger {
         }
     }
 
-    fn push_event(&mut self, event: LedgerEvent) {
+    pub(crate) fn push_event(&mut self, event: LedgerEvent) {
         if self.events.len() >= self.limits.max_entries.max(1) {
             self.counters.events_dropped += self.events.len() as u64;
             self.events.clear();
