@@ -2208,7 +2208,7 @@ fn the_losing_master_s_join_data_gives_way_to_the_winner_s_older_one() {
     let signed = |id: &Identity, key: &str, value: &[u8], at: u64| {
         Entry::sign(id, BUCKET, key, Some(value), crate::ledger::Hlc::new(at, 0)).unwrap()
     };
-    let mut apply = |ledger: &mut Ledger, e: Entry| ledger.apply(e, t + 100_000);
+    let apply = |ledger: &mut Ledger, e: Entry| ledger.apply(e, t + 100_000);
     let cluster_of = |uuid: &str, at: u64| -> (Vec<u8>, Vec<u8>) {
         let commit = election::Commit {
             ballot: ballot(1, uuid),
