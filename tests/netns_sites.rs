@@ -97,6 +97,14 @@ fn one_cluster_with_a_late_bootstrap_node(run: usize, late: Duration, merged: bo
                         && e.path().join("node-token").exists()
                 });
             assert!(kept, "{}: no server.left-* with the old data", n.uuid);
+            // Its containers stopped too: k3s-killall.sh (here the stand-in's) ran.
+            assert!(
+                standin::read_log(&n.root())
+                    .iter()
+                    .any(|r| r.event() == "killall"),
+                "{}: k3s-killall.sh did not run when it left its cluster",
+                n.uuid
+            );
         }
     }
     if was_split {

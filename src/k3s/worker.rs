@@ -268,6 +268,7 @@ impl Worker {
                 ));
             }
         }
+        self.kill_containers();
         let data_dir = super::data_dir(&self.s.config.k3s.args);
         match super::move_server_data_aside(&self.s.root, &data_dir, unix_secs()) {
             Ok(Some(kept)) => log::warn!(
@@ -286,6 +287,24 @@ impl Worker {
         self.job = None;
         self.state = None;
         self.report(Report::State(K3sState::WaitingForRole));
+    }
+
+    /// Stops the containers the stopped server leaves running (k3s keeps them across a stop,
+    /// see k3s' "Stopping K3s"): runs `k3s-killall.sh` ([`find_killall`]), bounded by
+    /// [`MAX_KILLALL_TIME`]; without it, says what is left to do.
+    fn kill_containers(&self) {
+        let k3s = find_k3s(self.s.binary.as_deref(), self.s.path.as_deref()).ok();
+        let Some(script) = find_killall(k3s.as_deref(), self.s.path.as_deref()) else {
+            log::warn!(
+                "k3s: no {KILLALL_SCRIPT} beside k3s or on PATH: the old server's pods may keep \
+                 running until the node reboots (see the README, \"Second master\")"
+            );
+            return;
+        };
+        match run_bounded(&script, MAX_KILLALL_TIME) {
+            Ok(()) => log::info!("k3s: ran {}", script.display()),
+            Err(e) => log::warn!("k3s: {}: {e}", script.display()),
+        }
     }
 
     fn step(&mut self, now: Instant) {
@@ -549,10 +568,107 @@ pub fn find_k3s(
         })
 }
 
+/// The script k3s' installer puts beside the k3s binary to stop every k3s process and
+/// container of the node (its data is kept).
+pub const KILLALL_SCRIPT: &str = "k3s-killall.sh";
+
+/// Longest [`KILLALL_SCRIPT`] may run before it is killed (it unmounts and stops every pod).
+pub const MAX_KILLALL_TIME: Duration = Duration::from_secs(120);
+
+/// [`KILLALL_SCRIPT`] beside the k3s binary `k3s`, else on `path`; `None` when neither has it.
+pub fn find_killall(
+    k3s: Option<&std::path::Path>,
+    path: Option<&std::ffi::OsStr>,
+) -> Option<PathBuf> {
+    let beside = k3s
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join(KILLALL_SCRIPT));
+    beside
+        .into_iter()
+        .chain(
+            path.into_iter()
+                .flat_map(std::env::split_paths)
+                .map(|d| d.join(KILLALL_SCRIPT)),
+        )
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+}
+
+/// Runs `program` without arguments (output discarded), killing it after `limit`.
+fn run_bounded(program: &std::path::Path, limit: Duration) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("it failed ({status})")),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("still running after {} s: killed", limit.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::k3s::value::K3sToken;
+
+    #[test]
+    fn finds_the_killall_script_beside_k3s_first_then_on_path() {
+        let dir = std::env::temp_dir().join(format!("kp2p-killall-{}", std::process::id()));
+        let (bin, other) = (dir.join("bin"), dir.join("other"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let k3s = bin.join("k3s");
+        let on_path = std::env::join_paths([&other]).unwrap();
+        assert_eq!(find_killall(Some(&k3s), Some(&on_path)), None);
+        std::fs::write(other.join(KILLALL_SCRIPT), "#!/bin/sh\n").unwrap();
+        assert_eq!(
+            find_killall(Some(&k3s), Some(&on_path)),
+            Some(other.join(KILLALL_SCRIPT))
+        );
+        std::fs::write(bin.join(KILLALL_SCRIPT), "#!/bin/sh\n").unwrap();
+        assert_eq!(
+            find_killall(Some(&k3s), Some(&on_path)),
+            Some(bin.join(KILLALL_SCRIPT))
+        );
+        assert_eq!(find_killall(None, None), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_killall_script_that_hangs_is_killed_and_one_that_fails_is_reported() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("kp2p-killall-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let ok = script("ok.sh", "exit 0");
+        let fails = script("fails.sh", "exit 3");
+        let hangs = script("hangs.sh", "exec sleep 30");
+        assert_eq!(run_bounded(&ok, Duration::from_secs(5)), Ok(()));
+        let e = run_bounded(&fails, Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("failed"), "{e}");
+        let t = Instant::now();
+        let e = run_bounded(&hangs, Duration::from_millis(300)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn finds_the_binary() {
