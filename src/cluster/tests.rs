@@ -2325,6 +2325,114 @@ fn the_losing_master_s_join_data_gives_way_to_the_winner_s_older_one() {
     );
 }
 
+/// A ledger with the ownership rule on, `uuids` announced by `ids` at `t` (live at `t`).
+fn authority_ledger(ids: &[(&Identity, &str)], t: u64) -> Ledger {
+    let mut ledger = Ledger::new(Limits::default());
+    ledger.set_authority(crate::ledger::authority::Authority {
+        network_bucket: BUCKET.into(),
+        quorum_floor: 1,
+        rebind_after_ms: 60_000,
+    });
+    for (id, uuid) in ids {
+        let ann = Announcement::new(Role::Auto, uuid).to_json();
+        let e = Entry::sign(
+            id,
+            BUCKET,
+            &names::uuid_key(uuid),
+            Some(&ann),
+            crate::ledger::Hlc::new(t, 0),
+        )
+        .unwrap();
+        ledger.apply(e, t).unwrap();
+    }
+    ledger
+}
+
+/// Who leads is decided by rank, not by who claimed last: a site cut off at boot elected its
+/// own leader, whose claim is newer than the real leader's. Its nodes take the real leader's
+/// older claim when it arrives (pushed, or asked for in anti-entropy, which used to skip it as
+/// older), unless that leader has been silent for the rebind time. (Seen in `sim_late_sites`,
+/// a site whose uplink comes up late: its nodes never took the leader's roles.)
+#[test]
+fn an_older_leader_claim_of_a_higher_ranked_live_node_wins() {
+    let (a, b) = (identity(1), identity(2));
+    let rank = |u: &str| (fnv32a(u), u.to_string());
+    let (hi, lo) = if rank("node-a") > rank("node-b") {
+        ((&a, "node-a"), (&b, "node-b"))
+    } else {
+        ((&b, "node-b"), (&a, "node-a"))
+    };
+    let t = UNIX_BASE_MS;
+    let claim = |(id, uuid): (&Identity, &str), at: u64| {
+        Entry::sign(
+            id,
+            BUCKET,
+            names::LEADER_AUTO,
+            Some(uuid.as_bytes()),
+            crate::ledger::Hlc::new(at, 0),
+        )
+        .unwrap()
+    };
+    let (hi_claim, lo_claim) = (claim(hi, t + 10), claim(lo, t + 20));
+    let ids = [hi, lo];
+    // Pushed: the older, higher-ranked claim replaces the newer one.
+    let mut site = authority_ledger(&ids, t);
+    site.apply(lo_claim.clone(), t + 30).unwrap();
+    site.apply(hi_claim.clone(), t + 40).unwrap();
+    assert_eq!(site.get(BUCKET, names::LEADER_AUTO), Some(hi.1.as_bytes()));
+    // … and the newer, lower-ranked one does not come back.
+    assert!(site.apply(lo_claim.clone(), t + 50).is_err());
+    assert_eq!(site.get(BUCKET, names::LEADER_AUTO), Some(hi.1.as_bytes()));
+    // Not from a leader silent for the rebind time: the newer claim stays.
+    let mut late = authority_ledger(&ids, t);
+    let long_after = t + 120_000;
+    let heartbeat = Entry::sign(
+        lo.0,
+        names::HEALTHCHECK,
+        lo.1,
+        Some(b"1"),
+        crate::ledger::Hlc::new(long_after, 0),
+    )
+    .unwrap();
+    late.apply(heartbeat, long_after).unwrap();
+    late.apply(claim(lo, long_after), long_after).unwrap();
+    assert!(matches!(
+        late.apply(hi_claim.clone(), long_after + 10),
+        Ok(Applied::Stale)
+    ));
+    assert_eq!(late.get(BUCKET, names::LEADER_AUTO), Some(lo.1.as_bytes()));
+    // In anti-entropy: the node holding the newer claim asks for the older one and takes it.
+    let limits = SyncLimits::default();
+    let now = t + 60;
+    // Both hold a later heartbeat of the leader: the version vector does not show the claim
+    // as missing, so the summary lists it without sending it.
+    let hi_heartbeat = Entry::sign(
+        hi.0,
+        names::HEALTHCHECK,
+        hi.1,
+        Some(b"1"),
+        crate::ledger::Hlc::new(t + 40, 0),
+    )
+    .unwrap();
+    let mut main = authority_ledger(&ids, t);
+    main.apply(hi_claim, t + 30).unwrap();
+    main.apply(hi_heartbeat.clone(), t + 40).unwrap();
+    let mut cut_off = authority_ledger(&ids, t);
+    cut_off.apply(lo_claim, t + 30).unwrap();
+    cut_off.apply(hi_heartbeat, t + 40).unwrap();
+    let digest = cut_off.digest(&limits, now);
+    let summary = main.summary_for(&digest, &limits, now);
+    cut_off.apply_all(summary.entries.iter().cloned(), now);
+    let batch = cut_off.reconcile(&summary, &limits, now);
+    assert!(!batch.requests.is_empty(), "the older claim is asked for");
+    let answer = main.answer(&batch.requests, &limits);
+    cut_off.apply_all(answer.entries, now);
+    assert_eq!(
+        cut_off.get(BUCKET, names::LEADER_AUTO),
+        Some(hi.1.as_bytes())
+    );
+}
+
 /// Runs `w` for a while and returns what `<uuid>-role` holds on every node.
 fn roles_everywhere(w: &Wired, uuid: &str) -> Vec<Option<String>> {
     w.nodes

@@ -336,10 +336,42 @@ impl Ledger {
         }
     }
 
-    /// True when `held` is no longer its writer's to hold (see [`Verdict::NotOwner`]) and
-    /// `writer` is another peer, whose entry may then replace it even if older.
-    pub(crate) fn disowned(&self, held: &Entry, writer: &PeerId, now: Option<u64>) -> bool {
-        held.writer != *writer && matches!(self.authorize(held, now), Verdict::NotOwner(_))
+    /// True when an entry of `writer` for `held`'s key takes its place even if older: `held`
+    /// is no longer its writer's to hold (the master's keys after another commit won, roles
+    /// after another leader took over: see [`Verdict::NotOwner`]), or `held` is a `leader-auto`
+    /// claim and `writer` is bound to a live node that outranks its claimant (who leads is
+    /// decided by rank, not by who claimed last: a site that elected its own leader while cut
+    /// off holds a newer claim than the real leader's). Otherwise the held entry would keep the
+    /// key here for good, and anti-entropy would offer it at every exchange to nodes that
+    /// refuse it.
+    pub(crate) fn displaced_by(&self, held: &Entry, writer: &PeerId, now: Option<u64>) -> bool {
+        if held.writer == *writer || self.authority.is_none() {
+            return false;
+        }
+        if matches!(self.authorize(held, now), Verdict::NotOwner(_)) {
+            return true;
+        }
+        held.key == names::LEADER_AUTO && self.outranking_claimant(held, writer, now)
+    }
+
+    /// `writer` is bound to a node taking part in elections in `held`'s bucket that outranks
+    /// the node `held` (a `leader-auto` claim) names and has not been silent for
+    /// [`Authority::rebind_after_ms`].
+    fn outranking_claimant(&self, held: &Entry, writer: &PeerId, now: Option<u64>) -> bool {
+        let (Some(auth), Some(value)) = (&self.authority, &held.value) else {
+            return false;
+        };
+        let holder = String::from_utf8_lossy(value);
+        let rank = |u: &str| (fnv32a(u), u.to_string());
+        let holder_rank = rank(&holder);
+        self.bindings
+            .iter()
+            .filter(|(_, (peer, _))| peer == writer)
+            .any(|(uuid, _)| {
+                rank(uuid) > holder_rank
+                    && self.takes_part(&held.bucket, uuid)
+                    && now.is_none_or(|now| self.silent_for(uuid, now) < auth.rebind_after_ms)
+            })
     }
 
     /// After the committed master of `bucket` changed: removes the master's keys and master

@@ -646,11 +646,10 @@ impl Ledger {
             .get(&entry.bucket)
             .and_then(|b| b.entries.get(&entry.key));
         if let Some(old) = old {
-            // An older entry still replaces one its writer no longer owns (the master's keys
-            // after another commit won, roles after another leader took over): otherwise the
-            // disowned one would keep the key here for good, and anti-entropy would offer it
-            // to the owner, which refuses it, at every exchange.
-            if !entry.wins_over(&old.entry) && !self.disowned(&old.entry, &entry.writer, admit.now)
+            // An older entry may still take the place of the held one (see
+            // `Ledger::displaced_by`); it is authorized below like any other.
+            if !entry.wins_over(&old.entry)
+                && !self.displaced_by(&old.entry, &entry.writer, admit.now)
             {
                 self.counters.stale += 1;
                 return Ok(Applied::Stale);

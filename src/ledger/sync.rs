@@ -928,8 +928,10 @@ impl Ledger {
                     !useless
                         && (collision
                             || mine.is_none_or(|m| {
-                                m.iter()
-                                    .all(|s| matches!(compare(s, h), Cmp::Behind | Cmp::Differ))
+                                m.iter().all(|s| {
+                                    matches!(compare(s, h), Cmp::Behind | Cmp::Differ)
+                                        || self.displaced_by(&s.entry, &h.writer, Some(now_unix_ms))
+                                })
                             }))
                 });
                 if want {
