@@ -168,6 +168,80 @@ fn a_split_older_than_the_merge_window_stays() {
             .any(|n| n.log_has("past p2p.auto.merge_window")),
         "the too-old split is reported"
     );
+    the_readme_s_manual_fix(&mut sites);
+}
+
+/// The README's manual fix of a split past the window ("Second master"): on the listed master
+/// and the nodes whose k3s joined it, stop the agent (and so k3s), move the listed master's
+/// `server` directory aside, make it a worker with `role set` as root on another node, start
+/// the agents again: the alarm clears everywhere and one cluster holds.
+fn the_readme_s_manual_fix(sites: &mut Sites) {
+    let listed = sites.nodes[0].second_masters();
+    assert_eq!(listed.len(), 1, "one other master listed: {listed:?}");
+    let other = listed[0].clone();
+    let other_node = sites.node(&other).expect("the listed master is a lab node");
+    let other_ip = vpn_addr(&other_node.host, "edgevpn0").expect("its VPN address");
+    let other_root = other_node.root();
+    let joined_other = |n: &Node| {
+        standin::read_log(&n.root())
+            .iter()
+            .rev()
+            .find(|r| r.mode() == "agent" && r.event() == "ready")
+            .and_then(|r| r.server_url())
+            .is_some_and(|url| url.contains(&format!("//{other_ip}:")))
+    };
+    let leaving: Vec<String> = sites
+        .all()
+        .filter(|n| n.uuid == other || joined_other(n))
+        .map(|n| n.uuid.clone())
+        .collect();
+    let keeper = sites
+        .all()
+        .find(|n| !leaving.contains(&n.uuid))
+        .expect("a node of the kept cluster")
+        .host
+        .clone();
+    for uuid in &leaving {
+        sites.stop(uuid);
+    }
+    let data = other_root.join("var/lib/rancher/k3s");
+    std::fs::rename(data.join("server"), data.join("server.manual"))
+        .expect("move the listed master's server data aside");
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &keeper.ns,
+            env!("CARGO_BIN_EXE_kairos-p2p"),
+        ])
+        .args(["role", "set", &other, "worker"])
+        .envs(common::client_env(&keeper))
+        .output()
+        .expect("run role set");
+    assert!(
+        out.status.success(),
+        "role set {other} worker: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for uuid in &leaving {
+        let node = Node {
+            host: sites.node(uuid).expect("a lab node").host.clone(),
+            uuid: uuid.clone(),
+        };
+        sites.start(&node);
+    }
+    let fixed = wait_for(Duration::from_secs(60), || {
+        one_cluster(sites) && sites.all().all(|n| n.second_masters().is_empty())
+    });
+    if fixed.is_none() {
+        sites.dump();
+        panic!("the manual fix ({leaving:?} reset, {other} made a worker) left no single cluster");
+    }
+    eprintln!(
+        "manual fix: {leaving:?} stopped, {other} made a worker: one cluster {:.1} s after the \
+         agents started again",
+        fixed.unwrap().as_secs_f64()
+    );
 }
 
 /// How long site B's WAN link is cut: past the overlay's idle timeout (30 s).

@@ -77,6 +77,8 @@ pub struct Sites {
     pub nodes: Vec<Node>,
     /// Site B's NAT router: where its WAN link is cut.
     pub router_b: Host,
+    /// Running agents: uuid and the lab's child index.
+    agents: Vec<(String, usize)>,
 }
 
 impl Sites {
@@ -117,12 +119,13 @@ impl Sites {
             lab,
             nodes,
             router_b,
+            agents: Vec::new(),
         }
     }
 
     pub fn start(&mut self, node: &Node) {
         let root = node.root();
-        self.lab.spawn_with_env(
+        let index = self.lab.spawn_with_env(
             &node.host,
             &["agent", "--config", &self.config],
             &[
@@ -131,6 +134,21 @@ impl Sites {
                 ("KAIROS_P2P_K3S", STANDIN),
             ],
         );
+        self.agents.push((node.uuid.clone(), index));
+    }
+
+    /// Stops the agent of `uuid` (SIGTERM: it stops its supervised k3s too).
+    pub fn stop(&mut self, uuid: &str) {
+        let Some(at) = self.agents.iter().rposition(|(u, _)| u == uuid) else {
+            return;
+        };
+        let (_, index) = self.agents.remove(at);
+        self.lab.stop(index);
+    }
+
+    /// The node of `uuid`.
+    pub fn node(&self, uuid: &str) -> Option<&Node> {
+        self.all().find(|n| n.uuid == uuid)
     }
 
     pub fn start_sites(&mut self) {
