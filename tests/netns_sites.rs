@@ -110,9 +110,32 @@ fn one_cluster_with_a_late_bootstrap_node(run: usize, late: Duration, merged: bo
     if was_split {
         assert_eq!(merged.len(), 1, "run {run}: one master left its cluster");
     }
+    // A node whose k3s agent joined two clusters (a worker of the losing one) stopped the old
+    // one's pods (k3s-killall.sh, here the stand-in's) before joining the other.
+    let mut rejoined = Vec::new();
+    for n in sites.all() {
+        let log = standin::read_log(&n.root());
+        let mut clusters: Vec<String> = log
+            .iter()
+            .filter(|r| r.mode() == "agent")
+            .filter_map(|r| r.token())
+            .map(|t| t.split("::").next().unwrap_or_default().to_string())
+            .collect();
+        clusters.dedup();
+        if clusters.len() > 1 {
+            assert!(
+                log.iter().any(|r| r.event() == "killall"),
+                "run {run}: {} joined {} clusters without k3s-killall.sh",
+                n.uuid,
+                clusters.len()
+            );
+            rejoined.push(n.uuid.clone());
+        }
+    }
     eprintln!(
         "run {run}: one cluster (master {master}) {:.1} s after the sites started, {:.1} s \
-         after the public node; servers stopped by a merge: {merged:?}",
+         after the public node; servers stopped by a merge: {merged:?}; agents that joined \
+         both clusters: {rejoined:?}",
         took.as_secs_f64(),
         took.as_secs_f64() - late.as_secs_f64()
     );

@@ -87,6 +87,21 @@ impl K3sToken {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether both tokens are of one k3s cluster: the same CA hash of the full form
+    /// (`K10<ca hash>::<user>:<secret>`), else the same text.
+    #[must_use]
+    pub fn same_cluster(&self, other: &Self) -> bool {
+        let ca = |t: &Self| {
+            t.0.strip_prefix("K10")
+                .and_then(|rest| rest.split_once("::"))
+                .map(|(hash, _)| hash.to_string())
+        };
+        match (ca(self), ca(other)) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.0 == other.0,
+        }
+    }
 }
 
 impl fmt::Debug for K3sToken {
@@ -114,6 +129,22 @@ fn shown(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_of_one_cluster_share_the_ca_hash() {
+        let t = |s: &str| K3sToken::parse(s).unwrap();
+        let cases = [
+            ("K10aa::server:one", "K10aa::server:two", true),
+            ("K10aa::server:one", "K10bb::server:one", false),
+            ("K10aa::node:one", "K10aa::server:one", true),
+            ("plain", "plain", true),
+            ("plain", "other", false),
+            ("K10aa::server:one", "one", false),
+        ];
+        for (a, b, same) in cases {
+            assert_eq!(t(a).same_cluster(&t(b)), same, "{a} / {b}");
+        }
+    }
 
     #[test]
     fn master_addresses() {

@@ -240,6 +240,22 @@ impl Worker {
                 return;
             }
             log::info!("k3s: the plan changed; setting k3s up again");
+            let joined = job.want.facts.node_token.as_ref();
+            let joins = want.facts.node_token.as_ref();
+            if let (Some(old), Some(new)) = (joined, joins) {
+                if !old.same_cluster(new) {
+                    // Another k3s cluster (two clusters merged): the pods of the old one, its
+                    // CNI bridge and flannel addresses would clash with the new cluster's.
+                    log::warn!(
+                        "k3s: this node now joins another k3s cluster (another node token): \
+                         stopping k3s and its pods first"
+                    );
+                    if let Some(mut s) = self.supervisor.take() {
+                        s.stop();
+                    }
+                    self.kill_containers();
+                }
+            }
         }
         let now = Instant::now();
         self.job = Some(Job {
