@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
-use super::replication::{HEARTBEAT_FANOUT, Replication};
+use super::replication::{HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, Replication};
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
@@ -1150,9 +1150,20 @@ impl Replica {
         let previous = self.ledger.entry(bucket, key).map(|e| e.version);
         let entry = self.put(bucket, key, "v", unix_ms);
         let news = self.replication.is_news(previous, &entry);
-        self.replication
-            .push(&mut self.rng, &[(entry, news)], source);
-        self.outbox().into_iter().map(|(p, _)| p).collect()
+        let now = Instant::now();
+        self.replication.push(now, &[(entry, news)], source);
+        // Routine heartbeats wait for the next batch.
+        self.replication.handle_timeout(
+            now + HEARTBEAT_BATCH_DELAY,
+            unix_ms,
+            &self.ledger,
+            &mut self.rng,
+        );
+        self.outbox()
+            .into_iter()
+            .filter(|(_, bytes)| bytes.get(1) == Some(&3)) // batches, not digests
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn entries(&self) -> Vec<Entry> {
@@ -1182,7 +1193,7 @@ fn hand_over(replicas: &mut [Replica], from: usize, messages: Vec<(PeerId, Vec<u
             .find(|r| r.peer() == to)
             .expect("a known peer");
         r.replication
-            .handle_message(UNIX_BASE_MS, &mut r.ledger, &mut r.rng, sender, &bytes);
+            .handle_message(Instant::now(), UNIX_BASE_MS, &mut r.ledger, sender, &bytes);
     }
 }
 
@@ -1261,7 +1272,7 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
     let e = r[0].put(BUCKET, "fresh", "v", t);
     assert!(r[0].replication.is_news(previous, &e));
     let hub = &mut r[0];
-    hub.replication.push(&mut hub.rng, &[(e, true)], None);
+    hub.replication.push(Instant::now(), &[(e, true)], None);
     let out = hub.outbox();
     assert_eq!(out.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>(), peers);
     hand_over(&mut r, 0, out);
@@ -1300,9 +1311,9 @@ fn malformed_messages_are_counted_not_fatal() {
     let target = &mut r[0];
     for bytes in [&b"garbage"[..], &[], &digest[..digest.len() / 2]] {
         let fresh = target.replication.handle_message(
+            Instant::now(),
             UNIX_BASE_MS,
             &mut target.ledger,
-            &mut target.rng,
             from,
             bytes,
         );
