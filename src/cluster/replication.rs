@@ -22,7 +22,7 @@
 //! Idle cost per node: about `HEARTBEAT_FANOUT` × (nodes) heartbeat entries (~170 bytes) per
 //! heartbeat interval, plus the digest exchanges; see the README's idle traffic section.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::PeerId;
@@ -30,15 +30,19 @@ use crate::ledger::{Applied, Batch, Entry, Hlc, Ledger, SyncLimits, SyncMessage,
 use crate::rng::Rng;
 
 /// How often a node runs a digest exchange with one connected member (pushes carry the news;
-/// this repairs what a lost connection missed).
-pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
+/// this repairs what a lost connection missed, and a connection that comes up runs one at
+/// once). Each exchange costs O(nodes) (the digest's version vector, the heartbeat bucket's
+/// summary): every 60 s rather than 30 s halves that idle cost; a heartbeat missed by the
+/// epidemic is repaired sooner by the next one (see [`Replication::is_news`]).
+pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(60);
 /// Wait before a digest goes again to a connected member whose first exchange has not completed.
 pub const FIRST_EXCHANGE_RETRY: Duration = Duration::from_secs(2);
 /// Members each fresh heartbeat is pushed to.
 pub const HEARTBEAT_FANOUT: usize = 2;
 /// Longest a routine heartbeat waits to be passed on with the others learned meanwhile (or a
-/// quarter of the heartbeat interval when that is shorter).
-pub const HEARTBEAT_BATCH_DELAY: Duration = Duration::from_secs(1);
+/// quarter of the heartbeat interval when that is shorter): at most a few hops times this
+/// before every node has it, against a liveness timeout of four heartbeat intervals.
+pub const HEARTBEAT_BATCH_DELAY: Duration = Duration::from_secs(2);
 
 /// What replication has done since the node started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,9 +92,9 @@ pub struct Replication {
     synced: bool,
     /// A heartbeat newer than the previous one of its node by more than this is news.
     news_gap_ms: u64,
-    /// Routine heartbeats waiting for the next batch, by node key: the newest and the member it
-    /// came from (`None`: our own).
-    pending_beats: BTreeMap<String, (Entry, Option<PeerId>)>,
+    /// Routine heartbeats waiting for the next batch, by node key: the newest, and the members
+    /// known to hold it already (its writer, and whoever sent it to us meanwhile).
+    pending_beats: BTreeMap<String, (Entry, BTreeSet<PeerId>)>,
     /// When the waiting heartbeats go.
     beats_at: Option<Instant>,
     beat_delay: Duration,
@@ -226,8 +230,9 @@ impl Replication {
             }
         }
         for (e, _) in entries.iter().filter(|(_, n)| !*n) {
+            let holders = [Some(e.writer), source].into_iter().flatten().collect();
             self.pending_beats
-                .insert(e.key.clone(), (e.clone(), source));
+                .insert(e.key.clone(), (e.clone(), holders));
         }
         if !self.pending_beats.is_empty() && self.beats_at.is_none() {
             self.beats_at = Some(now + self.beat_delay);
@@ -245,19 +250,28 @@ impl Replication {
     }
 
     /// Sends the waiting routine heartbeats to [`HEARTBEAT_FANOUT`] random members, one batch
-    /// each (without the heartbeats that came from that member).
+    /// each, leaving out what a member is known to hold already; members known to hold all of
+    /// them are not picked (the epidemic's duplicates are most of its cost).
     fn flush_heartbeats(&mut self, rng: &mut Rng) {
         self.beats_at = None;
         let beats = std::mem::take(&mut self.pending_beats);
-        let mut pool: Vec<PeerId> = self.peers.keys().copied().collect();
+        let lacking = |peer: &PeerId| -> Vec<&Entry> {
+            beats
+                .values()
+                .filter(|(_, holders)| !holders.contains(peer))
+                .map(|(e, _)| e)
+                .collect()
+        };
+        let mut pool: Vec<PeerId> = self
+            .peers
+            .keys()
+            .filter(|p| !lacking(p).is_empty())
+            .copied()
+            .collect();
         for _ in 0..HEARTBEAT_FANOUT.min(pool.len()) {
             let i = rng.below(pool.len() as u64) as usize;
             let peer = pool.swap_remove(i);
-            let batch: Vec<&Entry> = beats
-                .values()
-                .filter(|(_, source)| *source != Some(peer))
-                .map(|(e, _)| e)
-                .collect();
+            let batch = lacking(&peer);
             if !batch.is_empty() {
                 self.send_entries(peer, &batch, Sent::Heartbeat);
             }
@@ -327,7 +341,15 @@ impl Replication {
                     self.stats.entries_fresh += 1;
                     fresh.push((e, news));
                 }
-                Ok(Applied::Stale) => self.stats.entries_stale += 1,
+                Ok(Applied::Stale) => {
+                    self.stats.entries_stale += 1;
+                    // The sender holds a heartbeat that waits here for the next batch.
+                    if let Some((p, holders)) = self.pending_beats.get_mut(&e.key) {
+                        if p.bucket == e.bucket && p.version <= e.version {
+                            holders.insert(from);
+                        }
+                    }
+                }
                 Err(err) => {
                     self.stats.entries_refused += 1;
                     log::debug!("ledger entry refused: {err}");
