@@ -596,9 +596,9 @@ impl Cluster {
         let was_synced = self.replication.is_synced();
         let was_all_synced = self.replication.all_peers_synced();
         let rival_before = self.ledger.rival(&self.settings.uuid);
-        let fresh =
-            self.replication
-                .handle_message(now, unix_ms, &mut self.ledger, from, bytes);
+        let fresh = self
+            .replication
+            .handle_message(now, unix_ms, &mut self.ledger, from, bytes);
         // A new sign of another node using our uuid is news for the next pass.
         if self.ledger.rival(&self.settings.uuid) != rival_before {
             self.update_at.get_or_insert(now + UPDATE_DELAY);

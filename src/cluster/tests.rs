@@ -1329,7 +1329,11 @@ fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
         let previous = previous.map(|e| e.version);
         let beat = r[i].put(names::HEALTHCHECK, &format!("n{i}"), "1", at);
         let news = r[i].replication.is_news(previous, &beat);
-        assert_eq!(news, at == t, "the first beat is news, the next on time is not");
+        assert_eq!(
+            news,
+            at == t,
+            "the first beat is news, the next on time is not"
+        );
         r[i].replication.push(now, &[(beat, news)], None);
         r[i].flush(now + HEARTBEAT_BATCH_DELAY);
         let out = r[i].outbox();

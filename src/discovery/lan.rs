@@ -120,6 +120,10 @@ pub const ANSWER_DELAY: (Duration, Duration) =
     (Duration::from_millis(20), Duration::from_millis(120));
 /// Minimum time between two answers.
 pub const ANSWER_MIN_GAP: Duration = Duration::from_millis(500);
+/// A beacon that follows the previous one of its peer by less than this is off the steady
+/// schedule (8 to 12 s): one of a burst (the peer started, restarted or changed addresses) or
+/// an answer to a newcomer. See [`LanDiscovery::heard_early`].
+pub const EARLY_BEACON: Duration = Duration::from_secs(4);
 /// Silence after which a peer is reported expired.
 pub const PEER_EXPIRY: Duration = Duration::from_secs(40);
 /// With rotating tokens, how far `sent_at` may be from the receiver's clock, either way: the
@@ -163,6 +167,8 @@ struct PeerEntry {
     addrs: Vec<SocketAddr>,
     /// When its last beacon was accepted.
     last_seen: Instant,
+    /// When the one before was (`None`: the last was its first).
+    previous_seen: Option<Instant>,
     /// `sent_at_unix_ms` of that beacon.
     last_sent_at: u64,
 }
@@ -287,6 +293,16 @@ impl LanDiscovery {
     /// When the last beacon of `peer` was accepted, if it is known.
     pub fn last_seen(&self, peer: &PeerId) -> Option<Instant> {
         self.peers.get(peer).map(|e| e.last_seen)
+    }
+
+    /// Whether `peer`'s last beacon came within [`EARLY_BEACON`] of the one before (or was its
+    /// first): a burst, so the peer may just have restarted; steady beacons are not.
+    #[must_use]
+    pub fn heard_early(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|e| {
+            e.previous_seen
+                .is_none_or(|p| e.last_seen.saturating_duration_since(p) < EARLY_BEACON)
+        })
     }
 
     /// True when the token rotates keys, so beacons must be fresh by the wall clock.
@@ -478,6 +494,7 @@ impl LanDiscovery {
         if let Some(entry) = self.peers.get_mut(&peer) {
             self.by_seen.remove(&(entry.last_seen, peer));
             self.by_seen.insert((now, peer));
+            entry.previous_seen = Some(entry.last_seen);
             entry.last_seen = now;
             entry.last_sent_at = sent_at;
             if entry.addrs != addrs {
@@ -499,6 +516,7 @@ impl LanDiscovery {
             PeerEntry {
                 addrs: addrs.clone(),
                 last_seen: now,
+                previous_seen: None,
                 last_sent_at: sent_at,
             },
         );
@@ -1068,6 +1086,32 @@ mod tests {
         assert_eq!(events(&mut lan).len(), 1);
         let (_, addrs) = lan.peers().next().unwrap();
         assert_eq!(addrs, ["10.0.0.2:7120".parse().unwrap()]);
+    }
+
+    #[test]
+    fn beacons_of_a_burst_are_early_steady_ones_are_not() {
+        let ks = keys(17, NEVER_ROTATE);
+        let mut lan = node(peer(0), &ks, 17);
+        let t = Instant::now();
+        let p = peer(1);
+        let beacon = |n: u64| sealed(&ks, p, &["0.0.0.0:7120"], UNIX0 * 1000 + n * 1000, n);
+        lan.handle_beacon(t, 5, from("10.0.0.2"), &beacon(1))
+            .unwrap();
+        assert!(lan.heard_early(&p), "a first beacon");
+        let steady = t + STEADY_INTERVAL;
+        lan.handle_beacon(steady, 15, from("10.0.0.2"), &beacon(2))
+            .unwrap();
+        assert!(!lan.heard_early(&p), "on the steady schedule");
+        // It restarts: a burst, 200 ms apart.
+        let burst = steady + Duration::from_secs(6);
+        lan.handle_beacon(burst, 21, from("10.0.0.2"), &beacon(3))
+            .unwrap();
+        assert!(!lan.heard_early(&p), "6 s after the last one");
+        let second = burst + Duration::from_millis(200);
+        lan.handle_beacon(second, 21, from("10.0.0.2"), &beacon(4))
+            .unwrap();
+        assert!(lan.heard_early(&p), "the burst's second beacon");
+        assert!(!lan.heard_early(&peer(2)), "an unknown peer");
     }
 
     #[test]

@@ -1287,7 +1287,8 @@ impl Node {
     /// dead on its side but stays up here until we next send it something (or the idle timeout),
     /// and its dials to us may be backing off. Meanwhile a member whose state was wiped knows
     /// nobody until it hears our steady beacons (8 to 12 s), and could meet only another wiped
-    /// member and take it for a new cluster. So: a connection to it is probed with a PING (a
+    /// member and take it for a new cluster. So: when the beacon is one of a burst
+    /// ([`LanDiscovery::heard_early`]), a connection to it is probed with a PING (a
     /// restarted member answers with a stateless reset, the connection goes and the next dial
     /// round redials), and a dial back-off ends now (the failure count is kept, so a member that
     /// beacons but cannot be reached is retried once per beacon, its back-off still growing).
@@ -1296,10 +1297,13 @@ impl Node {
             return;
         };
         let heard = |peer: &PeerId| lan.last_seen(peer) == Some(now);
+        // Only beacons of a burst: a restarted member bursts (four beacons within a second), and
+        // steady beacons (every 8 to 12 s from every LAN member) would cost a PING and its ACK
+        // per member and beacon on every connection, most of an idle LAN's QUIC traffic.
         let probe: Vec<PeerId> = self
             .connected
             .keys()
-            .filter(|p| heard(p))
+            .filter(|p| heard(p) && lan.heard_early(p))
             .copied()
             .collect();
         let mut due = false;
