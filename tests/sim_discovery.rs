@@ -486,7 +486,7 @@ fn a_partition_splits_the_members_and_healing_joins_them_again() {
             let (left, right) = hosts.split_at(10);
             let split = sim.now();
             let partition = sim.partition(left, right, true);
-            // Beacons expire after 40 s, then the ttl runs out.
+            // Beacons expire (`PEER_EXPIRY`), then the ttl runs out.
             let lan_expiry = kairos_p2p::discovery::lan::PEER_EXPIRY;
             sim.run_until(split + lan_expiry + ttl + secs(10)).unwrap();
             sim.check_invariants().unwrap();

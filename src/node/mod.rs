@@ -1286,7 +1286,7 @@ impl Node {
     /// yet the beacon may be the first of a member that restarted: its old connection to us is
     /// dead on its side but stays up here until we next send it something (or the idle timeout),
     /// and its dials to us may be backing off. Meanwhile a member whose state was wiped knows
-    /// nobody until it hears our steady beacons (8 to 12 s), and could meet only another wiped
+    /// nobody until it hears our steady beacons (16 to 24 s), and could meet only another wiped
     /// member and take it for a new cluster. So: when the beacon is one of a burst
     /// ([`LanDiscovery::heard_early`]), a connection to it is probed with a PING (a
     /// restarted member answers with a stateless reset, the connection goes and the next dial
@@ -1298,7 +1298,7 @@ impl Node {
         };
         let heard = |peer: &PeerId| lan.last_seen(peer) == Some(now);
         // Only beacons of a burst: a restarted member bursts (four beacons within a second), and
-        // steady beacons (every 8 to 12 s from every LAN member) would cost a PING and its ACK
+        // steady beacons (every 16 to 24 s from every LAN member) would cost a PING and its ACK
         // per member and beacon on every connection, most of an idle LAN's QUIC traffic.
         let probe: Vec<PeerId> = self
             .connected
