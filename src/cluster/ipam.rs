@@ -528,7 +528,8 @@ impl Claim {
 
 /// The valid claims of the `dhcp` bucket and how many were ignored, indexed by uuid and by
 /// address. The allocator keeps one between updates and reads only the claims changed since
-/// ([`Ledger::changed_since`]): a pass costs O(changes), not O(claims) (every node of a network
+/// ([`Ledger::changed_since`], when the ledger [follows](Ledger::follow) the bucket, as the
+/// cluster layer's does): a pass costs O(changes), not O(claims) (every node of a network
 /// claims an address, so re-reading the bucket at every pass cost each node O(nodes) per pass).
 #[derive(Debug, Default)]
 struct Claims {
@@ -848,6 +849,7 @@ mod tests {
         let mut rng = Rng::from_seed(11);
         let pool = Pool::new(cidr("10.1.0.0/29"));
         let mut ledger = Ledger::default();
+        ledger.follow(DHCP);
         let mut kept = Claims::default();
         let values = [
             "10.1.0.1",

@@ -1,6 +1,6 @@
 //! The ledger store: buckets of signed entries, merge, limits, tombstone expiry, events.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::authority::{Authority, MAX_DEFERRED, Verdict, announced_uuid};
 use super::journal::JournalState;
@@ -249,6 +249,8 @@ pub struct Ledger {
     rivals: BTreeMap<String, Rival>,
     /// The latest change number ([`Ledger::change_seq`]).
     change: u64,
+    /// Buckets whose changes are logged for [`Ledger::changed_since`] ([`Ledger::follow`]).
+    followed: BTreeSet<String>,
 }
 
 /// Another peer announcing or beating under a uuid bound to somebody else (a cloned disk, or
@@ -304,6 +306,27 @@ impl Ledger {
             usage: BTreeMap::new(),
             rivals: BTreeMap::new(),
             change: 0,
+            followed: BTreeSet::new(),
+        }
+    }
+
+    /// Logs the changes of `bucket` from now on, for [`changed_since`](Self::changed_since)
+    /// (a log costs a key and a map node per entry of the bucket).
+    pub fn follow(&mut self, bucket: &str) {
+        if self.followed.insert(bucket.to_owned()) {
+            if let Some(b) = self.buckets.get_mut(bucket) {
+                b.floor = self.change;
+            }
+        }
+    }
+
+    /// Stops every log [`follow`](Self::follow) started (a copy that nobody reads incrementally).
+    pub(crate) fn unfollow_all(&mut self) {
+        self.followed.clear();
+        for b in self.buckets.values_mut() {
+            b.stored_log = BTreeMap::new();
+            b.removal_log = BTreeMap::new();
+            b.removed = BTreeMap::new();
         }
     }
 
@@ -315,14 +338,15 @@ impl Ledger {
 
     /// The keys of `bucket` stored or removed after change `since` (a [`change_seq`] read
     /// earlier), each with the entry it holds now (`None`: removed), in change order; `None`
-    /// when they are not all known (the bucket is gone or was created since, or older removal
-    /// marks were dropped): read the whole bucket then. O(changes · log keys).
+    /// when they are not all known (the bucket is not [followed](Self::follow), is gone or was
+    /// created since, or older removal marks were dropped): read the whole bucket then.
+    /// O(changes · log keys).
     ///
     /// [`change_seq`]: Self::change_seq
     #[must_use]
     pub fn changed_since(&self, bucket: &str, since: u64) -> Option<Vec<(&str, Option<&Entry>)>> {
         let b = self.buckets.get(bucket)?;
-        if since < b.floor {
+        if since < b.floor || !self.followed.contains(bucket) {
             return None;
         }
         let from = since.saturating_add(1);
@@ -885,7 +909,9 @@ impl Ledger {
             change,
         };
         let previous = bucket.entries.insert(key.clone(), stored);
-        bucket.log(&key, change, previous.as_ref().map(|p| p.change), true);
+        if self.followed.contains(&bucket_name) {
+            bucket.log(&key, change, previous.as_ref().map(|p| p.change), true);
+        }
         let applied = match previous {
             Some(prev) => {
                 xor_into(&mut bucket.hash, &prev.hash);
@@ -998,7 +1024,9 @@ impl Ledger {
         let s = b.entries.remove(key)?;
         xor_into(&mut b.hash, &s.hash);
         self.change += 1;
-        b.log(key, self.change, Some(s.change), false);
+        if self.followed.contains(bucket) {
+            b.log(key, self.change, Some(s.change), false);
+        }
         self.journal.needs_full = true;
         if let Some(uuid) = announced_uuid(bucket, key) {
             if self

@@ -192,6 +192,7 @@ fn change_log_readers_follow_every_store_and_removal() {
     let ws = writers(3);
     for round in 0..20 {
         let mut l = Ledger::default();
+        l.follow("dhcp");
         let (mut mirror, mut seen) = (Mirror::new(), 0);
         let mut entries = random_entries(&mut rng, &ws, 300, 40);
         shuffle(&mut rng, &mut entries);
@@ -221,6 +222,7 @@ fn a_reader_behind_dropped_removal_marks_reads_the_whole_bucket() {
     let me = id(1);
     let mut clock = Clock::new();
     let mut l = Ledger::default();
+    l.follow("dhcp");
     l.put(&me, &mut clock, "dhcp", "keep", b"10.1.0.1", NOW)
         .unwrap();
     let (mut mirror, mut seen) = (Mirror::new(), 0);
@@ -251,6 +253,10 @@ fn a_reader_behind_dropped_removal_marks_reads_the_whole_bucket() {
     );
     assert!(!follow(&l, "dhcp", &mut stale, &mut stale_seen));
     assert!(stale.is_empty());
+    // An unfollowed bucket lists nothing: its readers read it whole.
+    l.put(&me, &mut clock, "other", "k", b"v", NOW + 3 * DAY)
+        .unwrap();
+    assert!(l.changed_since("other", 0).is_none());
 }
 
 #[test]
