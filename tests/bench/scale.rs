@@ -89,6 +89,15 @@ fn scale(seed: u64, clusters: usize, per_cluster: usize, idle: Duration, rss: bo
         r.entries_stale as f64 / n,
         r.entries_stale as f64 / (r.entries_fresh.max(1)) as f64,
     );
+    let l = report.ledgers;
+    let held = l.nodes.max(1) as f64;
+    println!(
+        "  ledger per node when formed: {:.0} entries, {:.0} KB ({:.0} % of the entries in other \
+         clusters' buckets)",
+        l.entries as f64 / held,
+        l.bytes as f64 / held / 1e3,
+        100.0 * l.other_clusters as f64 / (l.entries.max(1)) as f64,
+    );
     if report.formed_at.is_some() {
         // Settle (the last roles and addresses, DHT refreshes), then measure.
         if let Err(e) = run.sim.run_for(Duration::from_secs(20)) {
