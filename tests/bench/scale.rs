@@ -5,12 +5,12 @@
 //! and 1,000 nodes (one cluster each for 11 and 100). Prints numbers; asserts nothing.
 //!
 //! `cargo bench --bench scale`; `SIM_SEED` picks the seed, `SIM_BENCH_SCALE_NODES` the big
-//! run's nodes per cluster (default 100; 30 and 50 give the 300- and 500-node runs), and
-//! `SIM_BENCH_IDLE_SECS` the idle measurement (default 60 virtual seconds). The 1,000-node run
-//! runs only with `SIM_BENCH_SCALE_BIG=1`: every node holds and relays the whole token's
-//! ledger, so the work grows with nodes² (300 nodes form in 3.6 s virtual but take ~4 min of
-//! CPU and 1.2 GB, 500 nodes 12 min and 3.3 GB; see the README's bench section), which `make bench` must not spend by
-//! default.
+//! run's nodes per cluster (default 100; 30 and 50 give 300 and 500 nodes), and
+//! `SIM_BENCH_IDLE_SECS` the idle measurement (default 60 virtual seconds). The big run runs
+//! only with `SIM_BENCH_SCALE_BIG=1`: every node holds and relays the whole token's ledger, so
+//! the work grows with nodes² (300 nodes form in 3.6 s virtual but take ~4 min of CPU and
+//! 1.2 GB, 500 nodes 12 min and 3.3 GB; see the README's bench section), which `make bench`
+//! must not spend by default.
 
 use std::time::{Duration, Instant};
 
