@@ -32,12 +32,14 @@ fn ten_clusters_of_one_token_all_form() {
         );
         let (_, report) = formation(spec).expect("simulation");
         eprintln!(
-            "{} nodes: formed at {:?} virtual, {:.1} s wall, {} steps, replication {:?}",
+            "{} nodes: formed at {:?} virtual, {:.1} s wall, {} steps, replication {:?}, \
+             ledgers {:?}",
             spec.nodes(),
             report.formed_at,
             report.wall.as_secs_f64(),
             report.steps,
-            report.replication
+            report.replication,
+            report.ledgers
         );
         for (id, c) in &report.clusters {
             assert_eq!(c.with_role, c.nodes, "{id}: {c:?}");

@@ -38,7 +38,7 @@ use super::{Write, fnv32a};
 use crate::config::Ipv4Cidr;
 use crate::identity::PeerId;
 use crate::ledger::names::{DHCP, MACHINES};
-use crate::ledger::{Hlc, Ledger};
+use crate::ledger::{Entry, Hlc, Ledger};
 
 /// Suffix of a static claim's value.
 const STATIC_SUFFIX: &str = "static";
@@ -115,6 +115,8 @@ pub struct Ipam {
     clashes: BTreeSet<String>,
     ignored_claims: usize,
     lost_claims: u64,
+    /// The claims as of the last update.
+    claims: Claims,
 }
 
 impl Ipam {
@@ -147,10 +149,12 @@ impl Ipam {
             clashes: BTreeSet::new(),
             ignored_claims: 0,
             lost_claims: 0,
+            claims: Claims::default(),
         }
     }
 
-    /// Re-reads the `dhcp` bucket and acts; call after every ledger change and at `poll_timeout`.
+    /// Reads the `dhcp` claims changed since the last call and acts; call after every ledger
+    /// change and at `poll_timeout`, always with the same ledger.
     /// `synced`: the ledger has exchanged with a peer, or the node has been alone long enough.
     pub fn update(
         &mut self,
@@ -160,14 +164,15 @@ impl Ipam {
         writes: &mut Vec<Write>,
         events: &mut Vec<IpamEvent>,
     ) {
-        let claims = Claims::read(ledger, Some(&self.pool));
-        if claims.ignored != self.ignored_claims && claims.ignored > 0 {
+        let mut claims = std::mem::take(&mut self.claims);
+        claims.refresh(ledger, Some(&self.pool));
+        let ignored = claims.ignored();
+        if ignored != self.ignored_claims && ignored > 0 {
             log::warn!(
-                "ipam: ignoring {} malformed or out-of-network claims in the {DHCP} bucket",
-                claims.ignored
+                "ipam: ignoring {ignored} malformed or out-of-network claims in the {DHCP} bucket"
             );
         }
-        self.ignored_claims = claims.ignored;
+        self.ignored_claims = ignored;
         match self.static_address {
             Some(addr) => self.hold_static(now, addr, &claims, writes, events),
             None => self.hold_dynamic(now, &claims, synced, writes, events),
@@ -178,6 +183,7 @@ impl Ipam {
                 self.publish_machine(ledger, addr, writes);
             }
         }
+        self.claims = claims;
         self.deadline = match self.lease {
             Some(lease) if self.settled != Some(lease.addr) => lease
                 .since
@@ -217,7 +223,7 @@ impl Ipam {
     pub fn owner_of(ledger: &Ledger, addr: Ipv4Addr) -> Option<String> {
         Claims::read(ledger, None)
             .owner(addr)
-            .map(|c| c.uuid.to_owned())
+            .map(|c| c.uuid.clone())
     }
 
     /// The peer holding each leased address: for the winning claim on it (the rule above), the
@@ -225,18 +231,12 @@ impl Ipam {
     /// VPN routes an address only to its holder (`vpn::routes`), so that a member cannot publish
     /// another node's address as its own. O(claims · log claims).
     pub fn lease_holders(ledger: &Ledger) -> BTreeMap<Ipv4Addr, PeerId> {
-        let mut winners: BTreeMap<Ipv4Addr, Claim<'_>> = BTreeMap::new();
-        for claim in Claims::read(ledger, None).list {
-            match winners.get(&claim.addr) {
-                Some(best) if best.rank() <= claim.rank() => {}
-                _ => {
-                    winners.insert(claim.addr, claim);
-                }
-            }
-        }
-        winners
-            .into_iter()
-            .map(|(addr, c)| (addr, ledger.bound_peer(c.uuid).unwrap_or(c.writer)))
+        let claims = Claims::read(ledger, None);
+        claims
+            .by_addr
+            .keys()
+            .filter_map(|&addr| claims.owner(addr))
+            .map(|c| (c.addr, ledger.bound_peer(&c.uuid).unwrap_or(c.writer)))
             .collect()
     }
 
@@ -245,7 +245,7 @@ impl Ipam {
         &mut self,
         now: Instant,
         addr: Ipv4Addr,
-        claims: &Claims<'_>,
+        claims: &Claims,
         writes: &mut Vec<Write>,
         events: &mut Vec<IpamEvent>,
     ) {
@@ -264,11 +264,10 @@ impl Ipam {
             self.lease = Some(Lease { addr, since });
         }
         for other in claims
-            .list
-            .iter()
-            .filter(|c| c.is_static && c.addr == addr && c.uuid != self.uuid)
+            .on(addr)
+            .filter(|c| c.is_static && c.uuid != self.uuid)
         {
-            if self.clashes.insert(other.uuid.to_owned()) {
+            if self.clashes.insert(other.uuid.clone()) {
                 log::warn!(
                     "ipam: node {} also claims the static address {addr}; keeping it as configured",
                     other.uuid
@@ -285,7 +284,7 @@ impl Ipam {
     fn hold_dynamic(
         &mut self,
         now: Instant,
-        claims: &Claims<'_>,
+        claims: &Claims,
         synced: bool,
         writes: &mut Vec<Write>,
         events: &mut Vec<IpamEvent>,
@@ -307,7 +306,7 @@ impl Ipam {
         if let (Some(lease), Some(claim)) = (self.lease, ours) {
             if claim.addr == lease.addr {
                 self.lost_claims += 1;
-                let owner = claims.owner(lease.addr).map_or("?", |o| o.uuid);
+                let owner = claims.owner(lease.addr).map_or("?", |o| o.uuid.as_str());
                 log::info!(
                     "ipam: {} belongs to {owner} (an older claim); picking another address",
                     lease.addr
@@ -344,19 +343,13 @@ impl Ipam {
     }
 
     /// The first address from our hash slot on that no claim but ours names.
-    fn pick(&self, claims: &Claims<'_>) -> Option<Ipv4Addr> {
+    fn pick(&self, claims: &Claims) -> Option<Ipv4Addr> {
         let count = self.pool.host_count();
         if count == 0 {
             return None;
         }
-        let named: BTreeSet<Ipv4Addr> = claims
-            .list
-            .iter()
-            .filter(|c| c.uuid != self.uuid)
-            .map(|c| c.addr)
-            .collect();
         // Among named + 1 distinct hosts at least one is free: no need to look further.
-        let tries = u32::try_from(named.len())
+        let tries = u32::try_from(claims.named_by_others(&self.uuid))
             .unwrap_or(u32::MAX)
             .saturating_add(1)
             .min(count);
@@ -370,7 +363,7 @@ impl Ipam {
                 };
                 self.pool.host(index)
             })
-            .find(|a| !named.contains(a))
+            .find(|a| !claims.named_by_other(*a, &self.uuid))
     }
 
     /// Reports the lease once it has settled.
@@ -508,73 +501,157 @@ impl Pool {
 }
 
 /// One valid claim of the `dhcp` bucket.
-#[derive(Debug, Clone, Copy)]
-struct Claim<'a> {
-    uuid: &'a str,
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Claim {
+    uuid: String,
     addr: Ipv4Addr,
     is_static: bool,
     version: Hlc,
     writer: PeerId,
 }
 
-impl<'a> Claim<'a> {
+/// The order of claims on one address: lowest wins (see [`Claim::rank`]).
+type Rank = (bool, Hlc, PeerId, String);
+
+impl Claim {
     /// Lowest wins: static first, then oldest version, then lowest writer (then uuid, so that
     /// the order is total).
-    fn rank(&self) -> (bool, Hlc, PeerId, &'a str) {
-        (!self.is_static, self.version, self.writer, self.uuid)
+    fn rank(&self) -> Rank {
+        (
+            !self.is_static,
+            self.version,
+            self.writer,
+            self.uuid.clone(),
+        )
     }
 }
 
-/// The valid claims of a ledger and how many were ignored.
-struct Claims<'a> {
-    list: Vec<Claim<'a>>,
-    ignored: usize,
+/// The valid claims of the `dhcp` bucket and how many were ignored, indexed by uuid and by
+/// address. The allocator keeps one between updates and reads only the claims changed since
+/// ([`Ledger::changed_since`], when the ledger [follows](Ledger::follow) the bucket, as the
+/// cluster layer's does): a pass costs O(changes), not O(claims) (every node of a network
+/// claims an address, so re-reading the bucket at every pass cost each node O(nodes) per pass).
+#[derive(Debug, Default)]
+struct Claims {
+    /// The ledger change read up to (`None`: nothing read yet).
+    seen: Option<u64>,
+    by_uuid: BTreeMap<String, Claim>,
+    /// The claims naming each address, best first.
+    by_addr: BTreeMap<Ipv4Addr, BTreeSet<Rank>>,
+    /// Uuids whose claim does not parse or lies outside the pool.
+    ignored: BTreeSet<String>,
 }
 
-impl<'a> Claims<'a> {
-    /// Reads the `dhcp` bucket; with a pool, drops the claims outside it.
-    fn read(ledger: &'a Ledger, pool: Option<&Pool>) -> Self {
-        let mut list = Vec::new();
-        let mut ignored = 0;
-        for (uuid, value) in ledger.bucket(DHCP) {
-            let Some(entry) = ledger.entry(DHCP, uuid) else {
-                continue;
-            };
-            let claim = parse_claim(value).filter(|&(addr, is_static)| {
-                pool.is_none_or(|p| {
-                    if is_static {
-                        p.contains(addr)
-                    } else {
-                        p.is_host(addr)
-                    }
-                })
-            });
-            match claim {
-                Some((addr, is_static)) => list.push(Claim {
-                    uuid,
-                    addr,
-                    is_static,
-                    version: entry.version,
-                    writer: entry.writer,
-                }),
-                None => ignored += 1,
+impl Claims {
+    /// Reads the whole `dhcp` bucket; with a pool, drops the claims outside it.
+    fn read(ledger: &Ledger, pool: Option<&Pool>) -> Self {
+        let mut claims = Self::default();
+        claims.refresh(ledger, pool);
+        claims
+    }
+
+    /// Brings the index up to date with `ledger` (the same ledger and pool at every call):
+    /// reads the claims changed since the last call, or the whole bucket when the ledger
+    /// cannot list them.
+    fn refresh(&mut self, ledger: &Ledger, pool: Option<&Pool>) {
+        let now = ledger.change_seq();
+        if self.seen == Some(now) {
+            return;
+        }
+        match self.seen.and_then(|seen| ledger.changed_since(DHCP, seen)) {
+            Some(changes) => {
+                for (uuid, entry) in changes {
+                    self.set(uuid, entry, pool);
+                }
+            }
+            None => {
+                self.by_uuid.clear();
+                self.by_addr.clear();
+                self.ignored.clear();
+                for (uuid, _) in ledger.bucket(DHCP) {
+                    self.set(uuid, ledger.entry(DHCP, uuid), pool);
+                }
             }
         }
-        Self { list, ignored }
+        self.seen = Some(now);
+    }
+
+    /// Replaces the claim of `uuid` with what `entry` (its `dhcp` entry now) says.
+    fn set(&mut self, uuid: &str, entry: Option<&Entry>, pool: Option<&Pool>) {
+        self.ignored.remove(uuid);
+        if let Some(old) = self.by_uuid.remove(uuid) {
+            if let Some(on_addr) = self.by_addr.get_mut(&old.addr) {
+                on_addr.remove(&old.rank());
+                if on_addr.is_empty() {
+                    self.by_addr.remove(&old.addr);
+                }
+            }
+        }
+        let Some((entry, value)) = entry.and_then(|e| e.value.as_deref().map(|v| (e, v))) else {
+            return;
+        };
+        let claim = parse_claim(value).filter(|&(addr, is_static)| {
+            pool.is_none_or(|p| {
+                if is_static {
+                    p.contains(addr)
+                } else {
+                    p.is_host(addr)
+                }
+            })
+        });
+        let Some((addr, is_static)) = claim else {
+            self.ignored.insert(uuid.to_owned());
+            return;
+        };
+        let claim = Claim {
+            uuid: uuid.to_owned(),
+            addr,
+            is_static,
+            version: entry.version,
+            writer: entry.writer,
+        };
+        self.by_addr.entry(addr).or_default().insert(claim.rank());
+        self.by_uuid.insert(claim.uuid.clone(), claim);
+    }
+
+    /// How many claims were ignored.
+    fn ignored(&self) -> usize {
+        self.ignored.len()
     }
 
     /// The claim of `uuid`, if valid.
-    fn of(&self, uuid: &str) -> Option<Claim<'a>> {
-        self.list.iter().find(|c| c.uuid == uuid).copied()
+    fn of(&self, uuid: &str) -> Option<&Claim> {
+        self.by_uuid.get(uuid)
     }
 
     /// The winning claim on `addr`.
-    fn owner(&self, addr: Ipv4Addr) -> Option<Claim<'a>> {
-        self.list
-            .iter()
-            .filter(|c| c.addr == addr)
-            .min_by_key(|c| c.rank())
-            .copied()
+    fn owner(&self, addr: Ipv4Addr) -> Option<&Claim> {
+        let best = self.by_addr.get(&addr)?.first()?;
+        self.by_uuid.get(&best.3)
+    }
+
+    /// The claims naming `addr`, best first.
+    fn on(&self, addr: Ipv4Addr) -> impl Iterator<Item = &Claim> {
+        self.by_addr
+            .get(&addr)
+            .into_iter()
+            .flatten()
+            .filter_map(|rank| self.by_uuid.get(&rank.3))
+    }
+
+    /// Whether a claim of another uuid than `uuid` names `addr`.
+    fn named_by_other(&self, addr: Ipv4Addr, uuid: &str) -> bool {
+        self.by_addr
+            .get(&addr)
+            .is_some_and(|on| on.iter().any(|rank| rank.3 != uuid))
+    }
+
+    /// How many addresses claims of other uuids than `uuid` name.
+    fn named_by_others(&self, uuid: &str) -> usize {
+        let own_alone = self
+            .of(uuid)
+            .is_some_and(|c| !self.named_by_other(c.addr, uuid));
+        self.by_addr.len() - usize::from(own_alone)
     }
 }
 
@@ -763,6 +840,51 @@ mod tests {
         let single = Pool::new(cidr("10.1.0.9/32"));
         assert!(single.contains(ip("10.1.0.9")) && !single.is_host(ip("10.1.0.9")));
         assert!(!single.contains(ip("10.1.0.8")));
+    }
+
+    #[test]
+    fn kept_claims_match_a_fresh_read_after_every_change() {
+        let ids: Vec<Identity> = (1..=3).map(|n| Identity::from_seed([n; 32])).collect();
+        let mut clock = Clock::new();
+        let mut rng = Rng::from_seed(11);
+        let pool = Pool::new(cidr("10.1.0.0/29"));
+        let mut ledger = Ledger::default();
+        ledger.follow(DHCP);
+        let mut kept = Claims::default();
+        let values = [
+            "10.1.0.1",
+            "10.1.0.2",
+            "10.1.0.3 static",
+            "10.1.0.0",
+            "10.9.0.1",
+            "x",
+        ];
+        for step in 0..400u64 {
+            let id = &ids[rng.below(3) as usize];
+            let key = format!("n{}", rng.below(8));
+            let ms = T0_MS + step * 10;
+            if rng.chance(0.2) {
+                ledger.delete(id, &mut clock, DHCP, &key, ms).unwrap();
+            } else {
+                let v = values[rng.below(values.len() as u64) as usize];
+                ledger
+                    .put(id, &mut clock, DHCP, &key, v.as_bytes(), ms)
+                    .unwrap();
+            }
+            if step % 50 == 49 {
+                ledger.expire(ms + 2 * 24 * 3_600_000);
+            }
+            if rng.chance(0.5) {
+                kept.refresh(&ledger, Some(&pool));
+                let fresh = Claims::read(&ledger, Some(&pool));
+                assert_eq!(kept.by_uuid, fresh.by_uuid, "step {step}");
+                assert_eq!(kept.by_addr, fresh.by_addr, "step {step}");
+                assert_eq!(kept.ignored, fresh.ignored, "step {step}");
+                for uuid in (0..8).map(|n| format!("n{n}")) {
+                    assert_eq!(kept.named_by_others(&uuid), fresh.named_by_others(&uuid));
+                }
+            }
+        }
     }
 
     #[test]

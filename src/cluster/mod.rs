@@ -409,6 +409,8 @@ impl Cluster {
             rebind_after_ms: u64::try_from(settings.liveness_timeout.as_millis())
                 .unwrap_or(u64::MAX),
         });
+        // The address allocator reads the claims changed since its last pass.
+        ledger.follow(names::DHCP);
         let limits = SyncLimits::for_ledger(&settings.ledger_limits, settings.max_message_bytes);
         let me = identity.peer_id();
         Self {

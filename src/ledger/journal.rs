@@ -187,7 +187,9 @@ impl Ledger {
                     bytes: Some(0),
                     ..JournalState::default()
                 };
-                *disk = Some(self.clone());
+                let mut copy = self.clone();
+                copy.unfollow_all();
+                *disk = Some(copy);
             }
         }
     }

@@ -81,8 +81,8 @@ pub use entry::{ENTRY_WIRE_OVERHEAD, Entry, KeyId, MAX_BUCKET_LEN, MAX_KEY_LEN, 
 pub use hlc::{CLOCK_SET_FLOOR_MS, Clock, DEFAULT_MAX_AHEAD_MS, Hlc, TooFarAhead};
 pub use persist::{SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
 pub use store::{
-    Applied, ApplyReport, Counters, Ledger, LedgerEvent, Limits, MAX_WRITER_BYTES,
-    MAX_WRITER_ENTRIES, Rival,
+    Applied, ApplyReport, Counters, Ledger, LedgerEvent, Limits, MAX_REMOVAL_MARKS,
+    MAX_WRITER_BYTES, MAX_WRITER_ENTRIES, Rival,
 };
 pub use sync::{
     Batch, BucketDigest, BucketSummary, Digest, Request, SYNC_VERSION, Summary, SummaryItem,

@@ -1,6 +1,6 @@
 //! The ledger store: buckets of signed entries, merge, limits, tombstone expiry, events.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::authority::{Authority, MAX_DEFERRED, Verdict, announced_uuid};
 use super::journal::JournalState;
@@ -20,6 +20,9 @@ const STORE_OVERHEAD: usize = 64;
 pub const MAX_WRITER_BYTES: usize = 4 * 1024 * 1024;
 /// Most entries one writer may hold (the leader writes a role per node: room for thousands).
 pub const MAX_WRITER_ENTRIES: usize = 16_384;
+/// Removal marks kept per bucket for incremental readers ([`Ledger::changed_since`]); past it
+/// the oldest is dropped and a reader that has not seen it reads the whole bucket again.
+pub const MAX_REMOVAL_MARKS: usize = 1024;
 /// edgevpn's default `max_message_size` (20 MiB).
 const DEFAULT_MAX_MESSAGE_SIZE: usize = 20 * 1024 * 1024;
 
@@ -148,13 +151,50 @@ pub(crate) struct Stored {
     pub(crate) key_id: KeyId,
     /// Quarantined: possibly deleted elsewhere while this node was away (see the module doc).
     pub(crate) suspect: bool,
+    /// The ledger's change number when this entry was stored.
+    pub(crate) change: u64,
 }
 
-/// One bucket: its entries and the XOR of their hashes.
+/// One bucket: its entries, the XOR of their hashes, and its change log.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Bucket {
     pub(crate) entries: BTreeMap<String, Stored>,
     pub(crate) hash: [u8; 32],
+    /// The key of each stored entry by its change number ([`Stored::change`]).
+    stored_log: BTreeMap<u64, String>,
+    /// Keys removed outright (not replaced since), by the change number of the removal, at most
+    /// [`MAX_REMOVAL_MARKS`].
+    removal_log: BTreeMap<u64, String>,
+    /// The change number of each key in `removal_log`.
+    removed: BTreeMap<String, u64>,
+    /// Changes up to this one may be missing from the logs (the bucket's creation, or a dropped
+    /// removal mark): a reader must have seen at least this one to read on incrementally.
+    floor: u64,
+}
+
+impl Bucket {
+    /// Logs change `change` of `key`: stored (replacing `previous`, its earlier change number)
+    /// or, with `stored` false, removed.
+    fn log(&mut self, key: &str, change: u64, previous: Option<u64>, stored: bool) {
+        if let Some(p) = previous {
+            self.stored_log.remove(&p);
+        }
+        if let Some(r) = self.removed.remove(key) {
+            self.removal_log.remove(&r);
+        }
+        if stored {
+            self.stored_log.insert(change, key.to_owned());
+            return;
+        }
+        self.removal_log.insert(change, key.to_owned());
+        self.removed.insert(key.to_owned(), change);
+        if self.removal_log.len() > MAX_REMOVAL_MARKS {
+            if let Some((oldest, key)) = self.removal_log.pop_first() {
+                self.removed.remove(&key);
+                self.floor = self.floor.max(oldest);
+            }
+        }
+    }
 }
 
 /// Which checks [`Ledger::admit`] runs.
@@ -207,6 +247,10 @@ pub struct Ledger {
     usage: BTreeMap<PeerId, (usize, usize)>,
     /// Per bound uuid, the latest sign of another peer using it (see [`Ledger::rival`]).
     rivals: BTreeMap<String, Rival>,
+    /// The latest change number ([`Ledger::change_seq`]).
+    change: u64,
+    /// Buckets whose changes are logged for [`Ledger::changed_since`] ([`Ledger::follow`]).
+    followed: BTreeSet<String>,
 }
 
 /// Another peer announcing or beating under a uuid bound to somebody else (a cloned disk, or
@@ -261,7 +305,63 @@ impl Ledger {
             journal: JournalState::default(),
             usage: BTreeMap::new(),
             rivals: BTreeMap::new(),
+            change: 0,
+            followed: BTreeSet::new(),
         }
+    }
+
+    /// Logs the changes of `bucket` from now on, for [`changed_since`](Self::changed_since)
+    /// (a log costs a key and a map node per entry of the bucket).
+    pub fn follow(&mut self, bucket: &str) {
+        if self.followed.insert(bucket.to_owned()) {
+            if let Some(b) = self.buckets.get_mut(bucket) {
+                b.floor = self.change;
+            }
+        }
+    }
+
+    /// Stops every log [`follow`](Self::follow) started (a copy that nobody reads incrementally).
+    pub(crate) fn unfollow_all(&mut self) {
+        self.followed.clear();
+        for b in self.buckets.values_mut() {
+            b.stored_log = BTreeMap::new();
+            b.removal_log = BTreeMap::new();
+            b.removed = BTreeMap::new();
+        }
+    }
+
+    /// The number of the latest change (each entry stored or removed counts one; it only grows).
+    #[must_use]
+    pub fn change_seq(&self) -> u64 {
+        self.change
+    }
+
+    /// The keys of `bucket` stored or removed after change `since` (a [`change_seq`] read
+    /// earlier), each with the entry it holds now (`None`: removed), in change order; `None`
+    /// when they are not all known (the bucket is not [followed](Self::follow), is gone or was
+    /// created since, or older removal marks were dropped): read the whole bucket then.
+    /// O(changes · log keys).
+    ///
+    /// [`change_seq`]: Self::change_seq
+    #[must_use]
+    pub fn changed_since(&self, bucket: &str, since: u64) -> Option<Vec<(&str, Option<&Entry>)>> {
+        let b = self.buckets.get(bucket)?;
+        if since < b.floor || !self.followed.contains(bucket) {
+            return None;
+        }
+        let from = since.saturating_add(1);
+        let mut changes: Vec<(u64, &str, Option<&Entry>)> = b
+            .stored_log
+            .range(from..)
+            .map(|(c, k)| (*c, k.as_str(), b.entries.get(k).map(|s| &s.entry)))
+            .chain(
+                b.removal_log
+                    .range(from..)
+                    .map(|(c, k)| (*c, k.as_str(), None)),
+            )
+            .collect();
+        changes.sort_unstable_by_key(|(c, _, _)| *c);
+        Some(changes.into_iter().map(|(_, k, e)| (k, e)).collect())
     }
 
     /// The latest signs of another peer than the bound one using `uuid` (its announcement or its
@@ -789,15 +889,29 @@ impl Ledger {
             .insert(entry.writer, (writer_entries, writer_bytes));
         let key_id = KeyId::of(&entry.key);
         let (bucket_name, key) = (entry.bucket.clone(), entry.key.clone());
-        let bucket = self.buckets.entry(bucket_name.clone()).or_default();
+        let floor = self.change;
+        self.change += 1;
+        let change = self.change;
+        let bucket = self
+            .buckets
+            .entry(bucket_name.clone())
+            .or_insert_with(|| Bucket {
+                floor,
+                ..Bucket::default()
+            });
         xor_into(&mut bucket.hash, &hash);
         let stored = Stored {
             entry,
             hash,
             key_id,
             suspect: false,
+            change,
         };
-        let applied = match bucket.entries.insert(key.clone(), stored) {
+        let previous = bucket.entries.insert(key.clone(), stored);
+        if self.followed.contains(&bucket_name) {
+            bucket.log(&key, change, previous.as_ref().map(|p| p.change), true);
+        }
+        let applied = match previous {
             Some(prev) => {
                 xor_into(&mut bucket.hash, &prev.hash);
                 if prev.suspect {
@@ -908,6 +1022,10 @@ impl Ledger {
         let b = self.buckets.get_mut(bucket)?;
         let s = b.entries.remove(key)?;
         xor_into(&mut b.hash, &s.hash);
+        self.change += 1;
+        if self.followed.contains(bucket) {
+            b.log(key, self.change, Some(s.change), false);
+        }
         self.journal.needs_full = true;
         if let Some(uuid) = announced_uuid(bucket, key) {
             if self

@@ -1,6 +1,7 @@
 //! Scenario and property tests of the ledger: merge laws, limits, tombstones, clocks,
 //! anti-entropy, wire robustness and persistence.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -156,6 +157,106 @@ fn tombstones_read_as_absent_and_expire() {
     assert_eq!(l.len(), 1);
     assert_eq!(l.counters().tombstones_expired, 1);
     assert_eq!(l.poll_event(), None, "expiry changes nothing visible");
+}
+
+/// What a reader following [`Ledger::changed_since`] holds of `bucket`: key -> entry.
+type Mirror = BTreeMap<String, Entry>;
+
+/// Brings `mirror` (read up to change `seen`) up to date; false when it had to read it all.
+fn follow(l: &Ledger, bucket: &str, mirror: &mut Mirror, seen: &mut u64) -> bool {
+    let incremental = match l.changed_since(bucket, *seen) {
+        Some(changes) => {
+            for (key, entry) in changes {
+                match entry {
+                    Some(e) => mirror.insert(key.to_owned(), e.clone()),
+                    None => mirror.remove(key),
+                };
+            }
+            true
+        }
+        None => {
+            mirror.clear();
+            for e in l.entries().filter(|e| e.bucket == bucket) {
+                mirror.insert(e.key.clone(), e.clone());
+            }
+            false
+        }
+    };
+    *seen = l.change_seq();
+    incremental
+}
+
+#[test]
+fn change_log_readers_follow_every_store_and_removal() {
+    let mut rng = Rng::from_seed(7);
+    let ws = writers(3);
+    for round in 0..20 {
+        let mut l = Ledger::default();
+        l.follow("dhcp");
+        let (mut mirror, mut seen) = (Mirror::new(), 0);
+        let mut entries = random_entries(&mut rng, &ws, 300, 40);
+        shuffle(&mut rng, &mut entries);
+        for (i, e) in entries.into_iter().enumerate() {
+            let _ = l.apply(e, NOW);
+            if i % 7 == 0 {
+                follow(&l, "dhcp", &mut mirror, &mut seen);
+            }
+            if i % 50 == 49 {
+                // Tombstones go (removals) and the bucket may empty and come back.
+                l.expire(NOW + DAY + round as u64);
+            }
+        }
+        follow(&l, "dhcp", &mut mirror, &mut seen);
+        let held: Mirror = l
+            .entries()
+            .filter(|e| e.bucket == "dhcp")
+            .map(|e| (e.key.clone(), e.clone()))
+            .collect();
+        assert_eq!(mirror, held, "round {round}");
+        assert!(l.changed_since("dhcp", seen).is_none_or(|c| c.is_empty()));
+    }
+}
+
+#[test]
+fn a_reader_behind_dropped_removal_marks_reads_the_whole_bucket() {
+    let me = id(1);
+    let mut clock = Clock::new();
+    let mut l = Ledger::default();
+    l.follow("dhcp");
+    l.put(&me, &mut clock, "dhcp", "keep", b"10.1.0.1", NOW)
+        .unwrap();
+    let (mut mirror, mut seen) = (Mirror::new(), 0);
+    // From change 0 (an empty ledger) every change is listed.
+    assert!(follow(&l, "dhcp", &mut mirror, &mut seen));
+    assert_eq!(mirror.keys().collect::<Vec<_>>(), ["keep"]);
+    for i in 0..=MAX_REMOVAL_MARKS {
+        l.delete(&me, &mut clock, "dhcp", &format!("k{i}"), NOW)
+            .unwrap();
+    }
+    let before_removals = l.change_seq();
+    assert!(follow(&l, "dhcp", &mut mirror, &mut seen));
+    assert_eq!(mirror.len(), MAX_REMOVAL_MARKS + 2);
+    l.expire(NOW + DAY + 1);
+    // One mark too many: a reader that saw none of them cannot tell every removed key.
+    let mut stale_seen = before_removals;
+    let mut stale = mirror.clone();
+    assert!(!follow(&l, "dhcp", &mut stale, &mut stale_seen));
+    assert_eq!(stale.keys().collect::<Vec<_>>(), ["keep"]);
+    // A reader that saw them all before still follows, and the marks after stay listed.
+    let before_more = l.change_seq();
+    l.delete(&me, &mut clock, "dhcp", "keep", NOW + DAY + 2)
+        .unwrap();
+    l.expire(NOW + 3 * DAY);
+    assert!(
+        l.changed_since("dhcp", before_more).is_none(),
+        "bucket gone"
+    );
+    assert!(!follow(&l, "dhcp", &mut stale, &mut stale_seen));
+    assert!(stale.is_empty());
+    // An unfollowed bucket lists nothing: its readers read it whole.
+    l.put(&me, &mut clock, "other", "k", b"v", NOW + 3 * DAY)
+        .unwrap();
+    assert!(l.changed_since("other", 0).is_none());
 }
 
 #[test]

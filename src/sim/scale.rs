@@ -183,6 +183,33 @@ impl ScaleRun {
         sum
     }
 
+    /// What the running nodes' ledgers hold, summed.
+    #[must_use]
+    pub fn ledger_holdings(&self) -> LedgerHoldings {
+        let mut sum = LedgerHoldings::default();
+        let clusters: std::collections::BTreeSet<&str> =
+            self.network_ids.iter().map(String::as_str).collect();
+        for (h, id) in self.hosts.iter().zip(&self.network_ids) {
+            let Some(ledger) = self
+                .sim
+                .node(*h)
+                .and_then(|n| n.cluster())
+                .map(|c| c.ledger())
+            else {
+                continue;
+            };
+            sum.nodes += 1;
+            sum.entries += ledger.len() as u64;
+            sum.bytes += ledger.total_bytes() as u64;
+            for e in ledger.entries() {
+                if e.bucket != *id && clusters.contains(e.bucket.as_str()) {
+                    sum.other_clusters += 1;
+                }
+            }
+        }
+        sum
+    }
+
     /// Every node holds a role.
     #[must_use]
     pub fn all_have_roles(&self) -> bool {
@@ -213,6 +240,19 @@ impl ScaleRun {
     }
 }
 
+/// Ledger contents summed over the running nodes ([`ScaleRun::ledger_holdings`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerHoldings {
+    /// Nodes counted.
+    pub nodes: u64,
+    /// Entries held (tombstones included).
+    pub entries: u64,
+    /// Bytes held, as the ledgers count them against their limit.
+    pub bytes: u64,
+    /// Entries held in another cluster's bucket (a `network_id` not the node's own).
+    pub other_clusters: u64,
+}
+
 /// What a scale formation measured.
 #[derive(Debug, Clone)]
 pub struct ScaleReport {
@@ -227,6 +267,8 @@ pub struct ScaleReport {
     pub clusters: BTreeMap<String, ClusterOutcome>,
     /// Ledger replication, summed over the nodes.
     pub replication: ReplicationStats,
+    /// Ledger contents when formed (or at the limit), summed over the nodes.
+    pub ledgers: LedgerHoldings,
 }
 
 /// Builds and runs `spec` until formed.
@@ -240,6 +282,7 @@ pub fn formation(spec: ScaleSpec) -> Result<(ScaleRun, ScaleReport), SimError> {
         steps: run.sim.steps(),
         clusters: run.outcomes(),
         replication: run.replication_stats(),
+        ledgers: run.ledger_holdings(),
     };
     Ok((run, report))
 }

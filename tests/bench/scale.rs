@@ -5,10 +5,12 @@
 //! and 1,000 nodes (one cluster each for 11 and 100). Prints numbers; asserts nothing.
 //!
 //! `cargo bench --bench scale`; `SIM_SEED` picks the seed, `SIM_BENCH_SCALE_NODES` the big
-//! run's nodes per cluster (default 100), `SIM_BENCH_IDLE_SECS` the idle measurement (default
-//! 60 virtual seconds). The 1,000-node run runs only with `SIM_BENCH_SCALE_BIG=1`: today it does
-//! not form within half an hour of wall time and passes 7 GB (issue 16 is open on it), which
-//! `make bench` must not spend by default.
+//! run's nodes per cluster (default 100; 30 and 50 give 300 and 500 nodes), and
+//! `SIM_BENCH_IDLE_SECS` the idle measurement (default 60 virtual seconds). The big run runs
+//! only with `SIM_BENCH_SCALE_BIG=1`: every node holds and relays the whole token's ledger, so
+//! the work grows with nodes² (300 nodes form in 3.6 s virtual but take ~4 min of CPU and
+//! 1.2 GB, 500 nodes 12 min and 3.3 GB; see the README's bench section), which `make bench`
+//! must not spend by default.
 
 use std::time::{Duration, Instant};
 
@@ -81,6 +83,15 @@ fn scale(seed: u64, clusters: usize, per_cluster: usize, idle: Duration, rss: bo
         r.entries_stale as f64 / n,
         r.entries_stale as f64 / (r.entries_fresh.max(1)) as f64,
     );
+    let l = report.ledgers;
+    let held = l.nodes.max(1) as f64;
+    println!(
+        "  ledger per node when formed: {:.0} entries, {:.0} KB ({:.0} % of the entries in other \
+         clusters' buckets)",
+        l.entries as f64 / held,
+        l.bytes as f64 / held / 1e3,
+        100.0 * l.other_clusters as f64 / (l.entries.max(1)) as f64,
+    );
     if report.formed_at.is_some() {
         // Settle (the last roles and addresses, DHT refreshes), then measure.
         if let Err(e) = run.sim.run_for(Duration::from_secs(20)) {
@@ -105,8 +116,8 @@ fn main() {
         scale(seed, 10, per_cluster, idle, true);
     } else {
         println!(
-            "{} nodes (10 x {per_cluster}): skipped (SIM_BENCH_SCALE_BIG=1 runs it; over 30 min \
-             of wall time and 7 GB today)",
+            "{} nodes (10 x {per_cluster}): skipped (SIM_BENCH_SCALE_BIG=1 runs it; work grows \
+             with nodes², 300 nodes take ~4 min of CPU and 1.2 GB)",
             10 * per_cluster
         );
     }
