@@ -4,8 +4,9 @@
 //! signed with its own key through the library's public types (its agent trusts its own
 //! snapshot), and it is started again: the unmodified agent offers them to the others over the
 //! real overlay by anti-entropy. None may take effect on any real node: the API shows the true
-//! values, no k3s restarts (the stand-in's log), and every node counts the forgeries as
-//! `kairos_p2p_dropped_total{reason="not_owner"}` and logs each one dropped.
+//! values, no k3s restarts (the stand-in's log), and each forgery is logged dropped where it
+//! arrives and counted as `kairos_p2p_dropped_total{reason="not_owner"}` (the forger's own agent
+//! gives a forgery up once it learns the rightful entry, so not every node need see each one).
 //!
 //! The forgeries: `ip-master` at a bogus address, `token-nodetoken`, `master-kubeconfig`, the
 //! master's role demoted to worker, a worker's role raised to master, `leader-auto` naming the
@@ -313,23 +314,14 @@ fn a_member_forging_entries_changes_nothing_on_any_node() {
         .iter()
         .filter(|(_, k, _)| !k.ends_with("-vote") && k != "master-commit")
         .collect();
-    // The forger's own agent stores what the real nodes write: the leader, told of the forged
-    // `leader-auto`, claims the lead again and signs every role again, and the victim renews its
-    // lease, so those forgeries may leave the forger's ledger before every node saw them; each
-    // reaches at least one node. The others stay on offer: every node must drop them.
-    let superseded =
-        |k: &str| k == names::LEADER_AUTO || k.ends_with(names::ROLE_SUFFIX) || k == victim_uuid;
-    let everywhere: Vec<&&(&str, String, String)> = refused_keys
-        .iter()
-        .filter(|(_, k, _)| !superseded(k))
-        .collect();
+    // Every forgery is offered and dropped where it arrives. It need not reach every node: the
+    // forger's own agent gives each one up as soon as it learns the rightful entry of that key
+    // (an entry that is not its writer's gives way to the owner's, even an older one; the
+    // leader, told of the forged `leader-auto`, also claims again and signs every role again).
     let reached = wait_for(REFUSED_WITHIN, || {
-        agents
+        refused_keys
             .iter()
-            .all(|a| everywhere.iter().all(|(b, k, _)| dropped(a, b, k)))
-            && refused_keys
-                .iter()
-                .all(|(b, k, _)| agents.iter().any(|a| dropped(a, b, k)))
+            .all(|(b, k, _)| agents.iter().any(|a| dropped(a, b, k)))
     });
     let took = reached.unwrap_or_else(|| {
         for a in &agents {
@@ -359,16 +351,19 @@ fn a_member_forging_entries_changes_nothing_on_any_node() {
     std::thread::sleep(RESTART_WINDOW);
 
     let after = snapshot(&agents);
+    let refusals: u64 = agents
+        .iter()
+        .zip(&not_owner_before)
+        .map(|(a, before)| a.not_owner().saturating_sub(*before))
+        .sum();
+    assert!(
+        refusals >= refused_keys.len() as u64,
+        "{refusals} entries counted not_owner, {} forgeries",
+        refused_keys.len()
+    );
     for (i, a) in agents.iter().enumerate() {
         assert_eq!(after[i], before[i], "{}: what the API shows", a.uuid);
         assert_eq!(a.value("kairos", names::IP_MASTER), true_ip_master);
-        assert!(
-            a.not_owner() >= not_owner_before[i] + everywhere.len() as u64,
-            "{}: not_owner {} -> {}",
-            a.uuid,
-            not_owner_before[i],
-            a.not_owner()
-        );
         // The commit waits for votes that never come (kept aside, never stored).
         let log = a.log();
         assert!(
