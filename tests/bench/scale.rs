@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use kairos_p2p::sim::PacketKind;
 use kairos_p2p::sim::scale::{ScaleRun, ScaleSpec, formation};
 use kairos_p2p::sim::seed::seeds;
 
@@ -34,7 +35,14 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn idle_line(run: &mut ScaleRun, idle: Duration) -> String {
     match run.idle_bytes_per_node(idle) {
-        Ok(traffic) => traffic.to_string(),
+        Ok((total, kinds)) => {
+            let parts: Vec<String> = PacketKind::ALL
+                .iter()
+                .filter(|k| kinds[k.index()] > 0.0)
+                .map(|k| format!("{k:?} {:.0}", kinds[k.index()]))
+                .collect();
+            format!("{total:.0} B/s sent per node ({})", parts.join(", "))
+        }
         Err(e) => format!("failed: {e}"),
     }
 }
