@@ -2373,6 +2373,16 @@ fn an_older_leader_claim_of_a_higher_ranked_live_node_wins() {
         )
         .unwrap()
     };
+    let beat = |(id, uuid): (&Identity, &str), at: u64| {
+        Entry::sign(
+            id,
+            names::HEALTHCHECK,
+            uuid,
+            Some(b"1"),
+            crate::ledger::Hlc::new(at, 0),
+        )
+        .unwrap()
+    };
     let (hi_claim, lo_claim) = (claim(hi, t + 10), claim(lo, t + 20));
     let ids = [hi, lo];
     // Pushed: the older, higher-ranked claim replaces the newer one.
@@ -2386,15 +2396,7 @@ fn an_older_leader_claim_of_a_higher_ranked_live_node_wins() {
     // Not from a leader silent for the rebind time: the newer claim stays.
     let mut late = authority_ledger(&ids, t);
     let long_after = t + 120_000;
-    let heartbeat = Entry::sign(
-        lo.0,
-        names::HEALTHCHECK,
-        lo.1,
-        Some(b"1"),
-        crate::ledger::Hlc::new(long_after, 0),
-    )
-    .unwrap();
-    late.apply(heartbeat, long_after).unwrap();
+    late.apply(beat(lo, long_after), long_after).unwrap();
     late.apply(claim(lo, long_after), long_after).unwrap();
     assert!(matches!(
         late.apply(hi_claim.clone(), long_after + 10),
@@ -2406,14 +2408,7 @@ fn an_older_leader_claim_of_a_higher_ranked_live_node_wins() {
     let now = t + 60;
     // Both hold a later heartbeat of the leader: the version vector does not show the claim
     // as missing, so the summary lists it without sending it.
-    let hi_heartbeat = Entry::sign(
-        hi.0,
-        names::HEALTHCHECK,
-        hi.1,
-        Some(b"1"),
-        crate::ledger::Hlc::new(t + 40, 0),
-    )
-    .unwrap();
+    let hi_heartbeat = beat(hi, t + 40);
     let mut main = authority_ledger(&ids, t);
     main.apply(hi_claim, t + 30).unwrap();
     main.apply(hi_heartbeat.clone(), t + 40).unwrap();
