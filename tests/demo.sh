@@ -230,11 +230,11 @@ until python3 "$work/status.py" "${node_args[@]}" >"$work/status.txt"; do
     say "forming: $(tail -n +2 "$work/status.txt" | awk '{printf "%s=%s/%s ", $1, $4, $5}')"
     last_print=$now
   fi
-  sleep 0.5
+  sleep 0.2
 done
 formed_ms=$(($(date +%s%3N) - start_ms))
 formed_in=$(printf '%d.%01d' $((formed_ms / 1000)) $((formed_ms % 1000 / 100)))
-say "cluster formed in ${formed_in}s (agents started to every k3s running, polled every 0.5 s):"
+say "cluster formed in ${formed_in}s (agents started to every k3s running, polled every 0.2 s):"
 cat "$work/status.txt"
 
 worker=$(awk '$4 == "worker" {print $3; exit}' "$work/status.txt")

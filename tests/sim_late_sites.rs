@@ -526,3 +526,68 @@ fn formation_times() {
         println!("formation, {name}: median {median:.1} s, max {max:.1} s over {runs} seeds");
     }
 }
+
+/// On one LAN with more nodes than a node keeps neighbours (so connections keep coming after
+/// every member is known), the gate opens [`DISCOVERY_SETTLE`] after the last member was found:
+/// connections to known members are no news and do not hold it again. The cluster forms a
+/// couple of election round trips later (virtual time).
+#[test]
+fn on_one_lan_the_gate_waits_for_members_not_for_connections() {
+    use kairos_p2p::node::{DISCOVERY_SETTLE, NodeEvent};
+    run_seeded(
+        TARGET,
+        "on_one_lan_the_gate_waits_for_members_not_for_connections",
+        &seeds()[..seeds().len().min(50)],
+        |seed| {
+            let mut config = SimConfig::new(seed);
+            config.record_events = true;
+            let mut sim = Sim::new(config);
+            let net = sim.add_network();
+            let lan = sim
+                .add_subnet(LinkParams::lan(), LinkParams::uplink())
+                .unwrap();
+            let mut hosts = Vec::new();
+            let nodes = sim.default_settings(net).unwrap().neighbours + 4;
+            for i in 0..nodes {
+                let mut settings = sim.default_settings(net).unwrap();
+                settings.dht = false;
+                let h = sim.add_node(lan, net, settings).unwrap();
+                sim.set_cluster(h, ClusterSettings::defaults(&format!("n{i}")));
+                let at = ms(sim.rng().below(500));
+                sim.schedule(at, Action::Start(h));
+                hosts.push(h);
+            }
+            let mut formed = None;
+            while formed.is_none() && sim.now() < secs(30) {
+                let next = sim.now() + ms(10);
+                sim.run_until(next).unwrap();
+                let all = hosts.iter().all(|h| {
+                    sim.node(*h)
+                        .and_then(|n| n.cluster())
+                        .is_some_and(|c| c.role().is_some())
+                });
+                formed = all.then(|| sim.now());
+            }
+            let formed = formed.expect("one cluster within 30 s");
+            let last_found = sim
+                .events()
+                .iter()
+                .filter(|(_, _, e)| matches!(e, NodeEvent::MemberDiscovered { .. }))
+                .map(|(t, _, _)| *t)
+                .max()
+                .unwrap();
+            let last_connected = sim
+                .events()
+                .iter()
+                .filter(|(t, _, e)| *t < formed && matches!(e, NodeEvent::PeerConnected { .. }))
+                .map(|(t, _, _)| *t)
+                .max()
+                .unwrap();
+            assert!(
+                formed <= last_found + DISCOVERY_SETTLE + ms(500),
+                "formed at {formed:?}: the last member was found at {last_found:?}, the last \
+                 connection before forming at {last_connected:?}"
+            );
+        },
+    );
+}

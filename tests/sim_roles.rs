@@ -120,6 +120,18 @@ impl Lab {
                 c.and_then(|c| c.address()),
                 c.map(|c| c.view().live_eligible_count()),
             );
+            // Who wrote the lead and the roles (the authority rules decide on writers).
+            for (k, v) in c.map(|c| c.ledger().bucket("kairos")).into_iter().flatten() {
+                if k.ends_with(names::ROLE_SUFFIX) || k == names::LEADER_AUTO {
+                    let e = c.and_then(|c| c.ledger().entry("kairos", k));
+                    eprintln!(
+                        "  {k} = {} at {:?} by {:?}",
+                        String::from_utf8_lossy(v),
+                        e.map(|e| e.version),
+                        e.map(|e| e.writer)
+                    );
+                }
+            }
         }
     }
 
@@ -580,6 +592,67 @@ fn dynamic_roles_refill_a_dead_ha_slot() {
                 lab.dump_events();
             }
             assert_eq!(lab.role(ha).as_deref(), Some(names::ROLE_WORKER));
+            lab.check_roles(1);
+        },
+    );
+}
+
+/// A node restarted after the liveness timeout, cut off from the others, holds a view in which
+/// every other node is silent: it must not lead on it (no leader claim, no role for anyone),
+/// and once it meets the others again it is a worker under the same master.
+#[test]
+fn a_restarted_node_alone_does_not_lead_on_its_stale_view() {
+    run_seeded(
+        TARGET,
+        "a_restarted_node_alone_does_not_lead_on_its_stale_view",
+        &seeds(),
+        |seed| {
+            let (mut lab, lan, net) = Lab::new(seed, 0.0);
+            for i in 0..4 {
+                let mut s = quick(i);
+                s.roles.ha_masters = 1;
+                s.roles.dynamic = true;
+                lab.add_within(lan, net, s, 1000);
+            }
+            lab.run_until_roles(secs(15)).expect("roles");
+            let w = (0..4)
+                .find(|i| lab.role(*i).as_deref() == Some(names::ROLE_WORKER))
+                .expect("a worker");
+            let master = lab
+                .sim
+                .node(lab.hosts[w])
+                .unwrap()
+                .cluster()
+                .unwrap()
+                .master();
+            let master = master.map(str::to_string);
+            lab.sim.crash(lab.hosts[w]).unwrap();
+            lab.run_for(secs(20));
+            let others: Vec<HostId> = (0..4).filter(|i| *i != w).map(|i| lab.hosts[i]).collect();
+            let cut = lab.sim.partition(&[lab.hosts[w]], &others, true);
+            lab.sim.start(lab.hosts[w]).unwrap();
+            lab.run_for(secs(10));
+            let node = lab.sim.node(lab.hosts[w]).unwrap();
+            let me = node.peer_id();
+            let ledger = node.cluster().unwrap().ledger();
+            let led: Vec<&str> = ledger
+                .bucket("kairos")
+                .filter(|(k, _)| *k == names::LEADER_AUTO || k.ends_with(names::ROLE_SUFFIX))
+                .filter(|(k, _)| ledger.entry("kairos", k).is_some_and(|e| e.writer == me))
+                .map(|(k, _)| k)
+                .collect();
+            assert!(led.is_empty(), "alone, it wrote {led:?}");
+            lab.sim.heal(cut);
+            lab.run_for(secs(10));
+            assert_eq!(lab.role(w).as_deref(), Some(names::ROLE_WORKER));
+            let now_master = lab
+                .sim
+                .node(lab.hosts[w])
+                .unwrap()
+                .cluster()
+                .unwrap()
+                .master();
+            assert_eq!(now_master.map(str::to_string), master);
             lab.check_roles(1);
         },
     );

@@ -764,12 +764,18 @@ impl Cluster {
             .flatten()
     }
 
-    /// Ready to vote and lead: synced with a peer, or alone for the settle time.
-    fn ready(&self, now: Instant) -> bool {
+    /// Ready to vote and lead: synced with a peer, or alone for the settle time with a view in
+    /// which no other node is silent. A node whose ledger holds others silent (a restart after
+    /// the liveness timeout) waits for a sync instead: its view is stale until then, and
+    /// leading on it would hand out roles that live nodes hold (a second HA master, a role
+    /// taken from a live node).
+    fn ready(&self, now: Instant, view: &View) -> bool {
+        let me = self.settings.uuid.as_str();
         self.replication.is_synced()
-            || self
-                .started
-                .is_some_and(|t| now >= t + self.settings.settle)
+            || (view.nodes.iter().all(|(uuid, n)| uuid == me || n.live)
+                && self
+                    .started
+                    .is_some_and(|t| now >= t + self.settings.settle))
     }
 
     /// As the leader of record: the roles held here from a former leader (neither from their
@@ -1136,7 +1142,7 @@ impl Cluster {
         self.merging = split.as_ref().is_some_and(|sp| sp.merge);
         let eligible = s.role != Role::None;
         let mut leading = false;
-        let ready = self.ready(now);
+        let ready = self.ready(now, &view);
         let stable_at = self.view_changed_at.map(|t| t + s.settle);
         let lone_at = self.lone_master_at(&view);
         // A lone master forms alone: its own vote is the quorum (see `lone_master_wait`).
@@ -1305,7 +1311,13 @@ impl Cluster {
         self.refused = refused;
 
         if let Some(master) = self.master.clone() {
-            let lost = master != me && view.nodes.get(&master).is_some_and(|n| !n.live);
+            // Judged on fresh news only: a restarted node's view holds every other node silent
+            // until its first sync (or, with nobody to sync with, the liveness timeout).
+            let fresh = self.replication.is_synced()
+                || self
+                    .started
+                    .is_some_and(|t| now >= t + self.settings.liveness_timeout);
+            let lost = fresh && master != me && view.nodes.get(&master).is_some_and(|n| !n.live);
             if lost != self.master_lost {
                 self.master_lost = lost;
                 self.events.push_back(if lost {

@@ -821,6 +821,7 @@ impl ApiState for State<'_> {
             ("relay_dropped", n.relay_dropped),
             ("vpn_queue_full", n.vpn_queue_full),
             ("vpn_send_failed", n.vpn_send_failed),
+            ("vpn_held_dropped", n.vpn_held_dropped),
             ("sync_rejected", r.rejected),
             ("ledger_bad_signature", l.bad_signature),
             ("ledger_invalid", l.invalid),

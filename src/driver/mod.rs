@@ -462,7 +462,11 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             api.release_saved(poll.registry(), &mut node, &errors, &saved);
         }
         flush(&mut node, &sockets, &targets, &mut out, &mut errors);
-        drain_events(&mut node);
+        if drain_events(&mut node) {
+            if let Some(k) = &mut k3s {
+                k.check_soon(now);
+            }
+        }
         if let Some(t) = &mut tun {
             t.follow_address(&node, now, &mut errors);
         }
@@ -480,6 +484,13 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
             .min(
                 dns.as_ref()
                     .and_then(dns::DnsServer::poll_timeout)
+                    .map_or(INTERFACE_REFRESH, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    }),
+            )
+            .min(
+                k3s.as_ref()
+                    .and_then(crate::k3s::K3s::poll_timeout)
                     .map_or(INTERFACE_REFRESH, |t| {
                         t.saturating_duration_since(Instant::now())
                     }),
@@ -1000,8 +1011,11 @@ fn send_failed(to: SocketAddr, e: &io::Error, errors: &mut LocalErrors) {
     }
 }
 
-fn drain_events(node: &mut Node) {
+/// Logs the node's events; true when the cluster layer had news.
+fn drain_events(node: &mut Node) -> bool {
+    let mut cluster_news = false;
     while let Some(event) = node.poll_event() {
+        cluster_news |= matches!(event, NodeEvent::Cluster(_));
         match event {
             NodeEvent::MemberDiscovered {
                 peer,
@@ -1033,6 +1047,7 @@ fn drain_events(node: &mut Node) {
             NodeEvent::Cluster(event) => log::info!("{event}"),
         }
     }
+    cluster_news
 }
 
 #[cfg(test)]

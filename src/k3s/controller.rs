@@ -88,6 +88,8 @@ pub struct K3s {
     state: K3sState,
     sent: Option<Want>,
     next_check: Option<Instant>,
+    /// When the loop must wake for the next check (see [`K3s::poll_timeout`]).
+    wake_at: Option<Instant>,
     lan: Option<(Instant, Option<(String, IpAddr)>)>,
     /// What this master publishes (the worker's last report): kept, and written again whenever
     /// the ledger lost it (a deletion, a wiped peer's stale view).
@@ -119,6 +121,7 @@ impl K3s {
             state: K3sState::WaitingForRole,
             sent: None,
             next_check: None,
+            wake_at: None,
             lan: None,
             published: None,
             publish_note: None,
@@ -161,6 +164,7 @@ impl K3s {
             return;
         }
         self.next_check = Some(now + CHECK_EVERY);
+        self.wake_at = None;
         self.publish(node, now);
         let Some(cluster) = node.cluster() else {
             return;
@@ -223,6 +227,26 @@ impl K3s {
         if node.k3s_state() != Some(&self.state) {
             node.set_k3s_state(Some(self.state.clone()));
         }
+        // The master's join data or our address comes as ledger entries, with no event: look
+        // again at the next check while waiting for them.
+        if matches!(
+            self.state,
+            K3sState::WaitingForAddress | K3sState::WaitingForMaster
+        ) {
+            self.wake_at = self.next_check;
+        }
+    }
+
+    /// The cluster layer has news (a role, a master, an address): the next loop turn checks
+    /// what k3s should run, without waiting for [`CHECK_EVERY`].
+    pub fn check_soon(&mut self, now: Instant) {
+        self.next_check = Some(now);
+        self.wake_at = Some(now);
+    }
+
+    /// When the event loop must turn for this controller (`None`: only on its other wake-ups).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wake_at
     }
 
     /// Writes what this master publishes wherever the ledger does not hold it (the first time,

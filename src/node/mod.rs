@@ -20,6 +20,7 @@
 
 pub mod bootstrap;
 pub mod control;
+pub mod held;
 pub mod members;
 pub mod relay;
 #[cfg(test)]
@@ -45,11 +46,16 @@ use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
 use crate::vpn::{self, Vpn, VpnSettings};
 pub use control::{Control, MemberInfo};
+use held::HeldPackets;
 use members::{Change, MemberTable, Source};
 use relay::RelayPaths;
 
 /// How long the member with the larger peer id waits before dialling one it discovered.
 pub const DIAL_DEFER: Duration = Duration::from_millis(1500);
+/// [`DIAL_DEFER`] for a member heard on our LAN: the other side's dial, if it makes one (it
+/// does not once it has its neighbours), is up in a few milliseconds there, and a LAN member
+/// not connected holds the discovery gate.
+pub const LAN_DIAL_DEFER: Duration = Duration::from_millis(250);
 /// Batching delay of gossip about new or changed members.
 pub const PUSH_DELAY: Duration = Duration::from_millis(100);
 /// Sync rounds come this often (or every tenth of the member ttl when that is shorter): every
@@ -91,8 +97,8 @@ pub const DISCOVERY_WAIT: Duration = Duration::from_secs(20);
 /// knowingly start a second cluster. (A stale record of a member that is gone costs this wait
 /// once, before the first election only.)
 pub const UNREACHED_SITE_WAIT: Duration = Duration::from_secs(150);
-/// The member table and connections must be unchanged this long before the gate opens: news of
-/// a member brings its connection and ledger sync within a few round trips.
+/// No member may have been discovered for this long before the gate opens: news of a member
+/// brings its connection, the members it knows and its ledger within a few round trips.
 pub const DISCOVERY_SETTLE: Duration = Duration::from_millis(1500);
 /// How long a dial may take before the next address (or a relay) is tried.
 pub const DIRECT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -250,6 +256,9 @@ pub struct NodeStats {
     pub vpn_queue_full: u64,
     /// VPN packets routed to a peer whose connection refused them (send buffer, closing).
     pub vpn_send_failed: u64,
+    /// VPN packets held for a member being connected (see [`held`]) and dropped: too many, or
+    /// the connection did not come in time.
+    pub vpn_held_dropped: u64,
     /// QUIC packets this node forwarded for two other members.
     pub relayed: u64,
     /// Relay frames dropped (malformed, receiver not connected, queue full).
@@ -316,18 +325,20 @@ pub struct Node {
     vpn_routes_at: Option<u64>,
     /// Accepted VPN packets for the TUN interface.
     vpn_in: VecDeque<Bytes>,
+    /// VPN packets waiting for the connection to their member.
+    vpn_held: HeldPackets,
     /// Where k3s stands (set by the driver's k3s layer; `None`: no k3s on this node).
     k3s_state: Option<crate::k3s::K3sState>,
     /// The wall clock of the last input, in unix milliseconds.
     unix_ms: u64,
     /// The first `handle_timeout` (the node's start).
     started_at: Option<Instant>,
-    /// The last time a member was discovered or connected (the discovery gate's settle).
+    /// The last time a member was discovered (the discovery gate's settle).
     discovery_changed_at: Option<Instant>,
     /// The discovery gate as last told to the cluster layer.
     discovery_settled: bool,
-    /// When the discovery gate's settle ends (checked then rather than at the next
-    /// housekeeping pass).
+    /// When the discovery gate is checked next: its settle's end, or right away after a
+    /// connection (rather than at the next housekeeping pass).
     gate_check_at: Option<Instant>,
 }
 
@@ -398,6 +409,7 @@ impl Node {
             vpn: None,
             vpn_routes_at: None,
             vpn_in: VecDeque::new(),
+            vpn_held: HeldPackets::default(),
             k3s_state: None,
             unix_ms: 0,
             started_at: None,
@@ -669,31 +681,48 @@ impl Node {
 
     /// Sends `packet`, read from the TUN interface, to the member owning its destination as one
     /// QUIC datagram. When the owner is a member we are not connected to, a connection is started
-    /// (the packet is dropped, as a router drops packets while it resolves a neighbour).
+    /// and the packet waits for it (see [`held`]), as a router holds packets while it resolves a
+    /// neighbour.
     pub fn send_vpn_packet(&mut self, now: Instant, packet: Bytes) -> Result<PeerId, vpn::Drop> {
         let Some(vpn) = &mut self.vpn else {
             return Err(vpn::Drop::Unreachable);
         };
-        let transport = &mut self.transport;
-        let mut owner = None;
+        let (transport, members, dials, me) =
+            (&mut self.transport, &self.members, &self.dials, self.me);
+        // A member we may dial now (or are dialling) takes the packet, held until connected;
+        // its size is checked against the connection then.
+        let dialable = |peer: &PeerId| {
+            *peer != me
+                && members.get(peer).is_some()
+                && dials
+                    .get(peer)
+                    .is_none_or(|d| d.pending.is_some() || d.next_attempt <= now)
+        };
         let routed = vpn.route_outgoing(&packet, |peer| {
-            owner = Some(*peer);
-            transport.max_datagram_size(peer)
+            transport
+                .max_datagram_size(peer)
+                .or_else(|| dialable(peer).then_some(usize::MAX))
         });
-        match routed {
-            Ok(peer) => {
-                if self.transport.send_datagram(&peer, packet).is_err() {
-                    self.stats.vpn_send_failed += 1;
-                }
-                Ok(peer)
+        let peer = routed?;
+        if self.connected.contains_key(&peer) {
+            if self.transport.send_datagram(&peer, packet).is_err() {
+                self.stats.vpn_send_failed += 1;
             }
-            Err(vpn::Drop::Unreachable) => {
-                if let Some(peer) = owner {
-                    self.connect_on_demand(now, peer);
-                }
-                Err(vpn::Drop::Unreachable)
+        } else {
+            self.connect_on_demand(now, peer);
+            self.stats.vpn_held_dropped += self.vpn_held.hold(now, peer, packet);
+        }
+        Ok(peer)
+    }
+
+    /// Sends the VPN packets held for `peer`, now connected.
+    fn release_held(&mut self, now: Instant, peer: &PeerId) {
+        let (packets, expired) = self.vpn_held.release(now, peer);
+        self.stats.vpn_held_dropped += expired;
+        for packet in packets {
+            if self.transport.send_datagram(peer, packet).is_err() {
+                self.stats.vpn_send_failed += 1;
             }
-            Err(reason) => Err(reason),
         }
     }
 
@@ -803,7 +832,8 @@ impl Node {
     /// The discovery gate: true once what this node can learn about its network has been tried,
     /// so an election it takes part in is not one of a group that has not met the rest yet.
     /// All of:
-    /// - the member table and connections unchanged for [`DISCOVERY_SETTLE`];
+    /// - no member discovered for [`DISCOVERY_SETTLE`] (a connection to a known member is not
+    ///   news: the members it names and the ledger it syncs are, and hold the gate as they come);
     /// - every member known is connected, or was learned [`DISCOVERY_WAIT`] ago or more
     ///   ([`UNREACHED_SITE_WAIT`] for one not heard on our LAN), or the node has all the neighbours
     ///   it keeps;
@@ -873,6 +903,13 @@ impl Node {
             return;
         };
         let settled = has_master || self.discovery_settled(now);
+        if !settled {
+            // The settle's end is checked then; longer waits on the maintain tick.
+            self.gate_check_at = self
+                .discovery_changed_at
+                .map(|t| t + DISCOVERY_SETTLE)
+                .filter(|&t| t > now);
+        }
         if settled != self.discovery_settled {
             self.discovery_settled = settled;
             if settled {
@@ -884,7 +921,14 @@ impl Node {
         }
     }
 
-    /// A member was discovered or connected: the discovery gate settles again.
+    /// Checks the discovery gate at the next timer turn (before the first master only).
+    fn check_gate_now(&mut self, now: Instant) {
+        if self.cluster.as_ref().is_some_and(|c| c.master().is_none()) {
+            self.gate_check_at = Some(self.gate_check_at.map_or(now, |t| t.min(now)));
+        }
+    }
+
+    /// A member was discovered: the discovery gate settles again.
     fn discovery_changed(&mut self, now: Instant) {
         self.discovery_changed_at = Some(now);
         if self.cluster.as_ref().is_some_and(|c| c.master().is_none()) {
@@ -1041,7 +1085,11 @@ impl Node {
             } => {
                 self.connected.insert(peer, addr);
                 self.dials.remove(&peer);
-                self.discovery_changed(now);
+                // A connection is no news in itself: what it brings is (members in its
+                // `Hello`, ledger entries in its sync), and those hold the gate when they come.
+                // It may complete the gate's "every member connected", so check it again.
+                self.check_gate_now(now);
+                self.release_held(now, &peer);
                 // An address we dialled is known to work; one a peer came from may be a NAT's.
                 let addrs = if inbound || is_relay_addr(&addr) {
                     Vec::new()
@@ -1380,6 +1428,7 @@ impl Node {
 
     /// Refreshes first-hand knowledge, forgets silent members and dials neighbours.
     fn maintain(&mut self, now: Instant) {
+        self.stats.vpn_held_dropped += self.vpn_held.expire(now);
         if self.refresh_at.is_none_or(|t| t <= now) {
             self.refresh_at = Some(now + REFRESH_INTERVAL.min(self.settings.member_ttl / 4));
             self.refresh(now);
@@ -1445,21 +1494,38 @@ impl Node {
             return;
         }
         // (remote, random, peer): LAN peers first, in random order.
+        let mut deferred_until: Option<Instant> = None;
         let mut candidates: Vec<(bool, u64, PeerId)> = self
             .members
             .iter()
             .filter(|(peer, m)| {
-                !self.connected.contains_key(peer)
-                    && !m.addrs.is_empty()
-                    && self
+                if self.connected.contains_key(peer)
+                    || m.addrs.is_empty()
+                    || self
                         .dials
                         .get(peer)
-                        .is_none_or(|d| d.pending.is_none() && d.next_attempt <= now)
-                    && (self.me < **peer
-                        || now.saturating_duration_since(m.first_seen) >= DIAL_DEFER)
+                        .is_some_and(|d| d.pending.is_some() || d.next_attempt > now)
+                {
+                    return false;
+                }
+                let defer = if lan.contains(peer) {
+                    LAN_DIAL_DEFER
+                } else {
+                    DIAL_DEFER
+                };
+                let due = m.first_seen + defer;
+                if self.me < **peer || now >= due {
+                    return true;
+                }
+                deferred_until = Some(deferred_until.map_or(due, |t| t.min(due)));
+                false
             })
             .map(|(peer, _)| (!lan.contains(peer), 0, *peer))
             .collect();
+        // A deferred dial is made when due, not at the next housekeeping pass.
+        if let Some(due) = deferred_until {
+            self.dial_at = Some(self.dial_at.map_or(due, |t| t.min(due)));
+        }
         for c in &mut candidates {
             c.1 = self.rng.next_u64();
         }

@@ -121,3 +121,38 @@ fn unknown_destinations_and_outsiders_are_counted_not_sent() {
         .unwrap();
     assert_eq!(out, 3);
 }
+
+#[test]
+fn a_packet_to_a_member_not_connected_waits_for_the_connection() {
+    let (mut sim, hosts, addrs) = three_nodes(13);
+    let (a, b) = (hosts[0], hosts[1]);
+    let b_peer = sim.with_node(b, |n, _, _| n.peer_id()).unwrap().unwrap();
+    sim.with_node(a, |n, now, _| n.transport.close(now, &b_peer))
+        .unwrap()
+        .unwrap();
+    sim.run_for(Duration::from_millis(20)).unwrap();
+    let connected = sim
+        .with_node(a, |n, _, _| n.connected().contains_key(&b_peer))
+        .unwrap()
+        .unwrap();
+    assert!(!connected, "closed");
+
+    let packet = Bytes::from(ipv4(addrs[0], addrs[1], 300));
+    let sent = sim
+        .with_node(a, |n, now, _| n.send_vpn_packet(now, packet.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sent,
+        Ok(b_peer),
+        "routed, held while the connection is made"
+    );
+    sim.run_for(Duration::from_millis(200)).unwrap();
+    let got = sim.with_node(b, |n, _, _| n.poll_vpn_packet()).unwrap();
+    assert_eq!(got, Some(Some(packet)), "delivered once connected");
+    let dropped = sim
+        .with_node(a, |n, _, _| n.stats().vpn_held_dropped)
+        .unwrap()
+        .unwrap();
+    assert_eq!(dropped, 0);
+}

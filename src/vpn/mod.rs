@@ -122,8 +122,10 @@ pub enum Drop {
     UnknownDestination,
     /// Outgoing: larger than the VPN MTU.
     OverMtu,
-    /// Outgoing: the owner is not connected, or its connection takes no datagrams (our own
-    /// address's route ends here too).
+    /// Outgoing: the owner is not connected and cannot be dialled now (not a member we know an
+    /// address of, or its dials back off), or its connection takes no datagrams (our own
+    /// address's route ends here too). A member being dialled takes the packet: it waits for
+    /// the connection (`node::held`).
     Unreachable,
     /// Outgoing: larger than the owner's connection carries now.
     OverDatagramLimit,
