@@ -8,13 +8,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
-use super::replication::{HEARTBEAT_FANOUT, Replication};
+use super::replication::{HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, Replication};
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
 use crate::config::{self, HostFacts, P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{Applied, Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, names};
+use crate::ledger::{
+    Applied, Batch, Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, SyncMessage, names,
+};
 use crate::rng::Rng;
 
 /// The cluster bucket of the tests (the default `network_id`).
@@ -1150,13 +1152,25 @@ impl Replica {
         let previous = self.ledger.entry(bucket, key).map(|e| e.version);
         let entry = self.put(bucket, key, "v", unix_ms);
         let news = self.replication.is_news(previous, &entry);
-        self.replication
-            .push(&mut self.rng, &[(entry, news)], source);
-        self.outbox().into_iter().map(|(p, _)| p).collect()
+        let now = Instant::now();
+        self.replication.push(now, &[(entry, news)], source);
+        // Routine heartbeats wait for the next batch.
+        self.flush(now + HEARTBEAT_BATCH_DELAY);
+        self.outbox()
+            .into_iter()
+            .filter(|(_, bytes)| bytes.get(1) == Some(&3)) // batches, not digests
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn entries(&self) -> Vec<Entry> {
         self.ledger.entries().cloned().collect()
+    }
+
+    /// Runs the replication's timers at `now` (sends the waiting heartbeats).
+    fn flush(&mut self, now: Instant) {
+        self.replication
+            .handle_timeout(now, UNIX_BASE_MS, &self.ledger, &mut self.rng);
     }
 
     fn outbox(&mut self) -> Vec<(PeerId, Vec<u8>)> {
@@ -1182,7 +1196,7 @@ fn hand_over(replicas: &mut [Replica], from: usize, messages: Vec<(PeerId, Vec<u
             .find(|r| r.peer() == to)
             .expect("a known peer");
         r.replication
-            .handle_message(UNIX_BASE_MS, &mut r.ledger, &mut r.rng, sender, &bytes);
+            .handle_message(Instant::now(), UNIX_BASE_MS, &mut r.ledger, sender, &bytes);
     }
 }
 
@@ -1261,7 +1275,7 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
     let e = r[0].put(BUCKET, "fresh", "v", t);
     assert!(r[0].replication.is_news(previous, &e));
     let hub = &mut r[0];
-    hub.replication.push(&mut hub.rng, &[(e, true)], None);
+    hub.replication.push(Instant::now(), &[(e, true)], None);
     let out = hub.outbox();
     assert_eq!(out.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>(), peers);
     hand_over(&mut r, 0, out);
@@ -1291,6 +1305,58 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
 }
 
 #[test]
+fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
+    // 0 is connected to 1, 2 and 3; 1 and 2 beat, and their routine beats reach 0.
+    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
+    let now = Instant::now();
+    for peer in 1..4 {
+        connect(&mut r, 0, peer, now);
+    }
+    pump(&mut r);
+    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
+    let t = UNIX_BASE_MS + 5_000;
+    let limits = SyncLimits::for_ledger(&Limits::default(), 1 << 20);
+    let batches = |out: Vec<(PeerId, Vec<u8>)>| -> Vec<(PeerId, Batch)> {
+        out.into_iter()
+            .filter_map(|(to, bytes)| match SyncMessage::decode(&bytes, &limits) {
+                Ok(SyncMessage::Batch(b)) => Some((to, b)),
+                _ => None, // digest exchanges of the anti-entropy timer
+            })
+            .collect()
+    };
+    for (i, at) in [(1, t), (2, t), (1, t + interval), (2, t + interval)] {
+        let previous = r[i].ledger.entry(names::HEALTHCHECK, &format!("n{i}"));
+        let previous = previous.map(|e| e.version);
+        let beat = r[i].put(names::HEALTHCHECK, &format!("n{i}"), "1", at);
+        let news = r[i].replication.is_news(previous, &beat);
+        assert_eq!(
+            news,
+            at == t,
+            "the first beat is news, the next on time is not"
+        );
+        r[i].replication.push(now, &[(beat, news)], None);
+        r[i].flush(now + HEARTBEAT_BATCH_DELAY);
+        let out = r[i].outbox();
+        hand_over(&mut r, i, out);
+        // News goes on at once; routine beats wait for the batch.
+        let forwarded = batches(r[0].outbox());
+        assert_eq!(forwarded.len(), if news { 2 } else { 0 }, "at {at}");
+    }
+    let hub = &mut r[0];
+    // (`hand_over` delivers at `Instant::now()`.)
+    hub.flush(Instant::now() + HEARTBEAT_BATCH_DELAY);
+    let out = batches(hub.outbox());
+    assert_eq!(out.len(), HEARTBEAT_FANOUT, "one message per member picked");
+    let (p1, p2) = (r[1].peer(), r[2].peer());
+    for (to, batch) in &out {
+        let writers: BTreeSet<PeerId> = batch.entries.iter().map(|e| e.writer).collect();
+        assert!(!writers.contains(to), "a member's own beat goes back to it");
+        let expected: BTreeSet<PeerId> = [p1, p2].into_iter().filter(|p| p != to).collect();
+        assert_eq!(writers, expected);
+    }
+}
+
+#[test]
 fn malformed_messages_are_counted_not_fatal() {
     let mut r = vec![Replica::new(1), Replica::new(2)];
     r[1].put(BUCKET, "k", "v", UNIX_BASE_MS);
@@ -1300,9 +1366,9 @@ fn malformed_messages_are_counted_not_fatal() {
     let target = &mut r[0];
     for bytes in [&b"garbage"[..], &[], &digest[..digest.len() / 2]] {
         let fresh = target.replication.handle_message(
+            Instant::now(),
             UNIX_BASE_MS,
             &mut target.ledger,
-            &mut target.rng,
             from,
             bytes,
         );
