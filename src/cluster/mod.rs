@@ -417,7 +417,11 @@ impl Cluster {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication: Replication::new(limits, settings.heartbeat_interval()),
+            replication: Replication::new(
+                limits,
+                settings.heartbeat_interval(),
+                settings.liveness_timeout,
+            ),
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,

@@ -19,6 +19,16 @@
 //!   once; a single missed beat is not news (the next routine one arrives well within the
 //!   liveness timeout), which keeps the misses of the epidemic from flooding every connection.
 //!
+//! - The epidemic can miss a member for several beats in a row (each hop picks two members at
+//!   random, one may be a member that died and whose connection has not timed out yet), and
+//!   anti-entropy comes too rarely to repair that before the liveness timeout: the member would
+//!   count a live node dead. So a node pulls what it misses: a heartbeat over
+//!   [`Replication::is_news`]'s gap old (two beats missed) and not yet past the liveness timeout
+//!   is asked for ([`Request`]) from its writer when connected (it holds its newest beat), else
+//!   from a random member, at most once per heartbeat interval while it stays overdue. The
+//!   newer beat that comes back is news and goes on to every member. When the epidemic works
+//!   this costs nothing; a dead node's last beat costs each member one or two requests.
+//!
 //! Idle cost per node: about `HEARTBEAT_FANOUT` × (nodes) heartbeat entries (~170 bytes) per
 //! heartbeat interval, plus the digest exchanges; see the README's idle traffic section.
 
@@ -26,7 +36,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::PeerId;
-use crate::ledger::{Applied, Batch, Entry, Hlc, Ledger, SyncLimits, SyncMessage, names};
+use crate::ledger::{
+    Applied, Batch, Entry, Hlc, KeyId, Ledger, Request, SyncLimits, SyncMessage, names,
+};
 use crate::rng::Rng;
 
 /// How often a node runs a digest exchange with one connected member (pushes carry the news;
@@ -59,6 +71,8 @@ pub struct ReplicationStats {
     pub heartbeat_bytes_out: u64,
     /// Of those, digest exchanges (digests, summaries and the batches that answer them).
     pub exchange_bytes_out: u64,
+    /// Overdue heartbeats asked for (see [`Replication::handle_timeout`]).
+    pub heartbeats_pulled: u64,
     /// Sync messages that did not decode.
     pub rejected: u64,
     /// Entries that were new here (stored or replacing an older one).
@@ -98,12 +112,24 @@ pub struct Replication {
     /// When the waiting heartbeats go.
     beats_at: Option<Instant>,
     beat_delay: Duration,
+    heartbeat_interval: Duration,
+    /// A heartbeat this old counts its node dead (the cluster's liveness timeout).
+    liveness_ms: u64,
+    /// When the ledger is next checked for overdue heartbeats ([`Self::pull_overdue_beats`]).
+    overdue_check_at: Option<Instant>,
+    /// Overdue heartbeats asked for, by node key: the version held then, and when.
+    pulled: BTreeMap<String, (Hlc, Instant)>,
     stats: ReplicationStats,
 }
 
 impl Replication {
-    /// Replication with messages bounded by `limits`, for heartbeats every `heartbeat_interval`.
-    pub fn new(limits: SyncLimits, heartbeat_interval: Duration) -> Self {
+    /// Replication with messages bounded by `limits`, for heartbeats every `heartbeat_interval`
+    /// judged dead after `liveness_timeout`.
+    pub fn new(
+        limits: SyncLimits,
+        heartbeat_interval: Duration,
+        liveness_timeout: Duration,
+    ) -> Self {
         Self {
             limits,
             peers: BTreeMap::new(),
@@ -115,6 +141,10 @@ impl Replication {
             pending_beats: BTreeMap::new(),
             beats_at: None,
             beat_delay: HEARTBEAT_BATCH_DELAY.min(heartbeat_interval / 4),
+            heartbeat_interval,
+            liveness_ms: u64::try_from(liveness_timeout.as_millis()).unwrap_or(u64::MAX),
+            overdue_check_at: None,
+            pulled: BTreeMap::new(),
             stats: ReplicationStats::default(),
         }
     }
@@ -278,10 +308,67 @@ impl Replication {
         }
     }
 
-    /// Sends the waiting heartbeats and runs the periodic exchange when due.
+    /// Asks for the heartbeats this node misses (see the module documentation): those older
+    /// than the news gap and younger than the liveness timeout, by the hybrid time `hlc_now_ms`.
+    fn pull_overdue_beats(
+        &mut self,
+        now: Instant,
+        hlc_now_ms: u64,
+        ledger: &Ledger,
+        rng: &mut Rng,
+    ) {
+        let mut overdue = BTreeSet::new();
+        let mut asks: BTreeMap<PeerId, Vec<Request>> = BTreeMap::new();
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for (key, _) in ledger.bucket(names::HEALTHCHECK) {
+            let Some(e) = ledger.entry(names::HEALTHCHECK, key) else {
+                continue;
+            };
+            let age = hlc_now_ms.saturating_sub(e.version.millis());
+            if age <= self.news_gap_ms || age >= self.liveness_ms {
+                continue;
+            }
+            overdue.insert(key);
+            let asked = self.pulled.get(key).is_some_and(|(version, at)| {
+                *version == e.version && now < *at + self.heartbeat_interval
+            });
+            if asked || peers.is_empty() {
+                continue;
+            }
+            let from = if self.peers.contains_key(&e.writer) {
+                e.writer
+            } else {
+                peers[rng.below(peers.len() as u64) as usize]
+            };
+            asks.entry(from).or_default().push(Request {
+                bucket: names::HEALTHCHECK.to_string(),
+                key: KeyId::of(key),
+            });
+            self.pulled.insert(key.to_string(), (e.version, now));
+        }
+        self.pulled.retain(|k, _| overdue.contains(k.as_str()));
+        for (peer, requests) in asks {
+            for chunk in requests.chunks(self.limits.max_entries.max(1)) {
+                let msg = SyncMessage::Batch(Batch {
+                    entries: Vec::new(),
+                    requests: chunk.to_vec(),
+                });
+                self.stats.heartbeats_pulled += chunk.len() as u64;
+                self.send(peer, &msg, Sent::Exchange);
+            }
+        }
+    }
+
+    /// Sends the waiting heartbeats, asks for overdue ones and runs the periodic exchange when
+    /// due.
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger, rng: &mut Rng) {
         if self.beats_at.is_some_and(|t| t <= now) {
             self.flush_heartbeats(rng);
+        }
+        if self.overdue_check_at.is_none_or(|t| t <= now) {
+            self.overdue_check_at = Some(now + self.heartbeat_interval / 2);
+            let hlc_now_ms = unix_ms.max(ledger.max_version().millis());
+            self.pull_overdue_beats(now, hlc_now_ms, ledger, rng);
         }
         if self.next_round.is_none_or(|t| t > now) {
             return;
@@ -314,10 +401,10 @@ impl Replication {
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.next_round, self.beats_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.next_round, self.beats_at, self.overdue_check_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next message to send: the peer and the encoded sync message.

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
-use super::replication::{HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, Replication};
+use super::replication::{
+    FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, Replication,
+};
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
@@ -1118,6 +1120,7 @@ impl Replica {
             replication: Replication::new(
                 SyncLimits::for_ledger(&limits, 1 << 20),
                 HEARTBEAT_INTERVAL,
+                4 * HEARTBEAT_INTERVAL,
             ),
             rng: Rng::from_seed(u64::from(n)),
         }
@@ -1354,6 +1357,103 @@ fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
         let expected: BTreeSet<PeerId> = [p1, p2].into_iter().filter(|p| p != to).collect();
         assert_eq!(writers, expected);
     }
+}
+
+/// The replay of `SIM_SEED=1000 ... sim_roles -- dynamic_roles_refill_a_dead_ha_slot`: the
+/// epidemic (two random members per hop, one of them a member that died and whose connection
+/// has not timed out) missed one member for a whole liveness timeout, which then counted every
+/// other node dead and took a second HA slot. A member that misses beats asks for them.
+#[test]
+fn a_member_the_epidemic_misses_pulls_the_overdue_heartbeat_from_its_writer() {
+    let mut r: Vec<Replica> = (1..=3).map(Replica::new).collect();
+    let now = Instant::now();
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        connect(&mut r, a, b, now);
+    }
+    pump(&mut r);
+    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
+    let t = UNIX_BASE_MS + 5_000;
+    // Node 1 beats at `at` (unix ms) and sends what it sends then; returns those messages.
+    let beat = |r: &mut [Replica], at: u64| -> Vec<(PeerId, Vec<u8>)> {
+        let n1 = &mut r[1];
+        let previous = n1.ledger.entry(names::HEALTHCHECK, "n1").map(|e| e.version);
+        let e = n1.put(names::HEALTHCHECK, "n1", "1", at);
+        let news = n1.replication.is_news(previous, &e);
+        n1.replication.push(now, &[(e, news)], None);
+        n1.replication
+            .handle_timeout(now + HEARTBEAT_BATCH_DELAY, at, &n1.ledger, &mut n1.rng);
+        n1.outbox()
+    };
+    let version_at_0 = |r: &[Replica]| {
+        r[0].ledger
+            .entry(names::HEALTHCHECK, "n1")
+            .map(|e| e.version.millis())
+    };
+    // The first beat is news: it reaches 0.
+    let out = beat(&mut r, t);
+    hand_over(&mut r, 1, out);
+    pump(&mut r);
+    assert_eq!(version_at_0(&r), Some(t));
+    // 0's timers run once (its anti-entropy round goes, the next is a minute away).
+    let start = now + FIRST_EXCHANGE_RETRY;
+    let hub = &mut r[0];
+    hub.replication
+        .handle_timeout(start, t, &hub.ledger, &mut hub.rng);
+    pump(&mut r);
+    // The next three routine beats all miss 0.
+    for k in 1..=3 {
+        drop(beat(&mut r, t + k * interval));
+    }
+    // Before the news gap (two and a half intervals) nothing is asked.
+    let hub = &mut r[0];
+    let unix = t + 2 * interval;
+    hub.replication
+        .handle_timeout(start + HEARTBEAT_INTERVAL, unix, &hub.ledger, &mut hub.rng);
+    assert!(
+        hub.outbox().is_empty(),
+        "a beat two intervals old is not overdue"
+    );
+    // Three intervals after the last beat 0 holds (within the liveness timeout of four), 0 asks
+    // node 1, its writer, for it; the answer brings the newest.
+    let at = start + 3 * HEARTBEAT_INTERVAL;
+    let unix = t + 3 * interval + 500;
+    hub.replication
+        .handle_timeout(at, unix, &hub.ledger, &mut hub.rng);
+    let limits = SyncLimits::for_ledger(&Limits::default(), 1 << 20);
+    let requests = |out: &[(PeerId, Vec<u8>)]| -> Vec<(PeerId, usize)> {
+        out.iter()
+            .filter_map(|(to, bytes)| match SyncMessage::decode(bytes, &limits) {
+                Ok(SyncMessage::Batch(b)) if !b.requests.is_empty() => {
+                    Some((*to, b.requests.len()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let out = hub.outbox();
+    let p1 = r[1].peer();
+    assert_eq!(requests(&out), vec![(p1, 1)], "one request, to the writer");
+    assert_eq!(r[0].replication.stats().heartbeats_pulled, 1);
+    hand_over(&mut r, 0, out);
+    let answer = r[1].outbox();
+    hand_over(&mut r, 1, answer);
+    assert_eq!(version_at_0(&r), Some(t + 3 * interval));
+    // Node 1 goes silent: its last beat is asked for once per heartbeat interval at most, and
+    // not at all once it is past the liveness timeout.
+    let hub = &mut r[0];
+    let quiet = t + 3 * interval;
+    let mut asks = 0;
+    for step in 1..=10u32 {
+        let when = at + HEARTBEAT_INTERVAL / 2 * step;
+        let unix = quiet + u64::from(step) * interval / 2;
+        hub.replication
+            .handle_timeout(when, unix, &hub.ledger, &mut hub.rng);
+        asks += requests(&hub.outbox()).len();
+    }
+    assert!(
+        (1..=2).contains(&asks),
+        "{asks} requests for a dead node's beat"
+    );
 }
 
 #[test]
