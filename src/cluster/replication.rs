@@ -18,16 +18,16 @@
 //!   missed its beats) goes at once to every member, so a node that appears is seen live at
 //!   once; a single missed beat is not news (the next routine one arrives well within the
 //!   liveness timeout), which keeps the misses of the epidemic from flooding every connection.
-//!
 //! - The epidemic can miss a member for several beats in a row (each hop picks two members at
 //!   random, one may be a member that died and whose connection has not timed out yet), and
 //!   anti-entropy comes too rarely to repair that before the liveness timeout: the member would
-//!   count a live node dead. So a node pulls what it misses: a heartbeat over
-//!   [`Replication::is_news`]'s gap old (two beats missed) and not yet past the liveness timeout
-//!   is asked for ([`Request`]) from its writer when connected (it holds its newest beat), else
-//!   from a random member, at most once per heartbeat interval while it stays overdue. The
-//!   newer beat that comes back is news and goes on to every member. When the epidemic works
-//!   this costs nothing; a dead node's last beat costs each member one or two requests.
+//!   count a live node dead. So a node pulls what it misses: a heartbeat older than
+//!   [`Replication::is_news`]'s gap (two beats missed) and not yet past the liveness timeout is
+//!   asked for ([`Request`]) from its writer when connected (it holds its newest beat), else
+//!   from a random member, at most once per heartbeat interval while it stays overdue (and at
+//!   most [`MAX_OVERDUE_PULLS`] per check, for after a partition). The newer beat that comes
+//!   back is news and goes on to every member. When the epidemic works this costs nothing; a
+//!   dead node's last beat costs each member one or two requests.
 //!
 //! Idle cost per node: about `HEARTBEAT_FANOUT` × (nodes) heartbeat entries (~170 bytes) per
 //! heartbeat interval, plus the digest exchanges; see the README's idle traffic section.
@@ -82,6 +82,11 @@ pub struct ReplicationStats {
     /// Entries refused (bad signature, invalid, too far in the future, ledger full).
     pub entries_refused: u64,
 }
+
+/// Most overdue heartbeats asked for per check (every half heartbeat interval): after a
+/// partition most beats are overdue at once and each answer costs a whole entry, so the rest
+/// wait for the next checks (and the digest exchanges that a reconnection runs anyway).
+pub const MAX_OVERDUE_PULLS: usize = 32;
 
 /// Why a sync message goes out (for [`ReplicationStats`]).
 #[derive(Debug, Clone, Copy)]
@@ -320,6 +325,7 @@ impl Replication {
         let mut overdue = BTreeSet::new();
         let mut asks: BTreeMap<PeerId, Vec<Request>> = BTreeMap::new();
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        let mut budget = MAX_OVERDUE_PULLS;
         for (key, _) in ledger.bucket(names::HEALTHCHECK) {
             let Some(e) = ledger.entry(names::HEALTHCHECK, key) else {
                 continue;
@@ -332,9 +338,10 @@ impl Replication {
             let asked = self.pulled.get(key).is_some_and(|(version, at)| {
                 *version == e.version && now < *at + self.heartbeat_interval
             });
-            if asked || peers.is_empty() {
+            if asked || peers.is_empty() || budget == 0 {
                 continue;
             }
+            budget -= 1;
             let from = if self.peers.contains_key(&e.writer) {
                 e.writer
             } else {
