@@ -101,6 +101,62 @@ fn fifty_nodes_on_one_lan() {
     });
 }
 
+/// Idle connections stay open on keep-alives alone: without a cluster layer nothing else
+/// crosses most connections for minutes (member lists go to two members a minute), yet none
+/// reaches the transport's 30 s idle timeout; only the end with the smaller peer id PINGs, and
+/// only connections it sent nothing on for a round (`node::KEEP_ALIVE_INTERVAL`).
+#[test]
+fn idle_connections_stay_open_on_keep_alives() {
+    run_seeded(
+        TARGET,
+        "idle_connections_stay_open_on_keep_alives",
+        SEEDS,
+        |seed| {
+            let mut sim = Sim::new(SimConfig::new(seed));
+            let net = sim.add_network();
+            let lan = sim
+                .add_subnet(LinkParams::lan(), LinkParams::uplink())
+                .unwrap();
+            let settings = lan_settings(&sim, net);
+            let (hosts, last) = add_nodes(&mut sim, lan, net, &settings, 6, secs(2));
+            converge(&mut sim, last, secs(5));
+            sim.run_for(secs(10)).unwrap();
+            let connections = |sim: &Sim| -> Vec<usize> {
+                hosts
+                    .iter()
+                    .map(|h| sim.node(*h).unwrap().connected().len())
+                    .collect()
+            };
+            let before: Vec<(u64, u64)> = hosts
+                .iter()
+                .map(|h| {
+                    let m = sim.metrics(*h).unwrap();
+                    (
+                        m.disconnections,
+                        sim.node(*h).unwrap().stats().keep_alives_out,
+                    )
+                })
+                .collect();
+            let meshed = connections(&sim);
+            assert!(meshed.iter().all(|c| *c == hosts.len() - 1), "{meshed:?}");
+            sim.run_for(secs(300)).unwrap();
+            assert_eq!(connections(&sim), meshed);
+            let mut pings = 0;
+            for (h, (disconnections, keep_alives)) in hosts.iter().zip(before) {
+                let m = sim.metrics(*h).unwrap();
+                assert_eq!(
+                    m.disconnections, disconnections,
+                    "node {} lost a connection",
+                    h.0
+                );
+                pings += sim.node(*h).unwrap().stats().keep_alives_out - keep_alives;
+            }
+            // 15 connections, one PING each per round at most (10 s): at most 450 in 300 s.
+            assert!(pings > 0 && pings <= 15 * 30, "{pings} PINGs");
+        },
+    );
+}
+
 /// One bootstrap node; 200 nodes on five subnets; LAN beacons stay on each subnet, so the
 /// subnets find each other only through the DHT.
 fn dht_scenario(
@@ -430,7 +486,7 @@ fn a_partition_splits_the_members_and_healing_joins_them_again() {
             let (left, right) = hosts.split_at(10);
             let split = sim.now();
             let partition = sim.partition(left, right, true);
-            // Beacons expire after 40 s, then the ttl runs out.
+            // Beacons expire (`PEER_EXPIRY`), then the ttl runs out.
             let lan_expiry = kairos_p2p::discovery::lan::PEER_EXPIRY;
             sim.run_until(split + lan_expiry + ttl + secs(10)).unwrap();
             sim.check_invariants().unwrap();

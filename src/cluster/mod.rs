@@ -417,7 +417,11 @@ impl Cluster {
             identity: Identity::from_seed(identity.signing_key().to_bytes()),
             me,
             proposer: Proposer::new(&settings.uuid),
-            replication: Replication::new(limits, settings.heartbeat_interval()),
+            replication: Replication::new(
+                limits,
+                settings.heartbeat_interval(),
+                settings.liveness_timeout,
+            ),
             ipam: None,
             rng: Rng::from_seed(seed),
             started: None,
@@ -598,9 +602,9 @@ impl Cluster {
         let was_synced = self.replication.is_synced();
         let was_all_synced = self.replication.all_peers_synced();
         let rival_before = self.ledger.rival(&self.settings.uuid);
-        let fresh =
-            self.replication
-                .handle_message(unix_ms, &mut self.ledger, &mut self.rng, from, bytes);
+        let fresh = self
+            .replication
+            .handle_message(now, unix_ms, &mut self.ledger, from, bytes);
         // A new sign of another node using our uuid is news for the next pass.
         if self.ledger.rival(&self.settings.uuid) != rival_before {
             self.update_at.get_or_insert(now + UPDATE_DELAY);
@@ -638,7 +642,8 @@ impl Cluster {
                 ));
             }
         }
-        self.replication.handle_timeout(now, unix_ms, &self.ledger);
+        self.replication
+            .handle_timeout(now, unix_ms, &self.ledger, &mut self.rng);
         if self.heartbeat_at.is_none_or(|t| t <= now) || self.own_heartbeat_looks_stale() {
             self.heartbeat_at = Some(now + self.settings.heartbeat_interval());
             let mut writes = Vec::new();
@@ -831,7 +836,7 @@ impl Cluster {
             }
         }
         self.note_changes(now);
-        self.replication.push(&mut self.rng, &fresh, None);
+        self.replication.push(now, &fresh, None);
         first_error.map_or(Ok(()), Err)
     }
 

@@ -5,26 +5,56 @@
 //! - Every [`ANTI_ENTROPY_INTERVAL`] a node runs the same exchange with one connected member in
 //!   turn, which repairs whatever a lost push missed.
 //! - Entries that are new to a node (its own writes and what it learns) are pushed at once, as a
-//!   [`Batch`] without requests, to every connected member except the one they came from; the
-//!   frequent `healthcheck` heartbeats go to [`HEARTBEAT_FANOUT`] random members only (epidemic
-//!   spreading reaches everybody in a few hops, anti-entropy does the rest), except a heartbeat
-//!   that is news (the first of a node, or one after a silence): that one goes everywhere, so a
-//!   node that appears is seen live at once.
+//!   [`Batch`] without requests, to every connected member except the one they came from.
+//! - The frequent `healthcheck` heartbeats are the bulk of what an idle cluster sends: every node
+//!   must learn every other node's heartbeat once per heartbeat interval. They spread
+//!   epidemically (each node passes a heartbeat that is fresh to it on to [`HEARTBEAT_FANOUT`]
+//!   random members; a few hops reach everybody, anti-entropy does the rest), and a node gathers
+//!   the routine heartbeats it learns for up to [`HEARTBEAT_BATCH_DELAY`] and passes them on in
+//!   one message per member: one QUIC packet and one acknowledgement for a dozen heartbeats
+//!   instead of one each. The cost is that delay per hop (a few seconds across a large cluster,
+//!   against a liveness timeout of a minute). A heartbeat that is news (the first of a node, or
+//!   one after a silence of over two heartbeat intervals: the node was away, or this member
+//!   missed its beats) goes at once to every member, so a node that appears is seen live at
+//!   once; a single missed beat is not news (the next routine one arrives well within the
+//!   liveness timeout), which keeps the misses of the epidemic from flooding every connection.
+//! - The epidemic can miss a member for several beats in a row (each hop picks two members at
+//!   random, one may be a member that died and whose connection has not timed out yet), and
+//!   anti-entropy comes too rarely to repair that before the liveness timeout: the member would
+//!   count a live node dead. So a node pulls what it misses: a heartbeat older than
+//!   [`Replication::is_news`]'s gap (two beats missed) and not yet past the liveness timeout is
+//!   asked for ([`Request`]) from its writer when connected (it holds its newest beat), else
+//!   from a random member, at most once per heartbeat interval while it stays overdue (and at
+//!   most [`MAX_OVERDUE_PULLS`] per check, for after a partition). The newer beat that comes
+//!   back is news and goes on to every member. When the epidemic works this costs nothing; a
+//!   dead node's last beat costs each member one or two requests.
+//!
+//! Idle cost per node: about `HEARTBEAT_FANOUT` × (nodes) heartbeat entries (~170 bytes) per
+//! heartbeat interval, plus the digest exchanges; see the README's idle traffic section.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::PeerId;
-use crate::ledger::{Applied, Batch, Entry, Hlc, Ledger, SyncLimits, SyncMessage, names};
+use crate::ledger::{
+    Applied, Batch, Entry, Hlc, KeyId, Ledger, Request, SyncLimits, SyncMessage, names,
+};
 use crate::rng::Rng;
 
 /// How often a node runs a digest exchange with one connected member (pushes carry the news;
-/// this repairs what a lost connection missed).
-pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
+/// this repairs what a lost connection missed, and a connection that comes up runs one at
+/// once). Each exchange costs O(nodes) (the digest's version vector, the heartbeat bucket's
+/// summary): every 60 s rather than 30 s halves that idle cost; a heartbeat missed by the
+/// epidemic is repaired sooner by the next one (see [`Replication::is_news`]).
+pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(60);
 /// Wait before a digest goes again to a connected member whose first exchange has not completed.
 pub const FIRST_EXCHANGE_RETRY: Duration = Duration::from_secs(2);
 /// Members each fresh heartbeat is pushed to.
 pub const HEARTBEAT_FANOUT: usize = 2;
+/// Longest a routine heartbeat waits to be passed on with the others learned meanwhile (or a
+/// quarter of the heartbeat interval when that is shorter): at most a few hops times this
+/// before every node has it, against a liveness timeout of four heartbeat intervals.
+pub const HEARTBEAT_BATCH_DELAY: Duration = Duration::from_secs(2);
 
 /// What replication has done since the node started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,6 +67,12 @@ pub struct ReplicationStats {
     pub bytes_in: u64,
     /// Bytes of sync messages sent.
     pub bytes_out: u64,
+    /// Of those, routine heartbeats pushed (see [`Replication::push`]).
+    pub heartbeat_bytes_out: u64,
+    /// Of those, digest exchanges (digests, summaries and the batches that answer them).
+    pub exchange_bytes_out: u64,
+    /// Overdue heartbeats asked for (see [`Replication::handle_timeout`]).
+    pub heartbeats_pulled: u64,
     /// Sync messages that did not decode.
     pub rejected: u64,
     /// Entries that were new here (stored or replacing an older one).
@@ -45,6 +81,22 @@ pub struct ReplicationStats {
     pub entries_stale: u64,
     /// Entries refused (bad signature, invalid, too far in the future, ledger full).
     pub entries_refused: u64,
+}
+
+/// Most overdue heartbeats asked for per check (every half heartbeat interval): after a
+/// partition most beats are overdue at once and each answer costs a whole entry, so the rest
+/// wait for the next checks (and the digest exchanges that a reconnection runs anyway).
+pub const MAX_OVERDUE_PULLS: usize = 32;
+
+/// Why a sync message goes out (for [`ReplicationStats`]).
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// A push of news.
+    News,
+    /// A push of routine heartbeats.
+    Heartbeat,
+    /// Part of a digest exchange.
+    Exchange,
 }
 
 /// Replication state of one node.
@@ -59,12 +111,30 @@ pub struct Replication {
     synced: bool,
     /// A heartbeat newer than the previous one of its node by more than this is news.
     news_gap_ms: u64,
+    /// Routine heartbeats waiting for the next batch, by node key: the newest, and the members
+    /// known to hold it already (its writer, and whoever sent it to us meanwhile).
+    pending_beats: BTreeMap<String, (Entry, BTreeSet<PeerId>)>,
+    /// When the waiting heartbeats go.
+    beats_at: Option<Instant>,
+    beat_delay: Duration,
+    heartbeat_interval: Duration,
+    /// A heartbeat this old counts its node dead (the cluster's liveness timeout).
+    liveness_ms: u64,
+    /// When the ledger is next checked for overdue heartbeats ([`Self::pull_overdue_beats`]).
+    overdue_check_at: Option<Instant>,
+    /// Overdue heartbeats asked for, by node key: the version held then, and when.
+    pulled: BTreeMap<String, (Hlc, Instant)>,
     stats: ReplicationStats,
 }
 
 impl Replication {
-    /// Replication with messages bounded by `limits`, for heartbeats every `heartbeat_interval`.
-    pub fn new(limits: SyncLimits, heartbeat_interval: Duration) -> Self {
+    /// Replication with messages bounded by `limits`, for heartbeats every `heartbeat_interval`
+    /// judged dead after `liveness_timeout`.
+    pub fn new(
+        limits: SyncLimits,
+        heartbeat_interval: Duration,
+        liveness_timeout: Duration,
+    ) -> Self {
         Self {
             limits,
             peers: BTreeMap::new(),
@@ -72,7 +142,14 @@ impl Replication {
             next_round: None,
             turn: 0,
             synced: false,
-            news_gap_ms: u64::try_from(heartbeat_interval.as_millis() * 3 / 2).unwrap_or(u64::MAX),
+            news_gap_ms: u64::try_from(heartbeat_interval.as_millis() * 5 / 2).unwrap_or(u64::MAX),
+            pending_beats: BTreeMap::new(),
+            beats_at: None,
+            beat_delay: HEARTBEAT_BATCH_DELAY.min(heartbeat_interval / 4),
+            heartbeat_interval,
+            liveness_ms: u64::try_from(liveness_timeout.as_millis()).unwrap_or(u64::MAX),
+            overdue_check_at: None,
+            pulled: BTreeMap::new(),
             stats: ReplicationStats::default(),
         }
     }
@@ -116,9 +193,9 @@ impl Replication {
     /// pushed on to the others).
     pub fn handle_message(
         &mut self,
+        now: Instant,
         unix_ms: u64,
         ledger: &mut Ledger,
-        rng: &mut Rng,
         from: PeerId,
         bytes: &[u8],
     ) -> Vec<Entry> {
@@ -136,13 +213,13 @@ impl Replication {
         match msg {
             SyncMessage::Digest(digest) => {
                 let summary = ledger.summary_for(&digest, &self.limits, unix_ms);
-                self.send(from, &SyncMessage::Summary(summary));
+                self.send(from, &SyncMessage::Summary(summary), Sent::Exchange);
             }
             SyncMessage::Summary(summary) => {
                 fresh = self.apply(ledger, unix_ms, from, summary.entries.iter().cloned());
                 let batch = ledger.reconcile(&summary, &self.limits, unix_ms);
                 if !batch.entries.is_empty() || !batch.requests.is_empty() {
-                    self.send(from, &SyncMessage::Batch(batch));
+                    self.send(from, &SyncMessage::Batch(batch), Sent::Exchange);
                 }
                 if let Some(done) = self.peers.get_mut(&from) {
                     *done = true;
@@ -153,16 +230,17 @@ impl Replication {
                 fresh = self.apply(ledger, unix_ms, from, batch.entries);
                 if !batch.requests.is_empty() {
                     let answer = ledger.answer(&batch.requests, &self.limits);
-                    self.send(from, &SyncMessage::Batch(answer));
+                    self.send(from, &SyncMessage::Batch(answer), Sent::Exchange);
                 }
             }
         }
-        self.push(rng, &fresh, Some(from));
+        self.push(now, &fresh, Some(from));
         fresh.into_iter().map(|(e, _)| e).collect()
     }
 
     /// Whether `entry`, replacing a stored version `previous`, is news that goes to every member:
-    /// anything but a heartbeat, a node's first heartbeat, or one after a silence.
+    /// anything but a heartbeat, a node's first heartbeat, or one after a silence of more than
+    /// two heartbeat intervals.
     pub fn is_news(&self, previous: Option<Hlc>, entry: &Entry) -> bool {
         entry.bucket != names::HEALTHCHECK
             || previous.is_none_or(|prev| {
@@ -171,45 +249,134 @@ impl Replication {
     }
 
     /// Pushes entries that are new here, each with whether it is news ([`Self::is_news`]), to the
-    /// connected members (but not back to `source`).
-    pub fn push(&mut self, rng: &mut Rng, entries: &[(Entry, bool)], source: Option<PeerId>) {
-        if entries.is_empty() {
-            return;
-        }
-        let targets: Vec<PeerId> = self
-            .peers
-            .keys()
-            .filter(|p| Some(**p) != source)
-            .copied()
-            .collect();
-        if targets.is_empty() {
-            return;
-        }
-        let pick = |news: bool| -> Vec<&Entry> {
-            entries
-                .iter()
-                .filter(|(_, n)| *n == news)
-                .map(|(e, _)| e)
-                .collect()
-        };
-        let (news, beats) = (pick(true), pick(false));
+    /// connected members (but not back to `source`): news at once to every member, routine
+    /// heartbeats with the next batch.
+    pub fn push(&mut self, now: Instant, entries: &[(Entry, bool)], source: Option<PeerId>) {
+        let news: Vec<&Entry> = entries.iter().filter(|(_, n)| *n).map(|(e, _)| e).collect();
         if !news.is_empty() {
-            for peer in &targets {
-                self.send_entries(*peer, &news);
+            let targets: Vec<PeerId> = self
+                .peers
+                .keys()
+                .filter(|p| Some(**p) != source)
+                .copied()
+                .collect();
+            for peer in targets {
+                self.send_entries(peer, &news, Sent::News);
             }
         }
-        if !beats.is_empty() {
-            let mut pool = targets;
-            for _ in 0..HEARTBEAT_FANOUT.min(pool.len()) {
-                let i = rng.below(pool.len() as u64) as usize;
-                let peer = pool.swap_remove(i);
-                self.send_entries(peer, &beats);
+        for (e, _) in entries.iter().filter(|(_, n)| !*n) {
+            let holders = [Some(e.writer), source].into_iter().flatten().collect();
+            self.pending_beats
+                .insert(e.key.clone(), (e.clone(), holders));
+        }
+        if !self.pending_beats.is_empty() && self.beats_at.is_none() {
+            self.beats_at = Some(now + self.beat_delay);
+        }
+        // An entry pushed as news makes a waiting older copy of it pointless.
+        for e in news {
+            if self
+                .pending_beats
+                .get(&e.key)
+                .is_some_and(|(p, _)| p.bucket == e.bucket && p.version <= e.version)
+            {
+                self.pending_beats.remove(&e.key);
             }
         }
     }
 
-    /// Runs the periodic exchange when due.
-    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger) {
+    /// Sends the waiting routine heartbeats to [`HEARTBEAT_FANOUT`] random members, one batch
+    /// each, leaving out what a member is known to hold already; members known to hold all of
+    /// them are not picked (the epidemic's duplicates are most of its cost).
+    fn flush_heartbeats(&mut self, rng: &mut Rng) {
+        self.beats_at = None;
+        let beats = std::mem::take(&mut self.pending_beats);
+        let lacking = |peer: &PeerId| -> Vec<&Entry> {
+            beats
+                .values()
+                .filter(|(_, holders)| !holders.contains(peer))
+                .map(|(e, _)| e)
+                .collect()
+        };
+        let mut pool: Vec<PeerId> = self
+            .peers
+            .keys()
+            .filter(|p| !lacking(p).is_empty())
+            .copied()
+            .collect();
+        for _ in 0..HEARTBEAT_FANOUT.min(pool.len()) {
+            let i = rng.below(pool.len() as u64) as usize;
+            let peer = pool.swap_remove(i);
+            let batch = lacking(&peer);
+            if !batch.is_empty() {
+                self.send_entries(peer, &batch, Sent::Heartbeat);
+            }
+        }
+    }
+
+    /// Asks for the heartbeats this node misses (see the module documentation): those older
+    /// than the news gap and younger than the liveness timeout, by the hybrid time `hlc_now_ms`.
+    fn pull_overdue_beats(
+        &mut self,
+        now: Instant,
+        hlc_now_ms: u64,
+        ledger: &Ledger,
+        rng: &mut Rng,
+    ) {
+        let mut overdue = BTreeSet::new();
+        let mut asks: BTreeMap<PeerId, Vec<Request>> = BTreeMap::new();
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        let mut budget = MAX_OVERDUE_PULLS;
+        for (key, _) in ledger.bucket(names::HEALTHCHECK) {
+            let Some(e) = ledger.entry(names::HEALTHCHECK, key) else {
+                continue;
+            };
+            let age = hlc_now_ms.saturating_sub(e.version.millis());
+            if age <= self.news_gap_ms || age >= self.liveness_ms {
+                continue;
+            }
+            overdue.insert(key);
+            let asked = self.pulled.get(key).is_some_and(|(version, at)| {
+                *version == e.version && now < *at + self.heartbeat_interval
+            });
+            if asked || peers.is_empty() || budget == 0 {
+                continue;
+            }
+            budget -= 1;
+            let from = if self.peers.contains_key(&e.writer) {
+                e.writer
+            } else {
+                peers[rng.below(peers.len() as u64) as usize]
+            };
+            asks.entry(from).or_default().push(Request {
+                bucket: names::HEALTHCHECK.to_string(),
+                key: KeyId::of(key),
+            });
+            self.pulled.insert(key.to_string(), (e.version, now));
+        }
+        self.pulled.retain(|k, _| overdue.contains(k.as_str()));
+        for (peer, requests) in asks {
+            for chunk in requests.chunks(self.limits.max_entries.max(1)) {
+                let msg = SyncMessage::Batch(Batch {
+                    entries: Vec::new(),
+                    requests: chunk.to_vec(),
+                });
+                self.stats.heartbeats_pulled += chunk.len() as u64;
+                self.send(peer, &msg, Sent::Exchange);
+            }
+        }
+    }
+
+    /// Sends the waiting heartbeats, asks for overdue ones and runs the periodic exchange when
+    /// due.
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger, rng: &mut Rng) {
+        if self.beats_at.is_some_and(|t| t <= now) {
+            self.flush_heartbeats(rng);
+        }
+        if self.overdue_check_at.is_none_or(|t| t <= now) {
+            self.overdue_check_at = Some(now + self.heartbeat_interval / 2);
+            let hlc_now_ms = unix_ms.max(ledger.max_version().millis());
+            self.pull_overdue_beats(now, hlc_now_ms, ledger, rng);
+        }
         if self.next_round.is_none_or(|t| t > now) {
             return;
         }
@@ -241,7 +408,10 @@ impl Replication {
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_round
+        [self.next_round, self.beats_at, self.overdue_check_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next message to send: the peer and the encoded sync message.
@@ -265,7 +435,15 @@ impl Replication {
                     self.stats.entries_fresh += 1;
                     fresh.push((e, news));
                 }
-                Ok(Applied::Stale) => self.stats.entries_stale += 1,
+                Ok(Applied::Stale) => {
+                    self.stats.entries_stale += 1;
+                    // The sender holds a heartbeat that waits here for the next batch.
+                    if let Some((p, holders)) = self.pending_beats.get_mut(&e.key) {
+                        if p.bucket == e.bucket && p.version <= e.version {
+                            holders.insert(from);
+                        }
+                    }
+                }
                 Err(err) => {
                     self.stats.entries_refused += 1;
                     log::debug!("ledger entry refused: {err}");
@@ -282,11 +460,11 @@ impl Replication {
 
     fn send_digest(&mut self, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
         let digest = ledger.digest(&self.limits, unix_ms);
-        self.send(peer, &SyncMessage::Digest(digest));
+        self.send(peer, &SyncMessage::Digest(digest), Sent::Exchange);
     }
 
     /// Sends entries in as many batches as their size needs.
-    fn send_entries(&mut self, peer: PeerId, entries: &[&Entry]) {
+    fn send_entries(&mut self, peer: PeerId, entries: &[&Entry], kind: Sent) {
         // Half the message limit per batch leaves room for the framing.
         let budget = self.limits.max_message_bytes / 2;
         let mut batch = Vec::new();
@@ -295,31 +473,36 @@ impl Replication {
             let len = e.encoded_len();
             if !batch.is_empty() && (size + len > budget || batch.len() >= self.limits.max_entries)
             {
-                self.send_batch(peer, std::mem::take(&mut batch));
+                self.send_batch(peer, std::mem::take(&mut batch), kind);
                 size = 0;
             }
             size += len;
             batch.push((*e).clone());
         }
         if !batch.is_empty() {
-            self.send_batch(peer, batch);
+            self.send_batch(peer, batch, kind);
         }
     }
 
-    fn send_batch(&mut self, peer: PeerId, entries: Vec<Entry>) {
+    fn send_batch(&mut self, peer: PeerId, entries: Vec<Entry>, kind: Sent) {
         let msg = SyncMessage::Batch(Batch {
             entries,
             requests: Vec::new(),
         });
-        self.send(peer, &msg);
+        self.send(peer, &msg, kind);
     }
 
-    fn send(&mut self, peer: PeerId, msg: &SyncMessage) {
+    fn send(&mut self, peer: PeerId, msg: &SyncMessage, kind: Sent) {
         let mut buf = Vec::new();
         match msg.encode(&self.limits, &mut buf) {
             Ok(()) => {
                 self.stats.messages_out += 1;
                 self.stats.bytes_out += buf.len() as u64;
+                match kind {
+                    Sent::Heartbeat => self.stats.heartbeat_bytes_out += buf.len() as u64,
+                    Sent::Exchange => self.stats.exchange_bytes_out += buf.len() as u64,
+                    Sent::News => {}
+                }
                 self.out.push_back((peer, buf));
             }
             Err(e) => log::warn!("ledger message to {peer} not encodable: {e}"),

@@ -8,13 +8,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
-use super::replication::{HEARTBEAT_FANOUT, Replication};
+use super::replication::{
+    FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, Replication,
+};
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
 use crate::config::{self, HostFacts, P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{Applied, Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, names};
+use crate::ledger::{
+    Applied, Batch, Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, SyncMessage, names,
+};
 use crate::rng::Rng;
 
 /// The cluster bucket of the tests (the default `network_id`).
@@ -1116,6 +1120,7 @@ impl Replica {
             replication: Replication::new(
                 SyncLimits::for_ledger(&limits, 1 << 20),
                 HEARTBEAT_INTERVAL,
+                4 * HEARTBEAT_INTERVAL,
             ),
             rng: Rng::from_seed(u64::from(n)),
         }
@@ -1150,13 +1155,25 @@ impl Replica {
         let previous = self.ledger.entry(bucket, key).map(|e| e.version);
         let entry = self.put(bucket, key, "v", unix_ms);
         let news = self.replication.is_news(previous, &entry);
-        self.replication
-            .push(&mut self.rng, &[(entry, news)], source);
-        self.outbox().into_iter().map(|(p, _)| p).collect()
+        let now = Instant::now();
+        self.replication.push(now, &[(entry, news)], source);
+        // Routine heartbeats wait for the next batch.
+        self.flush(now + HEARTBEAT_BATCH_DELAY);
+        self.outbox()
+            .into_iter()
+            .filter(|(_, bytes)| bytes.get(1) == Some(&3)) // batches, not digests
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn entries(&self) -> Vec<Entry> {
         self.ledger.entries().cloned().collect()
+    }
+
+    /// Runs the replication's timers at `now` (sends the waiting heartbeats).
+    fn flush(&mut self, now: Instant) {
+        self.replication
+            .handle_timeout(now, UNIX_BASE_MS, &self.ledger, &mut self.rng);
     }
 
     fn outbox(&mut self) -> Vec<(PeerId, Vec<u8>)> {
@@ -1182,7 +1199,7 @@ fn hand_over(replicas: &mut [Replica], from: usize, messages: Vec<(PeerId, Vec<u
             .find(|r| r.peer() == to)
             .expect("a known peer");
         r.replication
-            .handle_message(UNIX_BASE_MS, &mut r.ledger, &mut r.rng, sender, &bytes);
+            .handle_message(Instant::now(), UNIX_BASE_MS, &mut r.ledger, sender, &bytes);
     }
 }
 
@@ -1261,7 +1278,7 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
     let e = r[0].put(BUCKET, "fresh", "v", t);
     assert!(r[0].replication.is_news(previous, &e));
     let hub = &mut r[0];
-    hub.replication.push(&mut hub.rng, &[(e, true)], None);
+    hub.replication.push(Instant::now(), &[(e, true)], None);
     let out = hub.outbox();
     assert_eq!(out.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>(), peers);
     hand_over(&mut r, 0, out);
@@ -1291,6 +1308,155 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
 }
 
 #[test]
+fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
+    // 0 is connected to 1, 2 and 3; 1 and 2 beat, and their routine beats reach 0.
+    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
+    let now = Instant::now();
+    for peer in 1..4 {
+        connect(&mut r, 0, peer, now);
+    }
+    pump(&mut r);
+    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
+    let t = UNIX_BASE_MS + 5_000;
+    let limits = SyncLimits::for_ledger(&Limits::default(), 1 << 20);
+    let batches = |out: Vec<(PeerId, Vec<u8>)>| -> Vec<(PeerId, Batch)> {
+        out.into_iter()
+            .filter_map(|(to, bytes)| match SyncMessage::decode(&bytes, &limits) {
+                Ok(SyncMessage::Batch(b)) => Some((to, b)),
+                _ => None, // digest exchanges of the anti-entropy timer
+            })
+            .collect()
+    };
+    for (i, at) in [(1, t), (2, t), (1, t + interval), (2, t + interval)] {
+        let previous = r[i].ledger.entry(names::HEALTHCHECK, &format!("n{i}"));
+        let previous = previous.map(|e| e.version);
+        let beat = r[i].put(names::HEALTHCHECK, &format!("n{i}"), "1", at);
+        let news = r[i].replication.is_news(previous, &beat);
+        assert_eq!(
+            news,
+            at == t,
+            "the first beat is news, the next on time is not"
+        );
+        r[i].replication.push(now, &[(beat, news)], None);
+        r[i].flush(now + HEARTBEAT_BATCH_DELAY);
+        let out = r[i].outbox();
+        hand_over(&mut r, i, out);
+        // News goes on at once; routine beats wait for the batch.
+        let forwarded = batches(r[0].outbox());
+        assert_eq!(forwarded.len(), if news { 2 } else { 0 }, "at {at}");
+    }
+    let hub = &mut r[0];
+    // (`hand_over` delivers at `Instant::now()`.)
+    hub.flush(Instant::now() + HEARTBEAT_BATCH_DELAY);
+    let out = batches(hub.outbox());
+    assert_eq!(out.len(), HEARTBEAT_FANOUT, "one message per member picked");
+    let (p1, p2) = (r[1].peer(), r[2].peer());
+    for (to, batch) in &out {
+        let writers: BTreeSet<PeerId> = batch.entries.iter().map(|e| e.writer).collect();
+        assert!(!writers.contains(to), "a member's own beat goes back to it");
+        let expected: BTreeSet<PeerId> = [p1, p2].into_iter().filter(|p| p != to).collect();
+        assert_eq!(writers, expected);
+    }
+}
+
+/// The replay of `SIM_SEED=1000 ... sim_roles -- dynamic_roles_refill_a_dead_ha_slot`: the
+/// epidemic (two random members per hop, one of them a member that died and whose connection
+/// has not timed out) missed one member for a whole liveness timeout, which then counted every
+/// other node dead and took a second HA slot. A member that misses beats asks for them.
+#[test]
+fn a_member_the_epidemic_misses_pulls_the_overdue_heartbeat_from_its_writer() {
+    let mut r: Vec<Replica> = (1..=3).map(Replica::new).collect();
+    let now = Instant::now();
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        connect(&mut r, a, b, now);
+    }
+    pump(&mut r);
+    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
+    let t = UNIX_BASE_MS + 5_000;
+    // Node 1 beats at `at` (unix ms) and sends what it sends then; returns those messages.
+    let beat = |r: &mut [Replica], at: u64| -> Vec<(PeerId, Vec<u8>)> {
+        let n1 = &mut r[1];
+        let previous = n1.ledger.entry(names::HEALTHCHECK, "n1").map(|e| e.version);
+        let e = n1.put(names::HEALTHCHECK, "n1", "1", at);
+        let news = n1.replication.is_news(previous, &e);
+        n1.replication.push(now, &[(e, news)], None);
+        n1.replication
+            .handle_timeout(now + HEARTBEAT_BATCH_DELAY, at, &n1.ledger, &mut n1.rng);
+        n1.outbox()
+    };
+    let version_at_0 = |r: &[Replica]| {
+        r[0].ledger
+            .entry(names::HEALTHCHECK, "n1")
+            .map(|e| e.version.millis())
+    };
+    // The first beat is news: it reaches 0.
+    let out = beat(&mut r, t);
+    hand_over(&mut r, 1, out);
+    pump(&mut r);
+    assert_eq!(version_at_0(&r), Some(t));
+    // 0's timers run once (its anti-entropy round goes, the next is a minute away).
+    let start = now + FIRST_EXCHANGE_RETRY;
+    let hub = &mut r[0];
+    hub.replication
+        .handle_timeout(start, t, &hub.ledger, &mut hub.rng);
+    pump(&mut r);
+    // The next three routine beats all miss 0.
+    for k in 1..=3 {
+        drop(beat(&mut r, t + k * interval));
+    }
+    // Before the news gap (two and a half intervals) nothing is asked.
+    let hub = &mut r[0];
+    let unix = t + 2 * interval;
+    hub.replication
+        .handle_timeout(start + HEARTBEAT_INTERVAL, unix, &hub.ledger, &mut hub.rng);
+    assert!(
+        hub.outbox().is_empty(),
+        "a beat two intervals old is not overdue"
+    );
+    // Three intervals after the last beat 0 holds (within the liveness timeout of four), 0 asks
+    // node 1, its writer, for it; the answer brings the newest.
+    let at = start + 3 * HEARTBEAT_INTERVAL;
+    let unix = t + 3 * interval + 500;
+    hub.replication
+        .handle_timeout(at, unix, &hub.ledger, &mut hub.rng);
+    let limits = SyncLimits::for_ledger(&Limits::default(), 1 << 20);
+    let requests = |out: &[(PeerId, Vec<u8>)]| -> Vec<(PeerId, usize)> {
+        out.iter()
+            .filter_map(|(to, bytes)| match SyncMessage::decode(bytes, &limits) {
+                Ok(SyncMessage::Batch(b)) if !b.requests.is_empty() => {
+                    Some((*to, b.requests.len()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let out = hub.outbox();
+    let p1 = r[1].peer();
+    assert_eq!(requests(&out), vec![(p1, 1)], "one request, to the writer");
+    assert_eq!(r[0].replication.stats().heartbeats_pulled, 1);
+    hand_over(&mut r, 0, out);
+    let answer = r[1].outbox();
+    hand_over(&mut r, 1, answer);
+    assert_eq!(version_at_0(&r), Some(t + 3 * interval));
+    // Node 1 goes silent: its last beat is asked for once per heartbeat interval at most, and
+    // not at all once it is past the liveness timeout.
+    let hub = &mut r[0];
+    let quiet = t + 3 * interval;
+    let mut asks = 0;
+    for step in 1..=10u32 {
+        let when = at + HEARTBEAT_INTERVAL / 2 * step;
+        let unix = quiet + u64::from(step) * interval / 2;
+        hub.replication
+            .handle_timeout(when, unix, &hub.ledger, &mut hub.rng);
+        asks += requests(&hub.outbox()).len();
+    }
+    assert!(
+        (1..=2).contains(&asks),
+        "{asks} requests for a dead node's beat"
+    );
+}
+
+#[test]
 fn malformed_messages_are_counted_not_fatal() {
     let mut r = vec![Replica::new(1), Replica::new(2)];
     r[1].put(BUCKET, "k", "v", UNIX_BASE_MS);
@@ -1300,9 +1466,9 @@ fn malformed_messages_are_counted_not_fatal() {
     let target = &mut r[0];
     for bytes in [&b"garbage"[..], &[], &digest[..digest.len() / 2]] {
         let fresh = target.replication.handle_message(
+            Instant::now(),
             UNIX_BASE_MS,
             &mut target.ledger,
-            &mut target.rng,
             from,
             bytes,
         );

@@ -13,8 +13,9 @@
 //! Connections: a node keeps about [`NodeSettings::neighbours`] connections to other members
 //! (LAN peers first, plus [`REMOTE_NEIGHBOURS`] outside the LAN when any are known), over which
 //! members gossip what they know: news of a member goes to every connected member at once; the
-//! whole member list goes to a couple of them now and then ([`SYNC_FANOUT`]), and every
-//! connection gets at least an empty list each [`SYNC_INTERVAL`], which keeps it open. Of two members that find each other, the one with the smaller
+//! whole member list goes to a couple of them now and then ([`SYNC_FANOUT`]). A connection on
+//! which nothing was sent for a [`KEEP_ALIVE_INTERVAL`] gets a QUIC PING from its end with the
+//! smaller peer id, which keeps it open. Of two members that find each other, the one with the smaller
 //! peer id dials at once and the other only after [`DIAL_DEFER`], so they rarely dial each other
 //! simultaneously (the transport resolves it when they do).
 
@@ -58,12 +59,16 @@ pub const DIAL_DEFER: Duration = Duration::from_millis(1500);
 pub const LAN_DIAL_DEFER: Duration = Duration::from_millis(250);
 /// Batching delay of gossip about new or changed members.
 pub const PUSH_DELAY: Duration = Duration::from_millis(100);
-/// Sync rounds come this often (or every tenth of the member ttl when that is shorter): every
-/// connected member gets a message, which keeps connections from idling out, so no separate
-/// keep-alive is needed. Most rounds send an empty member list; see [`SYNC_FANOUT`].
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(20);
+/// Keep-alive rounds come this often: a connection to which this node sent nothing since the
+/// previous round gets a QUIC PING (one ack-eliciting packet, answered by an ACK), from its end
+/// with the smaller peer id only: the other end's ACK keeps its own idle timer and NAT mapping
+/// fresh. So a connection hears something at least every two rounds (20 s), within the transport's
+/// 30 s idle timeout, and a busy one (ledger heartbeats, gossip) costs nothing more. (An empty
+/// member list from both ends every 20 s did the same for a stream frame, a flow-control update
+/// and twice the packets.)
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Once per tenth of the member ttl (60 s by default), a sync round sends the whole member list
-/// to this many random connected members instead of an empty one. Any member's list is about as
+/// to this many random connected members. Any member's list is about as
 /// fresh as any other's, so a couple per period keep ages well under the ttl everywhere; the
 /// whole list to every connection every 20 s made idle traffic grow with members × connections
 /// (7 KB/s per node at 200 members, 37 KB/s at 1,000).
@@ -280,6 +285,12 @@ pub struct NodeStats {
     pub dials: u64,
     /// Dial attempts that failed.
     pub dials_failed: u64,
+    /// Bytes of member lists sent (encoded control messages).
+    pub members_bytes_out: u64,
+    /// PINGs sent to keep a quiet connection open.
+    pub keep_alives_out: u64,
+    /// Bytes of ledger sync messages sent (encoded control messages).
+    pub ledger_bytes_out: u64,
 }
 
 #[derive(Debug)]
@@ -308,6 +319,8 @@ pub struct Node {
     push_at: Option<Instant>,
     sync_at: Option<Instant>,
     full_sync_at: Option<Instant>,
+    /// Connected members sent a message since the last keep-alive round.
+    sent_since_keep_alive: BTreeSet<PeerId>,
     maintain_at: Option<Instant>,
     refresh_at: Option<Instant>,
     /// A dial round is due (a member was discovered).
@@ -395,6 +408,7 @@ impl Node {
             push_at: None,
             sync_at: None,
             full_sync_at: None,
+            sent_since_keep_alive: BTreeSet::new(),
             maintain_at: None,
             refresh_at: None,
             dial_at: None,
@@ -670,12 +684,13 @@ impl Node {
         }
         if self.sync_at.is_none_or(|t| t <= now) {
             let full_every = (self.settings.member_ttl / 10).max(Duration::from_secs(1));
-            let full = self.full_sync_at.is_none_or(|t| t <= now);
-            self.sync_round(now, full);
-            if full {
+            if self.full_sync_at.is_none_or(|t| t <= now) {
+                self.sync_round(now);
                 self.full_sync_at = Some(now + full_every);
             }
-            self.sync_at = Some(now + SYNC_INTERVAL.min(full_every));
+            self.keep_alive_round();
+            let keep_alive = KEEP_ALIVE_INTERVAL.min(self.settings.transport.idle_timeout / 3);
+            self.sync_at = Some(now + keep_alive.min(full_every));
         }
     }
 
@@ -738,11 +753,19 @@ impl Node {
         let mut buf = std::mem::take(&mut self.scratch);
         match msg.encode(&mut buf) {
             Ok(()) => {
-                if let Err(e) = self
+                match msg {
+                    Control::Members(_) => self.stats.members_bytes_out += buf.len() as u64,
+                    Control::Ledger(_) => self.stats.ledger_bytes_out += buf.len() as u64,
+                    _ => {}
+                }
+                match self
                     .transport
                     .send_message(peer, Bytes::copy_from_slice(&buf))
                 {
-                    log::debug!("control message to {peer} not sent: {e}");
+                    Ok(()) => {
+                        self.sent_since_keep_alive.insert(*peer);
+                    }
+                    Err(e) => log::debug!("control message to {peer} not sent: {e}"),
                 }
             }
             Err(e) => log::warn!("control message to {peer} not encodable: {e}"),
@@ -1311,8 +1334,9 @@ impl Node {
     /// yet the beacon may be the first of a member that restarted: its old connection to us is
     /// dead on its side but stays up here until we next send it something (or the idle timeout),
     /// and its dials to us may be backing off. Meanwhile a member whose state was wiped knows
-    /// nobody until it hears our steady beacons (8 to 12 s), and could meet only another wiped
-    /// member and take it for a new cluster. So: a connection to it is probed with a PING (a
+    /// nobody until it hears our steady beacons (16 to 24 s), and could meet only another wiped
+    /// member and take it for a new cluster. So: when the beacon is one of a burst
+    /// ([`LanDiscovery::heard_early`]), a connection to it is probed with a PING (a
     /// restarted member answers with a stateless reset, the connection goes and the next dial
     /// round redials), and a dial back-off ends now (the failure count is kept, so a member that
     /// beacons but cannot be reached is retried once per beacon, its back-off still growing).
@@ -1321,10 +1345,13 @@ impl Node {
             return;
         };
         let heard = |peer: &PeerId| lan.last_seen(peer) == Some(now);
+        // Only beacons of a burst: a restarted member bursts (four beacons within a second), and
+        // steady beacons (every 16 to 24 s from every LAN member) would cost a PING and its ACK
+        // per member and beacon on every connection, most of an idle LAN's QUIC traffic.
         let probe: Vec<PeerId> = self
             .connected
             .keys()
-            .filter(|p| heard(p))
+            .filter(|p| heard(p) && lan.heard_early(p))
             .copied()
             .collect();
         let mut due = false;
@@ -1384,9 +1411,8 @@ impl Node {
         self.broadcast_members(entries);
     }
 
-    /// Sends every connected member a member list: when `full`, the whole list to
-    /// [`SYNC_FANOUT`] random ones; an empty one (a keep-alive) to the others.
-    fn sync_round(&mut self, now: Instant, full: bool) {
+    /// Sends the whole member list to [`SYNC_FANOUT`] random connected members.
+    fn sync_round(&mut self, now: Instant) {
         if self.connected.is_empty() {
             return;
         }
@@ -1395,24 +1421,32 @@ impl Node {
             order.push((self.rng.next_u64(), *peer));
         }
         order.sort_unstable();
-        let mut entries = Vec::new();
-        if full {
-            entries = self.members.gossip(now, None);
-            entries.push(self.self_info());
-        }
+        let mut entries = self.members.gossip(now, None);
+        entries.push(self.self_info());
         let messages: Vec<Control> = entries
             .chunks(control::MAX_MEMBERS_PER_MESSAGE)
             .map(|chunk| Control::Members(chunk.to_vec()))
             .collect();
-        let keep_alive = Control::Members(Vec::new());
-        for (i, (_, peer)) in order.iter().enumerate() {
-            if full && i < SYNC_FANOUT {
-                for msg in &messages {
-                    self.send_control(peer, msg);
-                }
-            } else {
-                self.send_control(peer, &keep_alive);
+        for (_, peer) in order.iter().take(SYNC_FANOUT) {
+            for msg in &messages {
+                self.send_control(peer, msg);
             }
+        }
+    }
+
+    /// PINGs the connections this node keeps alive (those to members with a larger peer id) that
+    /// it sent nothing on since the previous round (see [`KEEP_ALIVE_INTERVAL`]).
+    fn keep_alive_round(&mut self) {
+        let sent = std::mem::take(&mut self.sent_since_keep_alive);
+        let quiet: Vec<PeerId> = self
+            .connected
+            .keys()
+            .filter(|p| self.me < **p && !sent.contains(*p))
+            .copied()
+            .collect();
+        for peer in quiet {
+            self.transport.ping(&peer);
+            self.stats.keep_alives_out += 1;
         }
     }
 

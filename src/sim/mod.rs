@@ -46,6 +46,7 @@
 //! keeps [`NodeMetrics::first_knew_all`] and [`NodeMetrics::knows_all_since`];
 //! [`Sim::run_until_converged`] runs until every running node does.
 
+pub mod idle;
 pub mod metrics;
 pub mod net;
 pub mod scale;

@@ -17,7 +17,7 @@ use crate::cluster::replication::ReplicationStats;
 use crate::config::Ipv4Cidr;
 use crate::ledger::names;
 
-use super::metrics::total_traffic;
+use super::idle::IdleTraffic;
 use super::{Action, HostId, LinkParams, Sim, SimConfig, SimError};
 
 /// The VPN network of the scenario's token (`vpn.address`).
@@ -234,22 +234,9 @@ impl ScaleRun {
         Ok(None)
     }
 
-    /// Bytes sent per node per second (every kind of packet) over `idle` of virtual time from
-    /// now, and the share of each kind (QUIC, beacons, DHT, other).
-    pub fn idle_bytes_per_node(&mut self, idle: Duration) -> Result<(f64, [f64; 4]), SimError> {
-        let before: Vec<_> = self
-            .hosts
-            .iter()
-            .filter_map(|h| self.sim.metrics(*h).cloned())
-            .collect();
-        self.sim.run_for(idle)?;
-        let (sent, _) = total_traffic(self.hosts.iter().filter_map(|h| self.sim.metrics(*h)));
-        let (sent0, _) = total_traffic(&before);
-        let n = self.hosts.len().max(1) as f64;
-        let secs = idle.as_secs_f64().max(f64::MIN_POSITIVE);
-        let kinds: [f64; 4] =
-            std::array::from_fn(|i| (sent[i].bytes - sent0[i].bytes) as f64 / n / secs);
-        Ok((kinds.iter().sum(), kinds))
+    /// Bytes sent per node per second over `idle` of virtual time from now, by what they carry.
+    pub fn idle_bytes_per_node(&mut self, idle: Duration) -> Result<IdleTraffic, SimError> {
+        super::idle::measure(&mut self.sim, &self.hosts, idle)
     }
 }
 

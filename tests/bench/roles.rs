@@ -7,6 +7,10 @@
 //! Each size runs twice: with an IPv4 broadcast address on eth0 (as DHCP clients set it), and as
 //! `Lab::add_host` leaves it (`ip addr add` without `brd`: the driver then derives the directed
 //! broadcast address from the netmask).
+//!
+//! `KAIROS_BENCH_IDLE_NODES=<n>` runs only the idle measurement of issue 16 (goal 3): one
+//! formation of `n` agents, 40 s of settling after every agent holds its role, then the bytes
+//! sent (and sent + received) on eth0 per node per second over 60 s.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -32,7 +36,26 @@ fn last(h: &Host, needle: &str) -> Option<String> {
 struct RunResult {
     roles: Option<Duration>,
     addresses: Option<Duration>,
-    idle_bps: Option<f64>,
+    /// Idle bytes per node per second on eth0: sent + received, and sent.
+    idle_bps: Option<(f64, f64)>,
+}
+
+/// Bytes sent on the host's eth0.
+fn eth0_tx_bytes(h: &Host) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.ns,
+            "cat",
+            "/sys/class/net/eth0/statistics/tx_bytes",
+        ])
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// Gives the host's eth0 address an IPv4 broadcast address (`brd +`), as DHCP clients do.
@@ -46,7 +69,7 @@ fn set_broadcast(lab: &Lab, h: &Host, cidr: &str) {
     lab.exec_ok(&h.ns, &["ip", "route", "replace", "default", "dev", "eth0"]);
 }
 
-fn one_run(nodes: usize, run: usize, broadcast: bool, measure_idle: bool) -> RunResult {
+fn one_run(nodes: usize, run: usize, broadcast: bool, measure_idle: Option<Duration>) -> RunResult {
     // A one-letter name: veth names (pid, lab number, name, host) must fit in 15 bytes.
     let mut lab = Lab::new("r");
     let config = lan_config(&lab.dir, "config.yaml");
@@ -140,12 +163,15 @@ fn one_run(nodes: usize, run: usize, broadcast: bool, measure_idle: bool) -> Run
         }
     );
 
-    let idle_bps = (measure_idle && roles.is_some()).then(|| {
-        std::thread::sleep(Duration::from_secs(5));
+    let idle_bps = measure_idle.filter(|_| roles.is_some()).map(|settle| {
+        std::thread::sleep(settle);
         let before: u64 = hosts.iter().map(eth0_bytes).sum();
+        let sent_before: u64 = hosts.iter().map(eth0_tx_bytes).sum();
         std::thread::sleep(IDLE);
         let after: u64 = hosts.iter().map(eth0_bytes).sum();
-        (after - before) as f64 / IDLE.as_secs_f64() / nodes as f64
+        let sent_after: u64 = hosts.iter().map(eth0_tx_bytes).sum();
+        let per_node = |bytes: u64| bytes as f64 / IDLE.as_secs_f64() / nodes as f64;
+        (per_node(after - before), per_node(sent_after - sent_before))
     });
     for i in 0..nodes {
         let _ = lab.stop(i);
@@ -174,6 +200,21 @@ fn main() {
         println!("skipped: the roles benchmark needs root (it makes network namespaces)");
         return;
     }
+    if let Some(nodes) = std::env::var("KAIROS_BENCH_IDLE_NODES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let r = one_run(nodes, 0, true, Some(Duration::from_secs(40)));
+        match r.idle_bps {
+            Some((both, sent)) => println!(
+                "idle traffic per node, {nodes} agents with roles, 40 s after, over {} s: \
+                 {sent:.0} B/s sent on eth0 (goal < 400), {both:.0} B/s sent + received",
+                IDLE.as_secs()
+            ),
+            None => println!("{nodes} agents: no roles within {LIMIT:?}"),
+        }
+        return;
+    }
     let mut rows = Vec::new();
     let mut idle = None;
     for broadcast in [true, false] {
@@ -181,10 +222,16 @@ fn main() {
             let mut roles = Vec::new();
             let mut addresses = Vec::new();
             for run in 0..RUNS {
-                let r = one_run(nodes, run, broadcast, broadcast && nodes == 10 && run == 0);
+                let measure = broadcast && nodes == 10 && run == 0;
+                let r = one_run(
+                    nodes,
+                    run,
+                    broadcast,
+                    measure.then(|| Duration::from_secs(5)),
+                );
                 roles.push(r.roles.unwrap_or(Duration::MAX));
                 addresses.push(r.addresses.unwrap_or(Duration::MAX));
-                idle = idle.or(r.idle_bps.map(|b| (nodes, b)));
+                idle = idle.or(r.idle_bps.map(|(both, _)| (nodes, both)));
             }
             rows.push((broadcast, nodes, median_max(roles), median_max(addresses)));
         }

@@ -14,7 +14,6 @@
 
 use std::time::{Duration, Instant};
 
-use kairos_p2p::sim::PacketKind;
 use kairos_p2p::sim::scale::{ScaleRun, ScaleSpec, formation};
 use kairos_p2p::sim::seed::seeds;
 
@@ -35,14 +34,7 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn idle_line(run: &mut ScaleRun, idle: Duration) -> String {
     match run.idle_bytes_per_node(idle) {
-        Ok((total, kinds)) => {
-            let parts: Vec<String> = PacketKind::ALL
-                .iter()
-                .filter(|k| kinds[k.index()] > 0.0)
-                .map(|k| format!("{k:?} {:.0}", kinds[k.index()]))
-                .collect();
-            format!("{total:.0} B/s sent per node ({})", parts.join(", "))
-        }
+        Ok(traffic) => traffic.to_string(),
         Err(e) => format!("failed: {e}"),
     }
 }

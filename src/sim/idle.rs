@@ -1,0 +1,124 @@
+//! Idle traffic of simulated nodes, broken down by what it carries (issue 16, goal 3).
+//!
+//! The simulator sees UDP payloads ([`PacketKind`]); the QUIC share is split further with the
+//! nodes' own counters of the messages they hand to the transport: ledger heartbeats, other
+//! ledger pushes, anti-entropy exchanges and member lists. What QUIC sends beyond those message
+//! bytes (packet headers, AEAD tags, stream frames, ACKs, PINGs, flow-control updates) is
+//! reported as QUIC overhead.
+
+use std::time::Duration;
+
+use crate::node::NodeStats;
+
+use super::metrics::{PacketKind, total_traffic};
+use super::{HostId, Sim, SimError};
+
+/// Bytes sent per node per second over an idle period, by what they carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct IdleTraffic {
+    /// Every UDP payload sent.
+    pub total: f64,
+    /// By packet kind ([`PacketKind::index`]).
+    pub kinds: [f64; 4],
+    /// Ledger messages pushing routine heartbeats (`healthcheck/<uuid>`).
+    pub heartbeats: f64,
+    /// Ledger messages pushing anything else (news).
+    pub ledger_news: f64,
+    /// Ledger anti-entropy exchanges (digests, summaries, answers).
+    pub anti_entropy: f64,
+    /// Member lists (gossip, periodic lists, empty keep-alive lists).
+    pub member_lists: f64,
+    /// Empty keep-alive member lists sent, per node per second (a count, not bytes).
+    pub keep_alives: f64,
+    /// QUIC bytes beyond the messages above: headers, tags, frames, ACKs, PINGs.
+    pub quic_overhead: f64,
+}
+
+impl std::fmt::Display for IdleTraffic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0} B/s sent per node (", self.total)?;
+        let mut first = true;
+        for k in PacketKind::ALL {
+            if self.kinds[k.index()] > 0.0 {
+                let sep = if first { "" } else { ", " };
+                write!(f, "{sep}{k:?} {:.0}", self.kinds[k.index()])?;
+                first = false;
+            }
+        }
+        write!(
+            f,
+            "; QUIC = heartbeats {:.0} + ledger news {:.0} + anti-entropy {:.0} + member lists \
+             {:.0} ({:.2} keep-alives/s) + QUIC overhead {:.0})",
+            self.heartbeats,
+            self.ledger_news,
+            self.anti_entropy,
+            self.member_lists,
+            self.keep_alives,
+            self.quic_overhead
+        )
+    }
+}
+
+/// Message counters of one node at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    node: NodeStats,
+    heartbeat_bytes: u64,
+    exchange_bytes: u64,
+}
+
+fn counters(sim: &Sim, hosts: &[HostId]) -> Vec<Counters> {
+    hosts
+        .iter()
+        .map(|h| {
+            let Some(node) = sim.node(*h) else {
+                return Counters::default();
+            };
+            let r = node.cluster().map(|c| c.replication_stats());
+            Counters {
+                node: node.stats(),
+                heartbeat_bytes: r.map_or(0, |r| r.heartbeat_bytes_out),
+                exchange_bytes: r.map_or(0, |r| r.exchange_bytes_out),
+            }
+        })
+        .collect()
+}
+
+/// Runs `sim` for `idle` and returns what `hosts` sent meanwhile, per node per second. Nodes
+/// must keep running through the period (a restart resets a node's message counters).
+pub fn measure(sim: &mut Sim, hosts: &[HostId], idle: Duration) -> Result<IdleTraffic, SimError> {
+    let metrics0: Vec<_> = hosts
+        .iter()
+        .filter_map(|h| sim.metrics(*h).cloned())
+        .collect();
+    let c0 = counters(sim, hosts);
+    sim.run_for(idle)?;
+    let (sent, _) = total_traffic(hosts.iter().filter_map(|h| sim.metrics(*h)));
+    let (sent0, _) = total_traffic(&metrics0);
+    let c1 = counters(sim, hosts);
+    let n = hosts.len().max(1) as f64;
+    let secs = idle.as_secs_f64().max(f64::MIN_POSITIVE);
+    let rate = |bytes: u64| bytes as f64 / n / secs;
+    let delta = |f: &dyn Fn(&Counters) -> u64| -> u64 {
+        c1.iter()
+            .zip(&c0)
+            .map(|(a, b)| f(a).saturating_sub(f(b)))
+            .sum()
+    };
+    let kinds: [f64; 4] = std::array::from_fn(|i| rate(sent[i].bytes - sent0[i].bytes));
+    let ledger = delta(&|c| c.node.ledger_bytes_out);
+    let heartbeats = delta(&|c| c.heartbeat_bytes);
+    let exchange = delta(&|c| c.exchange_bytes);
+    let members = delta(&|c| c.node.members_bytes_out);
+    let quic = sent[PacketKind::Quic.index()].bytes - sent0[PacketKind::Quic.index()].bytes;
+    Ok(IdleTraffic {
+        total: kinds.iter().sum(),
+        kinds,
+        heartbeats: rate(heartbeats),
+        ledger_news: rate(ledger.saturating_sub(heartbeats + exchange)),
+        anti_entropy: rate(exchange),
+        member_lists: rate(members),
+        keep_alives: rate(delta(&|c| c.node.keep_alives_out)),
+        quic_overhead: rate(quic.saturating_sub(ledger + members)),
+    })
+}
