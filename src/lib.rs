@@ -3,6 +3,7 @@
 //! The library holds every module; `src/main.rs` is only the command-line front end.
 
 pub mod api;
+pub mod chunks;
 pub mod cli;
 pub mod cluster;
 pub mod config;

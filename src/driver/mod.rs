@@ -15,11 +15,11 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll};
 
+use crate::chunks::ChunkPool;
 use crate::config::Ipv4Cidr;
 use crate::discovery::lan::{BEACON_MULTICAST_V6, BEACON_PORT};
 use crate::node::{Destination, Node, NodeEvent};
@@ -41,6 +41,9 @@ const INTERFACE_REFRESH: Duration = Duration::from_secs(2);
 const RECV_BUF: usize = 65_536;
 /// Size of each buffer overlay datagrams are received into (and quinn-proto keeps slices of).
 const RECV_POOL_CHUNK: usize = 128 * 1024;
+/// Full receive buffers kept for reuse: a turn's datagrams (up to [`MAX_READS_PER_WAKE`], about
+/// one 64 KiB GRO read per buffer) wait for the next turn's TUN write.
+const KEEP_RECV_CHUNKS: usize = 4;
 
 /// How the driver binds and what it may use.
 #[derive(Debug, Clone)]
@@ -418,7 +421,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
     });
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; RECV_BUF];
-    let mut rx_pool = BytesMut::new();
+    let mut rx_pool = ChunkPool::new(RECV_POOL_CHUNK, KEEP_RECV_CHUNKS);
     let mut out = Vec::with_capacity(RECV_BUF);
     let mut targets = Vec::new();
     let mut next_refresh = Instant::now();
@@ -744,7 +747,7 @@ fn read_all(
 fn read_overlay(
     node: &mut Node,
     socket: &UdpSocket,
-    pool: &mut BytesMut,
+    pool: &mut ChunkPool,
     now: Instant,
     unix: u64,
     errors: &mut LocalErrors,
@@ -755,9 +758,9 @@ fn read_overlay(
     // `Node::handle_packet`).
     let mut read = 0;
     while read < MAX_READS_PER_WAKE {
-        match socket::recv_segments_into(socket, pool, RECV_BUF, RECV_POOL_CHUNK) {
+        match socket::recv_segments_into(socket, pool, RECV_BUF) {
             Ok(r) => {
-                let mut data = pool.split();
+                let mut data = pool.current().split();
                 let size = r.segment_size.unwrap_or(r.len).max(1);
                 while !data.is_empty() {
                     read += 1;

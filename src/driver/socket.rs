@@ -5,7 +5,7 @@ use std::mem;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use bytes::BytesMut;
+use crate::chunks::ChunkPool;
 
 /// Receive and send buffer size asked for (the kernel doubles it for its bookkeeping).
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
@@ -130,17 +130,14 @@ pub fn recv_segments(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Receiv
     unsafe { recv_raw(socket, buf.as_mut_ptr(), buf.len()) }
 }
 
-/// [`recv_segments`] into the spare capacity of `buf` (at least `room` bytes of it, a new
-/// buffer of `chunk` bytes when less is left): what was read is appended to `buf`.
+/// [`recv_segments`] appended to `pool`'s buffer (with at least `room` bytes of spare capacity;
+/// see [`ChunkPool::room`]): split what was read off [`ChunkPool::current`].
 pub fn recv_segments_into(
     socket: &impl AsRawFd,
-    buf: &mut BytesMut,
+    pool: &mut ChunkPool,
     room: usize,
-    chunk: usize,
 ) -> io::Result<Received> {
-    if buf.capacity() - buf.len() < room {
-        *buf = BytesMut::with_capacity(chunk.max(room));
-    }
+    let buf = pool.room(room);
     let spare = buf.spare_capacity_mut();
     // SAFETY: the spare capacity is writable for its length; recvmsg writes only bytes.
     let received = unsafe { recv_raw(socket, spare.as_mut_ptr().cast(), spare.len())? };
@@ -367,24 +364,24 @@ mod tests {
             tx.send_to(payload, rx.local_addr().unwrap()).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let mut pool = BytesMut::new();
-        let first = recv_segments_into(&rx, &mut pool, 1000, 2048).unwrap();
-        assert_eq!((first.len, &pool[..]), (5, &b"first"[..]));
+        let mut pool = ChunkPool::new(2048, 2);
+        let first = recv_segments_into(&rx, &mut pool, 1000).unwrap();
+        assert_eq!((first.len, &pool.current()[..]), (5, &b"first"[..]));
         assert!(
-            pool.capacity() >= 2048,
+            pool.current().capacity() >= 2048,
             "a new buffer when there was no room"
         );
-        let taken = pool.split().freeze();
+        let taken = pool.current().split().freeze();
         // The next datagram lands in the same allocation, after the first.
-        recv_segments_into(&rx, &mut pool, 1000, 2048).unwrap();
-        assert_eq!(&pool[..], b"second");
-        assert_eq!(pool.as_ptr(), taken.as_ptr().wrapping_add(5));
-        pool.clear();
-        // Less room left than asked for: a fresh buffer, the taken packet untouched.
-        recv_segments_into(&rx, &mut pool, 4000, 4096).unwrap();
-        assert_eq!(&pool[..], b"third");
+        recv_segments_into(&rx, &mut pool, 1000).unwrap();
+        assert_eq!(&pool.current()[..], b"second");
+        assert_eq!(pool.current().as_ptr(), taken.as_ptr().wrapping_add(5));
+        pool.current().clear();
+        // Less room left than asked for: another buffer, the taken packet untouched.
+        recv_segments_into(&rx, &mut pool, 4000).unwrap();
+        assert_eq!(&pool.current()[..], b"third");
         assert_eq!(&taken[..], b"first");
-        let err = recv_segments_into(&rx, &mut pool, 1000, 2048).unwrap_err();
+        let err = recv_segments_into(&rx, &mut pool, 1000).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 

@@ -1,9 +1,9 @@
 //! The VPN's TUN interface: created by name with its MTU, given its address once the cluster
 //! allocates one, read and written without blocking from the event loop.
 //!
-//! Packets read are cut from a shared buffer ([`bytes::BytesMut`]): a packet handed to the
-//! transport keeps its part of the buffer alive without an allocation of its own; a new buffer
-//! is allocated once per ~50 to ~100 full-size packets.
+//! Packets read are cut from shared buffers ([`ChunkPool`]): a packet handed to the transport
+//! keeps its part of a buffer alive without an allocation of its own, and a buffer is used
+//! again once its packets are sent.
 //!
 //! # Offloads
 //! Where the kernel offers them (Linux 2.6.27+ for `IFF_VNET_HDR`, `TUNSETOFFLOAD`), the interface
@@ -19,14 +19,20 @@ use std::io::{self, ErrorKind, IoSlice};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, RawFd};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tun::AbstractDevice;
 
+use crate::chunks::ChunkPool;
 use crate::config::Ipv4Cidr;
-use crate::vpn::offload::{self, Coalescer, MAX_MERGED_SEGMENTS, MAX_SUPER_PACKET, VNET_HDR_LEN};
+use crate::vpn::offload::{
+    self, Coalescer, MAX_MERGED_SEGMENTS, MAX_SUPER_PACKET, SEGMENT_POOL_CHUNK, VNET_HDR_LEN,
+};
 
 /// Size of each receive buffer packets are cut from.
 const POOL_CHUNK: usize = 64 * 1024;
+/// Full read buffers kept for reuse: packets read wait in a peer's datagram queue (reads
+/// pause past half of its 1 MiB) until sent, about eight 128 KiB buffers' worth.
+const KEEP_SEGMENT_CHUNKS: usize = 8;
 /// Environment variable that turns TUN offloads off (`off`, `0`, `false`, `no`).
 pub const OFFLOAD_ENV: &str = "KAIROS_P2P_TUN_OFFLOAD";
 /// The offloads asked of the kernel: checksums and TCP segmentation over IPv4 (see
@@ -86,7 +92,7 @@ pub struct TunDevice {
     name: String,
     mtu: usize,
     address: Option<Ipv4Cidr>,
-    pool: BytesMut,
+    pool: ChunkPool,
     /// With offloads: the read buffer (virtio header + up to 64 KiB) and the receive coalescer.
     offload: Option<Offload>,
 }
@@ -166,7 +172,14 @@ impl TunDevice {
             name: settings.name.clone(),
             mtu: usize::from(settings.mtu),
             address: None,
-            pool: BytesMut::new(),
+            pool: if offload {
+                ChunkPool::new(SEGMENT_POOL_CHUNK, KEEP_SEGMENT_CHUNKS)
+            } else {
+                ChunkPool::new(
+                    POOL_CHUNK.max(usize::from(settings.mtu)),
+                    KEEP_SEGMENT_CHUNKS,
+                )
+            },
             offload: offload.then(|| Offload {
                 read_buf: vec![0; VNET_HDR_LEN + MAX_SUPER_PACKET],
                 coalescer: Coalescer::new(),
@@ -242,23 +255,21 @@ impl TunDevice {
 
     /// The next packet (no offloads), `None` when there is none now.
     fn read_packet(&mut self) -> io::Result<Option<Bytes>> {
-        if self.pool.capacity() < self.mtu {
-            self.pool = BytesMut::with_capacity(POOL_CHUNK.max(self.mtu));
-        }
-        self.pool.resize(self.mtu, 0);
+        let buf = self.pool.room(self.mtu);
+        buf.resize(self.mtu, 0);
         loop {
-            match self.device.recv(&mut self.pool) {
+            match self.device.recv(buf) {
                 Ok(n) => {
-                    self.pool.truncate(n);
-                    return Ok(Some(self.pool.split().freeze()));
+                    buf.truncate(n);
+                    return Ok(Some(buf.split().freeze()));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.pool.clear();
+                    buf.clear();
                     return Ok(None);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.pool.clear();
+                    buf.clear();
                     return Err(e);
                 }
             }

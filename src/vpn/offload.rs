@@ -26,7 +26,9 @@
 use std::fmt;
 use std::io::IoSlice;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use crate::chunks::ChunkPool;
 
 /// Length of `struct virtio_net_hdr` (the TUN default `TUNSETVNETHDRSZ`).
 pub const VNET_HDR_LEN: usize = 10;
@@ -141,16 +143,16 @@ impl std::error::Error for OffloadError {}
 /// Turns one read of a TUN with offloads (virtio header + packet) into IP packets, handed to
 /// `emit` in order: a TCPv4 super-packet into segments of `gso_size` payload bytes, anything
 /// else as it is with its checksum completed if the kernel left it partial. Packets are cut
-/// from `pool` (a new [`SEGMENT_POOL_CHUNK`] buffer when it runs low): no allocation each.
+/// from `pool` (of [`SEGMENT_POOL_CHUNK`] buffers): no allocation each.
 pub fn split(
     read: &[u8],
-    pool: &mut BytesMut,
+    pool: &mut ChunkPool,
     mut emit: impl FnMut(Bytes),
 ) -> Result<(), OffloadError> {
     let (header, packet) = VnetHeader::parse(read)?;
     match header.gso_type & !GSO_ECN {
         GSO_NONE => {
-            let p = take(pool, packet.len());
+            let p = pool.room(packet.len());
             p.extend_from_slice(packet);
             if header.flags & F_NEEDS_CSUM != 0 {
                 let start = usize::from(header.csum_start);
@@ -172,14 +174,6 @@ pub fn split(
     }
 }
 
-/// A buffer of at least `len` bytes' capacity split off `pool` once filled.
-fn take(pool: &mut BytesMut, len: usize) -> &mut BytesMut {
-    if pool.capacity() < len {
-        *pool = BytesMut::with_capacity(SEGMENT_POOL_CHUNK.max(len));
-    }
-    pool
-}
-
 /// Where the TCP header of an IPv4 packet starts and how long the headers are together.
 fn tcp4_headers(packet: &[u8]) -> Option<(usize, usize)> {
     let first = *packet.first()?;
@@ -197,7 +191,7 @@ fn tcp4_headers(packet: &[u8]) -> Option<(usize, usize)> {
 fn segment_tcp4(
     packet: &[u8],
     mss: usize,
-    pool: &mut BytesMut,
+    pool: &mut ChunkPool,
     mut emit: impl FnMut(Bytes),
 ) -> Result<(), OffloadError> {
     let (ip_len, headers_len) = tcp4_headers(packet).ok_or(OffloadError::NotTcp4)?;
@@ -220,7 +214,7 @@ fn segment_tcp4(
             .get(i * mss..((i + 1) * mss).min(payload.len()))
             .unwrap_or_default();
         let len = headers_len + chunk.len();
-        let p = take(pool, len);
+        let p = pool.room(len);
         p.extend_from_slice(headers);
         p.extend_from_slice(chunk);
         p[2..4].copy_from_slice(&(len as u16).to_be_bytes());

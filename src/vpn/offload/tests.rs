@@ -43,7 +43,7 @@ fn with_vnet(header: VnetHeader, packet: &[u8]) -> Vec<u8> {
 }
 
 fn split_all(read: &[u8]) -> Result<Vec<Bytes>, OffloadError> {
-    let mut pool = BytesMut::new();
+    let mut pool = ChunkPool::new(SEGMENT_POOL_CHUNK, 2);
     let mut out = Vec::new();
     split(read, &mut pool, |p| out.push(p))?;
     Ok(out)
