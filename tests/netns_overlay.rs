@@ -57,6 +57,53 @@ fn three_agents_on_one_lan_find_and_connect_to_each_other_without_dht() {
     }
 }
 
+/// IPv4 beacons reach a host whose address was added without a broadcast address (`ip addr add`
+/// without `brd`, as here), which drops a directed broadcast as a unicast not its own: beacons
+/// go out as the limited broadcast on each interface. With IPv6 off, nothing else finds the
+/// members (no DHT, no bootstrap peer).
+#[test]
+fn agents_without_ipv6_and_without_brd_find_each_other_on_the_lan() {
+    let mut lab = Lab::new("nobrd");
+    let token = generate_token();
+    let config = write_config(
+        &lab.dir,
+        "config.yaml",
+        &format!("#cloud-config\np2p:\n  network_token: \"{token}\"\n  disable_dht: true\n"),
+    );
+    let hosts: Vec<_> = (1..=2)
+        .map(|i| lab.add_host(i, &format!("10.77.1.{i}/24")))
+        .collect();
+    for h in &hosts {
+        lab.exec_ok(&h.ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        lab.exec_ok(&h.ns, &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        lab.exec_ok(&h.ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]);
+    }
+    for h in &hosts {
+        lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
+    }
+    let ids: Vec<String> = hosts.iter().map(peer_id_of).collect();
+    let found = wait_for(Duration::from_secs(20), || {
+        hosts.iter().zip(ids.iter().rev()).all(|(h, other)| {
+            log_lines(h, "discovered (Lan)")
+                .iter()
+                .any(|l| l.contains(other.as_str()))
+        })
+    });
+    if found.is_none() {
+        for h in &hosts {
+            eprintln!(
+                "--- {} ---\n{}",
+                h.ns,
+                std::fs::read_to_string(h.dir.join("agent.log")).unwrap_or_default()
+            );
+        }
+        panic!("the two agents did not hear each other's beacons");
+    }
+    for i in 0..hosts.len() {
+        assert!(lab.stop(i).success());
+    }
+}
+
 #[test]
 fn an_agent_with_another_token_never_connects() {
     let mut lab = Lab::new("tok");

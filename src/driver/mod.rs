@@ -10,7 +10,7 @@ pub mod tokens;
 pub mod tun;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll};
 
 use crate::chunks::ChunkPool;
 use crate::config::Ipv4Cidr;
-use crate::discovery::lan::{BEACON_MULTICAST_V6, BEACON_PORT};
+use crate::discovery::lan::{BEACON_BROADCAST_V4, BEACON_MULTICAST_V6, BEACON_PORT};
 use crate::node::{Destination, Node, NodeEvent};
 use signal::ShutdownSignal;
 use socket::{SocketOptions, bind_udp};
@@ -666,23 +666,40 @@ fn bind_sockets(settings: &DriverSettings) -> Result<Sockets, DriverError> {
     Ok(sockets)
 }
 
-/// Where beacons go: each interface's IPv4 broadcast address, and the IPv6 group on each
-/// interface (joined on the way, best effort).
-fn beacon_targets(addrs: &[interfaces::InterfaceAddr], sockets: &Sockets) -> Vec<SocketAddr> {
-    let mut targets: Vec<SocketAddr> = Vec::new();
+/// Where a beacon goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum BeaconTarget {
+    /// The limited broadcast out of one IPv4 interface (`IP_PKTINFO`): every host on the link
+    /// takes it, also one whose address was added without a broadcast address (`ip addr add`
+    /// without `brd`), which drops the directed broadcast as a unicast not its own. The
+    /// directed broadcast is the fallback where the kernel refuses the interface.
+    V4 {
+        /// The interface index.
+        ifindex: u32,
+        /// The interface's directed broadcast address.
+        directed: Ipv4Addr,
+    },
+    /// The IPv6 group, scoped to one interface.
+    V6(SocketAddr),
+}
+
+/// Where beacons go: out of each IPv4 interface with a broadcast address, and the IPv6 group on
+/// each interface with a link-local address.
+fn beacon_targets(addrs: &[interfaces::InterfaceAddr], sockets: &Sockets) -> Vec<BeaconTarget> {
+    let mut targets: Vec<BeaconTarget> = Vec::new();
     for a in addrs {
-        if let Some(b) = a.broadcast {
-            targets.push(SocketAddr::from((b, BEACON_PORT)));
+        if let Some(directed) = a.broadcast {
+            targets.push(BeaconTarget::V4 {
+                ifindex: a.index,
+                directed,
+            });
         }
         if let (IpAddr::V6(ip), Some(s)) = (a.ip, &sockets.beacon_v6) {
             if is_link_local_v6(&ip) {
                 // Joining again after a refresh fails harmlessly (EADDRINUSE).
                 let _ = s.join_multicast_v6(&BEACON_MULTICAST_V6, a.index);
-                targets.push(SocketAddr::V6(std::net::SocketAddrV6::new(
-                    BEACON_MULTICAST_V6,
-                    BEACON_PORT,
-                    0,
-                    a.index,
+                targets.push(BeaconTarget::V6(SocketAddr::V6(
+                    std::net::SocketAddrV6::new(BEACON_MULTICAST_V6, BEACON_PORT, 0, a.index),
                 )));
             }
         }
@@ -934,7 +951,7 @@ fn report_connected(node: &Node) -> bool {
 fn flush(
     node: &mut Node,
     sockets: &Sockets,
-    targets: &[SocketAddr],
+    targets: &[BeaconTarget],
     out: &mut Vec<u8>,
     errors: &mut LocalErrors,
 ) {
@@ -952,12 +969,15 @@ fn flush(
             },
             Destination::LanBroadcast => {
                 for target in targets {
-                    let socket = match target {
-                        SocketAddr::V4(_) => sockets.beacon_v4.as_ref(),
-                        SocketAddr::V6(_) => sockets.beacon_v6.as_ref(),
-                    };
-                    if let Some(s) = socket {
-                        send(s, payload, *target, errors);
+                    match (*target, &sockets.beacon_v4, &sockets.beacon_v6) {
+                        (BeaconTarget::V4 { ifindex, directed }, Some(s), _) => {
+                            let limited = SocketAddrV4::new(BEACON_BROADCAST_V4, BEACON_PORT);
+                            if socket::send_on_interface(s, payload, limited, ifindex).is_err() {
+                                send(s, payload, (directed, BEACON_PORT).into(), errors);
+                            }
+                        }
+                        (BeaconTarget::V6(addr), _, Some(s)) => send(s, payload, addr, errors),
+                        _ => {}
                     }
                 }
             }
