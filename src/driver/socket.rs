@@ -73,37 +73,14 @@ pub fn send_segments(
     segment: u16,
     to: SocketAddr,
 ) -> io::Result<usize> {
-    let (mut addr, addr_len) = sockaddr(&to);
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: payload.len(),
-    };
-    // u64 words keep the control buffer aligned for cmsghdr.
-    let mut control = [0u64; 8];
-    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the sendmsg call,
-    // and the control buffer is large and aligned enough for one cmsg carrying a u16.
-    unsafe {
-        let mut msg: libc::msghdr = mem::zeroed();
-        msg.msg_name = (&raw mut addr).cast();
-        msg.msg_namelen = addr_len;
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        let space = libc::CMSG_SPACE(mem::size_of::<u16>() as u32) as usize;
-        debug_assert!(space <= mem::size_of_val(&control));
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
-        (*cmsg).cmsg_level = libc::SOL_UDP;
-        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
-        libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
-        let sent = libc::sendmsg(socket.as_raw_fd(), &raw const msg, 0);
-        if sent < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(sent as usize)
-        }
-    }
+    send_with_cmsg(
+        socket,
+        payload,
+        to,
+        libc::SOL_UDP,
+        libc::UDP_SEGMENT,
+        segment,
+    )
 }
 
 /// Sends one IPv4 datagram out of interface `ifindex` (`IP_PKTINFO`), whatever the routing
@@ -114,20 +91,45 @@ pub fn send_on_interface(
     to: SocketAddrV4,
     ifindex: u32,
 ) -> io::Result<usize> {
-    let (mut addr, addr_len) = sockaddr(&SocketAddr::V4(to));
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: payload.len(),
-    };
     let info = libc::in_pktinfo {
         ipi_ifindex: ifindex as libc::c_int,
         ipi_spec_dst: libc::in_addr { s_addr: 0 },
         ipi_addr: libc::in_addr { s_addr: 0 },
     };
-    // u64 words keep the control buffer aligned for cmsghdr.
+    let to = SocketAddr::V4(to);
+    send_with_cmsg(
+        socket,
+        payload,
+        to,
+        libc::IPPROTO_IP,
+        libc::IP_PKTINFO,
+        info,
+    )
+}
+
+/// One `sendmsg` of `payload` to `to` with one control message (`level`, `kind`, `data`).
+fn send_with_cmsg<T: Copy>(
+    socket: &impl AsRawFd,
+    payload: &[u8],
+    to: SocketAddr,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: T,
+) -> io::Result<usize> {
+    let (mut addr, addr_len) = sockaddr(&to);
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // u64 words keep the control buffer aligned for cmsghdr; 64 bytes hold any one used here.
     let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE only computes a length.
+    let space = unsafe { libc::CMSG_SPACE(mem::size_of::<T>() as u32) } as usize;
+    if space > mem::size_of_val(&control) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
     // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the sendmsg call,
-    // and the control buffer is large and aligned enough for one cmsg carrying an in_pktinfo.
+    // and the control buffer was checked above to be large enough for one cmsg carrying a T.
     unsafe {
         let mut msg: libc::msghdr = mem::zeroed();
         msg.msg_name = (&raw mut addr).cast();
@@ -135,16 +137,12 @@ pub fn send_on_interface(
         msg.msg_iov = &raw mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        let space = libc::CMSG_SPACE(mem::size_of::<libc::in_pktinfo>() as u32) as usize;
-        debug_assert!(space <= mem::size_of_val(&control));
         msg.msg_controllen = space as _;
         let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
-        (*cmsg).cmsg_level = libc::IPPROTO_IP;
-        (*cmsg).cmsg_type = libc::IP_PKTINFO;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::in_pktinfo>() as u32) as _;
-        libc::CMSG_DATA(cmsg)
-            .cast::<libc::in_pktinfo>()
-            .write_unaligned(info);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<T>() as u32) as _;
+        libc::CMSG_DATA(cmsg).cast::<T>().write_unaligned(data);
         let sent = libc::sendmsg(socket.as_raw_fd(), &raw const msg, 0);
         if sent < 0 {
             Err(io::Error::last_os_error())
