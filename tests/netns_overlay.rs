@@ -74,9 +74,18 @@ fn agents_without_ipv6_and_without_brd_find_each_other_on_the_lan() {
         .map(|i| lab.add_host(i, &format!("10.77.1.{i}/24")))
         .collect();
     for h in &hosts {
-        lab.exec_ok(&h.ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        lab.exec_ok(&h.ns, &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
-        lab.exec_ok(&h.ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]);
+        lab.exec_ok(
+            &h.ns,
+            &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+        );
+        lab.exec_ok(
+            &h.ns,
+            &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+        );
+        lab.exec_ok(
+            &h.ns,
+            &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"],
+        );
     }
     for h in &hosts {
         lab.spawn(h, &["agent", "--config", config.to_str().unwrap()]);
