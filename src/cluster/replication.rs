@@ -64,8 +64,10 @@ pub const HEARTBEAT_FANOUT: usize = 2;
 pub const HEARTBEAT_BATCH_DELAY: Duration = Duration::from_secs(2);
 /// Mean wait of relayed news before it goes on (see the module documentation): longer than a
 /// link's latency, so that a member that sends the same entry meanwhile is seen to hold it, and
-/// short against the election's and the allocator's waits (a few hops add some tens of ms).
-pub const NEWS_BATCH_DELAY: Duration = Duration::from_millis(20);
+/// short against the election's and the allocator's waits (a few hops add a fraction of a
+/// second). At 300 simulated nodes 60 ms formed the clusters sooner than 20 ms (3.5 s virtual
+/// against 4.65), with half the messages.
+pub const NEWS_BATCH_DELAY: Duration = Duration::from_millis(60);
 
 /// What replication has done since the node started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
