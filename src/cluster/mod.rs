@@ -421,6 +421,7 @@ impl Cluster {
                 limits,
                 settings.heartbeat_interval(),
                 settings.liveness_timeout,
+                seed ^ 0x6e65_7773_6e65_7773,
             ),
             ipam: None,
             rng: Rng::from_seed(seed),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
 use super::replication::{
-    FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, Replication,
+    FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, NEWS_BATCH_DELAY, Replication,
 };
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
@@ -1121,6 +1121,7 @@ impl Replica {
                 SyncLimits::for_ledger(&limits, 1 << 20),
                 HEARTBEAT_INTERVAL,
                 4 * HEARTBEAT_INTERVAL,
+                u64::from(n),
             ),
             rng: Rng::from_seed(u64::from(n)),
         }
@@ -1203,16 +1204,27 @@ fn hand_over(replicas: &mut [Replica], from: usize, messages: Vec<(PeerId, Vec<u
     }
 }
 
-/// Delivers messages until none is left; returns how many were delivered.
+/// Delivers messages until none is left (relayed news as soon as nothing else is in flight, as
+/// its timer would send it); returns how many were delivered.
 fn pump(replicas: &mut [Replica]) -> usize {
     let mut delivered = 0;
     loop {
         let mut any = false;
-        for from in 0..replicas.len() {
-            let out = replicas[from].outbox();
-            any |= !out.is_empty();
-            delivered += out.len();
-            hand_over(replicas, from, out);
+        for pass in 0..2 {
+            if pass == 1 {
+                if any {
+                    break;
+                }
+                for r in replicas.iter_mut() {
+                    r.replication.flush_news();
+                }
+            }
+            for from in 0..replicas.len() {
+                let out = replicas[from].outbox();
+                any |= !out.is_empty();
+                delivered += out.len();
+                hand_over(replicas, from, out);
+            }
         }
         if !any {
             return delivered;
@@ -1341,7 +1353,8 @@ fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
         r[i].flush(now + HEARTBEAT_BATCH_DELAY);
         let out = r[i].outbox();
         hand_over(&mut r, i, out);
-        // News goes on at once; routine beats wait for the batch.
+        // News goes on with the next news batch; routine beats wait for the heartbeat batch.
+        r[0].replication.flush_news();
         let forwarded = batches(r[0].outbox());
         assert_eq!(forwarded.len(), if news { 2 } else { 0 }, "at {at}");
     }
@@ -1357,6 +1370,50 @@ fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
         let expected: BTreeSet<PeerId> = [p1, p2].into_iter().filter(|p| p != to).collect();
         assert_eq!(writers, expected);
     }
+}
+
+#[test]
+fn relayed_news_waits_for_its_batch_and_skips_the_members_that_sent_it() {
+    // 0 is connected to 1, 2 and 3; 1 writes an entry and 0 gets it from 1, then from 2.
+    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
+    let now = Instant::now();
+    for peer in 1..4 {
+        connect(&mut r, 0, peer, now);
+    }
+    connect(&mut r, 1, 2, now);
+    pump(&mut r);
+    let e = r[1].put(BUCKET, "fresh", "v", UNIX_BASE_MS + 5_000);
+    r[1].replication.push(now, &[(e, true)], None);
+    // The writer's own news goes at once, to both of its members.
+    let out = r[1].outbox();
+    assert_eq!(out.len(), 2);
+    let (to_0, to_2): (Vec<_>, Vec<_>) = out.into_iter().partition(|(p, _)| *p == r[0].peer());
+    hand_over(&mut r, 1, to_0);
+    // 0 holds it back for its batch, and hears it from 2 meanwhile.
+    assert!(r[0].outbox().is_empty());
+    assert!(
+        r[0].replication
+            .poll_timeout()
+            .is_some_and(|t| t <= now + NEWS_BATCH_DELAY * 2)
+    );
+    hand_over(&mut r, 1, to_2);
+    r[2].replication.flush_news();
+    let from_2: Vec<_> = r[2]
+        .outbox()
+        .into_iter()
+        .filter(|(p, _)| *p == r[0].peer())
+        .collect();
+    assert_eq!(from_2.len(), 1, "2 does not know 0 holds it");
+    hand_over(&mut r, 2, from_2);
+    let hub = &mut r[0];
+    hub.flush(Instant::now() + NEWS_BATCH_DELAY * 2);
+    let to: Vec<PeerId> = hub.outbox().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        to,
+        vec![r[3].peer()],
+        "only the member that lacks it gets it"
+    );
+    assert_eq!(r[0].replication.stats().entries_stale, 1);
 }
 
 /// The replay of `SIM_SEED=1000 ... sim_roles -- dynamic_roles_refill_a_dead_ha_slot`: the
