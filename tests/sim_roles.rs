@@ -560,6 +560,20 @@ fn a_lost_master_is_reported_and_never_replaced() {
     );
 }
 
+/// `nodes` nodes with one HA slot and dynamic roles on a LAN with `loss`, started within a
+/// second, once every node holds a role.
+fn dynamic_ha_cluster(seed: u64, loss: f64, nodes: usize) -> Lab {
+    let (mut lab, lan, net) = Lab::new(seed, loss);
+    for i in 0..nodes {
+        let mut s = quick(i);
+        s.roles.ha_masters = 1;
+        s.roles.dynamic = true;
+        lab.add_within(lan, net, s, 1000);
+    }
+    lab.run_until_roles(secs(15)).expect("roles");
+    lab
+}
+
 #[test]
 fn dynamic_roles_refill_a_dead_ha_slot() {
     run_seeded(
@@ -567,14 +581,7 @@ fn dynamic_roles_refill_a_dead_ha_slot() {
         "dynamic_roles_refill_a_dead_ha_slot",
         &seeds(),
         |seed| {
-            let (mut lab, lan, net) = Lab::new(seed, 0.02);
-            for i in 0..5 {
-                let mut s = quick(i);
-                s.roles.ha_masters = 1;
-                s.roles.dynamic = true;
-                lab.add_within(lan, net, s, 1000);
-            }
-            lab.run_until_roles(secs(15)).expect("roles");
+            let mut lab = dynamic_ha_cluster(seed, 0.02, 5);
             let ha = (0..5)
                 .find(|i| lab.role(*i).as_deref() == Some(names::ROLE_MASTER_HA))
                 .expect("an HA master");
@@ -607,14 +614,7 @@ fn a_restarted_node_alone_does_not_lead_on_its_stale_view() {
         "a_restarted_node_alone_does_not_lead_on_its_stale_view",
         &seeds(),
         |seed| {
-            let (mut lab, lan, net) = Lab::new(seed, 0.0);
-            for i in 0..4 {
-                let mut s = quick(i);
-                s.roles.ha_masters = 1;
-                s.roles.dynamic = true;
-                lab.add_within(lan, net, s, 1000);
-            }
-            lab.run_until_roles(secs(15)).expect("roles");
+            let mut lab = dynamic_ha_cluster(seed, 0.0, 4);
             let w = (0..4)
                 .find(|i| lab.role(*i).as_deref() == Some(names::ROLE_WORKER))
                 .expect("a worker");
