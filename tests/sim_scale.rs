@@ -1,7 +1,8 @@
 //! Issue 16, goal 4 at test size: 200 nodes of one token in 10 clusters (`network_id`s) of 20,
 //! on two subnets joined through the DHT, started within a second. Every cluster forms: every
 //! node holds a role and each cluster has exactly one master. No time is asserted (the scale
-//! benchmark, `cargo bench --bench scale`, measures the 1,000-node run). Optimised builds
+//! benchmark, `cargo bench --bench scale`, measures the 1,000-node run), and no node holds an
+//! entry of another cluster's bucket. Optimised builds
 //! (`make sim-properties`) run 200 nodes; debug builds (the plain `cargo test` pass) 10 x 5.
 //!
 //! `SIM_SEED=<n>` replays one seed; `SIM_SCALE_CLUSTERS` and `SIM_SCALE_PER_CLUSTER` change the
@@ -46,6 +47,8 @@ fn ten_clusters_of_one_token_all_form() {
             assert_eq!(c.masters, 1, "{id}: {c:?}");
         }
         assert_eq!(report.clusters.len(), spec.clusters);
+        // Each cluster's bucket stays within the cluster (`ledger::Scope`).
+        assert_eq!(report.ledgers.other_clusters, 0, "{:?}", report.ledgers);
         assert!(report.formed_at.is_some());
     });
 }

@@ -419,6 +419,7 @@ impl Cluster {
             proposer: Proposer::new(&settings.uuid),
             replication: Replication::new(
                 limits,
+                &settings.network_id,
                 settings.heartbeat_interval(),
                 settings.liveness_timeout,
                 seed ^ 0x6e65_7773_6e65_7773,

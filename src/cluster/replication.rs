@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::identity::PeerId;
 use crate::ledger::{
-    Applied, Batch, Entry, Hlc, KeyId, Ledger, Request, SyncLimits, SyncMessage, names,
+    Applied, Batch, Entry, Hlc, KeyId, Ledger, Request, Scope, SyncLimits, SyncMessage, names,
 };
 use crate::rng::Rng;
 
@@ -112,12 +112,23 @@ enum Sent {
     Exchange,
 }
 
+/// What replication knows of one connected member.
+#[derive(Debug, Default)]
+struct Peer {
+    /// An exchange with it has completed.
+    synced: bool,
+    /// Its cluster bucket, from its digest (see [`Scope`]).
+    cluster: Option<String>,
+}
+
 /// Replication state of one node.
 #[derive(Debug)]
 pub struct Replication {
     limits: SyncLimits,
-    /// Connected members, and whether an exchange with each has completed.
-    peers: BTreeMap<PeerId, bool>,
+    /// This node's cluster bucket: exchanged only with members of the same cluster.
+    cluster: String,
+    /// Connected members.
+    peers: BTreeMap<PeerId, Peer>,
     out: VecDeque<(PeerId, Vec<u8>)>,
     next_round: Option<Instant>,
     turn: usize,
@@ -148,16 +159,19 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// Replication with messages bounded by `limits`, for heartbeats every `heartbeat_interval`
-    /// judged dead after `liveness_timeout`; `seed` seeds its random delays.
+    /// Replication with messages bounded by `limits` for a node of the cluster whose bucket is
+    /// `cluster`, for heartbeats every `heartbeat_interval` judged dead after
+    /// `liveness_timeout`; `seed` seeds its random delays.
     pub fn new(
         limits: SyncLimits,
+        cluster: &str,
         heartbeat_interval: Duration,
         liveness_timeout: Duration,
         seed: u64,
     ) -> Self {
         Self {
             limits,
+            cluster: cluster.to_string(),
             peers: BTreeMap::new(),
             out: VecDeque::new(),
             next_round: None,
@@ -186,7 +200,7 @@ impl Replication {
 
     /// True when an exchange completed with every member connected now.
     pub fn all_peers_synced(&self) -> bool {
-        self.peers.values().all(|done| *done)
+        self.peers.values().all(|p| p.synced)
     }
 
     /// Members currently connected.
@@ -201,7 +215,7 @@ impl Replication {
 
     /// A connection to `peer` is up: start an exchange.
     pub fn connected(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
-        self.peers.insert(peer, false);
+        self.peers.insert(peer, Peer::default());
         self.send_digest(unix_ms, ledger, peer);
         let retry = now + FIRST_EXCHANGE_RETRY;
         self.next_round = Some(self.next_round.map_or(retry, |t| t.min(retry)));
@@ -236,24 +250,35 @@ impl Replication {
         let mut fresh = Vec::new();
         match msg {
             SyncMessage::Digest(digest) => {
-                let summary = ledger.summary_for(&digest, &self.limits, unix_ms);
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    peer.cluster.clone_from(&digest.cluster);
+                }
+                let scope = Scope {
+                    mine: Some(&self.cluster),
+                    theirs: digest.cluster.as_deref(),
+                };
+                let mut summary = ledger.summary_for(&digest, scope, &self.limits, unix_ms);
+                summary.cluster = Some(self.cluster.clone());
                 self.send(from, &SyncMessage::Summary(summary), Sent::Exchange);
             }
             SyncMessage::Summary(summary) => {
+                if let (Some(peer), Some(cluster)) = (self.peers.get_mut(&from), &summary.cluster) {
+                    peer.cluster = Some(cluster.clone());
+                }
                 fresh = self.apply(ledger, unix_ms, from, summary.entries.iter().cloned());
-                let batch = ledger.reconcile(&summary, &self.limits, unix_ms);
+                let batch = ledger.reconcile(&summary, self.scope(&from), &self.limits, unix_ms);
                 if !batch.entries.is_empty() || !batch.requests.is_empty() {
                     self.send(from, &SyncMessage::Batch(batch), Sent::Exchange);
                 }
-                if let Some(done) = self.peers.get_mut(&from) {
-                    *done = true;
+                if let Some(peer) = self.peers.get_mut(&from) {
+                    peer.synced = true;
                 }
                 self.synced = true;
             }
             SyncMessage::Batch(batch) => {
                 fresh = self.apply(ledger, unix_ms, from, batch.entries);
                 if !batch.requests.is_empty() {
-                    let answer = ledger.answer(&batch.requests, &self.limits);
+                    let answer = ledger.answer(&batch.requests, self.scope(&from), &self.limits);
                     self.send(from, &SyncMessage::Batch(answer), Sent::Exchange);
                 }
             }
@@ -452,7 +477,7 @@ impl Replication {
         let unsynced: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, done)| !**done)
+            .filter(|(_, p)| !p.synced)
             .map(|(p, _)| *p)
             .collect();
         if !unsynced.is_empty() {
@@ -534,15 +559,30 @@ impl Replication {
         fresh
     }
 
+    /// What this node and `peer` exchange (everything until the peer's digest said its cluster).
+    fn scope(&self, peer: &PeerId) -> Scope<'_> {
+        Scope {
+            mine: Some(&self.cluster),
+            theirs: self.peers.get(peer).and_then(|p| p.cluster.as_deref()),
+        }
+    }
+
     fn send_digest(&mut self, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
-        let digest = ledger.digest(&self.limits, unix_ms);
+        let mut digest = ledger.digest(&self.limits, unix_ms);
+        digest.cluster = Some(self.cluster.clone());
         self.send(peer, &SyncMessage::Digest(digest), Sent::Exchange);
     }
 
-    /// Sends entries in as many batches as their size needs.
+    /// Sends entries (those in its [`Scope`]) in as many batches as their size needs.
     fn send_entries(&mut self, peer: PeerId, entries: &[&Entry], kind: Sent) {
         // Half the message limit per batch leaves room for the framing.
         let budget = self.limits.max_message_bytes / 2;
+        let scope = self.scope(&peer);
+        let entries: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| scope.shares(&e.bucket))
+            .copied()
+            .collect();
         let mut batch = Vec::new();
         let mut size = 0;
         for e in entries {

@@ -17,7 +17,8 @@ use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ip
 use crate::config::{self, HostFacts, P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
 use crate::ledger::{
-    Applied, Batch, Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, SyncMessage, names,
+    Applied, Batch, Clock, Entry, Ledger, LedgerError, Limits, Scope, SyncLimits, SyncMessage,
+    names,
 };
 use crate::rng::Rng;
 
@@ -1112,6 +1113,11 @@ struct Replica {
 
 impl Replica {
     fn new(n: u8) -> Self {
+        Self::in_cluster(n, BUCKET)
+    }
+
+    /// A node of the cluster whose bucket is `cluster`.
+    fn in_cluster(n: u8, cluster: &str) -> Self {
         let limits = Limits::default();
         Self {
             identity: identity(n),
@@ -1119,6 +1125,7 @@ impl Replica {
             ledger: Ledger::new(limits),
             replication: Replication::new(
                 SyncLimits::for_ledger(&limits, 1 << 20),
+                cluster,
                 HEARTBEAT_INTERVAL,
                 4 * HEARTBEAT_INTERVAL,
                 u64::from(n),
@@ -1231,6 +1238,69 @@ fn pump(replicas: &mut [Replica]) -> usize {
         }
         assert!(delivered < 10_000, "replication does not quiesce");
     }
+}
+
+#[test]
+fn clusters_of_one_token_share_the_network_wide_buckets_and_keep_their_own() {
+    // Nodes 0 and 2 in cluster "alpha", node 1 in "beta"; links 0-1 and 1-2 first.
+    let mut r = vec![
+        Replica::in_cluster(1, "alpha"),
+        Replica::in_cluster(2, "beta"),
+        Replica::in_cluster(3, "alpha"),
+    ];
+    let t = UNIX_BASE_MS + 1_000;
+    r[0].put("alpha", "a", "1", t);
+    r[0].put(names::DHCP, "10.1.0.1", "a", t);
+    r[0].put("photos", "p", "1", t); // a user's bucket: network-wide
+    r[1].put("beta", "b", "1", t);
+    r[1].put(names::HEALTHCHECK, "b", "1", t);
+    connect(&mut r, 0, 1, Instant::now());
+    connect(&mut r, 1, 2, Instant::now());
+    pump(&mut r);
+    for (i, node) in r.iter().enumerate() {
+        assert!(
+            node.ledger.get(names::DHCP, "10.1.0.1").is_some(),
+            "node {i}"
+        );
+        assert!(node.ledger.get("photos", "p").is_some(), "node {i}");
+        assert!(
+            node.ledger.get(names::HEALTHCHECK, "b").is_some(),
+            "node {i}"
+        );
+    }
+    assert_eq!(
+        r[1].ledger.get("alpha", "a"),
+        None,
+        "beta holds no alpha entry"
+    );
+    assert_eq!(r[0].ledger.get("beta", "b"), None);
+    assert_eq!(r[2].ledger.get("beta", "b"), None);
+    assert_eq!(
+        r[2].ledger.get("alpha", "a"),
+        None,
+        "alpha's bucket does not cross a beta node"
+    );
+    // Pushes keep to the same scope: a new alpha entry goes to no beta member, a claim does.
+    let beta = r[1].peer();
+    assert!(r[0].write_and_push("alpha", "a2", t + 1, None).is_empty());
+    assert_eq!(
+        r[0].write_and_push(names::DHCP, "10.1.0.2", t + 1, None),
+        BTreeSet::from([beta])
+    );
+    pump(&mut r);
+    assert_eq!(r[1].ledger.get("alpha", "a2"), None);
+    // A member of the same cluster whose cluster is not known yet (its digest is on the way)
+    // gets no push of the bucket; the exchange that starts the connection brings it all.
+    connect(&mut r, 0, 2, Instant::now());
+    let third = r[2].peer();
+    let pushed_to = r[0].write_and_push("alpha", "a3", t + 2, None);
+    assert!(!pushed_to.contains(&third), "{pushed_to:?}");
+    pump(&mut r);
+    for key in ["a", "a2", "a3"] {
+        assert!(r[2].ledger.get("alpha", key).is_some(), "{key}");
+    }
+    assert_eq!(r[2].ledger.get("beta", "b"), None);
+    assert_eq!(r[1].ledger.get("alpha", "a3"), None);
 }
 
 #[test]
@@ -2639,11 +2709,11 @@ fn an_older_leader_claim_of_a_higher_ranked_live_node_wins() {
     cut_off.apply(lo_claim, t + 30).unwrap();
     cut_off.apply(hi_heartbeat, t + 40).unwrap();
     let digest = cut_off.digest(&limits, now);
-    let summary = main.summary_for(&digest, &limits, now);
+    let summary = main.summary_for(&digest, Scope::ALL, &limits, now);
     cut_off.apply_all(summary.entries.iter().cloned(), now);
-    let batch = cut_off.reconcile(&summary, &limits, now);
+    let batch = cut_off.reconcile(&summary, Scope::ALL, &limits, now);
     assert!(!batch.requests.is_empty(), "the older claim is asked for");
-    let answer = main.answer(&batch.requests, &limits);
+    let answer = main.answer(&batch.requests, Scope::ALL, &limits);
     cut_off.apply_all(answer.entries, now);
     assert_eq!(
         cut_off.get(BUCKET, names::LEADER_AUTO),

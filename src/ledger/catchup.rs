@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::names;
-use super::{Clock, Entry, Ledger, LedgerError, Limits, SyncLimits, SyncMessage};
+use super::{Clock, Entry, Ledger, LedgerError, Limits, Scope, SyncLimits, SyncMessage};
 use crate::identity::Identity;
 use crate::rng::Rng;
 
@@ -233,7 +233,7 @@ pub fn catch_up_report(
     else {
         return Err(LedgerError::Wire(crate::wire::WireError::Invalid("digest")));
     };
-    let summary = b.summary_for(&digest, &limits, now);
+    let summary = b.summary_for(&digest, Scope::ALL, &limits, now);
     let SyncMessage::Summary(summary) = wire("summary", SyncMessage::Summary(summary))? else {
         return Err(LedgerError::Wire(crate::wire::WireError::Invalid(
             "summary",
@@ -242,7 +242,7 @@ pub fn catch_up_report(
     entries_sent += summary.entries.len();
     entry_bytes += size(&summary.entries);
     a.apply_all(summary.entries.iter().cloned(), now);
-    let batch = a.reconcile(&summary, &limits, now);
+    let batch = a.reconcile(&summary, Scope::ALL, &limits, now);
     let SyncMessage::Batch(batch) = wire("batch", SyncMessage::Batch(batch))? else {
         return Err(LedgerError::Wire(crate::wire::WireError::Invalid("batch")));
     };
@@ -250,7 +250,7 @@ pub fn catch_up_report(
     entry_bytes += size(&batch.entries);
     b.apply_all(batch.entries.iter().cloned(), now);
     if !batch.requests.is_empty() {
-        let answer = b.answer(&batch.requests, &limits);
+        let answer = b.answer(&batch.requests, Scope::ALL, &limits);
         let SyncMessage::Batch(answer) = wire("answer", SyncMessage::Batch(answer))? else {
             return Err(LedgerError::Wire(crate::wire::WireError::Invalid("answer")));
         };

@@ -85,7 +85,7 @@ pub use store::{
     MAX_WRITER_BYTES, MAX_WRITER_ENTRIES, Rival,
 };
 pub use sync::{
-    Batch, BucketDigest, BucketSummary, Digest, Request, SYNC_VERSION, Summary, SummaryItem,
+    Batch, BucketDigest, BucketSummary, Digest, Request, SYNC_VERSION, Scope, Summary, SummaryItem,
     SyncLimits, SyncMessage,
 };
 

@@ -15,6 +15,13 @@ pub const HEALTHCHECK: &str = "healthcheck";
 /// Network-wide bucket of VPN address leases.
 pub const DHCP: &str = "dhcp";
 
+/// True for the buckets every cluster of a network shares ([`MACHINES`], [`HEALTHCHECK`],
+/// [`DHCP`]): never a cluster's own, whatever a `network_id` is called.
+#[must_use]
+pub fn is_network_wide(bucket: &str) -> bool {
+    matches!(bucket, MACHINES | HEALTHCHECK | DHCP)
+}
+
 /// Key of the automatic leader's choice.
 pub const LEADER_AUTO: &str = "leader-auto";
 /// Key of the master's address.

@@ -237,6 +237,9 @@ pub struct Ledger {
     pub(crate) bound_peers: BTreeMap<PeerId, usize>,
     /// Entries whose owner is not known yet, oldest first.
     deferred: VecDeque<Entry>,
+    /// The hashes of the deferred entries (a copy received again is found in O(log n): at
+    /// formation each entry comes from several members while many wait for their owners).
+    deferred_hashes: BTreeSet<[u8; 32]>,
     /// Deferred entries stored since [`Ledger::take_settled`] last ran (to gossip on).
     settled: Vec<Entry>,
     /// Per bucket, the newest `leader-auto` claim refused here (see [`Ledger::refused_claim`]).
@@ -300,6 +303,7 @@ impl Ledger {
             bindings: BTreeMap::new(),
             bound_peers: BTreeMap::new(),
             deferred: VecDeque::new(),
+            deferred_hashes: BTreeSet::new(),
             settled: Vec::new(),
             refused_claims: BTreeMap::new(),
             journal: JournalState::default(),
@@ -805,10 +809,12 @@ impl Ledger {
                     entry.key,
                     entry.writer
                 );
-                if !self.deferred.contains(&entry) {
+                if self.deferred_hashes.insert(hash) {
                     self.counters.deferred += 1;
                     if self.deferred.len() >= MAX_DEFERRED {
-                        self.deferred.pop_front();
+                        if let Some(oldest) = self.deferred.pop_front() {
+                            self.deferred_hashes.remove(&oldest.hash());
+                        }
                     }
                     self.deferred.push_back(entry);
                 }
@@ -997,6 +1003,7 @@ impl Ledger {
     /// Merges again the deferred entries whose owner may now be known.
     fn retry_deferred(&mut self, now: Option<u64>) {
         let waiting: Vec<Entry> = self.deferred.drain(..).collect();
+        self.deferred_hashes.clear();
         let admit = Admit {
             verify: true,
             future: false,

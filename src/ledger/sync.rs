@@ -32,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, btree_map};
 
 use super::entry::{MAX_VALUE_WIRE, name_problem};
+use super::names;
 use super::store::Stored;
 use super::{Entry, Hlc, KeyId, Ledger, LedgerError, Limits, MAX_BUCKET_LEN};
 use crate::identity::PeerId;
@@ -46,12 +47,15 @@ const KIND_BATCH: u8 = 3;
 
 const DIGEST_PARTIAL: u8 = 1;
 const DIGEST_FIRST: u8 = 2;
+const DIGEST_CLUSTER: u8 = 4;
 const SUMMARY_COMPLETE: u8 = 2;
+const SUMMARY_CLUSTER: u8 = 4;
 const ITEM_SUSPECT: u8 = 1;
 const ITEM_TOMBSTONE: u8 = 2;
 
-/// Version, kind, and the largest fixed part of any body (flags, contact time, three counts).
-const MESSAGE_FIXED: usize = 2 + 1 + 8 + 2 + 4 + 4;
+/// Version, kind, and the largest fixed part of any body (flags, contact time, three counts,
+/// the sender's cluster).
+const MESSAGE_FIXED: usize = 2 + 1 + 8 + 2 + 4 + 4 + 2 + MAX_BUCKET_LEN;
 /// Encoded size of one summary item.
 const ITEM_LEN: usize = 8 + 8 + 2 + 4 + 1;
 /// Encoded size of one writer in a summary's table.
@@ -115,6 +119,43 @@ pub struct Digest {
     /// Highest version held from each writer; a writer left out means "nothing known", which
     /// only makes the peer send more.
     pub writers: BTreeMap<PeerId, Hlc>,
+    /// The sender's cluster bucket (its `network_id`), when it has one: see [`Scope`].
+    pub cluster: Option<String>,
+}
+
+/// Which buckets two ledgers exchange. One token carries every cluster (`network_id`) of a
+/// network; a node keeps its own cluster's bucket and the rest (the network-wide `machines`,
+/// `healthcheck`, `dhcp`, and any other bucket), but not the bucket of another cluster: two
+/// members of different clusters do not exchange either one's cluster bucket, and a node keeps
+/// its own from a peer whose cluster it does not know yet (the exchange that starts every
+/// connection brings the peer what it missed meanwhile). Nobody passes on another cluster's
+/// bucket, so nobody holds one. A member that names some bucket as its cluster only keeps that
+/// bucket from itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scope<'a> {
+    /// This node's cluster bucket.
+    pub mine: Option<&'a str>,
+    /// The peer's cluster bucket, when it said (in its [`Digest`]).
+    pub theirs: Option<&'a str>,
+}
+
+impl Scope<'_> {
+    /// Every bucket is exchanged (a peer whose cluster is not known yet, or one ledger alone).
+    pub const ALL: Scope<'static> = Scope {
+        mine: None,
+        theirs: None,
+    };
+
+    /// True when entries of `bucket` go between the two.
+    #[must_use]
+    pub fn shares(&self, bucket: &str) -> bool {
+        match (self.mine, self.theirs) {
+            (Some(mine), Some(theirs)) if mine == theirs => true,
+            (mine, theirs) => {
+                names::is_network_wide(bucket) || (mine != Some(bucket) && theirs != Some(bucket))
+            }
+        }
+    }
 }
 
 /// One entry as listed in a [`Summary`]: enough to tell who is ahead, without the value.
@@ -161,6 +202,9 @@ pub struct Summary {
     pub buckets: Vec<BucketSummary>,
     /// Entries sent in full.
     pub entries: Vec<Entry>,
+    /// The sender's cluster bucket, as in [`Digest::cluster`] (for a peer whose digest was
+    /// lost).
+    pub cluster: Option<String>,
 }
 
 /// A request for whatever the peer holds under a key id.
@@ -305,9 +349,15 @@ impl SyncMessage {
                 if d.first.is_some() {
                     flags |= DIGEST_FIRST;
                 }
+                if d.cluster.is_some() {
+                    flags |= DIGEST_CLUSTER;
+                }
                 w.u8(KIND_DIGEST).u8(flags);
                 if let Some(first) = &d.first {
                     w.bytes_u16("bucket", MAX_BUCKET_LEN, first.as_bytes())?;
+                }
+                if let Some(cluster) = &d.cluster {
+                    w.bytes_u16("bucket", MAX_BUCKET_LEN, cluster.as_bytes())?;
                 }
                 write_count(&mut w, "buckets", usize::MAX, d.buckets.len())?;
                 for (name, b) in &d.buckets {
@@ -320,8 +370,14 @@ impl SyncMessage {
                 }
             }
             SyncMessage::Summary(s) => {
-                let flags = if s.complete { SUMMARY_COMPLETE } else { 0 };
+                let mut flags = if s.complete { SUMMARY_COMPLETE } else { 0 };
+                if s.cluster.is_some() {
+                    flags |= SUMMARY_CLUSTER;
+                }
                 w.u8(KIND_SUMMARY).u8(flags).u64(s.synced_until);
+                if let Some(cluster) = &s.cluster {
+                    w.bytes_u16("bucket", MAX_BUCKET_LEN, cluster.as_bytes())?;
+                }
                 let mut table: BTreeMap<PeerId, u16> = BTreeMap::new();
                 let mut order: Vec<PeerId> = Vec::new();
                 for item in s.buckets.iter().flat_map(|b| &b.items) {
@@ -400,7 +456,7 @@ impl SyncMessage {
         let msg = match r.u8()? {
             KIND_DIGEST => {
                 let flags = r.u8()?;
-                if flags & !(DIGEST_PARTIAL | DIGEST_FIRST) != 0 {
+                if flags & !(DIGEST_PARTIAL | DIGEST_FIRST | DIGEST_CLUSTER) != 0 {
                     return Err(WireError::UnknownTag {
                         field: "digest flags",
                         tag: flags,
@@ -408,6 +464,11 @@ impl SyncMessage {
                 }
                 let partial = flags & DIGEST_PARTIAL != 0;
                 let first = if flags & DIGEST_FIRST != 0 {
+                    Some(read_bucket(&mut r)?)
+                } else {
+                    None
+                };
+                let cluster = if flags & DIGEST_CLUSTER != 0 {
                     Some(read_bucket(&mut r)?)
                 } else {
                     None
@@ -453,17 +514,23 @@ impl SyncMessage {
                     first,
                     partial,
                     writers,
+                    cluster,
                 })
             }
             KIND_SUMMARY => {
                 let flags = r.u8()?;
-                if flags & !SUMMARY_COMPLETE != 0 {
+                if flags & !(SUMMARY_COMPLETE | SUMMARY_CLUSTER) != 0 {
                     return Err(WireError::UnknownTag {
                         field: "summary flags",
                         tag: flags,
                     });
                 }
                 let synced_until = r.u64()?;
+                let cluster = if flags & SUMMARY_CLUSTER != 0 {
+                    Some(read_bucket(&mut r)?)
+                } else {
+                    None
+                };
                 let w = usize::from(r.u16()?);
                 if w > r.remaining() / WRITER_LEN {
                     return Err(WireError::Truncated {
@@ -527,6 +594,7 @@ impl SyncMessage {
                     complete: flags & SUMMARY_COMPLETE != 0,
                     buckets,
                     entries,
+                    cluster,
                 })
             }
             KIND_BATCH => {
@@ -676,9 +744,11 @@ impl Ledger {
     /// For each bucket whose count or hash differs: the entries newer than the peer's version
     /// vector go in full (quarantined entries never do), everything else is listed. A bucket too
     /// large for the message is listed in part, from a key id that varies with `now_unix_ms`.
+    /// Buckets outside `scope` are left out.
     pub fn summary_for(
         &mut self,
         remote: &Digest,
+        scope: Scope<'_>,
         limits: &SyncLimits,
         now_unix_ms: u64,
     ) -> Summary {
@@ -697,7 +767,9 @@ impl Ledger {
             .keys()
             .chain(remote.buckets.keys())
             .map(String::as_str)
-            .filter(|n| cutoff.is_none_or(|c| *n <= c) && first.is_none_or(|f| *n >= f))
+            .filter(|n| {
+                cutoff.is_none_or(|c| *n <= c) && first.is_none_or(|f| *n >= f) && scope.shares(n)
+            })
             .collect();
         let mut summary = Summary {
             synced_until,
@@ -834,8 +906,15 @@ impl Ledger {
     /// Step 3: after applying `remote.entries`, the entries the peer lacks or holds older and
     /// requests for what this ledger still lacks, within `limits`. Also settles quarantined
     /// entries: confirmed when the peer holds the key, dropped when the peer lacks it although it
-    /// was in contact after the entry's version (see [`Summary::synced_until`]).
-    pub fn reconcile(&mut self, remote: &Summary, limits: &SyncLimits, now_unix_ms: u64) -> Batch {
+    /// was in contact after the entry's version (see [`Summary::synced_until`]). Buckets outside
+    /// `scope` are neither sent nor asked for.
+    pub fn reconcile(
+        &mut self,
+        remote: &Summary,
+        scope: Scope<'_>,
+        limits: &SyncLimits,
+        now_unix_ms: u64,
+    ) -> Batch {
         self.note_contact(now_unix_ms);
         let mut pushed: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
         for e in &remote.entries {
@@ -847,7 +926,7 @@ impl Ledger {
         let mut forget: Vec<(String, String)> = Vec::new();
         let mut seen: BTreeSet<&str> = BTreeSet::new();
         for bs in &remote.buckets {
-            if !seen.insert(bs.name.as_str()) {
+            if !seen.insert(bs.name.as_str()) || !scope.shares(&bs.name) {
                 continue; // a bucket listed twice is looked at once
             }
             let in_range = |k: KeyId| bs.first <= k && k <= bs.last;
@@ -985,9 +1064,10 @@ impl Ledger {
         batch
     }
 
-    /// Step 4: the entries asked for (quarantined ones are never served), within `limits`.
+    /// Step 4: the entries asked for (quarantined ones and buckets outside `scope` are never
+    /// served), within `limits`.
     #[must_use]
-    pub fn answer(&self, requests: &[Request], limits: &SyncLimits) -> Batch {
+    pub fn answer(&self, requests: &[Request], scope: Scope<'_>, limits: &SyncLimits) -> Batch {
         let mut wanted: BTreeMap<&str, BTreeSet<KeyId>> = BTreeMap::new();
         for r in requests {
             wanted.entry(r.bucket.as_str()).or_default().insert(r.key);
@@ -998,7 +1078,7 @@ impl Ledger {
         };
         let mut batch = Batch::default();
         for (bucket, ids) in wanted {
-            let Some(b) = self.buckets.get(bucket) else {
+            let Some(b) = self.buckets.get(bucket).filter(|_| scope.shares(bucket)) else {
                 continue;
             };
             for s in b.entries.values() {

@@ -461,21 +461,27 @@ fn exchange(a: &mut Ledger, b: &mut Ledger, limits: &SyncLimits, now: u64) -> Ve
         assert_eq!(back, msg);
         back
     };
-    let SyncMessage::Digest(d) = wire(SyncMessage::Digest(a.digest(limits, now))) else {
+    // Both name their cluster (the same one: every bucket is exchanged), as nodes do; the
+    // names fit in every message whatever its bound.
+    let cluster = Some("c".repeat(MAX_BUCKET_LEN));
+    let mut digest = a.digest(limits, now);
+    digest.cluster.clone_from(&cluster);
+    let SyncMessage::Digest(d) = wire(SyncMessage::Digest(digest)) else {
         panic!("digest")
     };
-    let s = b.summary_for(&d, limits, now);
+    let mut s = b.summary_for(&d, Scope::ALL, limits, now);
+    s.cluster = cluster;
     let SyncMessage::Summary(s) = wire(SyncMessage::Summary(s)) else {
         panic!("summary")
     };
     a.apply_all(s.entries.iter().cloned(), now);
-    let batch = a.reconcile(&s, limits, now);
+    let batch = a.reconcile(&s, Scope::ALL, limits, now);
     let SyncMessage::Batch(batch) = wire(SyncMessage::Batch(batch)) else {
         panic!("batch")
     };
     b.apply_all(batch.entries.iter().cloned(), now);
     if !batch.requests.is_empty() {
-        let answer = b.answer(&batch.requests, limits);
+        let answer = b.answer(&batch.requests, Scope::ALL, limits);
         let SyncMessage::Batch(answer) = wire(SyncMessage::Batch(answer)) else {
             panic!("answer")
         };
@@ -570,7 +576,7 @@ fn a_digest_too_big_for_its_message_is_partial_and_still_converges() {
     let d = a.digest(&limits, NOW);
     assert!((d.partial || d.first.is_some()) && d.buckets.len() < 40);
     let mut b = Ledger::default();
-    let s = b.summary_for(&d, &limits, NOW);
+    let s = b.summary_for(&d, Scope::ALL, &limits, NOW);
     assert!(!s.complete);
     assert!(
         s.buckets.iter().all(|bs| d.buckets.contains_key(&bs.name)),
@@ -678,6 +684,7 @@ fn quarantine_is_lifted_after_a_lifetime_without_a_judge() {
                 bucket: "kairos".into(),
                 key: KeyId::of("k")
             }],
+            Scope::ALL,
             &SyncLimits::default()
         )
         .entries
@@ -706,8 +713,8 @@ fn sample_messages(rng: &mut Rng) -> Vec<Vec<u8>> {
         }
     }
     let d = a.digest(&limits, NOW);
-    let s = b.summary_for(&d, &limits, NOW);
-    let batch = a.reconcile(&s, &limits, NOW);
+    let s = b.summary_for(&d, Scope::ALL, &limits, NOW);
+    let batch = a.reconcile(&s, Scope::ALL, &limits, NOW);
     let mut out = Vec::new();
     for msg in [
         SyncMessage::Digest(d),
@@ -775,14 +782,14 @@ fn decoding_random_and_mutated_messages_never_panics() {
             // Whatever decodes must be safe to act on.
             match msg {
                 SyncMessage::Digest(d) => {
-                    let _ = target.summary_for(&d, &limits, NOW);
+                    let _ = target.summary_for(&d, Scope::ALL, &limits, NOW);
                 }
                 SyncMessage::Summary(s) => {
                     target.apply_all(s.entries.iter().cloned(), NOW);
-                    let _ = target.reconcile(&s, &limits, NOW);
+                    let _ = target.reconcile(&s, Scope::ALL, &limits, NOW);
                 }
                 SyncMessage::Batch(b) => {
-                    let _ = target.answer(&b.requests, &limits);
+                    let _ = target.answer(&b.requests, Scope::ALL, &limits);
                     target.apply_all(b.entries, NOW);
                 }
             }
@@ -848,6 +855,30 @@ fn sample_ledger() -> Ledger {
     let mut l = ledger_of(random_entries(&mut rng, &writers(3), 40, 20));
     l.note_contact(NOW + MINUTE);
     l
+}
+
+#[test]
+fn a_scope_keeps_each_cluster_bucket_within_its_cluster() {
+    // (this node's cluster, the peer's, bucket, exchanged)
+    let cases = [
+        (Some("a"), Some("a"), "a", true),
+        (Some("a"), Some("b"), "a", false),
+        (Some("a"), Some("b"), "b", false),
+        (Some("a"), Some("b"), "photos", true),
+        (Some("a"), Some("b"), names::DHCP, true),
+        (Some("a"), Some("b"), names::MACHINES, true),
+        (Some("a"), Some("b"), names::HEALTHCHECK, true),
+        // A cluster named like a network-wide bucket does not make that bucket its own.
+        (Some("dhcp"), Some("b"), names::DHCP, true),
+        // The peer's cluster not known yet: our own bucket waits for its digest.
+        (Some("a"), None, "a", false),
+        (Some("a"), None, "photos", true),
+        (None, None, "a", true),
+    ];
+    for (mine, theirs, bucket, shared) in cases {
+        let scope = Scope { mine, theirs };
+        assert_eq!(scope.shares(bucket), shared, "{scope:?} {bucket}");
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::identity::PeerId;
 use crate::wire::{Reader, WireError, Writer};
 
 /// Version of the control protocol this build speaks.
-pub const CONTROL_VERSION: u8 = 1;
+pub const CONTROL_VERSION: u8 = 2;
 /// Addresses per member entry.
 pub const MAX_MEMBER_ADDRS: usize = 8;
 /// Member entries per message.
@@ -33,6 +33,17 @@ pub struct MemberInfo {
     /// How long ago the sender last had first-hand news of it (zero for itself): ages only grow
     /// as news travels, so a member that left ages out everywhere.
     pub age: Duration,
+    /// Its cluster ([`cluster_tag`] of its `network_id`), 0 when not known: members keep some
+    /// connections within their cluster, whose ledger bucket only its members exchange.
+    pub cluster: u32,
+}
+
+/// The tag of the cluster whose bucket is `network_bucket` in [`MemberInfo::cluster`]: a
+/// 32-bit FNV-1a, never 0 (0 means "not known"). Two clusters whose tags collide only lose the
+/// preference for each other's members when choosing neighbours.
+#[must_use]
+pub fn cluster_tag(network_bucket: &str) -> u32 {
+    crate::cluster::fnv32a(network_bucket).max(1)
 }
 
 /// A control message.
@@ -152,6 +163,7 @@ fn write_members(w: &mut Writer<'_>, members: &[MemberInfo]) -> Result<(), WireE
     for m in members {
         w.peer_id(&m.peer);
         w.u32(u32::try_from(m.age.as_millis()).unwrap_or(u32::MAX));
+        w.u32(m.cluster);
         write_addrs(w, &m.addrs)?;
     }
     Ok(())
@@ -159,10 +171,10 @@ fn write_members(w: &mut Writer<'_>, members: &[MemberInfo]) -> Result<(), WireE
 
 fn read_members(r: &mut Reader<'_>) -> Result<Vec<MemberInfo>, WireError> {
     let n = r.count("members", MAX_MEMBERS_PER_MESSAGE)?;
-    // Each entry is at least 38 bytes: refuse counts the message cannot hold before allocating.
-    if n.saturating_mul(38) > r.remaining() {
+    // Each entry is at least 42 bytes: refuse counts the message cannot hold before allocating.
+    if n.saturating_mul(42) > r.remaining() {
         return Err(WireError::Truncated {
-            needed: n * 38,
+            needed: n * 42,
             remaining: r.remaining(),
         });
     }
@@ -170,10 +182,12 @@ fn read_members(r: &mut Reader<'_>) -> Result<Vec<MemberInfo>, WireError> {
     for _ in 0..n {
         let peer = r.peer_id()?;
         let age = Duration::from_millis(u64::from(r.u32()?));
+        let cluster = r.u32()?;
         out.push(MemberInfo {
             peer,
             addrs: read_addrs(r)?,
             age,
+            cluster,
         });
     }
     Ok(out)
@@ -192,6 +206,7 @@ mod tests {
                 "[2001:db8::1]:9".parse().unwrap(),
             ],
             age: Duration::from_millis(u64::from(b) * 100),
+            cluster: u32::from(b) * 7,
         };
         vec![
             Control::Hello {
@@ -246,12 +261,12 @@ mod tests {
             Err(WireError::UnsupportedVersion(9))
         );
         assert!(matches!(
-            Control::decode(&[1, 77]),
+            Control::decode(&[CONTROL_VERSION, 77]),
             Err(WireError::UnknownTag { tag: 77, .. })
         ));
         // A count far beyond what the bytes hold is refused before allocating.
         assert!(matches!(
-            Control::decode(&[1, 2, 0x0f, 0xff]),
+            Control::decode(&[CONTROL_VERSION, 2, 0x0f, 0xff]),
             Err(WireError::Truncated { .. })
         ));
         let mut rng = Rng::from_seed(11);

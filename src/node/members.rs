@@ -40,6 +40,8 @@ pub struct Member {
     pub first_seen: Instant,
     /// How we last learned of it.
     pub source: Source,
+    /// Its cluster tag, 0 until some member said ([`MemberInfo::cluster`]).
+    pub cluster: u32,
 }
 
 /// What [`MemberTable::observe`] changed.
@@ -146,9 +148,17 @@ impl MemberTable {
                 fresh_at,
                 first_seen: now,
                 source,
+                cluster: 0,
             },
         );
         Change::New
+    }
+
+    /// Records the cluster tag a member's gossip gave `peer` (0 tells nothing).
+    pub fn set_cluster(&mut self, peer: &PeerId, cluster: u32) {
+        if let Some(m) = self.members.get_mut(peer).filter(|_| cluster != 0) {
+            m.cluster = cluster;
+        }
     }
 
     fn evict_stalest(&mut self, than: Instant) -> bool {
@@ -192,6 +202,7 @@ impl MemberTable {
             peer: *peer,
             addrs: m.addrs.clone(),
             age: now.saturating_duration_since(m.fresh_at) + HOP_PENALTY,
+            cluster: m.cluster,
         };
         match peers {
             Some(list) => list

@@ -46,7 +46,7 @@ use crate::overlay::{
 use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
 use crate::vpn::{self, Vpn, VpnSettings};
-pub use control::{Control, MemberInfo};
+pub use control::{Control, MemberInfo, cluster_tag};
 use held::HeldPackets;
 use members::{Change, MemberTable, Source};
 use relay::RelayPaths;
@@ -82,6 +82,9 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// Connections kept to members outside our LAN when any are known, on top of LAN neighbours if
 /// need be: without them, subnets full of LAN peers would gossip only among themselves.
 pub const REMOTE_NEIGHBOURS: usize = 2;
+/// Connections kept to members of our own cluster (`network_id`) when any are known, on top of
+/// the others if need be (see [`Node::dial_cluster_neighbours`]).
+pub const CLUSTER_NEIGHBOURS: usize = 4;
 /// Longest back-off between dial attempts to one member: sites cut apart (a WAN outage) dial
 /// each other again within this long of the path coming back (with the bootstrap retry's
 /// [`MAX_BOOTSTRAP_RETRY`](crate::discovery::kad::MAX_BOOTSTRAP_RETRY) before it when the members
@@ -1301,7 +1304,15 @@ impl Node {
     fn learn_gossip(&mut self, now: Instant, members: Vec<MemberInfo>) {
         for m in members {
             self.learn(now, m.peer, &m.addrs, m.age, Source::Gossip);
+            self.members.set_cluster(&m.peer, m.cluster);
         }
+    }
+
+    /// Our cluster's tag ([`cluster_tag`]), 0 without the cluster layer.
+    fn cluster_tag(&self) -> u32 {
+        self.cluster
+            .as_ref()
+            .map_or(0, |c| cluster_tag(&c.settings().network_id))
     }
 
     fn learn(
@@ -1392,6 +1403,7 @@ impl Node {
             peer: self.me,
             addrs: self.announced_addrs(),
             age: Duration::ZERO,
+            cluster: self.cluster_tag(),
         }
     }
 
@@ -1468,6 +1480,66 @@ impl Node {
             self.refresh(now);
         }
         self.dial_neighbours(now);
+        self.dial_cluster_neighbours(now);
+    }
+
+    /// Keeps [`CLUSTER_NEIGHBOURS`] connections (up or under way) to members of our own cluster
+    /// when such members are known, going over [`NodeSettings::neighbours`] for them: only they
+    /// exchange the cluster's ledger bucket (see [`crate::ledger::Scope`]), and neighbours
+    /// chosen before their clusters were known (LAN beacons and DHT records do not say) may hold
+    /// none of them when a token carries several clusters. The other neighbours stay chosen
+    /// without regard to clusters, so the network-wide buckets cross between clusters. Runs
+    /// with the housekeeping (it costs O(members)), not per member discovered.
+    fn dial_cluster_neighbours(&mut self, now: Instant) {
+        let mine = self.cluster_tag();
+        if mine == 0 {
+            return;
+        }
+        let in_cluster = |p: &PeerId| self.members.get(p).is_some_and(|m| m.cluster == mine);
+        let busy = self.connected.keys().filter(|p| in_cluster(p)).count()
+            + self
+                .dials
+                .iter()
+                .filter(|(p, d)| {
+                    d.pending.is_some() && !self.connected.contains_key(p) && in_cluster(p)
+                })
+                .count();
+        let wanted = CLUSTER_NEIGHBOURS.saturating_sub(busy);
+        if wanted == 0 {
+            return;
+        }
+        let lan: BTreeSet<PeerId> = self
+            .lan
+            .iter()
+            .flat_map(|lan| lan.peers().map(|(p, _)| *p))
+            .collect();
+        let mut candidates: Vec<(u64, PeerId)> = self
+            .members
+            .iter()
+            .filter(|(peer, m)| {
+                let defer = if lan.contains(peer) {
+                    LAN_DIAL_DEFER
+                } else {
+                    DIAL_DEFER
+                };
+                m.cluster == mine
+                    && !m.addrs.is_empty()
+                    && !self.connected.contains_key(peer)
+                    && self
+                        .dials
+                        .get(peer)
+                        .is_none_or(|d| d.pending.is_none() && d.next_attempt <= now)
+                    && (self.me < **peer || now >= m.first_seen + defer)
+            })
+            .map(|(peer, _)| (0, *peer))
+            .collect();
+        for c in &mut candidates {
+            c.0 = self.rng.next_u64();
+        }
+        candidates.sort_unstable();
+        for (_, peer) in candidates.into_iter().take(wanted) {
+            self.dial(now, peer);
+        }
     }
 
     /// Refreshes first-hand knowledge and forgets silent members.
