@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
 use super::replication::{
-    FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT, NEWS_BATCH_DELAY, Replication,
+    ASK_TIMEOUT, EAGER_FANOUT, FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT,
+    LAZY_WAIT, NEWS_BATCH_DELAY, Replication,
 };
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
@@ -1224,6 +1225,9 @@ fn pump(replicas: &mut [Replica]) -> usize {
                 }
                 for r in replicas.iter_mut() {
                     r.replication.flush_news();
+                    // Announced entries that did not come in full are asked for.
+                    let later = Instant::now() + LAZY_WAIT + ASK_TIMEOUT;
+                    r.replication.ask_wanted(later, &r.ledger);
                 }
             }
             for from in 0..replicas.len() {
@@ -1301,6 +1305,57 @@ fn clusters_of_one_token_share_the_network_wide_buckets_and_keep_their_own() {
     }
     assert_eq!(r[2].ledger.get("beta", "b"), None);
     assert_eq!(r[1].ledger.get("alpha", "a3"), None);
+}
+
+#[test]
+fn relayed_news_goes_in_full_to_a_few_members_and_is_announced_to_the_others() {
+    // Node 0 is connected to nodes 1 to 6; node 1 writes, node 0 passes it on to the five
+    // others.
+    let mut r: Vec<Replica> = (1..=7).map(Replica::new).collect();
+    let now = Instant::now();
+    for i in 1..r.len() {
+        connect(&mut r, 0, i, now);
+    }
+    pump(&mut r);
+    let entry = r[1].put(BUCKET, "k", "v", UNIX_BASE_MS + 1_000);
+    r[1].replication.push(now, &[(entry.clone(), true)], None);
+    let out = r[1].outbox();
+    hand_over(&mut r, 1, out);
+    r[0].replication.flush_news();
+    let out = r[0].outbox();
+    let kinds: Vec<u8> = out.iter().map(|(_, bytes)| bytes[1]).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == 3).count(),
+        EAGER_FANOUT,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == 4).count(), 5 - EAGER_FANOUT);
+    assert!(
+        out.iter().all(|(p, _)| *p != r[1].peer()),
+        "not back to its writer"
+    );
+    hand_over(&mut r, 0, out);
+    let announced: Vec<usize> = (2..r.len())
+        .filter(|i| r[*i].ledger.entry(BUCKET, "k").is_none())
+        .collect();
+    assert_eq!(announced.len(), 5 - EAGER_FANOUT);
+    // Not asked for before the wait is over (a full copy may be on its way), then asked for.
+    for i in &announced {
+        let node = &mut r[*i];
+        node.replication.ask_wanted(now, &node.ledger);
+        assert!(node.outbox().is_empty());
+        node.replication.ask_wanted(now + LAZY_WAIT, &node.ledger);
+    }
+    pump(&mut r);
+    for node in &r {
+        assert_eq!(node.ledger.entry(BUCKET, "k"), Some(&entry));
+    }
+    let asked: u64 = r.iter().map(|n| n.replication.stats().entries_asked).sum();
+    assert_eq!(asked, (5 - EAGER_FANOUT) as u64);
+    assert_eq!(
+        r[0].replication.stats().entries_announced,
+        (5 - EAGER_FANOUT) as u64
+    );
 }
 
 #[test]

@@ -85,8 +85,8 @@ pub use store::{
     MAX_WRITER_BYTES, MAX_WRITER_ENTRIES, Rival,
 };
 pub use sync::{
-    Batch, BucketDigest, BucketSummary, Digest, Request, SYNC_VERSION, Scope, Summary, SummaryItem,
-    SyncLimits, SyncMessage,
+    Announced, Batch, BucketDigest, BucketSummary, Digest, Request, SYNC_VERSION, Scope, Summary,
+    SummaryItem, SyncLimits, SyncMessage,
 };
 
 /// Why an entry, a message or a snapshot was refused.

@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, btree_map};
 use super::entry::{MAX_VALUE_WIRE, name_problem};
 use super::names;
 use super::store::Stored;
-use super::{Entry, Hlc, KeyId, Ledger, LedgerError, Limits, MAX_BUCKET_LEN};
+use super::{Entry, Hlc, KeyId, Ledger, LedgerError, Limits, MAX_BUCKET_LEN, MAX_KEY_LEN};
 use crate::identity::PeerId;
 use crate::wire::{Reader, WireError, Writer};
 
@@ -44,6 +44,7 @@ pub const SYNC_VERSION: u8 = 1;
 const KIND_DIGEST: u8 = 1;
 const KIND_SUMMARY: u8 = 2;
 const KIND_BATCH: u8 = 3;
+const KIND_ANNOUNCE: u8 = 4;
 
 const DIGEST_PARTIAL: u8 = 1;
 const DIGEST_FIRST: u8 = 2;
@@ -225,6 +226,44 @@ pub struct Batch {
     pub requests: Vec<Request>,
 }
 
+/// One entry the sender holds, named without its value: the receiver asks for it (a
+/// [`Request`] in a [`Batch`]) only when it has nothing as new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    /// The bucket.
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+    /// The entry's version.
+    pub version: Hlc,
+    /// First 4 bytes of the entry hash: tells two entries of one version apart.
+    pub tag: u32,
+}
+
+impl Announced {
+    /// The announcement of `entry`.
+    #[must_use]
+    pub fn of(entry: &Entry) -> Self {
+        Self {
+            bucket: entry.bucket.clone(),
+            key: entry.key.clone(),
+            version: entry.version,
+            tag: tag_of(&entry.hash()),
+        }
+    }
+
+    /// True when `held` is this entry or newer (nothing to ask for).
+    #[must_use]
+    pub fn is_covered_by(&self, held: &Entry) -> bool {
+        held.version > self.version
+            || (held.version == self.version && tag_of(&held.hash()) == self.tag)
+    }
+
+    fn encoded_len(&self) -> usize {
+        2 + self.bucket.len() + 2 + self.key.len() + 8 + 4
+    }
+}
+
 /// Any sync message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncMessage {
@@ -232,8 +271,35 @@ pub enum SyncMessage {
     Digest(Digest),
     /// Step 2.
     Summary(Summary),
-    /// Steps 3 and 4.
+    /// Steps 3 and 4, and pushes.
     Batch(Batch),
+    /// Entries the sender holds, without their values (a lazy push).
+    Announce(Vec<Announced>),
+}
+
+impl SyncMessage {
+    /// The announcements of `entries` split into messages within `limits`.
+    #[must_use]
+    pub fn announcements(entries: &[&Entry], limits: &SyncLimits) -> Vec<SyncMessage> {
+        let budget = limits.max_message_bytes.saturating_sub(MESSAGE_FIXED);
+        let mut out = Vec::new();
+        let mut items = Vec::new();
+        let mut size = 0;
+        for e in entries {
+            let item = Announced::of(e);
+            let len = item.encoded_len();
+            if !items.is_empty() && (size + len > budget || items.len() >= limits.max_entries) {
+                out.push(SyncMessage::Announce(std::mem::take(&mut items)));
+                size = 0;
+            }
+            size += len;
+            items.push(item);
+        }
+        if !items.is_empty() {
+            out.push(SyncMessage::Announce(items));
+        }
+        out
+    }
 }
 
 fn tag_of(hash: &[u8; 32]) -> u32 {
@@ -420,6 +486,15 @@ impl SyncMessage {
                     }
                 }
                 write_entries(&mut w, &s.entries, limits)?;
+            }
+            SyncMessage::Announce(items) => {
+                w.u8(KIND_ANNOUNCE);
+                write_count(&mut w, "announced", limits.max_entries, items.len())?;
+                for item in items {
+                    w.bytes_u16("bucket", MAX_BUCKET_LEN, item.bucket.as_bytes())?;
+                    w.bytes_u16("key", MAX_KEY_LEN, item.key.as_bytes())?;
+                    w.u64(item.version.0).u32(item.tag);
+                }
             }
             SyncMessage::Batch(b) => {
                 w.u8(KIND_BATCH);
@@ -608,6 +683,24 @@ impl SyncMessage {
                     });
                 }
                 SyncMessage::Batch(Batch { entries, requests })
+            }
+            KIND_ANNOUNCE => {
+                let n = read_count(&mut r, "announced", limits.max_entries, 2 + 1 + 2 + 1 + 12)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let bucket = read_bucket(&mut r)?;
+                    let key = r.str_u16("key", MAX_KEY_LEN)?;
+                    if name_problem(key, MAX_KEY_LEN).is_some() {
+                        return Err(WireError::Invalid("key"));
+                    }
+                    items.push(Announced {
+                        bucket,
+                        key: key.to_owned(),
+                        version: Hlc(r.u64()?),
+                        tag: r.u32()?,
+                    });
+                }
+                SyncMessage::Announce(items)
             }
             tag => {
                 return Err(WireError::UnknownTag {

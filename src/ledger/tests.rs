@@ -715,12 +715,17 @@ fn sample_messages(rng: &mut Rng) -> Vec<Vec<u8>> {
     let d = a.digest(&limits, NOW);
     let s = b.summary_for(&d, Scope::ALL, &limits, NOW);
     let batch = a.reconcile(&s, Scope::ALL, &limits, NOW);
+    let held: Vec<&Entry> = a.entries().collect();
+    let announce = SyncMessage::announcements(&held, &limits);
     let mut out = Vec::new();
     for msg in [
         SyncMessage::Digest(d),
         SyncMessage::Summary(s),
         SyncMessage::Batch(batch),
-    ] {
+    ]
+    .into_iter()
+    .chain(announce)
+    {
         let mut buf = Vec::new();
         msg.encode(&limits, &mut buf).unwrap();
         out.push(buf);
@@ -770,7 +775,7 @@ fn decoding_random_and_mutated_messages_never_panics() {
             rng.fill(&mut b);
             if b.len() > 1 && rng.chance(0.5) {
                 b[0] = SYNC_VERSION;
-                b[1] = 1 + rng.below(3) as u8;
+                b[1] = 1 + rng.below(4) as u8;
             }
             b
         } else {
@@ -791,6 +796,13 @@ fn decoding_random_and_mutated_messages_never_panics() {
                 SyncMessage::Batch(b) => {
                     let _ = target.answer(&b.requests, Scope::ALL, &limits);
                     target.apply_all(b.entries, NOW);
+                }
+                SyncMessage::Announce(items) => {
+                    for item in items {
+                        if let Some(held) = target.entry(&item.bucket, &item.key) {
+                            let _ = item.is_covered_by(held);
+                        }
+                    }
                 }
             }
         }

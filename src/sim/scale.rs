@@ -176,6 +176,8 @@ impl ScaleRun {
             sum.bytes_in += s.bytes_in;
             sum.bytes_out += s.bytes_out;
             sum.rejected += s.rejected;
+            sum.entries_announced += s.entries_announced;
+            sum.entries_asked += s.entries_asked;
             sum.entries_fresh += s.entries_fresh;
             sum.entries_stale += s.entries_stale;
             sum.entries_refused += s.entries_refused;

@@ -32,6 +32,22 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU time of the calling thread (the simulation runs on one), if the clock answers.
+fn thread_cpu() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| {
+        Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        )
+    })
+}
+
 fn idle_line(run: &mut ScaleRun, idle: Duration) -> String {
     match run.idle_bytes_per_node(idle) {
         Ok(traffic) => traffic.to_string(),
@@ -44,6 +60,7 @@ fn scale(seed: u64, clusters: usize, per_cluster: usize, idle: Duration, rss: bo
     let spec = ScaleSpec::new(seed, clusters, per_cluster);
     let nodes = spec.nodes();
     let wall = Instant::now();
+    let cpu = thread_cpu();
     let (mut run, report) = match formation(spec) {
         Ok(r) => r,
         Err(e) => {
@@ -55,9 +72,13 @@ fn scale(seed: u64, clusters: usize, per_cluster: usize, idle: Duration, rss: bo
         .clusters
         .values()
         .filter(|c| c.with_role == c.nodes && c.masters == 1);
+    let cpu = match (cpu, thread_cpu()) {
+        (Some(a), Some(b)) => format!("{:.1} s", b.saturating_sub(a).as_secs_f64()),
+        _ => "unknown".to_string(),
+    };
     println!(
         "{nodes} nodes ({clusters} x {per_cluster}): formed {} | {} of {clusters} clusters with \
-         every role and one master | {:.1} s wall (goal < 120) | {} steps",
+         every role and one master | {:.1} s wall (goal < 120), {cpu} of CPU | {} steps",
         match report.formed_at {
             Some(t) => format!("at {:.2} s virtual (goal < 10)", t.as_secs_f64()),
             None => format!("NOT within {:?} virtual", spec.limit),
@@ -76,12 +97,14 @@ fn scale(seed: u64, clusters: usize, per_cluster: usize, idle: Duration, rss: bo
     let n = nodes.max(1) as f64;
     println!(
         "  replication per node until formed: {:.0} messages sent, {:.1} KB sent, {:.0} entries \
-         fresh, {:.0} stale (redundancy {:.1}x)",
+         fresh, {:.0} stale (redundancy {:.1}x), {:.0} announced, {:.0} asked for",
         r.messages_out as f64 / n,
         r.bytes_out as f64 / n / 1e3,
         r.entries_fresh as f64 / n,
         r.entries_stale as f64 / n,
         r.entries_stale as f64 / (r.entries_fresh.max(1)) as f64,
+        r.entries_announced as f64 / n,
+        r.entries_asked as f64 / n,
     );
     let l = report.ledgers;
     let held = l.nodes.max(1) as f64;
