@@ -1217,7 +1217,7 @@ fn the_memory_disk_holds_the_file_bytes_and_loads_back_the_same_ledger() {
     let mut disk = MemoryDisk::default();
     let (me, mut clock) = (id(9), Clock::new());
     let mut writer = Ledger::default();
-    let mut save = |on_file: &mut Ledger, in_memory: &mut Ledger, disk: &mut MemoryDisk| {
+    let save = |on_file: &mut Ledger, in_memory: &mut Ledger, disk: &mut MemoryDisk| {
         let persisted = on_file.persist(&path).unwrap();
         assert_eq!(in_memory.persist_to(disk).unwrap(), persisted);
         assert_eq!(disk.snapshot(), Some(&fs::read(&path).unwrap()[..]));

@@ -779,6 +779,13 @@ impl Sim {
         self.slot(host).and_then(|s| s.node.as_deref())
     }
 
+    /// What a node's ledger saves left on its host's virtual disk (the snapshot and journal
+    /// bytes a restart loads).
+    #[must_use]
+    pub fn disk(&self, host: HostId) -> Option<&MemoryDisk> {
+        self.slot(host).map(|s| &s.disk)
+    }
+
     /// Metrics of a node's host.
     #[must_use]
     pub fn metrics(&self, host: HostId) -> Option<&NodeMetrics> {
