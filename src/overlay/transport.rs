@@ -1650,6 +1650,11 @@ impl Transport {
                         outcome = Outcome::TooLarge;
                         break;
                     }
+                    // Grown by a quarter, not doubled: a node holds a buffer per message in
+                    // flight to it (up to `max_concurrent_streams` per peer).
+                    if buf.capacity() - buf.len() < chunk.bytes.len() {
+                        buf.reserve_exact(chunk.bytes.len().max(buf.len() / 4));
+                    }
                     buf.extend_from_slice(&chunk.bytes);
                 }
                 Ok(None) => {
@@ -1681,7 +1686,9 @@ impl Transport {
                 self.stats.drops.reset_messages += 1;
             }
             Outcome::Finished => {
-                let message = c.reading.remove(&id).unwrap_or_default();
+                let mut message = c.reading.remove(&id).unwrap_or_default();
+                // Delivered messages may wait in the event queue: hold what they hold.
+                message.shrink_to_fit();
                 match self.authenticated_peer(now, ch) {
                     Some(peer) => {
                         self.stats.messages_in += 1;
@@ -1714,10 +1721,15 @@ fn write_stream(c: &mut Conn, id: StreamId, drops: &mut DropStats) {
             c.writing.remove(&id);
             return;
         }
-        match c.conn.send_stream(id).write(data) {
-            Ok(n) => {
-                c.pending_bytes = c.pending_bytes.saturating_sub(n);
-                let _ = data.split_to(n);
+        // Handed over as it is (no copy): QUIC keeps the written part until it is acknowledged,
+        // `data` keeps the rest.
+        match c
+            .conn
+            .send_stream(id)
+            .write_chunks(std::slice::from_mut(data))
+        {
+            Ok(written) => {
+                c.pending_bytes = c.pending_bytes.saturating_sub(written.bytes);
             }
             Err(WriteError::Blocked) => return,
             Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
