@@ -24,7 +24,7 @@ use kairos_p2p::cluster::{ClusterEvent, ClusterSettings};
 use kairos_p2p::discovery::beacon::{BEACON_TYPE_V1, SEALED_LEN};
 use kairos_p2p::discovery::kad::message::{Body, Message};
 use kairos_p2p::identity::PeerId;
-use kairos_p2p::ledger::names;
+use kairos_p2p::ledger::{Limits, names};
 use kairos_p2p::node::{Destination, NodeEvent};
 use kairos_p2p::sim::seed::run_seeded;
 use kairos_p2p::sim::{Action, HostId, LinkParams, NetId, PacketKind, Sim, SimConfig, SubnetId};
@@ -419,7 +419,24 @@ fn crash_restarts_with_state_kept_or_wiped_under_loss() {
                 };
                 let down_at = lab.sim.now() + ms(lab.sim.rng().below(2000));
                 lab.run_until(down_at);
+                // What this node wrote itself (heartbeats aside: those are saved lazily).
+                let me = lab.sim.peer_id(host).unwrap();
+                let own = |l: &kairos_p2p::ledger::Ledger| {
+                    l.entries()
+                        .filter(|e| e.writer == me && e.bucket != names::HEALTHCHECK)
+                        .count()
+                };
+                let held = lab
+                    .sim
+                    .node(host)
+                    .and_then(|n| n.cluster())
+                    .map_or(0, |c| own(c.ledger()));
                 lab.sim.crash(host).unwrap();
+                // The restart reads the real on-disk format back (the snapshot and the journal
+                // replayed over it): it holds all of that, saved before it was sent.
+                let saved = lab.sim.disk(host).unwrap().load(Limits::default()).unwrap();
+                assert!(held > 0, "node {v} wrote nothing before its crash");
+                assert_eq!(own(&saved), held, "node {v}: its own entries on its disk");
                 if wipe {
                     lab.sim.wipe_state(host);
                     wiped.push(*v);

@@ -553,11 +553,15 @@ impl Cluster {
         Ok(persisted)
     }
 
-    /// [`persist`](Self::persist) to the simulator's virtual disk (see
-    /// [`Ledger::persist_in_memory`]).
-    pub fn persist_in_memory(&mut self, disk: &mut Option<Ledger>) {
-        self.ledger.persist_in_memory(disk);
+    /// [`persist`](Self::persist) to any disk (the simulator's virtual one; see
+    /// [`Ledger::persist_to`]).
+    pub fn persist_to<D: crate::ledger::disk::LedgerDisk>(
+        &mut self,
+        disk: &mut D,
+    ) -> Result<crate::ledger::journal::Persisted, LedgerError> {
+        let persisted = self.ledger.persist_to(disk)?;
         self.saved();
+        Ok(persisted)
     }
 
     // ---- inputs ----

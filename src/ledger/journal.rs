@@ -16,17 +16,18 @@
 //! nothing is ever appended behind a torn record.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
+use super::disk::{FileDisk, LedgerDisk};
 use super::entry::MAX_VALUE_WIRE;
 use super::store::Admit;
 use super::{Entry, Ledger, LedgerError};
-use crate::wire::{Reader, Writer};
+use crate::wire::{Reader, WireError, Writer};
 
 /// First bytes of a journal file.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"KPJOURNL";
@@ -88,21 +89,18 @@ impl Ledger {
     /// grew past the ledger's size (or a key was removed, or no journal continues the snapshot),
     /// as a whole new snapshot (see the module documentation).
     pub fn persist(&mut self, path: &Path) -> Result<Persisted, LedgerError> {
-        let journal = journal_path(path);
+        self.persist_to(&mut FileDisk::new(path))
+    }
+
+    /// [`persist`](Self::persist) to any [`LedgerDisk`]: the agent's files or the simulator's
+    /// [`MemoryDisk`](super::disk::MemoryDisk). The bytes and the choice between an append and a
+    /// whole snapshot are the same for both.
+    pub fn persist_to<D: LedgerDisk>(&mut self, disk: &mut D) -> Result<Persisted, LedgerError> {
         let limit = (self.total_bytes() as u64).max(MIN_COMPACT_BYTES);
         let full = self.journal.needs_full || self.journal.bytes.is_none_or(|b| b > limit);
         if full {
-            self.save(path)?;
-            match fs::remove_file(&journal) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    return Err(LedgerError::Io {
-                        path: journal,
-                        error,
-                    });
-                }
-            }
+            disk.write_snapshot(self.encode_snapshot()?)?;
+            disk.remove_journal()?;
             self.journal = JournalState {
                 bytes: Some(0),
                 ..JournalState::default()
@@ -112,27 +110,8 @@ impl Ledger {
         if self.journal.dirty.is_empty() {
             return Ok(Persisted::Unchanged);
         }
-        let mut out = Vec::new();
-        let mut payload = Vec::new();
-        for (bucket, key) in &self.journal.dirty {
-            let Some(stored) = self.buckets.get(bucket).and_then(|b| b.entries.get(key)) else {
-                continue;
-            };
-            payload.clear();
-            let mut w = Writer::new(&mut payload);
-            w.u8(KIND_ENTRY);
-            stored.entry.encode(&mut w).map_err(LedgerError::Wire)?;
-            w.u8(if stored.suspect { FLAG_SUSPECT } else { 0 });
-            record(&payload, &mut out);
-        }
-        payload.clear();
-        Writer::new(&mut payload)
-            .u8(KIND_CONTACT)
-            .u64(self.last_contact_ms.unwrap_or(NONE))
-            .u64(self.quarantined_at.unwrap_or(NONE));
-        record(&payload, &mut out);
-        let appended = append(&journal, self.journal.bytes == Some(0), &out);
-        match appended {
+        let records = self.journal_records()?;
+        match disk.append_journal(self.journal.bytes == Some(0), &records) {
             Ok(n) => {
                 self.journal.bytes = self.journal.bytes.map(|b| b + n);
                 self.journal.dirty.clear();
@@ -144,88 +123,45 @@ impl Ledger {
                 if !cut_back {
                     self.journal.needs_full = true;
                 }
-                Err(LedgerError::Io {
-                    path: journal,
-                    error,
-                })
+                Err(error)
             }
         }
     }
 
-    /// The simulator's virtual disk: brings `disk` (this ledger as it was last saved) up to what
-    /// a [`persist`](Self::persist) and a later load would give, at the cost of what changed
-    /// (the dirty entries are replayed over it as a journal is), or copies the whole ledger when
-    /// a journal could not record the change (a key removed) or there is no copy yet.
-    pub fn persist_in_memory(&mut self, disk: &mut Option<Ledger>) {
-        let full = self.journal.needs_full || self.journal.bytes.is_none();
-        match disk {
-            Some(copy) if !full => {
-                // Checked when they were first stored; a journal replay checks them again only
-                // because a file can be damaged.
-                let trusted = Admit {
-                    verify: false,
-                    future: false,
-                    now: None,
-                };
-                for (bucket, key) in std::mem::take(&mut self.journal.dirty) {
-                    let Some(stored) = self.buckets.get(&bucket).and_then(|b| b.entries.get(&key))
-                    else {
-                        continue;
-                    };
-                    let suspect = stored.suspect;
-                    if copy.admit(stored.entry.clone(), trusted).is_ok() {
-                        copy.set_suspect(&bucket, &key, suspect);
-                    }
-                }
-                copy.last_contact_ms = self.last_contact_ms;
-                copy.quarantined_at = self.quarantined_at.filter(|_| copy.suspects > 0);
-                copy.journal = JournalState::default();
-                while copy.poll_event().is_some() {}
-            }
-            _ => {
-                self.journal = JournalState {
-                    bytes: Some(0),
-                    ..JournalState::default()
-                };
-                let mut copy = self.clone();
-                copy.unfollow_all();
-                *disk = Some(copy);
-            }
+    /// The journal records of what changed since the last save: each dirty entry as stored,
+    /// then the contact state.
+    fn journal_records(&self) -> Result<Vec<u8>, WireError> {
+        let mut out = Vec::new();
+        let mut payload = Vec::new();
+        for (bucket, key) in &self.journal.dirty {
+            let Some(stored) = self.buckets.get(bucket).and_then(|b| b.entries.get(key)) else {
+                continue;
+            };
+            payload.clear();
+            let mut w = Writer::new(&mut payload);
+            w.u8(KIND_ENTRY);
+            stored.entry.encode(&mut w)?;
+            w.u8(if stored.suspect { FLAG_SUSPECT } else { 0 });
+            record(&payload, &mut out);
         }
+        payload.clear();
+        Writer::new(&mut payload)
+            .u8(KIND_CONTACT)
+            .u64(self.last_contact_ms.unwrap_or(NONE))
+            .u64(self.quarantined_at.unwrap_or(NONE));
+        record(&payload, &mut out);
+        Ok(out)
     }
 
-    /// Replays the journal of the snapshot at `path` over this ledger (just loaded from it).
-    pub(crate) fn replay_journal(&mut self, path: &Path, cap: usize) -> Result<(), LedgerError> {
-        let journal = journal_path(path);
-        let file = match File::open(&journal) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.journal.bytes = path.exists().then_some(0);
-                return Ok(());
-            }
-            Err(error) => {
-                return Err(LedgerError::Io {
-                    path: journal,
-                    error,
-                });
-            }
-        };
-        let mut bytes = Vec::new();
-        file.take(u64::try_from(cap).unwrap_or(u64::MAX))
-            .read_to_end(&mut bytes)
-            .map_err(|error| LedgerError::Io {
-                path: journal.clone(),
-                error,
-            })?;
-        if bytes.len() < HEADER_LEN
-            || bytes[..JOURNAL_MAGIC.len()] != JOURNAL_MAGIC
-            || bytes[JOURNAL_MAGIC.len()] != JOURNAL_VERSION
-        {
-            log::warn!(
-                "ledger journal {} has no valid header: ignored",
-                journal.display()
-            );
-            return Ok(());
+    /// Replays journal bytes (header included) over this ledger, just loaded from the snapshot
+    /// they continue, up to the first torn or damaged record, and notes where the next append
+    /// goes (or that the next save must be a snapshot).
+    pub(crate) fn replay_journal(&mut self, bytes: &[u8]) -> Replayed {
+        if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN] != journal_header() {
+            return Replayed {
+                bad_header: true,
+                ..Replayed::default()
+            };
         }
         let mut at = HEADER_LEN;
         let mut records = 0usize;
@@ -234,7 +170,7 @@ impl Ledger {
             future: false,
             now: None,
         };
-        while let Some(payload) = next_record(&bytes, at) {
+        while let Some(payload) = next_record(bytes, at) {
             at += 4 + payload.len() + SUM_LEN;
             records += 1;
             let mut r = Reader::new(payload);
@@ -263,20 +199,39 @@ impl Ledger {
                 _ => break,
             }
         }
-        if at < bytes.len() {
-            log::warn!(
-                "ledger journal {}: ignoring {} bytes after {records} records (a torn write)",
-                journal.display(),
-                bytes.len() - at
-            );
+        let torn_bytes = bytes.len() - at;
+        if torn_bytes > 0 {
             // Appending after the torn bytes would hide what follows: compact at the next save.
             self.journal.needs_full = true;
         }
         self.journal.bytes = Some(at as u64);
         self.journal.dirty.clear();
         while self.poll_event().is_some() {}
-        Ok(())
+        Replayed {
+            bad_header: false,
+            records,
+            torn_bytes,
+        }
     }
+}
+
+/// What replaying a journal found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// The journal had no valid header and was ignored.
+    pub bad_header: bool,
+    /// Whole records replayed.
+    pub records: usize,
+    /// Bytes ignored after the last whole record (a torn write).
+    pub torn_bytes: usize,
+}
+
+/// The first bytes of every journal.
+pub(crate) fn journal_header() -> [u8; HEADER_LEN] {
+    let mut header = [0; HEADER_LEN];
+    header[..JOURNAL_MAGIC.len()].copy_from_slice(&JOURNAL_MAGIC);
+    header[JOURNAL_MAGIC.len()] = JOURNAL_VERSION;
+    header
 }
 
 /// The payload of the record at `at`, if it is whole and its checksum matches.
@@ -290,7 +245,7 @@ fn next_record(bytes: &[u8], at: usize) -> Option<&[u8]> {
 /// Appends `records` to the journal at `path` (0600; with a header when `fresh`), syncs it, and
 /// returns the bytes written. On failure (a full disk), the file is cut back to where it was,
 /// so no torn record stays; the error says whether that worked.
-fn append(path: &Path, fresh: bool, records: &[u8]) -> Result<u64, (io::Error, bool)> {
+pub(crate) fn append(path: &Path, fresh: bool, records: &[u8]) -> Result<u64, (io::Error, bool)> {
     let file = OpenOptions::new()
         .append(true)
         .create(true)
@@ -308,10 +263,8 @@ fn write_records(mut file: &File, path: &Path, fresh: bool, records: &[u8]) -> i
     let mut n = 0u64;
     if fresh || file.metadata()?.len() == 0 {
         file.set_len(0)?;
-        let mut header = JOURNAL_MAGIC.to_vec();
-        header.push(JOURNAL_VERSION);
-        file.write_all(&header)?;
-        n += header.len() as u64;
+        file.write_all(&journal_header())?;
+        n += HEADER_LEN as u64;
     }
     file.write_all(records)?;
     file.sync_data()?;

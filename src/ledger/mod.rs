@@ -58,6 +58,7 @@
 
 pub mod authority;
 mod catchup;
+pub mod disk;
 pub mod edgevpn;
 mod entry;
 mod hlc;

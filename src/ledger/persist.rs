@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::entry::MAX_VALUE_WIRE;
+use super::journal::{Replayed, journal_path};
 use super::store::Admit;
 use super::{Entry, Ledger, LedgerError, Limits};
 use crate::wire::{Reader, WireError, Writer};
@@ -38,31 +39,7 @@ impl Ledger {
     /// Writes the snapshot atomically: a private temporary file (0600) in the same directory,
     /// fsync, rename over `path`, fsync of the directory.
     pub fn save(&self, path: &Path) -> Result<(), LedgerError> {
-        let io_err = |p: &Path| {
-            let p = p.to_path_buf();
-            move |error| LedgerError::Io { path: p, error }
-        };
-        let bytes = self.encode_snapshot().map_err(LedgerError::Wire)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| LedgerError::Io {
-                path: path.to_path_buf(),
-                error: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
-            })?;
-        let tmp = dir.join(temporary_name(&name, std::process::id()));
-        let written = write_private(&tmp, &bytes).and_then(|()| fs::rename(&tmp, path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(path)(e));
-        }
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&dir))
+        write_snapshot_file(path, &self.encode_snapshot()?)
     }
 
     /// Removes the temporary files that saves of earlier runs left next to `path` when they
@@ -88,41 +65,34 @@ impl Ledger {
             .count()
     }
 
-    /// Loads a snapshot. A missing file is an empty ledger; an unreadable or corrupt one is an
-    /// error naming the file. Entries whose signature fails, or that no longer fit `limits`, are
-    /// skipped, counted in [`Ledger::counters`] and logged.
+    /// Loads a snapshot and replays its journal. A missing file is an empty ledger; an
+    /// unreadable or corrupt one is an error naming the file. Entries whose signature fails, or
+    /// that no longer fit `limits`, are skipped, counted in [`Ledger::counters`] and logged.
     pub fn load(path: &Path, limits: Limits) -> Result<Ledger, LedgerError> {
-        let io_err = |error| LedgerError::Io {
-            path: path.to_path_buf(),
-            error,
-        };
         let cap = max_snapshot_len(&limits);
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // A journal without its snapshot (a compaction cut short) still holds writes.
-                let mut ledger = Ledger::new(limits);
-                ledger.replay_journal(path, cap)?;
-                return Ok(ledger);
-            }
-            Err(e) => return Err(io_err(e)),
-        };
-        let mut bytes = Vec::new();
-        file.take(u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1))
-            .read_to_end(&mut bytes)
-            .map_err(io_err)?;
-        if bytes.len() > cap {
-            return Err(LedgerError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("larger than the ledger limits allow ({cap} bytes)"),
-            });
+        // One byte over the cap, so that an oversized snapshot is told from one at the cap.
+        let snapshot = read_capped(path, cap.saturating_add(1))?;
+        let journal = journal_path(path);
+        let journal_bytes = read_capped(&journal, cap)?;
+        let (ledger, replayed) =
+            Ledger::from_disk_bytes(snapshot.as_deref(), journal_bytes.as_deref(), limits)
+                .map_err(|reason| LedgerError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason,
+                })?;
+        if replayed.bad_header {
+            log::warn!(
+                "ledger journal {} has no valid header: ignored",
+                journal.display()
+            );
+        } else if replayed.torn_bytes > 0 {
+            log::warn!(
+                "ledger journal {}: ignoring {} bytes after {} records (a torn write)",
+                journal.display(),
+                replayed.torn_bytes,
+                replayed.records
+            );
         }
-        let mut ledger =
-            Ledger::decode_snapshot(&bytes, limits).map_err(|reason| LedgerError::Corrupt {
-                path: path.to_path_buf(),
-                reason,
-            })?;
-        ledger.replay_journal(path, cap)?;
         let c = ledger.counters();
         if c.bad_signature + c.invalid + c.rejected_full > 0 {
             log::warn!(
@@ -134,6 +104,36 @@ impl Ledger {
             );
         }
         Ok(ledger)
+    }
+
+    /// Loads a ledger from what its disk holds: the snapshot's and the journal's bytes (`None`:
+    /// no such file). The snapshot must be whole (checksummed) and within `limits`; the journal
+    /// is replayed over it up to its first torn record. Pure: [`load`](Self::load) and the
+    /// simulator's virtual disk both go through it. The error says what is wrong with the
+    /// snapshot.
+    pub(crate) fn from_disk_bytes(
+        snapshot: Option<&[u8]>,
+        journal: Option<&[u8]>,
+        limits: Limits,
+    ) -> Result<(Ledger, Replayed), String> {
+        let cap = max_snapshot_len(&limits);
+        let mut ledger = match snapshot {
+            Some(bytes) if bytes.len() > cap => {
+                return Err(format!("larger than the ledger limits allow ({cap} bytes)"));
+            }
+            Some(bytes) => Ledger::decode_snapshot(bytes, limits)?,
+            // A journal without its snapshot (a compaction cut short) still holds writes.
+            None => Ledger::new(limits),
+        };
+        let replayed = match journal {
+            Some(bytes) => ledger.replay_journal(bytes.get(..cap).unwrap_or(bytes)),
+            None => {
+                // Appends continue a snapshot; with none, the next save writes one.
+                ledger.journal.bytes = snapshot.map(|_| 0);
+                Replayed::default()
+            }
+        };
+        Ok((ledger, replayed))
     }
 
     /// The snapshot bytes.
@@ -228,6 +228,53 @@ impl Ledger {
         ledger.journal.dirty.clear();
         Ok(ledger)
     }
+}
+
+/// Writes snapshot `bytes` to `path` atomically: a private temporary file (0600) in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub(crate) fn write_snapshot_file(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
+    let io_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |error| LedgerError::Io { path: p, error }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| LedgerError::Io {
+            path: path.to_path_buf(),
+            error: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        })?;
+    let tmp = dir.join(temporary_name(&name, std::process::id()));
+    let written = write_private(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(&dir))
+}
+
+/// At most `cap` bytes of the file at `path` (`None`: there is no such file).
+fn read_capped(path: &Path, cap: usize) -> Result<Option<Vec<u8>>, LedgerError> {
+    let io_err = |error| LedgerError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(u64::try_from(cap).unwrap_or(u64::MAX))
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    Ok(Some(bytes))
 }
 
 /// The temporary file a save by process `pid` writes before renaming it over `name`.

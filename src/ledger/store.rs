@@ -324,16 +324,6 @@ impl Ledger {
         }
     }
 
-    /// Stops every log [`follow`](Self::follow) started (a copy that nobody reads incrementally).
-    pub(crate) fn unfollow_all(&mut self) {
-        self.followed.clear();
-        for b in self.buckets.values_mut() {
-            b.stored_log = BTreeMap::new();
-            b.removal_log = BTreeMap::new();
-            b.removed = BTreeMap::new();
-        }
-    }
-
     /// The number of the latest change (each entry stored or removed counts one; it only grows).
     #[must_use]
     pub fn change_seq(&self) -> u64 {

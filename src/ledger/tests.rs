@@ -1235,3 +1235,104 @@ fn one_writer_stops_at_its_quota_and_others_still_write() {
         .put(&spammer, &mut clock, "spam", "k0", b"small", NOW)
         .unwrap();
 }
+
+/// What a restart must find: the entries with their suspicion and the contact state.
+fn saved_state(l: &Ledger) -> (Vec<(Entry, bool)>, Option<u64>, Option<u64>) {
+    let entries = l
+        .buckets
+        .values()
+        .flat_map(|b| b.entries.values())
+        .map(|s| (s.entry.clone(), s.suspect))
+        .collect();
+    (entries, l.last_contact_ms, l.quarantined_at)
+}
+
+/// The simulator's virtual disk holds the very bytes the agent's files hold, save after save
+/// (a first snapshot, journal appends, a full rewrite after a key is removed), and a ledger
+/// loaded from them equals the one saved.
+#[test]
+fn the_memory_disk_holds_the_file_bytes_and_loads_back_the_same_ledger() {
+    use super::disk::MemoryDisk;
+    use super::journal::{Persisted, journal_path};
+    let dir = temp_dir("memory-disk");
+    let path = dir.join("ledger.snapshot");
+    let (mut on_file, mut in_memory) = (sample_ledger(), sample_ledger());
+    let mut disk = MemoryDisk::default();
+    let (me, mut clock) = (id(9), Clock::new());
+    let mut writer = Ledger::default();
+    let save = |on_file: &mut Ledger, in_memory: &mut Ledger, disk: &mut MemoryDisk| {
+        let persisted = on_file.persist(&path).unwrap();
+        assert_eq!(in_memory.persist_to(disk).unwrap(), persisted);
+        assert_eq!(disk.snapshot(), Some(&fs::read(&path).unwrap()[..]));
+        assert_eq!(
+            disk.journal(),
+            fs::read(journal_path(&path)).ok().as_deref()
+        );
+        let back = disk.load(Limits::default()).unwrap();
+        assert_eq!(saved_state(&back), saved_state(in_memory));
+        assert_eq!(
+            saved_state(&Ledger::load(&path, Limits::default()).unwrap()),
+            saved_state(in_memory)
+        );
+        persisted
+    };
+    assert!(disk.load(Limits::default()).unwrap().is_empty());
+    assert_eq!(
+        save(&mut on_file, &mut in_memory, &mut disk),
+        Persisted::Compacted
+    );
+    for i in 0..20u8 {
+        let value = [i; 40];
+        let key = format!("k{}", i % 7);
+        let entry = if i % 5 == 4 {
+            writer.delete(&me, &mut clock, "b", &key, NOW).unwrap()
+        } else {
+            writer.put(&me, &mut clock, "b", &key, &value, NOW).unwrap()
+        };
+        on_file.apply(entry.clone(), NOW).unwrap();
+        in_memory.apply(entry, NOW).unwrap();
+        on_file.note_contact(NOW + u64::from(i));
+        in_memory.note_contact(NOW + u64::from(i));
+        assert!(matches!(
+            save(&mut on_file, &mut in_memory, &mut disk),
+            Persisted::Appended(_)
+        ));
+    }
+    assert!(disk.journal().is_some());
+    assert_eq!(
+        save(&mut on_file, &mut in_memory, &mut disk),
+        Persisted::Unchanged
+    );
+    // Tombstones expire: a removed key is only recorded by a whole new snapshot.
+    assert!(on_file.expire(NOW + 3 * DAY) > 0);
+    assert!(in_memory.expire(NOW + 3 * DAY) > 0);
+    assert_eq!(
+        save(&mut on_file, &mut in_memory, &mut disk),
+        Persisted::Compacted
+    );
+    assert_eq!(disk.journal(), None);
+    // Appends continue the new snapshot, and a reloaded ledger goes on appending.
+    let entry = writer
+        .put(&me, &mut clock, "b", "after", b"x", NOW)
+        .unwrap();
+    on_file.apply(entry.clone(), NOW).unwrap();
+    in_memory.apply(entry, NOW).unwrap();
+    assert!(matches!(
+        save(&mut on_file, &mut in_memory, &mut disk),
+        Persisted::Appended(_)
+    ));
+    let mut reloaded = disk.load(Limits::default()).unwrap();
+    let entry = writer
+        .put(&me, &mut clock, "b", "later", b"y", NOW)
+        .unwrap();
+    reloaded.apply(entry, NOW).unwrap();
+    assert!(matches!(
+        reloaded.persist_to(&mut disk),
+        Ok(Persisted::Appended(_))
+    ));
+    assert_eq!(
+        saved_state(&disk.load(Limits::default()).unwrap()),
+        saved_state(&reloaded)
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -62,7 +62,8 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Cluster, ClusterEvent, ClusterSettings};
 use crate::discovery::lan::BEACON_PORT;
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{Ledger, names};
+use crate::ledger::disk::MemoryDisk;
+use crate::ledger::names;
 use crate::node::bootstrap::DEFAULT_OVERLAY_PORT;
 use crate::node::{Destination, Node, NodeEvent, NodeSettings};
 use crate::overlay::TransportError;
@@ -257,8 +258,9 @@ struct NodeSlot {
     peer: PeerId,
     settings: NodeSettings,
     cluster: Option<ClusterSettings>,
-    /// The ledger as last saved (what a restart finds in the state directory).
-    disk: Option<Ledger>,
+    /// The ledger's snapshot and journal bytes as last saved (what a restart finds in the state
+    /// directory).
+    disk: MemoryDisk,
     node: Option<Box<Node>>,
     incarnation: u64,
     wake_at: Option<u64>,
@@ -456,7 +458,7 @@ impl Sim {
             peer,
             settings,
             cluster: None,
-            disk: None,
+            disk: MemoryDisk::default(),
             node: None,
             incarnation: 0,
             wake_at: None,
@@ -487,7 +489,7 @@ impl Sim {
     /// Deletes a node's saved state (its ledger): the next start begins empty.
     pub fn wipe_state(&mut self, host: HostId) {
         if let Some(slot) = self.slot_mut(host) {
-            slot.disk = None;
+            slot.disk = MemoryDisk::default();
         }
     }
 
@@ -777,6 +779,13 @@ impl Sim {
         self.slot(host).and_then(|s| s.node.as_deref())
     }
 
+    /// What a node's ledger saves left on its host's virtual disk (the snapshot and journal
+    /// bytes a restart loads).
+    #[must_use]
+    pub fn disk(&self, host: HostId) -> Option<&MemoryDisk> {
+        self.slot(host).map(|s| &s.disk)
+    }
+
     /// Metrics of a node's host.
     #[must_use]
     pub fn metrics(&self, host: HostId) -> Option<&NodeMetrics> {
@@ -922,10 +931,15 @@ impl Sim {
         let mut node = Node::new(&identity, token, slot.settings.clone(), node_seed)
             .map_err(|error| SimError::NodeCreate { host, error })?;
         if let Some(settings) = &slot.cluster {
-            let ledger = slot
-                .disk
-                .clone()
-                .unwrap_or_else(|| Ledger::new(settings.ledger_limits));
+            // Read back through the agent's own decoding (snapshot, then journal replay).
+            let ledger =
+                slot.disk
+                    .load(settings.ledger_limits)
+                    .map_err(|reason| SimError::Invariant {
+                        at: self.now(),
+                        host,
+                        what: format!("the saved ledger does not load: {reason}"),
+                    })?;
             let cluster = Cluster::new(&identity, settings.clone(), ledger, node_seed ^ 0x5eed);
             node.attach_cluster(cluster);
         }
@@ -961,9 +975,17 @@ impl Sim {
                 node.shutdown(now);
             }
             self.after_input(host)?;
+            // The driver saves once more on the way out.
+            let at = self.now();
             if let Some(slot) = self.slot_mut(host) {
-                if let Some(cluster) = slot.node.as_ref().and_then(|n| n.cluster()) {
-                    slot.disk = Some(cluster.ledger().clone());
+                if let Some(cluster) = slot.node.as_mut().and_then(|n| n.cluster_mut()) {
+                    cluster
+                        .persist_to(&mut slot.disk)
+                        .map_err(|e| SimError::Invariant {
+                            at,
+                            host,
+                            what: format!("saving the ledger: {e}"),
+                        })?;
                 }
             }
         }
@@ -1113,8 +1135,16 @@ impl Sim {
         // Saved before anything is sent, as the driver does.
         if let Some(cluster) = node.cluster_mut() {
             if cluster.save_due(now) {
+                let at = self.now();
                 if let Some(slot) = self.slot_mut(host) {
-                    cluster.persist_in_memory(&mut slot.disk);
+                    if let Err(e) = cluster.persist_to(&mut slot.disk) {
+                        slot.node = Some(node);
+                        return Err(SimError::Invariant {
+                            at,
+                            host,
+                            what: format!("saving the ledger: {e}"),
+                        });
+                    }
                 }
             }
         }
