@@ -398,9 +398,9 @@ impl Replication {
         }
     }
 
-    /// Sends the waiting news to every member, each what it is not known to hold (the timer
-    /// does when due): in full to [`EAGER_FANOUT`] of them drawn at random, announced to the
-    /// others.
+    /// Sends the waiting news to every member, each what it is not known to hold and is in its
+    /// [`Scope`] (the timer does when due): in full to [`EAGER_FANOUT`] of them drawn at
+    /// random, announced to the others.
     pub(crate) fn flush_news(&mut self) {
         self.news_at = None;
         let news = std::mem::take(&mut self.pending_news);
@@ -408,9 +408,12 @@ impl Replication {
             .peers
             .keys()
             .map(|peer| {
+                let scope = self.scope(peer);
                 let batch = news
                     .values()
-                    .filter(|(_, holders)| !holders.contains(peer))
+                    .filter(|(e, holders)| {
+                        !holders.contains(peer) && scope.shares(&e.bucket, &e.key)
+                    })
                     .map(|(e, _)| e)
                     .collect::<Vec<&Entry>>();
                 (*peer, batch)
@@ -435,7 +438,7 @@ impl Replication {
         let scope = self.scope(&peer);
         let entries: Vec<&Entry> = entries
             .iter()
-            .filter(|e| scope.shares(&e.bucket))
+            .filter(|e| scope.shares(&e.bucket, &e.key))
             .copied()
             .collect();
         self.stats.entries_announced += entries.len() as u64;
@@ -451,7 +454,7 @@ impl Replication {
             let scope = self.scope(&from);
             items
                 .into_iter()
-                .filter(|item| scope.shares(&item.bucket))
+                .filter(|item| scope.shares(&item.bucket, &item.key))
                 .collect()
         };
         let due = now + LAZY_WAIT;
@@ -748,7 +751,7 @@ impl Replication {
         let scope = self.scope(&peer);
         let entries: Vec<&Entry> = entries
             .iter()
-            .filter(|e| scope.shares(&e.bucket))
+            .filter(|e| scope.shares(&e.bucket, &e.key))
             .copied()
             .collect();
         let mut batch = Vec::new();

@@ -1257,6 +1257,7 @@ fn clusters_of_one_token_share_the_network_wide_buckets_and_keep_their_own() {
     r[0].put(names::DHCP, "10.1.0.1", "a", t);
     r[0].put("photos", "p", "1", t); // a user's bucket: network-wide
     r[1].put("beta", "b", "1", t);
+    r[1].put("beta", &names::uuid_key("node-b"), "{}", t); // its announcement
     r[1].put(names::HEALTHCHECK, "b", "1", t);
     connect(&mut r, 0, 1, Instant::now());
     connect(&mut r, 1, 2, Instant::now());
@@ -1277,6 +1278,14 @@ fn clusters_of_one_token_share_the_network_wide_buckets_and_keep_their_own() {
         None,
         "beta holds no alpha entry"
     );
+    // But announcements cross: they bind the uuids the network-wide buckets are keyed by.
+    for node in [&r[0], &r[2]] {
+        assert!(
+            node.ledger
+                .get("beta", &names::uuid_key("node-b"))
+                .is_some()
+        );
+    }
     assert_eq!(r[0].ledger.get("beta", "b"), None);
     assert_eq!(r[2].ledger.get("beta", "b"), None);
     assert_eq!(

@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, btree_map};
 
+use super::authority::announced_uuid;
 use super::entry::{MAX_VALUE_WIRE, name_problem};
 use super::names;
 use super::store::Stored;
@@ -127,7 +128,8 @@ pub struct Digest {
 /// Which buckets two ledgers exchange. One token carries every cluster (`network_id`) of a
 /// network; a node keeps its own cluster's bucket and the rest (the network-wide `machines`,
 /// `healthcheck`, `dhcp`, and any other bucket), but not the bucket of another cluster: two
-/// members of different clusters do not exchange either one's cluster bucket, and a node keeps
+/// members of different clusters do not exchange either one's cluster bucket (but for the nodes'
+/// announcements, see [`Scope::shares`]), and a node keeps
 /// its own from a peer whose cluster it does not know yet (the exchange that starts every
 /// connection brings the peer what it missed meanwhile). Nobody passes on another cluster's
 /// bucket, so nobody holds one. A member that names some bucket as its cluster only keeps that
@@ -147,9 +149,15 @@ impl Scope<'_> {
         theirs: None,
     };
 
-    /// True when entries of `bucket` go between the two.
+    /// True when the entry `bucket`/`key` goes between the two. A node's announcement
+    /// (`<uuid>-uuid`) always does, whatever its bucket: it binds the uuid to the node's key for
+    /// the whole network, and the network-wide buckets are keyed by uuid (another cluster's
+    /// heartbeats and address claims could not be checked without it).
     #[must_use]
-    pub fn shares(&self, bucket: &str) -> bool {
+    pub fn shares(&self, bucket: &str, key: &str) -> bool {
+        if announced_uuid(bucket, key).is_some() {
+            return true;
+        }
         match (self.mine, self.theirs) {
             (Some(mine), Some(theirs)) if mine == theirs => true,
             (mine, theirs) => {
@@ -860,9 +868,7 @@ impl Ledger {
             .keys()
             .chain(remote.buckets.keys())
             .map(String::as_str)
-            .filter(|n| {
-                cutoff.is_none_or(|c| *n <= c) && first.is_none_or(|f| *n >= f) && scope.shares(n)
-            })
+            .filter(|n| cutoff.is_none_or(|c| *n <= c) && first.is_none_or(|f| *n >= f))
             .collect();
         let mut summary = Summary {
             synced_until,
@@ -889,8 +895,12 @@ impl Ledger {
                 summary.complete = false;
                 break;
             }
-            let mut items: Vec<&Stored> =
-                local.map_or_else(Vec::new, |b| b.entries.values().collect());
+            let mut items: Vec<&Stored> = local.map_or_else(Vec::new, |b| {
+                b.entries
+                    .values()
+                    .filter(|s| scope.shares(name, &s.entry.key))
+                    .collect()
+            });
             items.sort_by_key(|s| s.key_id);
             let cost = |s: &Stored, ws: &BTreeSet<PeerId>| {
                 if ws.contains(&s.entry.writer) {
@@ -1019,7 +1029,7 @@ impl Ledger {
         let mut forget: Vec<(String, String)> = Vec::new();
         let mut seen: BTreeSet<&str> = BTreeSet::new();
         for bs in &remote.buckets {
-            if !seen.insert(bs.name.as_str()) || !scope.shares(&bs.name) {
+            if !seen.insert(bs.name.as_str()) {
                 continue; // a bucket listed twice is looked at once
             }
             let in_range = |k: KeyId| bs.first <= k && k <= bs.last;
@@ -1050,6 +1060,7 @@ impl Ledger {
                 .get(&bs.name)
                 .into_iter()
                 .flat_map(|b| b.entries.values())
+                .filter(|s| scope.shares(&bs.name, &s.entry.key))
             {
                 locals.entry(s.key_id).or_default().push(s);
             }
@@ -1171,7 +1182,7 @@ impl Ledger {
         };
         let mut batch = Batch::default();
         for (bucket, ids) in wanted {
-            let Some(b) = self.buckets.get(bucket).filter(|_| scope.shares(bucket)) else {
+            let Some(b) = self.buckets.get(bucket) else {
                 continue;
             };
             for s in b.entries.values() {
@@ -1181,6 +1192,7 @@ impl Ledger {
                     .as_ref()
                     .is_none_or(|v| v.len() <= limits.max_value_bytes);
                 if ids.contains(&s.key_id)
+                    && scope.shares(bucket, &s.entry.key)
                     && !s.suspect
                     && fits_value
                     && budget.take_entry(s.entry.encoded_len())

@@ -889,7 +889,9 @@ fn a_scope_keeps_each_cluster_bucket_within_its_cluster() {
     ];
     for (mine, theirs, bucket, shared) in cases {
         let scope = Scope { mine, theirs };
-        assert_eq!(scope.shares(bucket), shared, "{scope:?} {bucket}");
+        assert_eq!(scope.shares(bucket, "k"), shared, "{scope:?} {bucket}");
+        // Announcements bind uuids for the whole network: always exchanged.
+        assert!(scope.shares(bucket, "node-1-uuid"), "{scope:?} {bucket}");
     }
 }
 

@@ -203,9 +203,13 @@ impl ScaleRun {
             sum.nodes += 1;
             sum.entries += ledger.len() as u64;
             sum.bytes += ledger.total_bytes() as u64;
+            sum.dhcp_claims += ledger.bucket(names::DHCP).count() as u64;
             for e in ledger.entries() {
                 if e.bucket != *id && clusters.contains(e.bucket.as_str()) {
                     sum.other_clusters += 1;
+                    if !e.key.ends_with(names::UUID_SUFFIX) {
+                        sum.other_clusters_not_announcements += 1;
+                    }
                 }
             }
         }
@@ -253,6 +257,11 @@ pub struct LedgerHoldings {
     pub bytes: u64,
     /// Entries held in another cluster's bucket (a `network_id` not the node's own).
     pub other_clusters: u64,
+    /// Of those, the ones that are not a node's announcement (`<uuid>-uuid`, which every
+    /// cluster exchanges: see `ledger::Scope`).
+    pub other_clusters_not_announcements: u64,
+    /// Address claims held (the `dhcp` bucket, network-wide).
+    pub dhcp_claims: u64,
 }
 
 /// What a scale formation measured.
