@@ -7,10 +7,10 @@
 //! `cargo bench --bench scale`; `SIM_SEED` picks the seed, `SIM_BENCH_SCALE_NODES` the big
 //! run's nodes per cluster (default 100; 30 and 50 give 300 and 500 nodes), and
 //! `SIM_BENCH_IDLE_SECS` the idle measurement (default 60 virtual seconds). The big run runs
-//! only with `SIM_BENCH_SCALE_BIG=1`: every node holds and relays the whole token's ledger, so
-//! the work grows with nodes² (300 nodes form in 4.7 s virtual but take ~1.3 min of CPU and
-//! 1.3 GB, 500 nodes 5 min and 3.1 GB; see the README's bench section), which `make bench`
-//! must not spend by default.
+//! only with `SIM_BENCH_SCALE_BIG=1`: every node holds the network-wide buckets, one entry or
+//! more per node of the whole token, so the work grows with nodes² (300 nodes form in 3.7 s
+//! virtual but take ~1.8 min of CPU and 0.8 GB, 500 nodes 4.6 min and 2.3 GB; see the README's
+//! bench section), which `make bench` must not spend by default.
 
 use std::time::{Duration, Instant};
 
@@ -140,7 +140,7 @@ fn main() {
     } else {
         println!(
             "{} nodes (10 x {per_cluster}): skipped (SIM_BENCH_SCALE_BIG=1 runs it; work grows \
-             with nodes², 300 nodes take ~1.3 min of CPU and 1.3 GB)",
+             with nodes², 500 nodes take ~4.6 min of CPU and 2.3 GB)",
             10 * per_cluster
         );
     }
