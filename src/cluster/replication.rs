@@ -435,12 +435,7 @@ impl Replication {
 
     /// Announces `entries` (those in its [`Scope`]) to `peer`.
     fn announce(&mut self, peer: PeerId, entries: &[&Entry]) {
-        let scope = self.scope(&peer);
-        let entries: Vec<&Entry> = entries
-            .iter()
-            .filter(|e| scope.shares(&e.bucket, &e.key))
-            .copied()
-            .collect();
+        let entries = self.in_scope(&peer, entries);
         self.stats.entries_announced += entries.len() as u64;
         for msg in SyncMessage::announcements(&entries, &self.limits) {
             self.send(peer, &msg, Sent::News);
@@ -738,6 +733,16 @@ impl Replication {
         }
     }
 
+    /// Those of `entries` that go to `peer` ([`Scope`]).
+    fn in_scope<'e>(&self, peer: &PeerId, entries: &[&'e Entry]) -> Vec<&'e Entry> {
+        let scope = self.scope(peer);
+        entries
+            .iter()
+            .filter(|e| scope.shares(&e.bucket, &e.key))
+            .copied()
+            .collect()
+    }
+
     fn send_digest(&mut self, unix_ms: u64, ledger: &Ledger, peer: PeerId) {
         let mut digest = ledger.digest(&self.limits, unix_ms);
         digest.cluster = Some(self.cluster.clone());
@@ -748,12 +753,7 @@ impl Replication {
     fn send_entries(&mut self, peer: PeerId, entries: &[&Entry], kind: Sent) {
         // Half the message limit per batch leaves room for the framing.
         let budget = self.limits.max_message_bytes / 2;
-        let scope = self.scope(&peer);
-        let entries: Vec<&Entry> = entries
-            .iter()
-            .filter(|e| scope.shares(&e.bucket, &e.key))
-            .copied()
-            .collect();
+        let entries = self.in_scope(&peer, entries);
         let mut batch = Vec::new();
         let mut size = 0;
         for e in entries {

@@ -1308,6 +1308,14 @@ impl Node {
         }
     }
 
+    /// The members heard on our LAN.
+    fn lan_peer_ids(&self) -> BTreeSet<PeerId> {
+        self.lan
+            .iter()
+            .flat_map(|lan| lan.peers().map(|(p, _)| *p))
+            .collect()
+    }
+
     /// Our cluster's tag ([`cluster_tag`]), 0 without the cluster layer.
     fn cluster_tag(&self) -> u32 {
         self.cluster
@@ -1508,11 +1516,7 @@ impl Node {
         if wanted == 0 {
             return;
         }
-        let lan: BTreeSet<PeerId> = self
-            .lan
-            .iter()
-            .flat_map(|lan| lan.peers().map(|(p, _)| *p))
-            .collect();
+        let lan = self.lan_peer_ids();
         let mut candidates: Vec<(u64, PeerId)> = self
             .members
             .iter()
@@ -1576,11 +1580,7 @@ impl Node {
         if busy >= full || (busy >= self.settings.neighbours && self.members.len() <= lan_count) {
             return;
         }
-        let lan: BTreeSet<PeerId> = self
-            .lan
-            .iter()
-            .flat_map(|lan| lan.peers().map(|(p, _)| *p))
-            .collect();
+        let lan = self.lan_peer_ids();
         let remote = self.connected.keys().filter(|p| !lan.contains(p)).count()
             + self
                 .dials
