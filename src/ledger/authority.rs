@@ -90,14 +90,9 @@ pub(crate) enum Verdict {
     Unsettled,
 }
 
-/// True for the buckets keyed by uuid or address for the whole network.
-fn network_wide(bucket: &str) -> bool {
-    matches!(bucket, names::HEALTHCHECK | names::DHCP | names::MACHINES)
-}
-
 /// The uuid an announcement key names, if it is one (in a bucket that may hold them).
 pub(crate) fn announced_uuid<'a>(bucket: &str, key: &'a str) -> Option<&'a str> {
-    if network_wide(bucket) {
+    if names::is_network_wide(bucket) {
         return None;
     }
     key.strip_suffix(names::UUID_SUFFIX)
