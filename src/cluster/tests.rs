@@ -1199,6 +1199,16 @@ fn connect(replicas: &mut [Replica], a: usize, b: usize, now: Instant) {
     }
 }
 
+/// `nodes` replicas, the first connected to each of the others (not yet synced), and when.
+fn star(nodes: u8) -> (Vec<Replica>, Instant) {
+    let mut r: Vec<Replica> = (1..=nodes).map(Replica::new).collect();
+    let now = Instant::now();
+    for peer in 1..r.len() {
+        connect(&mut r, 0, peer, now);
+    }
+    (r, now)
+}
+
 /// Hands `messages` sent by replica `from` to their targets.
 fn hand_over(replicas: &mut [Replica], from: usize, messages: Vec<(PeerId, Vec<u8>)>) {
     let sender = replicas[from].peer();
@@ -1320,11 +1330,7 @@ fn clusters_of_one_token_share_the_network_wide_buckets_and_keep_their_own() {
 fn relayed_news_goes_in_full_to_a_few_members_and_is_announced_to_the_others() {
     // Node 0 is connected to nodes 1 to 6; node 1 writes, node 0 passes it on to the five
     // others.
-    let mut r: Vec<Replica> = (1..=7).map(Replica::new).collect();
-    let now = Instant::now();
-    for i in 1..r.len() {
-        connect(&mut r, 0, i, now);
-    }
+    let (mut r, now) = star(7);
     pump(&mut r);
     let entry = r[1].put(BUCKET, "k", "v", UNIX_BASE_MS + 1_000);
     r[1].replication.push(now, &[(entry.clone(), true)], None);
@@ -1411,11 +1417,7 @@ fn three_ledgers_in_a_chain_converge() {
 
 #[test]
 fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
-    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
-    let now = Instant::now();
-    for peer in 1..4 {
-        connect(&mut r, 0, peer, now);
-    }
+    let (mut r, _) = star(4);
     pump(&mut r);
     let peers: BTreeSet<PeerId> = r[1..].iter().map(Replica::peer).collect();
 
@@ -1456,11 +1458,7 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
 #[test]
 fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
     // 0 is connected to 1, 2 and 3; 1 and 2 beat, and their routine beats reach 0.
-    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
-    let now = Instant::now();
-    for peer in 1..4 {
-        connect(&mut r, 0, peer, now);
-    }
+    let (mut r, now) = star(4);
     pump(&mut r);
     let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
     let t = UNIX_BASE_MS + 5_000;
@@ -1509,11 +1507,7 @@ fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
 #[test]
 fn relayed_news_waits_for_its_batch_and_skips_the_members_that_sent_it() {
     // 0 is connected to 1, 2 and 3; 1 writes an entry and 0 gets it from 1, then from 2.
-    let mut r: Vec<Replica> = (1..=4).map(Replica::new).collect();
-    let now = Instant::now();
-    for peer in 1..4 {
-        connect(&mut r, 0, peer, now);
-    }
+    let (mut r, now) = star(4);
     connect(&mut r, 1, 2, now);
     pump(&mut r);
     let e = r[1].put(BUCKET, "fresh", "v", UNIX_BASE_MS + 5_000);
