@@ -120,10 +120,10 @@ pub fn is_secret_key(key: &str) -> bool {
     key.starts_with("token-") || key.ends_with("-kubeconfig")
 }
 
-/// Buckets only the nodes write: VPN machines, health checks, address leases.
+/// Buckets only the nodes write: VPN machines, health checks, address leases, suspicions.
 #[must_use]
 pub fn is_reserved_bucket(bucket: &str) -> bool {
-    [names::MACHINES, names::HEALTHCHECK, names::DHCP].contains(&bucket)
+    names::is_network_wide(bucket)
 }
 
 /// Cluster keys the nodes write (in any bucket, since any bucket may be a cluster's): the

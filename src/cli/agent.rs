@@ -142,6 +142,7 @@ pub(super) fn start_node(
     let mut settings = settings;
     // The driver sends the transport's batches with UDP GSO (one system call per batch).
     settings.transport.max_gso_segments = GSO_BATCH;
+    settings.watch_liveness(cluster_settings.liveness_timeout);
     let mut node = Node::new(identity, token, settings, seed).map_err(|e| {
         log::error!("cannot start the overlay: {e}");
         ExitCode::from(EXIT_USAGE)

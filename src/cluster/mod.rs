@@ -10,6 +10,7 @@
 
 pub mod election;
 pub mod ipam;
+pub mod liveness;
 mod relevance;
 pub mod replication;
 pub mod requests;
@@ -26,10 +27,12 @@ use std::time::{Duration, Instant};
 use crate::config::{P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
 use crate::ledger::authority::Authority;
-use crate::ledger::{Clock, Entry, Ledger, LedgerError, LedgerEvent, Limits, SyncLimits, names};
-use crate::rng::Rng;
+use crate::ledger::{
+    Clock, Entry, Hlc, Ledger, LedgerError, LedgerEvent, Limits, SyncLimits, names,
+};
 
 use election::{Proposer, Tally};
+use liveness::{Liveness, Suspicion, Suspicions};
 use replication::{Replication, ReplicationStats};
 use roles::RolePolicy;
 use view::{Announcement, View};
@@ -343,7 +346,6 @@ pub struct Cluster {
     replication: Replication,
     proposer: Proposer,
     ipam: Option<ipam::Ipam>,
-    rng: Rng,
     started: Option<Instant>,
     heartbeat_at: Option<Instant>,
     check_at: Option<Instant>,
@@ -406,8 +408,7 @@ impl Cluster {
         ledger.set_authority(Authority {
             network_bucket: settings.network_id.clone(),
             quorum_floor: settings.minimum_nodes.max(1),
-            rebind_after_ms: u64::try_from(settings.liveness_timeout.as_millis())
-                .unwrap_or(u64::MAX),
+            liveness: Liveness::for_timeout(settings.liveness_timeout),
         });
         // The address allocator reads the claims changed since its last pass.
         ledger.follow(names::DHCP);
@@ -420,12 +421,9 @@ impl Cluster {
             replication: Replication::new(
                 limits,
                 &settings.network_id,
-                settings.heartbeat_interval(),
-                settings.liveness_timeout,
                 seed ^ 0x6e65_7773_6e65_7773,
             ),
             ipam: None,
-            rng: Rng::from_seed(seed),
             started: None,
             heartbeat_at: None,
             check_at: None,
@@ -597,9 +595,100 @@ impl Cluster {
         self.replication.connected(now, unix_ms, &self.ledger, peer);
     }
 
-    /// The connection to `peer` went away.
-    pub fn peer_disconnected(&mut self, peer: &PeerId) {
+    /// The connection to `peer` went away; `lost` when it did not close it on purpose (idle
+    /// timeout, reset, a close or error from its side): then this node suspects the nodes bound
+    /// to `peer` that count as live (see [`liveness`]).
+    pub fn peer_disconnected(&mut self, now: Instant, unix_ms: u64, peer: &PeerId, lost: bool) {
+        self.unix_ms = unix_ms;
         self.replication.disconnected(peer);
+        if !lost || self.started.is_none() || self.stepped_aside() {
+            return;
+        }
+        let hlc_now = self.hlc_now_ms();
+        let l = self.liveness();
+        let held = Suspicions::read(&self.ledger);
+        let mut mine = self.own_suspicions();
+        let before = mine.len();
+        for uuid in self.ledger.uuids_bound_to(peer) {
+            if uuid == self.settings.uuid {
+                continue;
+            }
+            let Some(beat) = self
+                .ledger
+                .entry(names::HEALTHCHECK, &uuid)
+                .filter(|e| e.writer == *peer && e.value.is_some())
+                .map(|e| e.version)
+            else {
+                continue;
+            };
+            let suspected = held.of(&uuid, beat);
+            if suspected.is_some() || l.silence_ms(hlc_now, beat, None) >= l.timeout_ms {
+                continue;
+            }
+            log::info!("lost the connection to {uuid} ({peer}): suspecting it until it answers");
+            mine.push(Suspicion {
+                uuid,
+                beat,
+                at: hlc_now,
+            });
+        }
+        if mine.len() != before {
+            if mine.len() > liveness::MAX_SUSPICIONS {
+                mine.drain(..mine.len() - liveness::MAX_SUSPICIONS);
+            }
+            let write = Write::put(
+                names::SUSPECTS,
+                &self.settings.uuid,
+                liveness::encode(&mine),
+            );
+            let _ = self.write_all(now, vec![write]);
+            self.update_at.get_or_insert(now + UPDATE_DELAY);
+        }
+    }
+
+    /// The suspicions in our own `suspects` entry.
+    fn own_suspicions(&self) -> Vec<Suspicion> {
+        self.ledger
+            .entry(names::SUSPECTS, &self.settings.uuid)
+            .filter(|e| e.writer == self.me)
+            .and_then(|e| e.value.as_deref())
+            .map(liveness::decode)
+            .unwrap_or_default()
+    }
+
+    /// Our suspicions that still stand: the node did not beat since, and its heartbeat's lease
+    /// has not run out anyway (then it is dead without them). The others are dropped from our
+    /// entry (deleted when none is left).
+    fn prune_suspicions(&self, hlc_now: u64, writes: &mut Vec<Write>) {
+        let mine = self.own_suspicions();
+        if mine.is_empty() {
+            return;
+        }
+        let l = self.liveness();
+        let standing: Vec<Suspicion> = mine
+            .iter()
+            .filter(|s| {
+                self.ledger
+                    .entry(names::HEALTHCHECK, &s.uuid)
+                    .filter(|e| e.value.is_some())
+                    .is_some_and(|e| {
+                        e.version <= s.beat && l.silence_ms(hlc_now, e.version, None) < l.timeout_ms
+                    })
+            })
+            .cloned()
+            .collect();
+        if standing.len() == mine.len() {
+            return;
+        }
+        writes.push(if standing.is_empty() {
+            Write::delete(names::SUSPECTS, &self.settings.uuid)
+        } else {
+            Write::put(
+                names::SUSPECTS,
+                &self.settings.uuid,
+                liveness::encode(&standing),
+            )
+        });
     }
 
     /// A ledger sync message from `from`.
@@ -648,10 +737,13 @@ impl Cluster {
                 ));
             }
         }
-        self.replication
-            .handle_timeout(now, unix_ms, &self.ledger, &mut self.rng);
-        if self.heartbeat_at.is_none_or(|t| t <= now) || self.own_heartbeat_looks_stale() {
-            self.heartbeat_at = Some(now + self.settings.heartbeat_interval());
+        self.replication.handle_timeout(now, unix_ms, &self.ledger);
+        if self.heartbeat_at.is_none_or(|t| t <= now)
+            || self.own_heartbeat_looks_stale()
+            || self.suspected()
+        {
+            let renew = Duration::from_millis(self.liveness().renew_ms);
+            self.heartbeat_at = Some(now + renew);
             let mut writes = Vec::new();
             if now == started {
                 let ann = Announcement::new(self.settings.role, &self.settings.hostname);
@@ -744,21 +836,38 @@ impl Cluster {
         self.unix_ms.max(self.ledger.max_version().millis())
     }
 
-    /// Our last heartbeat is at least half the liveness timeout old by the hybrid time the
-    /// cluster now shows: our wall clock was behind the others' (minutes, on a box without NTP)
-    /// and their versions just pulled our hybrid clock up. Every other node already judges that
-    /// heartbeat by the same newer time, so we would look dead until the next routine beat (up to
-    /// 15 s, longer than a whole election); beating at once keeps us live. The new heartbeat
-    /// carries the pulled-up version, so this fires once per jump.
-    fn own_heartbeat_looks_stale(&self) -> bool {
-        let half_timeout_ms =
-            u64::try_from((self.settings.liveness_timeout / 2).as_millis()).unwrap_or(u64::MAX);
+    /// The timing of liveness (see [`liveness`]).
+    fn liveness(&self) -> Liveness {
+        Liveness::for_timeout(self.settings.liveness_timeout)
+    }
+
+    /// Our own heartbeat, if we wrote it.
+    fn own_heartbeat(&self) -> Option<Hlc> {
         self.ledger
             .entry(names::HEALTHCHECK, &self.settings.uuid)
             .filter(|e| e.writer == self.me && e.value.is_some())
-            .is_some_and(|e| {
-                self.hlc_now_ms().saturating_sub(e.version.millis()) >= half_timeout_ms
-            })
+            .map(|e| e.version)
+    }
+
+    /// Our last heartbeat is due for renewal by the hybrid time the cluster now shows: the
+    /// renewal period passed, or our wall clock was behind the others' (minutes, on a box
+    /// without NTP) and their versions just pulled our hybrid clock up. Every other node already
+    /// judges that heartbeat by the same newer time, so we would look dead a liveness timeout
+    /// later; beating at once keeps us live. The new heartbeat carries the pulled-up version,
+    /// so this fires once per jump.
+    fn own_heartbeat_looks_stale(&self) -> bool {
+        let renew_ms = self.liveness().renew_ms;
+        self.own_heartbeat()
+            .is_some_and(|beat| self.hlc_now_ms().saturating_sub(beat.millis()) >= renew_ms)
+    }
+
+    /// Somebody suspects our current heartbeat (see [`liveness`]): a new one answers it.
+    fn suspected(&self) -> bool {
+        self.own_heartbeat().is_some_and(|beat| {
+            liveness::Suspicions::read(&self.ledger)
+                .of(&self.settings.uuid, beat)
+                .is_some()
+        })
     }
 
     /// When this node may form the cluster alone (`None`: never): it asked for `master` and
@@ -810,9 +919,8 @@ impl Cluster {
     /// Signs, stores and gossips `writes`; returns the first refusal (each is logged).
     fn write_all(&mut self, now: Instant, writes: Vec<Write>) -> Result<(), LedgerError> {
         let mut first_error = None;
-        let mut fresh: Vec<(Entry, bool)> = Vec::new();
+        let mut fresh: Vec<Entry> = Vec::new();
         for w in writes {
-            let previous = self.ledger.entry(&w.bucket, &w.key).map(|e| e.version);
             let res = match &w.value {
                 Some(v) => self.ledger.put(
                     &self.identity,
@@ -831,10 +939,7 @@ impl Cluster {
                 ),
             };
             match res {
-                Ok(e) => {
-                    let news = self.replication.is_news(previous, &e);
-                    fresh.push((e, news));
-                }
+                Ok(e) => fresh.push(e),
                 Err(e) => {
                     log::warn!("ledger write {}/{} failed: {e}", w.bucket, w.key);
                     first_error.get_or_insert(e);
@@ -1043,11 +1148,12 @@ impl Cluster {
 
     fn pass(&mut self, now: Instant) -> Vec<Write> {
         let s = &self.settings;
-        let timeout_ms = u64::try_from(s.liveness_timeout.as_millis()).unwrap_or(u64::MAX);
         let bucket = s.network_id.clone();
         let me = s.uuid.clone();
-        let view = View::read(&self.ledger, &bucket, self.hlc_now_ms(), timeout_ms);
+        let liveness = self.liveness();
+        let view = View::read(&self.ledger, &bucket, self.hlc_now_ms(), &liveness);
         let mut writes = Vec::new();
+        self.prune_suspicions(self.hlc_now_ms(), &mut writes);
 
         // Our announcement is gone (deleted, or expired with a tombstone): announce again, or
         // the others stop counting this node and it cannot see its own role in the view.
@@ -1062,8 +1168,12 @@ impl Cluster {
         let announcement_key = names::uuid_key(&me);
         let hlc_now = self.hlc_now_ms();
         let rival = self.ledger.rival(&me);
-        let rival_live = rival
-            .filter(|r| !r.released && hlc_now.saturating_sub(r.version.millis()) < timeout_ms);
+        let suspicions = Suspicions::read(&self.ledger);
+        let rival_live = rival.filter(|r| {
+            !r.released
+                && liveness.silence_ms(hlc_now, r.version, suspicions.of(&me, r.version))
+                    < timeout_ms
+        });
         if let Some(r) = rival_live {
             if !self.rival_aside {
                 self.rival_aside = true;
@@ -1384,7 +1494,7 @@ impl Cluster {
 
         // Next check: settle ends, the alone-wait ends, or a live node may expire.
         let expiry = view
-            .next_expiry_ms(timeout_ms)
+            .next_expiry_ms(&self.ledger, self.hlc_now_ms(), &self.liveness())
             .map(|ms| now + Duration::from_millis(ms.saturating_add(1)));
         let alone = (!ready)
             .then(|| self.started.map(|t| t + self.settings.settle))

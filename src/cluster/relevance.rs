@@ -5,7 +5,8 @@
 //! concerned another cluster, and every node's routine heartbeat ran a pass on every node).
 //!
 //! A change concerns this node's cluster when it is in its cluster bucket, in the address
-//! buckets (`dhcp`, `machines`: addresses are network-wide), or is the heartbeat of a node of
+//! buckets (`dhcp`, `machines`: addresses are network-wide), a suspicion (see
+//! [`super::liveness`]), or is the heartbeat of a node of
 //! this cluster that the last view did not count as live (one coming back, or a first beat).
 //! A routine heartbeat of a live node changes nothing a pass decides now: the pass that runs at
 //! that node's expiry time ([`View::next_expiry_ms`]) reads its latest heartbeat then.
@@ -19,7 +20,7 @@ use super::view::View;
 pub(crate) fn concerns(view: &View, network_bucket: &str, uuid: &str, entry: &Entry) -> bool {
     match entry.bucket.as_str() {
         b if b == network_bucket => true,
-        names::DHCP | names::MACHINES => true,
+        names::DHCP | names::MACHINES | names::SUSPECTS => true,
         names::HEALTHCHECK => {
             entry.key == uuid || view.nodes.get(&entry.key).is_none_or(|n| !n.live)
         }

@@ -24,56 +24,30 @@
 //!   formed from 208 to 93 MB and the stale copies received from 8.2 to 3.0 per fresh entry, for
 //!   0.75 s more to form (4.15 s virtual). A node's own writes still go in full to every member
 //!   at once.
-//! - The frequent `healthcheck` heartbeats are the bulk of what an idle cluster sends: every node
-//!   must learn every other node's heartbeat once per heartbeat interval. They spread
-//!   epidemically (each node passes a heartbeat that is fresh to it on to [`HEARTBEAT_FANOUT`]
-//!   random members; a few hops reach everybody, anti-entropy does the rest), and a node gathers
-//!   the routine heartbeats it learns for up to [`HEARTBEAT_BATCH_DELAY`] and passes them on in
-//!   one message per member: one QUIC packet and one acknowledgement for a dozen heartbeats
-//!   instead of one each. The cost is that delay per hop (a few seconds across a large cluster,
-//!   against a liveness timeout of a minute). A heartbeat that is news (the first of a node, or
-//!   one after a silence of over two heartbeat intervals: the node was away, or this member
-//!   missed its beats) goes at once to every member, so a node that appears is seen live at
-//!   once; a single missed beat is not news (the next routine one arrives well within the
-//!   liveness timeout), which keeps the misses of the epidemic from flooding every connection.
-//! - The epidemic can miss a member for several beats in a row (each hop picks two members at
-//!   random, one may be a member that died and whose connection has not timed out yet), and
-//!   anti-entropy comes too rarely to repair that before the liveness timeout: the member would
-//!   count a live node dead. So a node pulls what it misses: a heartbeat older than
-//!   [`Replication::is_news`]'s gap (two beats missed) and not yet past the liveness timeout is
-//!   asked for ([`Request`]) from its writer when connected (it holds its newest beat), else
-//!   from a random member, at most once per heartbeat interval while it stays overdue (and at
-//!   most [`MAX_OVERDUE_PULLS`] per check, for after a partition). The newer beat that comes
-//!   back is news and goes on to every member. When the epidemic works this costs nothing; a
-//!   dead node's last beat costs each member one or two requests.
+//! - Heartbeats are news like any other entry: a node writes one only when it starts, when it is
+//!   suspected, and every few minutes (see [`super::liveness`]), so an idle cluster sends none.
+//!   (Before, every node beat every 15 s and every node learned every beat: the heartbeats were
+//!   two thirds of what an idle cluster sent, and grew with its size.)
 //!
-//! Idle cost per node: about `HEARTBEAT_FANOUT` × (nodes) heartbeat entries (~170 bytes) per
-//! heartbeat interval, plus the digest exchanges; see the README's idle traffic section.
+//! Idle cost per node: the digest exchanges (one per [`ANTI_ENTROPY_INTERVAL`]); see the
+//! README's idle traffic section.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::identity::PeerId;
 use crate::ledger::{
-    Announced, Applied, Batch, Entry, Hlc, KeyId, Ledger, Request, Scope, SyncLimits, SyncMessage,
-    names,
+    Announced, Applied, Batch, Entry, KeyId, Ledger, Request, Scope, SyncLimits, SyncMessage,
 };
 use crate::rng::Rng;
 
 /// How often a node runs a digest exchange with one connected member (pushes carry the news;
 /// this repairs what a lost connection missed, and a connection that comes up runs one at
-/// once). Each exchange costs O(nodes) (the digest's version vector, the heartbeat bucket's
-/// summary): every 60 s rather than 30 s halves that idle cost; a heartbeat missed by the
-/// epidemic is repaired sooner by the next one (see [`Replication::is_news`]).
+/// once). Each exchange costs O(nodes) (the digest's version vector): every 60 s rather than
+/// 30 s halves that idle cost.
 pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(60);
 /// Wait before a digest goes again to a connected member whose first exchange has not completed.
 pub const FIRST_EXCHANGE_RETRY: Duration = Duration::from_secs(2);
-/// Members each fresh heartbeat is pushed to.
-pub const HEARTBEAT_FANOUT: usize = 2;
-/// Longest a routine heartbeat waits to be passed on with the others learned meanwhile (or a
-/// quarter of the heartbeat interval when that is shorter): at most a few hops times this
-/// before every node has it, against a liveness timeout of four heartbeat intervals.
-pub const HEARTBEAT_BATCH_DELAY: Duration = Duration::from_secs(2);
 /// Mean wait of relayed news before it goes on (see the module documentation): longer than a
 /// link's latency, so that a member that sends the same entry meanwhile is seen to hold it, and
 /// short against the election's and the allocator's waits (a few hops add a fraction of a
@@ -105,12 +79,8 @@ pub struct ReplicationStats {
     pub bytes_in: u64,
     /// Bytes of sync messages sent.
     pub bytes_out: u64,
-    /// Of those, routine heartbeats pushed (see [`Replication::push`]).
-    pub heartbeat_bytes_out: u64,
     /// Of those, digest exchanges (digests, summaries and the batches that answer them).
     pub exchange_bytes_out: u64,
-    /// Overdue heartbeats asked for (see [`Replication::handle_timeout`]).
-    pub heartbeats_pulled: u64,
     /// Entries announced to members instead of sent in full.
     pub entries_announced: u64,
     /// Announced entries asked for (not received in full in time).
@@ -125,18 +95,11 @@ pub struct ReplicationStats {
     pub entries_refused: u64,
 }
 
-/// Most overdue heartbeats asked for per check (every half heartbeat interval): after a
-/// partition most beats are overdue at once and each answer costs a whole entry, so the rest
-/// wait for the next checks (and the digest exchanges that a reconnection runs anyway).
-pub const MAX_OVERDUE_PULLS: usize = 32;
-
 /// Why a sync message goes out (for [`ReplicationStats`]).
 #[derive(Debug, Clone, Copy)]
 enum Sent {
     /// A push of news.
     News,
-    /// A push of routine heartbeats.
-    Heartbeat,
     /// Part of a digest exchange.
     Exchange,
 }
@@ -173,13 +136,6 @@ pub struct Replication {
     next_round: Option<Instant>,
     turn: usize,
     synced: bool,
-    /// A heartbeat newer than the previous one of its node by more than this is news.
-    news_gap_ms: u64,
-    /// Routine heartbeats waiting for the next batch, by node key: the newest, and the members
-    /// known to hold it already (its writer, and whoever sent it to us meanwhile).
-    pending_beats: BTreeMap<String, (Entry, BTreeSet<PeerId>)>,
-    /// When the waiting heartbeats go.
-    beats_at: Option<Instant>,
     /// Relayed news waiting for the next batch, by bucket and key: the newest version, and the
     /// members known to hold it already (its writer, and whoever sent it to us meanwhile).
     pending_news: BTreeMap<(String, String), (Entry, BTreeSet<PeerId>)>,
@@ -189,30 +145,15 @@ pub struct Replication {
     wanted: BTreeMap<(String, String), Wanted>,
     /// When the first of them is due.
     wanted_at: Option<Instant>,
-    /// Draws the news delays.
+    /// Draws the news delays and the members relayed news goes to in full.
     rng: Rng,
-    beat_delay: Duration,
-    heartbeat_interval: Duration,
-    /// A heartbeat this old counts its node dead (the cluster's liveness timeout).
-    liveness_ms: u64,
-    /// When the ledger is next checked for overdue heartbeats ([`Self::pull_overdue_beats`]).
-    overdue_check_at: Option<Instant>,
-    /// Overdue heartbeats asked for, by node key: the version held then, and when.
-    pulled: BTreeMap<String, (Hlc, Instant)>,
     stats: ReplicationStats,
 }
 
 impl Replication {
     /// Replication with messages bounded by `limits` for a node of the cluster whose bucket is
-    /// `cluster`, for heartbeats every `heartbeat_interval` judged dead after
-    /// `liveness_timeout`; `seed` seeds its random delays.
-    pub fn new(
-        limits: SyncLimits,
-        cluster: &str,
-        heartbeat_interval: Duration,
-        liveness_timeout: Duration,
-        seed: u64,
-    ) -> Self {
+    /// `cluster`; `seed` seeds its random choices.
+    pub fn new(limits: SyncLimits, cluster: &str, seed: u64) -> Self {
         Self {
             limits,
             cluster: cluster.to_string(),
@@ -221,19 +162,11 @@ impl Replication {
             next_round: None,
             turn: 0,
             synced: false,
-            news_gap_ms: u64::try_from(heartbeat_interval.as_millis() * 5 / 2).unwrap_or(u64::MAX),
-            pending_beats: BTreeMap::new(),
-            beats_at: None,
             pending_news: BTreeMap::new(),
             news_at: None,
             wanted: BTreeMap::new(),
             wanted_at: None,
             rng: Rng::from_seed(seed),
-            beat_delay: HEARTBEAT_BATCH_DELAY.min(heartbeat_interval / 4),
-            heartbeat_interval,
-            liveness_ms: u64::try_from(liveness_timeout.as_millis()).unwrap_or(u64::MAX),
-            overdue_check_at: None,
-            pulled: BTreeMap::new(),
             stats: ReplicationStats::default(),
         }
     }
@@ -331,70 +264,38 @@ impl Replication {
             SyncMessage::Announce(items) => self.on_announce(now, ledger, from, items),
         }
         self.push(now, &fresh, Some(from));
-        fresh.into_iter().map(|(e, _)| e).collect()
+        fresh
     }
 
-    /// Whether `entry`, replacing a stored version `previous`, is news that goes to every member:
-    /// anything but a heartbeat, a node's first heartbeat, or one after a silence of more than
-    /// two heartbeat intervals.
-    pub fn is_news(&self, previous: Option<Hlc>, entry: &Entry) -> bool {
-        entry.bucket != names::HEALTHCHECK
-            || previous.is_none_or(|prev| {
-                entry.version.millis().saturating_sub(prev.millis()) > self.news_gap_ms
-            })
-    }
-
-    /// Pushes entries that are new here, each with whether it is news ([`Self::is_news`]), to the
-    /// connected members (but not back to `source`): news to every member, at once when this
-    /// node wrote it (no `source`), else with the next news batch; routine heartbeats with the
-    /// next heartbeat batch.
-    pub fn push(&mut self, now: Instant, entries: &[(Entry, bool)], source: Option<PeerId>) {
-        let news: Vec<&Entry> = entries.iter().filter(|(_, n)| *n).map(|(e, _)| e).collect();
-        if let (Some(source), false) = (source, news.is_empty()) {
-            for e in &news {
-                let holders = [e.writer, source].into_iter().collect();
-                let slot = (e.bucket.clone(), e.key.clone());
-                match self.pending_news.get_mut(&slot) {
-                    Some(waiting) if waiting.0.version >= e.version => {}
-                    Some(waiting) => *waiting = ((*e).clone(), holders),
-                    None => {
-                        self.pending_news.insert(slot, ((*e).clone(), holders));
-                    }
-                }
-            }
-            if self.news_at.is_none() {
-                let half = NEWS_BATCH_DELAY / 2;
-                let jitter = self.rng.below(NEWS_BATCH_DELAY.as_micros() as u64 + 1);
-                self.news_at = Some(now + half + Duration::from_micros(jitter));
-            }
-        } else if !news.is_empty() {
-            let targets: Vec<PeerId> = self
-                .peers
-                .keys()
-                .filter(|p| Some(**p) != source)
-                .copied()
-                .collect();
+    /// Pushes entries that are new here to the connected members (but not back to `source`):
+    /// at once when this node wrote them (no `source`), else with the next news batch.
+    pub fn push(&mut self, now: Instant, entries: &[Entry], source: Option<PeerId>) {
+        if entries.is_empty() {
+            return;
+        }
+        let Some(source) = source else {
+            let targets: Vec<PeerId> = self.peers.keys().copied().collect();
+            let news: Vec<&Entry> = entries.iter().collect();
             for peer in targets {
                 self.send_entries(peer, &news, Sent::News);
             }
-        }
-        for (e, _) in entries.iter().filter(|(_, n)| !*n) {
-            let holders = [Some(e.writer), source].into_iter().flatten().collect();
-            self.pending_beats
-                .insert(e.key.clone(), (e.clone(), holders));
-        }
-        if !self.pending_beats.is_empty() && self.beats_at.is_none() {
-            self.beats_at = Some(now + self.beat_delay);
-        }
-        // An entry pushed as news makes a waiting older copy of it pointless.
-        for e in news {
-            if self
-                .pending_beats
-                .get(&e.key)
-                .is_some_and(|(p, _)| p.bucket == e.bucket && p.version <= e.version)
-            {
-                self.pending_beats.remove(&e.key);
+            return;
+        };
+        for e in entries {
+            let holders = [e.writer, source].into_iter().collect();
+            let slot = (e.bucket.clone(), e.key.clone());
+            match self.pending_news.get_mut(&slot) {
+                Some(waiting) if waiting.0.version >= e.version => {}
+                Some(waiting) => *waiting = (e.clone(), holders),
+                None => {
+                    self.pending_news.insert(slot, (e.clone(), holders));
+                }
             }
+        }
+        if self.news_at.is_none() {
+            let half = NEWS_BATCH_DELAY / 2;
+            let jitter = self.rng.below(NEWS_BATCH_DELAY.as_micros() as u64 + 1);
+            self.news_at = Some(now + half + Duration::from_micros(jitter));
         }
     }
 
@@ -531,104 +432,14 @@ impl Replication {
         }
     }
 
-    /// Sends the waiting routine heartbeats to [`HEARTBEAT_FANOUT`] random members, one batch
-    /// each, leaving out what a member is known to hold already; members known to hold all of
-    /// them are not picked (the epidemic's duplicates are most of its cost).
-    fn flush_heartbeats(&mut self, rng: &mut Rng) {
-        self.beats_at = None;
-        let beats = std::mem::take(&mut self.pending_beats);
-        let lacking = |peer: &PeerId| -> Vec<&Entry> {
-            beats
-                .values()
-                .filter(|(_, holders)| !holders.contains(peer))
-                .map(|(e, _)| e)
-                .collect()
-        };
-        let mut pool: Vec<PeerId> = self
-            .peers
-            .keys()
-            .filter(|p| !lacking(p).is_empty())
-            .copied()
-            .collect();
-        for _ in 0..HEARTBEAT_FANOUT.min(pool.len()) {
-            let i = rng.below(pool.len() as u64) as usize;
-            let peer = pool.swap_remove(i);
-            let batch = lacking(&peer);
-            if !batch.is_empty() {
-                self.send_entries(peer, &batch, Sent::Heartbeat);
-            }
-        }
-    }
-
-    /// Asks for the heartbeats this node misses (see the module documentation): those older
-    /// than the news gap and younger than the liveness timeout, by the hybrid time `hlc_now_ms`.
-    fn pull_overdue_beats(
-        &mut self,
-        now: Instant,
-        hlc_now_ms: u64,
-        ledger: &Ledger,
-        rng: &mut Rng,
-    ) {
-        let mut overdue = BTreeSet::new();
-        let mut asks: BTreeMap<PeerId, Vec<Request>> = BTreeMap::new();
-        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
-        let mut budget = MAX_OVERDUE_PULLS;
-        for (key, _) in ledger.bucket(names::HEALTHCHECK) {
-            let Some(e) = ledger.entry(names::HEALTHCHECK, key) else {
-                continue;
-            };
-            let age = hlc_now_ms.saturating_sub(e.version.millis());
-            if age <= self.news_gap_ms || age >= self.liveness_ms {
-                continue;
-            }
-            overdue.insert(key);
-            let asked = self.pulled.get(key).is_some_and(|(version, at)| {
-                *version == e.version && now < *at + self.heartbeat_interval
-            });
-            if asked || peers.is_empty() || budget == 0 {
-                continue;
-            }
-            budget -= 1;
-            let from = if self.peers.contains_key(&e.writer) {
-                e.writer
-            } else {
-                peers[rng.below(peers.len() as u64) as usize]
-            };
-            asks.entry(from).or_default().push(Request {
-                bucket: names::HEALTHCHECK.to_string(),
-                key: KeyId::of(key),
-            });
-            self.pulled.insert(key.to_string(), (e.version, now));
-        }
-        self.pulled.retain(|k, _| overdue.contains(k.as_str()));
-        for (peer, requests) in asks {
-            for chunk in requests.chunks(self.limits.max_entries.max(1)) {
-                let msg = SyncMessage::Batch(Batch {
-                    entries: Vec::new(),
-                    requests: chunk.to_vec(),
-                });
-                self.stats.heartbeats_pulled += chunk.len() as u64;
-                self.send(peer, &msg, Sent::Exchange);
-            }
-        }
-    }
-
-    /// Sends the waiting heartbeats, asks for overdue ones and runs the periodic exchange when
-    /// due.
-    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger, rng: &mut Rng) {
+    /// Sends the waiting news, asks for announced entries that did not come and runs the
+    /// periodic exchange when due.
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64, ledger: &Ledger) {
         if self.news_at.is_some_and(|t| t <= now) {
             self.flush_news();
         }
         if self.wanted_at.is_some_and(|t| t <= now) {
             self.ask_wanted(now, ledger);
-        }
-        if self.beats_at.is_some_and(|t| t <= now) {
-            self.flush_heartbeats(rng);
-        }
-        if self.overdue_check_at.is_none_or(|t| t <= now) {
-            self.overdue_check_at = Some(now + self.heartbeat_interval / 2);
-            let hlc_now_ms = unix_ms.max(ledger.max_version().millis());
-            self.pull_overdue_beats(now, hlc_now_ms, ledger, rng);
         }
         if self.next_round.is_none_or(|t| t > now) {
             return;
@@ -661,16 +472,10 @@ impl Replication {
 
     /// When [`handle_timeout`](Self::handle_timeout) must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.next_round,
-            self.news_at,
-            self.wanted_at,
-            self.beats_at,
-            self.overdue_check_at,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.next_round, self.news_at, self.wanted_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next message to send: the peer and the encoded sync message.
@@ -684,24 +489,17 @@ impl Replication {
         unix_ms: u64,
         from: PeerId,
         entries: impl IntoIterator<Item = Entry>,
-    ) -> Vec<(Entry, bool)> {
+    ) -> Vec<Entry> {
         let mut fresh = Vec::new();
         for e in entries {
-            let previous = ledger.entry(&e.bucket, &e.key).map(|p| p.version);
-            let news = self.is_news(previous, &e);
             match ledger.apply_from(e.clone(), unix_ms, &from) {
                 Ok(Applied::New | Applied::Replaced) => {
                     self.stats.entries_fresh += 1;
-                    fresh.push((e, news));
+                    fresh.push(e);
                 }
                 Ok(Applied::Stale) => {
                     self.stats.entries_stale += 1;
-                    // The sender holds a heartbeat or news that waits here for the next batch.
-                    if let Some((p, holders)) = self.pending_beats.get_mut(&e.key) {
-                        if p.bucket == e.bucket && p.version <= e.version {
-                            holders.insert(from);
-                        }
-                    }
+                    // The sender holds news that waits here for the next batch.
                     if !self.pending_news.is_empty() {
                         let slot = (e.bucket.clone(), e.key.clone());
                         if let Some((p, holders)) = self.pending_news.get_mut(&slot) {
@@ -719,7 +517,7 @@ impl Replication {
             // Entries that waited for this one's owner to be known are news too.
             for e in ledger.take_settled() {
                 self.stats.entries_fresh += 1;
-                fresh.push((e, true));
+                fresh.push(e);
             }
         }
         fresh
@@ -785,10 +583,8 @@ impl Replication {
             Ok(()) => {
                 self.stats.messages_out += 1;
                 self.stats.bytes_out += buf.len() as u64;
-                match kind {
-                    Sent::Heartbeat => self.stats.heartbeat_bytes_out += buf.len() as u64,
-                    Sent::Exchange => self.stats.exchange_bytes_out += buf.len() as u64,
-                    Sent::News => {}
+                if let Sent::Exchange = kind {
+                    self.stats.exchange_bytes_out += buf.len() as u64;
                 }
                 self.out.push_back((peer, buf));
             }

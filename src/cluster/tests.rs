@@ -8,19 +8,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
-use super::replication::{
-    ASK_TIMEOUT, EAGER_FANOUT, FIRST_EXCHANGE_RETRY, HEARTBEAT_BATCH_DELAY, HEARTBEAT_FANOUT,
-    LAZY_WAIT, NEWS_BATCH_DELAY, Replication,
-};
+use super::liveness::{self, Liveness, Suspicion};
+use super::replication::{ASK_TIMEOUT, EAGER_FANOUT, LAZY_WAIT, NEWS_BATCH_DELAY, Replication};
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
 use crate::config::{self, HostFacts, P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{
-    Applied, Batch, Clock, Entry, Ledger, LedgerError, Limits, Scope, SyncLimits, SyncMessage,
-    names,
-};
+use crate::ledger::{Applied, Clock, Entry, Ledger, LedgerError, Limits, Scope, SyncLimits, names};
 use crate::rng::Rng;
 
 /// The cluster bucket of the tests (the default `network_id`).
@@ -940,18 +935,32 @@ impl SharedLedger {
 
 const TIMEOUT_MS: u64 = 60_000;
 
+/// The liveness of the default 60 s timeout.
+fn liveness() -> Liveness {
+    Liveness::for_timeout(Duration::from_millis(TIMEOUT_MS))
+}
+
 #[test]
-fn view_liveness_follows_heartbeat_age() {
-    let now = UNIX_BASE_MS + 1_000_000;
-    let ids: Vec<Identity> = (1..=5).map(identity).collect();
-    let uuids = ["alpha", "bravo", "charlie", "delta", "echo"];
+fn view_liveness_follows_heartbeat_leases_and_suspicions() {
+    let now = UNIX_BASE_MS + 10_000_000;
+    let l = liveness();
+    let ids: Vec<Identity> = (1..=8).map(identity).collect();
+    let uuids = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    ];
     let mut s = SharedLedger::new();
     for (i, (id, uuid)) in ids.iter().zip(uuids).enumerate() {
         s.announce(id, uuid, Role::Auto, UNIX_BASE_MS + i as u64);
     }
+    let lease_end = l.renew_ms + TIMEOUT_MS;
+    // (Written in time order.)
+    s.beat(&ids[1], "bravo", now - lease_end);
+    s.beat(&ids[2], "charlie", now - lease_end + 1);
     s.beat(&ids[4], "echo", now - 80_000);
-    s.beat(&ids[1], "bravo", now - TIMEOUT_MS);
-    s.beat(&ids[2], "charlie", now - TIMEOUT_MS + 1);
+    s.beat(&ids[7], "hotel", now - 30_000);
+    let hotel_old = s.ledger.entry(names::HEALTHCHECK, "hotel").unwrap().version;
+    s.beat(&ids[5], "foxtrot", now - 20_000);
+    s.beat(&ids[6], "golf", now - 20_000);
     s.beat(&ids[0], "alpha", now - 10_000);
     s.ledger
         .delete(
@@ -962,25 +971,56 @@ fn view_liveness_follows_heartbeat_age() {
             now - 5_000,
         )
         .expect("delete");
+    // alpha lost foxtrot a grace ago and golf 5 s ago; hotel answered by beating again.
+    let beat_of =
+        |s: &SharedLedger, u: &str| s.ledger.entry(names::HEALTHCHECK, u).unwrap().version;
+    let suspicions = [
+        Suspicion {
+            uuid: "foxtrot".into(),
+            beat: beat_of(&s, "foxtrot"),
+            at: now - l.grace_ms,
+        },
+        Suspicion {
+            uuid: "golf".into(),
+            beat: beat_of(&s, "golf"),
+            at: now - 5_000,
+        },
+        Suspicion {
+            uuid: "hotel".into(),
+            beat: hotel_old,
+            at: now - 20_000,
+        },
+    ];
+    s.put(
+        &ids[0],
+        names::SUSPECTS,
+        "alpha",
+        &liveness::encode(&suspicions),
+        now - 2_000,
+    );
+    s.beat(&ids[7], "hotel", now - 1_000);
 
-    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    let view = View::read(&s.ledger, BUCKET, now, &l);
     let state = |u: &str| {
         let n = &view.nodes[u];
         (n.live, n.heartbeat_age_ms)
     };
-    assert_eq!(state("alpha"), (true, Some(10_000)));
+    assert_eq!(state("alpha"), (true, Some(0)));
     assert_eq!(state("bravo"), (false, Some(TIMEOUT_MS)));
     assert_eq!(state("charlie"), (true, Some(TIMEOUT_MS - 1)));
     assert_eq!(state("delta"), (false, None));
     assert_eq!(state("echo"), (false, None));
-    assert_eq!(view.live_eligible_count(), 2);
-    // charlie expires in 1 ms.
-    assert_eq!(view.next_expiry_ms(TIMEOUT_MS), Some(1));
+    assert_eq!(state("foxtrot"), (false, Some(TIMEOUT_MS)));
+    assert_eq!(state("golf"), (true, Some(TIMEOUT_MS - l.grace_ms + 5_000)));
+    assert_eq!(state("hotel"), (true, Some(0)));
+    assert_eq!(view.live_eligible_count(), 4);
+    // charlie's lease ends in 1 ms.
+    assert_eq!(view.next_expiry_ms(&s.ledger, now, &l), Some(1));
 }
 
 #[test]
 fn view_leader_is_the_live_eligible_node_of_highest_rank() {
-    let now = UNIX_BASE_MS + 1_000_000;
+    let now = UNIX_BASE_MS + 10_000_000;
     let r = by_rank(&["ant", "bee", "cat", "dog"]);
     let ids: Vec<Identity> = (1..=4).map(identity).collect();
     let asked = [Role::None, Role::Auto, Role::Auto, Role::Master];
@@ -988,12 +1028,12 @@ fn view_leader_is_the_live_eligible_node_of_highest_rank() {
     for (i, uuid) in r.iter().enumerate() {
         s.announce(&ids[i], uuid, asked[i], UNIX_BASE_MS + i as u64);
     }
-    // r[1] is dead; the others beat recently.
-    s.beat(&ids[1], &r[1], now - 2 * TIMEOUT_MS);
+    // r[1] is dead (its lease ran out); the others beat recently.
+    s.beat(&ids[1], &r[1], now - liveness().renew_ms - 2 * TIMEOUT_MS);
     for i in [0, 2, 3] {
         s.beat(&ids[i], &r[i], now - 1_000 + i as u64);
     }
-    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    let view = View::read(&s.ledger, BUCKET, now, &liveness());
     assert_eq!(view.leader.as_deref(), Some(r[2].as_str()));
     assert!(view.nodes[&r[0]].live && !view.nodes[&r[0]].eligible());
     let live: Vec<&String> = view.live_eligible().map(|(u, _)| u).collect();
@@ -1008,7 +1048,12 @@ fn view_leader_is_the_live_eligible_node_of_highest_rank() {
     }
 
     // Nobody live: no leader.
-    let later = View::read(&s.ledger, BUCKET, now + 2 * TIMEOUT_MS, TIMEOUT_MS);
+    let later = View::read(
+        &s.ledger,
+        BUCKET,
+        now + liveness().renew_ms + 2 * TIMEOUT_MS,
+        &liveness(),
+    );
     assert_eq!(later.leader, None);
 }
 
@@ -1022,7 +1067,7 @@ fn view_leader_ties_on_rank_go_to_the_higher_uuid() {
     s.announce(&b, "liquid", Role::Auto, UNIX_BASE_MS + 1);
     s.beat(&a, "costarring", now - 1_000);
     s.beat(&b, "liquid", now - 999);
-    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    let view = View::read(&s.ledger, BUCKET, now, &liveness());
     assert_eq!(view.leader.as_deref(), Some("liquid"));
 }
 
@@ -1050,7 +1095,7 @@ fn view_reads_roles_and_skips_garbage() {
     );
 
     // An empty network id reads the default bucket.
-    let view = View::read(&s.ledger, "", now, TIMEOUT_MS);
+    let view = View::read(&s.ledger, "", now, &liveness());
     let uuids: Vec<&str> = view.nodes.keys().map(String::as_str).collect();
     assert_eq!(uuids, ["alpha", "bravo"]);
     let alpha = &view.nodes["alpha"];
@@ -1091,7 +1136,7 @@ fn view_reads_roles_set_through_the_api() {
             UNIX_BASE_MS + ms,
         );
     }
-    let view = View::read(&s.ledger, BUCKET, now, TIMEOUT_MS);
+    let view = View::read(&s.ledger, BUCKET, now, &liveness());
     let role = |u: &str| view.nodes[u].role.clone();
     assert_eq!(role("alpha").as_deref(), Some("master/ha"));
     assert_eq!(role("bravo").as_deref(), Some("worker"));
@@ -1100,16 +1145,12 @@ fn view_reads_roles_set_through_the_api() {
 
 // ---- replication ----
 
-/// The heartbeat interval of the replicas (the default liveness timeout's quarter).
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
-
 /// A ledger and its replication, as one node runs them.
 struct Replica {
     identity: Identity,
     clock: Clock,
     ledger: Ledger,
     replication: Replication,
-    rng: Rng,
 }
 
 impl Replica {
@@ -1127,11 +1168,8 @@ impl Replica {
             replication: Replication::new(
                 SyncLimits::for_ledger(&limits, 1 << 20),
                 cluster,
-                HEARTBEAT_INTERVAL,
-                4 * HEARTBEAT_INTERVAL,
                 u64::from(n),
             ),
-            rng: Rng::from_seed(u64::from(n)),
         }
     }
 
@@ -1161,13 +1199,11 @@ impl Replica {
         unix_ms: u64,
         source: Option<PeerId>,
     ) -> BTreeSet<PeerId> {
-        let previous = self.ledger.entry(bucket, key).map(|e| e.version);
         let entry = self.put(bucket, key, "v", unix_ms);
-        let news = self.replication.is_news(previous, &entry);
         let now = Instant::now();
-        self.replication.push(now, &[(entry, news)], source);
-        // Routine heartbeats wait for the next batch.
-        self.flush(now + HEARTBEAT_BATCH_DELAY);
+        self.replication.push(now, &[entry], source);
+        // Relayed news waits for the next batch.
+        self.flush(now + NEWS_BATCH_DELAY * 2);
         self.outbox()
             .into_iter()
             .filter(|(_, bytes)| bytes.get(1) == Some(&3)) // batches, not digests
@@ -1179,10 +1215,10 @@ impl Replica {
         self.ledger.entries().cloned().collect()
     }
 
-    /// Runs the replication's timers at `now` (sends the waiting heartbeats).
+    /// Runs the replication's timers at `now` (sends the waiting news).
     fn flush(&mut self, now: Instant) {
         self.replication
-            .handle_timeout(now, UNIX_BASE_MS, &self.ledger, &mut self.rng);
+            .handle_timeout(now, UNIX_BASE_MS, &self.ledger);
     }
 
     fn outbox(&mut self) -> Vec<(PeerId, Vec<u8>)> {
@@ -1333,7 +1369,7 @@ fn relayed_news_goes_in_full_to_a_few_members_and_is_announced_to_the_others() {
     let (mut r, now) = star(7);
     pump(&mut r);
     let entry = r[1].put(BUCKET, "k", "v", UNIX_BASE_MS + 1_000);
-    r[1].replication.push(now, &[(entry.clone(), true)], None);
+    r[1].replication.push(now, &[entry.clone()], None);
     let out = r[1].outbox();
     hand_over(&mut r, 1, out);
     r[0].replication.flush_news();
@@ -1416,17 +1452,15 @@ fn three_ledgers_in_a_chain_converge() {
 }
 
 #[test]
-fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
+fn pushes_reach_peers_and_heartbeats_are_news() {
     let (mut r, _) = star(4);
     pump(&mut r);
     let peers: BTreeSet<PeerId> = r[1..].iter().map(Replica::peer).collect();
 
     let t = UNIX_BASE_MS + 5_000;
-    let previous = r[0].ledger.entry(BUCKET, "fresh").map(|e| e.version);
     let e = r[0].put(BUCKET, "fresh", "v", t);
-    assert!(r[0].replication.is_news(previous, &e));
     let hub = &mut r[0];
-    hub.replication.push(Instant::now(), &[(e, true)], None);
+    hub.replication.push(Instant::now(), &[e], None);
     let out = hub.outbox();
     assert_eq!(out.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>(), peers);
     hand_over(&mut r, 0, out);
@@ -1438,70 +1472,16 @@ fn pushes_reach_peers_and_routine_heartbeats_go_to_a_few() {
     // The spokes' only peer is the hub, where the entry came from: nothing is pushed back.
     assert!(r[1..].iter_mut().all(|x| x.outbox().is_empty()));
 
-    // A node's first heartbeat is news, the next one on time is routine, one after a silence
-    // is news again.
+    // Heartbeats are rare (see `liveness`): each one goes to every member at once.
     let hub = &mut r[0];
-    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
     let beat = |hub: &mut Replica, at: u64| hub.write_and_push(names::HEALTHCHECK, "hub", at, None);
     assert_eq!(beat(hub, t), peers);
-    let routine = beat(hub, t + interval);
-    assert_eq!(routine.len(), HEARTBEAT_FANOUT);
-    assert!(routine.is_subset(&peers));
-    assert_eq!(beat(hub, t + 5 * interval), peers);
+    assert_eq!(beat(hub, t + 15_000), peers);
 
     let source = r[1].peer();
-    let targets = r[0].write_and_push(BUCKET, "relayed", t + 6 * interval, Some(source));
+    let targets = r[0].write_and_push(BUCKET, "relayed", t + 90_000, Some(source));
     assert_eq!(targets.len(), 2);
     assert!(!targets.contains(&source));
-}
-
-#[test]
-fn routine_heartbeats_go_in_one_batch_without_what_a_member_holds() {
-    // 0 is connected to 1, 2 and 3; 1 and 2 beat, and their routine beats reach 0.
-    let (mut r, now) = star(4);
-    pump(&mut r);
-    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
-    let t = UNIX_BASE_MS + 5_000;
-    let limits = SyncLimits::for_ledger(&Limits::default(), 1 << 20);
-    let batches = |out: Vec<(PeerId, Vec<u8>)>| -> Vec<(PeerId, Batch)> {
-        out.into_iter()
-            .filter_map(|(to, bytes)| match SyncMessage::decode(&bytes, &limits) {
-                Ok(SyncMessage::Batch(b)) => Some((to, b)),
-                _ => None, // digest exchanges of the anti-entropy timer
-            })
-            .collect()
-    };
-    for (i, at) in [(1, t), (2, t), (1, t + interval), (2, t + interval)] {
-        let previous = r[i].ledger.entry(names::HEALTHCHECK, &format!("n{i}"));
-        let previous = previous.map(|e| e.version);
-        let beat = r[i].put(names::HEALTHCHECK, &format!("n{i}"), "1", at);
-        let news = r[i].replication.is_news(previous, &beat);
-        assert_eq!(
-            news,
-            at == t,
-            "the first beat is news, the next on time is not"
-        );
-        r[i].replication.push(now, &[(beat, news)], None);
-        r[i].flush(now + HEARTBEAT_BATCH_DELAY);
-        let out = r[i].outbox();
-        hand_over(&mut r, i, out);
-        // News goes on with the next news batch; routine beats wait for the heartbeat batch.
-        r[0].replication.flush_news();
-        let forwarded = batches(r[0].outbox());
-        assert_eq!(forwarded.len(), if news { 2 } else { 0 }, "at {at}");
-    }
-    let hub = &mut r[0];
-    // (`hand_over` delivers at `Instant::now()`.)
-    hub.flush(Instant::now() + HEARTBEAT_BATCH_DELAY);
-    let out = batches(hub.outbox());
-    assert_eq!(out.len(), HEARTBEAT_FANOUT, "one message per member picked");
-    let (p1, p2) = (r[1].peer(), r[2].peer());
-    for (to, batch) in &out {
-        let writers: BTreeSet<PeerId> = batch.entries.iter().map(|e| e.writer).collect();
-        assert!(!writers.contains(to), "a member's own beat goes back to it");
-        let expected: BTreeSet<PeerId> = [p1, p2].into_iter().filter(|p| p != to).collect();
-        assert_eq!(writers, expected);
-    }
 }
 
 #[test]
@@ -1511,7 +1491,7 @@ fn relayed_news_waits_for_its_batch_and_skips_the_members_that_sent_it() {
     connect(&mut r, 1, 2, now);
     pump(&mut r);
     let e = r[1].put(BUCKET, "fresh", "v", UNIX_BASE_MS + 5_000);
-    r[1].replication.push(now, &[(e, true)], None);
+    r[1].replication.push(now, &[e], None);
     // The writer's own news goes at once, to both of its members.
     let out = r[1].outbox();
     assert_eq!(out.len(), 2);
@@ -1542,103 +1522,6 @@ fn relayed_news_waits_for_its_batch_and_skips_the_members_that_sent_it() {
         "only the member that lacks it gets it"
     );
     assert_eq!(r[0].replication.stats().entries_stale, 1);
-}
-
-/// The replay of `SIM_SEED=1000 ... sim_roles -- dynamic_roles_refill_a_dead_ha_slot`: the
-/// epidemic (two random members per hop, one of them a member that died and whose connection
-/// has not timed out) missed one member for a whole liveness timeout, which then counted every
-/// other node dead and took a second HA slot. A member that misses beats asks for them.
-#[test]
-fn a_member_the_epidemic_misses_pulls_the_overdue_heartbeat_from_its_writer() {
-    let mut r: Vec<Replica> = (1..=3).map(Replica::new).collect();
-    let now = Instant::now();
-    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
-        connect(&mut r, a, b, now);
-    }
-    pump(&mut r);
-    let interval = HEARTBEAT_INTERVAL.as_millis() as u64;
-    let t = UNIX_BASE_MS + 5_000;
-    // Node 1 beats at `at` (unix ms) and sends what it sends then; returns those messages.
-    let beat = |r: &mut [Replica], at: u64| -> Vec<(PeerId, Vec<u8>)> {
-        let n1 = &mut r[1];
-        let previous = n1.ledger.entry(names::HEALTHCHECK, "n1").map(|e| e.version);
-        let e = n1.put(names::HEALTHCHECK, "n1", "1", at);
-        let news = n1.replication.is_news(previous, &e);
-        n1.replication.push(now, &[(e, news)], None);
-        n1.replication
-            .handle_timeout(now + HEARTBEAT_BATCH_DELAY, at, &n1.ledger, &mut n1.rng);
-        n1.outbox()
-    };
-    let version_at_0 = |r: &[Replica]| {
-        r[0].ledger
-            .entry(names::HEALTHCHECK, "n1")
-            .map(|e| e.version.millis())
-    };
-    // The first beat is news: it reaches 0.
-    let out = beat(&mut r, t);
-    hand_over(&mut r, 1, out);
-    pump(&mut r);
-    assert_eq!(version_at_0(&r), Some(t));
-    // 0's timers run once (its anti-entropy round goes, the next is a minute away).
-    let start = now + FIRST_EXCHANGE_RETRY;
-    let hub = &mut r[0];
-    hub.replication
-        .handle_timeout(start, t, &hub.ledger, &mut hub.rng);
-    pump(&mut r);
-    // The next three routine beats all miss 0.
-    for k in 1..=3 {
-        drop(beat(&mut r, t + k * interval));
-    }
-    // Before the news gap (two and a half intervals) nothing is asked.
-    let hub = &mut r[0];
-    let unix = t + 2 * interval;
-    hub.replication
-        .handle_timeout(start + HEARTBEAT_INTERVAL, unix, &hub.ledger, &mut hub.rng);
-    assert!(
-        hub.outbox().is_empty(),
-        "a beat two intervals old is not overdue"
-    );
-    // Three intervals after the last beat 0 holds (within the liveness timeout of four), 0 asks
-    // node 1, its writer, for it; the answer brings the newest.
-    let at = start + 3 * HEARTBEAT_INTERVAL;
-    let unix = t + 3 * interval + 500;
-    hub.replication
-        .handle_timeout(at, unix, &hub.ledger, &mut hub.rng);
-    let limits = SyncLimits::for_ledger(&Limits::default(), 1 << 20);
-    let requests = |out: &[(PeerId, Vec<u8>)]| -> Vec<(PeerId, usize)> {
-        out.iter()
-            .filter_map(|(to, bytes)| match SyncMessage::decode(bytes, &limits) {
-                Ok(SyncMessage::Batch(b)) if !b.requests.is_empty() => {
-                    Some((*to, b.requests.len()))
-                }
-                _ => None,
-            })
-            .collect()
-    };
-    let out = hub.outbox();
-    let p1 = r[1].peer();
-    assert_eq!(requests(&out), vec![(p1, 1)], "one request, to the writer");
-    assert_eq!(r[0].replication.stats().heartbeats_pulled, 1);
-    hand_over(&mut r, 0, out);
-    let answer = r[1].outbox();
-    hand_over(&mut r, 1, answer);
-    assert_eq!(version_at_0(&r), Some(t + 3 * interval));
-    // Node 1 goes silent: its last beat is asked for once per heartbeat interval at most, and
-    // not at all once it is past the liveness timeout.
-    let hub = &mut r[0];
-    let quiet = t + 3 * interval;
-    let mut asks = 0;
-    for step in 1..=10u32 {
-        let when = at + HEARTBEAT_INTERVAL / 2 * step;
-        let unix = quiet + u64::from(step) * interval / 2;
-        hub.replication
-            .handle_timeout(when, unix, &hub.ledger, &mut hub.rng);
-        asks += requests(&hub.outbox()).len();
-    }
-    assert!(
-        (1..=2).contains(&asks),
-        "{asks} requests for a dead node's beat"
-    );
 }
 
 #[test]
@@ -1884,17 +1767,19 @@ fn three_clusters_elect_one_master_and_two_workers() {
         .count();
     assert_eq!(masters, 1);
 
-    // Role writes must reach the disk; after a save only heartbeats follow, saved lazily.
+    // Role writes must reach the disk; after a save an idle cluster writes nothing until the
+    // heartbeats' renewal, which is saved lazily.
     let now = w.now;
     assert!(w.nodes.iter().all(|n| n.save_due(now)));
     for n in &mut w.nodes {
         n.saved();
     }
     assert!(w.nodes.iter().all(|n| !n.save_due(now)));
-    w.run_for(Duration::from_secs(60));
+    w.run_for(Duration::from_secs(60) + LAZY_SAVE);
     let now = w.now;
     assert!(w.nodes.iter().all(|n| !n.save_due(now)));
-    w.run_for(LAZY_SAVE);
+    let renewal = Duration::from_millis(Liveness::for_timeout(Duration::from_secs(60)).renew_ms);
+    w.run_for(renewal + LAZY_SAVE);
     let now = w.now;
     assert!(w.nodes.iter().all(|n| n.save_due(now)));
     assert!(w.nodes.iter().all(|n| n.role().is_some()));
@@ -2554,7 +2439,7 @@ fn the_losing_master_s_join_data_gives_way_to_the_winner_s_older_one() {
     ledger.set_authority(crate::ledger::authority::Authority {
         network_bucket: BUCKET.into(),
         quorum_floor: 1,
-        rebind_after_ms: 60_000,
+        liveness: Liveness::for_timeout(Duration::from_secs(60)),
     });
     let signed = |id: &Identity, key: &str, value: &[u8], at: u64| {
         Entry::sign(id, BUCKET, key, Some(value), crate::ledger::Hlc::new(at, 0)).unwrap()
@@ -2632,7 +2517,7 @@ fn the_losing_master_s_join_data_gives_way_to_the_winner_s_older_one() {
     late.set_authority(crate::ledger::authority::Authority {
         network_bucket: BUCKET.into(),
         quorum_floor: 1,
-        rebind_after_ms: 60_000,
+        liveness: Liveness::for_timeout(Duration::from_secs(60)),
     });
     for (id, uuid) in [(&a, "a"), (&b, "b")] {
         let ann = Announcement::new(Role::Auto, uuid).to_json();
@@ -2682,7 +2567,7 @@ fn authority_ledger(ids: &[(&Identity, &str)], t: u64) -> Ledger {
     ledger.set_authority(crate::ledger::authority::Authority {
         network_bucket: BUCKET.into(),
         quorum_floor: 1,
-        rebind_after_ms: 60_000,
+        liveness: Liveness::for_timeout(Duration::from_secs(60)),
     });
     for (id, uuid) in ids {
         let ann = Announcement::new(Role::Auto, uuid).to_json();
@@ -2924,13 +2809,14 @@ fn a_new_leader_signs_its_predecessors_roles_again() {
             .unwrap();
         assert_eq!(e.writer, old_leader_peer, "{u}'s role by the leader");
     }
-    // The leader goes silent: once its heartbeat is older than the liveness timeout, the next
-    // leader takes `leader-auto` and signs the roles again.
+    // The leader's connections are lost: once the others' suspicions of it had their grace,
+    // the next leader takes `leader-auto` and signs the roles again.
     w.nodes.remove(leader_index);
     let dead_peer = w.peers.remove(leader_index);
     w.skew_ms.remove(leader_index);
-    for n in &mut w.nodes {
-        n.peer_disconnected(&dead_peer);
+    for i in 0..w.nodes.len() {
+        let ms = w.unix_ms(i);
+        w.nodes[i].peer_disconnected(w.now, ms, &dead_peer, true);
     }
     w.run_for(Duration::from_secs(150));
     let new_leader = w.nodes[0].leader().expect("a new leader").to_string();
@@ -2969,8 +2855,9 @@ fn a_returning_leader_claims_again_and_the_ledgers_agree() {
     let away = w.nodes.remove(leader_index);
     let away_peer = w.peers.remove(leader_index);
     let away_skew = w.skew_ms.remove(leader_index);
-    for n in &mut w.nodes {
-        n.peer_disconnected(&away_peer);
+    for i in 0..w.nodes.len() {
+        let ms = w.unix_ms(i);
+        w.nodes[i].peer_disconnected(w.now, ms, &away_peer, true);
     }
     w.run_for(Duration::from_secs(150));
     let interim = w.nodes[0].leader().expect("an interim leader").to_string();

@@ -3,12 +3,12 @@
 //!
 //! Each node announces itself under `<network_id>/<uuid>-uuid` (its asked-for role and hostname;
 //! the entry's writer is its peer id) and beats under `healthcheck/<uuid>`. A node is *live* when
-//! its latest heartbeat's version is less than the liveness timeout older than this node's
-//! hybrid-logical time (the highest of its wall clock and every version it has seen). Versions
-//! are stamped by the writers, so the age needs no clock synchronisation beyond what the HLC
-//! already gives (writers' clocks are pulled up to the newest time they have seen; the age is off
-//! by at most about one heartbeat interval), and a heartbeat learned late through anti-entropy
-//! still shows its true age.
+//! the time it was last known alive ([`super::liveness`]: its heartbeat, renewed rarely, unless
+//! a suspicion it did not answer says otherwise) is less than the liveness timeout older than
+//! this node's hybrid-logical time (the highest of its wall clock and every version it has
+//! seen). Versions and suspicion times are stamped by their writers, so the age needs no clock
+//! synchronisation beyond what the HLC already gives, and an entry learned late through
+//! anti-entropy still shows its true age.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +19,7 @@ use crate::identity::PeerId;
 use crate::ledger::{Ledger, edgevpn, names};
 
 use super::fnv32a;
+use super::liveness::{self, Liveness, Suspicions};
 
 /// Key suffix of a node's announcement.
 pub const UUID_SUFFIX: &str = names::UUID_SUFFIX;
@@ -82,9 +83,10 @@ pub struct NodeView {
     pub asked: Role,
     /// Its hostname.
     pub hostname: String,
-    /// Heard from within the liveness timeout.
+    /// Known alive within the liveness timeout.
     pub live: bool,
-    /// Age of its last heartbeat in milliseconds (`None`: never heard).
+    /// How long ago it was last known alive, in milliseconds (0 while it is; `None`: never
+    /// heard).
     pub heartbeat_age_ms: Option<u64>,
     /// Its role in the ledger (`<uuid>-role`), if any.
     pub role: Option<String>,
@@ -110,7 +112,9 @@ pub struct View {
 
 impl View {
     /// Reads the view of `network_id` from `ledger` at hybrid-logical time `hlc_now_ms`.
-    pub fn read(ledger: &Ledger, network_id: &str, hlc_now_ms: u64, timeout_ms: u64) -> View {
+    pub fn read(ledger: &Ledger, network_id: &str, hlc_now_ms: u64, liveness: &Liveness) -> View {
+        let timeout_ms = liveness.timeout_ms;
+        let suspicions = Suspicions::read(ledger);
         let bucket = names::network_bucket(network_id);
         let mut nodes = BTreeMap::new();
         let mut roles: BTreeMap<String, String> = BTreeMap::new();
@@ -130,10 +134,8 @@ impl View {
             let Ok(ann) = serde_json::from_slice::<Announcement>(value) else {
                 continue;
             };
-            let age = ledger
-                .entry(names::HEALTHCHECK, uuid)
-                .filter(|e| e.value.is_some())
-                .map(|e| hlc_now_ms.saturating_sub(e.version.millis()));
+            let age = liveness::heard_ms(ledger, &suspicions, liveness, uuid)
+                .map(|heard| hlc_now_ms.saturating_sub(heard));
             nodes.insert(
                 uuid.to_string(),
                 NodeView {
@@ -170,13 +172,24 @@ impl View {
         self.live_eligible().count()
     }
 
-    /// The youngest heartbeat age that will cross `timeout_ms` next (for the timer).
-    pub fn next_expiry_ms(&self, timeout_ms: u64) -> Option<u64> {
+    /// Milliseconds until the next live node may count as dead, at the latest (for the timer):
+    /// the soonest a suspicion's grace or a lease runs out.
+    pub fn next_expiry_ms(
+        &self,
+        ledger: &Ledger,
+        hlc_now_ms: u64,
+        liveness: &Liveness,
+    ) -> Option<u64> {
+        let suspicions = Suspicions::read(ledger);
         self.nodes
-            .values()
-            .filter(|n| n.live)
-            .filter_map(|n| n.heartbeat_age_ms)
-            .map(|age| timeout_ms.saturating_sub(age))
+            .iter()
+            .filter(|(_, n)| n.live)
+            .filter_map(|(uuid, _)| liveness::heard_ms(ledger, &suspicions, liveness, uuid))
+            .map(|heard| {
+                heard
+                    .saturating_add(liveness.timeout_ms)
+                    .saturating_sub(hlc_now_ms)
+            })
             .min()
     }
 }

@@ -6,7 +6,7 @@
 //! A node's uuid is bound to the peer id that wrote its announcement `<uuid>-uuid` (in any bucket
 //! but the three network-wide ones). The first announcement a ledger stores binds the uuid;
 //! another peer's announcement of a bound uuid is refused, except when the bound peer has been
-//! silent (no heartbeat `healthcheck/<uuid>` of its own) for [`Authority::rebind_after_ms`]: a
+//! silent (its own heartbeat `healthcheck/<uuid>` judged as `cluster::liveness` does) for the liveness timeout: a
 //! node whose state directory was wiped comes back with a new peer id under its old uuid, and
 //! takes it over once its old identity has been silent that long (until then its entries are
 //! refused and anti-entropy offers them again). A member can thus take over the uuid of a node
@@ -30,7 +30,7 @@
 //! - `leader-auto` (any bucket): the peer bound to the uuid it names, when that uuid is announced
 //!   in the bucket as taking part in elections (not `p2p.role: none`) and nobody holds
 //!   `leader-auto`, it holds it already, it outranks the holder (the view's leader rule: highest
-//!   FNV-32a, then uuid) or the holder has been silent for [`Authority::rebind_after_ms`]. A
+//!   FNV-32a, then uuid) or the holder has been silent for the liveness timeout. A
 //!   member can thus lead only where the election rule makes it the leader.
 //! - `machines/<ip>`: a value must name its writer as `PeerID` (the VPN routes the address to that
 //!   peer); a deletion comes from the writer of the entry it deletes.
@@ -57,6 +57,7 @@ use super::names;
 use super::{Entry, Ledger};
 use crate::cluster::election::{BALLOT_SUFFIX, Commit, MASTER_COMMIT, VOTE_SUFFIX, Vote};
 use crate::cluster::fnv32a;
+use crate::cluster::liveness::{Liveness, Suspicions};
 use crate::cluster::view::Announcement;
 use crate::config::Role;
 use crate::identity::PeerId;
@@ -75,8 +76,9 @@ pub struct Authority {
     pub network_bucket: String,
     /// Votes that must prove a `master-commit` (`minimum_nodes`, at least 1).
     pub quorum_floor: usize,
-    /// How long a bound peer must be silent before another may announce its uuid.
-    pub rebind_after_ms: u64,
+    /// When a node counts as silent; a bound peer silent for the liveness timeout lets another
+    /// announce its uuid.
+    pub liveness: Liveness,
 }
 
 /// What the rule says of an entry.
@@ -105,6 +107,18 @@ impl Ledger {
         self.bindings.get(uuid).map(|(p, _)| *p)
     }
 
+    /// The uuids bound to `peer` (one, but for a node that changed its uuid).
+    pub fn uuids_bound_to(&self, peer: &PeerId) -> Vec<String> {
+        if !self.is_member(peer) {
+            return Vec::new();
+        }
+        self.bindings
+            .iter()
+            .filter(|(_, (p, _))| p == peer)
+            .map(|(uuid, _)| uuid.clone())
+            .collect()
+    }
+
     /// True when `peer` is bound to some uuid (a cluster member, bridge included).
     fn is_member(&self, peer: &PeerId) -> bool {
         self.bound_peers.get(peer).is_some_and(|n| *n > 0)
@@ -118,7 +132,9 @@ impl Ledger {
         };
         let (bucket, key, writer) = (entry.bucket.as_str(), entry.key.as_str(), &entry.writer);
         match bucket {
-            names::HEALTHCHECK | names::DHCP => return self.owner_is(key, writer),
+            names::HEALTHCHECK | names::DHCP | names::SUSPECTS => {
+                return self.owner_is(key, writer);
+            }
             names::MACHINES => return self.machine_writer(entry),
             _ => {}
         }
@@ -195,7 +211,7 @@ impl Ledger {
         let Some(now) = now else {
             return Verdict::Allowed;
         };
-        if self.silent_for(uuid, now) >= auth.rebind_after_ms {
+        if self.silent_for(uuid, now) >= auth.liveness.timeout_ms {
             Verdict::Allowed
         } else {
             Verdict::NotOwner("uuid bound to a live peer")
@@ -269,7 +285,7 @@ impl Ledger {
     /// Whether `uuid` may take `leader-auto` in `bucket` at hybrid time `now` (`None`: the
     /// holder counts as silent): `uuid` is announced there as taking part in elections, and
     /// nobody holds it, `uuid` holds it, `uuid` outranks the holder as the view's leader rule
-    /// ranks nodes, or the holder has been silent for [`Authority::rebind_after_ms`].
+    /// ranks nodes, or the holder has been silent for the liveness timeout.
     pub fn may_lead(&self, bucket: &str, uuid: &str, now: Option<u64>) -> bool {
         let Some(auth) = &self.authority else {
             return true;
@@ -291,7 +307,7 @@ impl Ledger {
         }
         match now {
             None => true,
-            Some(now) => self.silent_for(&holder, now) >= auth.rebind_after_ms,
+            Some(now) => self.silent_for(&holder, now) >= auth.liveness.timeout_ms,
         }
     }
 
@@ -303,17 +319,26 @@ impl Ledger {
             .is_some_and(|a| a.asked() != Role::None)
     }
 
-    /// Milliseconds since `uuid`'s bound peer was last heard of (its own heartbeat, else its
-    /// announcement), at hybrid time `now`.
+    /// Milliseconds since `uuid`'s bound peer was last known alive (its own heartbeat judged
+    /// as `cluster::liveness` does, else its announcement's version), at hybrid time `now`.
     fn silent_for(&self, uuid: &str, now: u64) -> u64 {
         let bound = self.bound_peer(uuid);
-        let last = self
+        let now = now.max(self.max_version().millis());
+        let beat = self
             .entry(names::HEALTHCHECK, uuid)
-            .filter(|e| Some(e.writer) == bound)
-            .map(|e| e.version.millis())
-            .or_else(|| self.bindings.get(uuid).map(|(_, v)| *v))
-            .unwrap_or(0);
-        now.max(self.max_version().millis()).saturating_sub(last)
+            .filter(|e| Some(e.writer) == bound && e.value.is_some())
+            .map(|e| e.version);
+        match (beat, &self.authority) {
+            (Some(beat), Some(auth)) => {
+                let suspected = Suspicions::read(self).of(uuid, beat);
+                auth.liveness.silence_ms(now, beat, suspected)
+            }
+            (Some(beat), None) => now.saturating_sub(beat.millis()),
+            (None, _) => {
+                let announced = self.bindings.get(uuid).map_or(0, |(_, v)| *v);
+                now.saturating_sub(announced)
+            }
+        }
     }
 
     fn leader_auto(&self, entry: &Entry, now: Option<u64>) -> Verdict {
@@ -351,7 +376,7 @@ impl Ledger {
 
     /// `writer` is bound to a node taking part in elections in `held`'s bucket that outranks
     /// the node `held` (a `leader-auto` claim) names and has not been silent for
-    /// [`Authority::rebind_after_ms`].
+    /// the liveness timeout.
     fn outranking_claimant(&self, held: &Entry, writer: &PeerId, now: Option<u64>) -> bool {
         let (Some(auth), Some(value)) = (&self.authority, &held.value) else {
             return false;
@@ -365,7 +390,7 @@ impl Ledger {
             .any(|(uuid, _)| {
                 rank(uuid) > holder_rank
                     && self.takes_part(&held.bucket, uuid)
-                    && now.is_none_or(|now| self.silent_for(uuid, now) < auth.rebind_after_ms)
+                    && now.is_none_or(|now| self.silent_for(uuid, now) < auth.liveness.timeout_ms)
             })
     }
 

@@ -3,7 +3,7 @@
 //! - Bucket `<network_id>` (default [`DEFAULT_NETWORK_ID`]) with per-node keys `<uuid>-uuid`
 //!   (liveness), `<uuid>-role`, `<uuid>-ip` and the cluster keys [`LEADER_AUTO`], [`IP_MASTER`],
 //!   [`NODE_TOKEN`], [`KUBECONFIG`].
-//! - Network-wide buckets [`MACHINES`], [`HEALTHCHECK`], [`DHCP`].
+//! - Network-wide buckets [`MACHINES`], [`HEALTHCHECK`], [`DHCP`], and ours [`SUSPECTS`].
 
 /// `p2p.network_id` when unset: the name of the cluster bucket.
 pub const DEFAULT_NETWORK_ID: &str = "kairos";
@@ -14,12 +14,15 @@ pub const MACHINES: &str = "machines";
 pub const HEALTHCHECK: &str = "healthcheck";
 /// Network-wide bucket of VPN address leases.
 pub const DHCP: &str = "dhcp";
+/// Network-wide bucket (ours) of the nodes each node suspects dead, under its own uuid (see
+/// `cluster::liveness`).
+pub const SUSPECTS: &str = "suspects";
 
 /// True for the buckets every cluster of a network shares ([`MACHINES`], [`HEALTHCHECK`],
-/// [`DHCP`]): never a cluster's own, whatever a `network_id` is called.
+/// [`DHCP`], [`SUSPECTS`]): never a cluster's own, whatever a `network_id` is called.
 #[must_use]
 pub fn is_network_wide(bucket: &str) -> bool {
-    matches!(bucket, MACHINES | HEALTHCHECK | DHCP)
+    matches!(bucket, MACHINES | HEALTHCHECK | DHCP | SUSPECTS)
 }
 
 /// Key of the automatic leader's choice.

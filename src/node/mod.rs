@@ -40,8 +40,8 @@ use crate::discovery::lan::{LanDiscovery, LanEvent};
 use crate::identity::{Identity, PeerId};
 use crate::overlay::relay::{RELAY_HEADER_LEN, RelayFrame, is_relay_addr};
 use crate::overlay::{
-    ConnId, ConnectError, Transport, TransportError, TransportEvent, TransportSettings,
-    is_quic_packet,
+    ConnId, ConnectError, DisconnectReason, Transport, TransportError, TransportEvent,
+    TransportSettings, is_quic_packet,
 };
 use crate::rng::Rng;
 use crate::token::{KeySchedule, NetworkToken, Window};
@@ -185,6 +185,16 @@ impl NodeSettings {
                 ..KadSettings::default()
             },
         }
+    }
+}
+
+impl NodeSettings {
+    /// Makes the connections report a peer lost within half of `liveness_timeout` (at the
+    /// longest the transport's default 30 s, at the shortest 1 s): its members judge a node's
+    /// liveness by them (see [`crate::cluster::liveness`]).
+    pub fn watch_liveness(&mut self, liveness_timeout: Duration) {
+        let half = (liveness_timeout / 2).max(Duration::from_secs(1));
+        self.transport.idle_timeout = self.transport.idle_timeout.min(half);
     }
 }
 
@@ -1150,7 +1160,8 @@ impl Node {
                 self.connected.remove(&peer);
                 self.relays.remove_relay(&peer);
                 if let Some(cluster) = &mut self.cluster {
-                    cluster.peer_disconnected(&peer);
+                    let lost = reason != DisconnectReason::ClosedLocally;
+                    cluster.peer_disconnected(now, self.unix_ms, &peer, lost);
                 }
                 self.events.push_back(NodeEvent::PeerDisconnected {
                     peer,

@@ -1,8 +1,8 @@
 //! Idle traffic of simulated nodes, broken down by what it carries (issue 16, goal 3).
 //!
 //! The simulator sees UDP payloads ([`PacketKind`]); the QUIC share is split further with the
-//! nodes' own counters of the messages they hand to the transport: ledger heartbeats, other
-//! ledger pushes, anti-entropy exchanges and member lists. What QUIC sends beyond those message
+//! nodes' own counters of the messages they hand to the transport: ledger pushes (news,
+//! heartbeats and suspicions included), anti-entropy exchanges and member lists. What QUIC sends beyond those message
 //! bytes (packet headers, AEAD tags, stream frames, ACKs, PINGs, flow-control updates) is
 //! reported as QUIC overhead.
 
@@ -20,9 +20,7 @@ pub struct IdleTraffic {
     pub total: f64,
     /// By packet kind ([`PacketKind::index`]).
     pub kinds: [f64; 4],
-    /// Ledger messages pushing routine heartbeats (`healthcheck/<uuid>`).
-    pub heartbeats: f64,
-    /// Ledger messages pushing anything else (news).
+    /// Ledger messages pushing news (heartbeats and suspicions included).
     pub ledger_news: f64,
     /// Ledger anti-entropy exchanges (digests, summaries, answers).
     pub anti_entropy: f64,
@@ -47,9 +45,8 @@ impl std::fmt::Display for IdleTraffic {
         }
         write!(
             f,
-            "; QUIC = heartbeats {:.0} + ledger news {:.0} + anti-entropy {:.0} + member lists \
-             {:.0} ({:.2} keep-alives/s) + QUIC overhead {:.0})",
-            self.heartbeats,
+            "; QUIC = ledger news {:.0} + anti-entropy {:.0} + member lists {:.0} ({:.2} \
+             keep-alives/s) + QUIC overhead {:.0})",
             self.ledger_news,
             self.anti_entropy,
             self.member_lists,
@@ -63,7 +60,6 @@ impl std::fmt::Display for IdleTraffic {
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
     node: NodeStats,
-    heartbeat_bytes: u64,
     exchange_bytes: u64,
 }
 
@@ -77,7 +73,6 @@ fn counters(sim: &Sim, hosts: &[HostId]) -> Vec<Counters> {
             let r = node.cluster().map(|c| c.replication_stats());
             Counters {
                 node: node.stats(),
-                heartbeat_bytes: r.map_or(0, |r| r.heartbeat_bytes_out),
                 exchange_bytes: r.map_or(0, |r| r.exchange_bytes_out),
             }
         })
@@ -107,15 +102,13 @@ pub fn measure(sim: &mut Sim, hosts: &[HostId], idle: Duration) -> Result<IdleTr
     };
     let kinds: [f64; 4] = std::array::from_fn(|i| rate(sent[i].bytes - sent0[i].bytes));
     let ledger = delta(&|c| c.node.ledger_bytes_out);
-    let heartbeats = delta(&|c| c.heartbeat_bytes);
     let exchange = delta(&|c| c.exchange_bytes);
     let members = delta(&|c| c.node.members_bytes_out);
     let quic = sent[PacketKind::Quic.index()].bytes - sent0[PacketKind::Quic.index()].bytes;
     Ok(IdleTraffic {
         total: kinds.iter().sum(),
         kinds,
-        heartbeats: rate(heartbeats),
-        ledger_news: rate(ledger.saturating_sub(heartbeats + exchange)),
+        ledger_news: rate(ledger.saturating_sub(exchange)),
         anti_entropy: rate(exchange),
         member_lists: rate(members),
         keep_alives: rate(delta(&|c| c.node.keep_alives_out)),

@@ -928,7 +928,11 @@ impl Sim {
         let net = slot.net;
         let token = &self.nets[net.0].token;
         let identity = Identity::from_seed(slot.identity_seed);
-        let mut node = Node::new(&identity, token, slot.settings.clone(), node_seed)
+        let mut node_settings = slot.settings.clone();
+        if let Some(cluster) = &slot.cluster {
+            node_settings.watch_liveness(cluster.liveness_timeout);
+        }
+        let mut node = Node::new(&identity, token, node_settings, node_seed)
             .map_err(|error| SimError::NodeCreate { host, error })?;
         if let Some(settings) = &slot.cluster {
             // Read back through the agent's own decoding (snapshot, then journal replay).
