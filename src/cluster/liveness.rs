@@ -3,8 +3,8 @@
 //! A node writes its heartbeat `healthcheck/<uuid>` when it starts, when somebody suspects it
 //! (below) and otherwise only every [`Liveness::renew_ms`] (30 liveness timeouts). The members
 //! it is connected to watch it: the overlay keeps every connection alive (a QUIC PING when idle)
-//! and reports the peer lost after the transport's idle timeout, which the node sets to at most
-//! half the liveness timeout. A member that loses a node's connection (idle timeout, reset,
+//! and reports the peer lost after the transport's idle timeout, which the node sets to
+//! [`watch_timeout`] (half the liveness timeout, at most 30 s). A member that loses a node's connection (idle timeout, reset,
 //! closed by the other side) writes a *suspicion* in its own key `suspects/<its uuid>`: the
 //! node's uuid, the version of the heartbeat it held and when. A node that sees itself suspected
 //! at its current heartbeat writes a new one at once (news, pushed to everyone), which answers the
@@ -50,12 +50,20 @@ pub struct Liveness {
     pub grace_ms: u64,
 }
 
+/// How long a connection may stay silent before the transport reports its peer lost, for a
+/// liveness timeout of `timeout`: half of it, between 1 s and the transport's usual 30 s.
+pub fn watch_timeout(timeout: Duration) -> Duration {
+    (timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
 impl Liveness {
     /// The timing for a liveness timeout of `timeout`: renewal every [`RENEWAL_TIMEOUTS`]
-    /// timeouts, a grace of a quarter timeout (at most 15 s).
+    /// timeouts, and a grace of what the timeout leaves after the [`watch_timeout`], so that
+    /// a node that stops answering counts as dead a liveness timeout after it was last heard,
+    /// as when every node beat every quarter timeout.
     pub fn for_timeout(timeout: Duration) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let grace = (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        let grace = timeout.saturating_sub(watch_timeout(timeout));
         Self {
             timeout_ms: ms(timeout),
             renew_ms: ms(timeout).saturating_mul(u64::from(RENEWAL_TIMEOUTS)),
@@ -176,13 +184,13 @@ mod tests {
     #[test]
     fn a_node_is_heard_until_its_renewal_or_a_suspicion_plus_the_grace() {
         let l = Liveness::for_timeout(Duration::from_secs(60));
-        assert_eq!((l.renew_ms, l.grace_ms), (1_800_000, 15_000));
+        assert_eq!((l.renew_ms, l.grace_ms), (1_800_000, 30_000));
         let beat = Hlc::new(1_000_000, 0);
         // (suspected at, silence at 1_000_000 + 50 s, at + 1 h)
         let cases = [
             (None, 0, 3_600_000 - 1_800_000),
-            (Some(1_010_000), 50_000 - 10_000 - 15_000 + 60_000, 0),
-            (Some(1_000_000), 50_000 - 15_000 + 60_000, 0),
+            (Some(1_010_000), 50_000 - 10_000 - 30_000 + 60_000, 0),
+            (Some(1_000_000), 50_000 - 30_000 + 60_000, 0),
         ];
         for (at, silence_50s, silence_1h) in cases {
             assert_eq!(l.silence_ms(1_050_000, beat, at), silence_50s, "{at:?}");

@@ -189,12 +189,11 @@ impl NodeSettings {
 }
 
 impl NodeSettings {
-    /// Makes the connections report a peer lost within half of `liveness_timeout` (at the
-    /// longest the transport's default 30 s, at the shortest 1 s): its members judge a node's
-    /// liveness by them (see [`crate::cluster::liveness`]).
+    /// Makes the connections report a peer lost after the
+    /// [`watch_timeout`](crate::cluster::liveness::watch_timeout) of `liveness_timeout`: its
+    /// members judge a node's liveness by them (see [`crate::cluster::liveness`]).
     pub fn watch_liveness(&mut self, liveness_timeout: Duration) {
-        let half = (liveness_timeout / 2).max(Duration::from_secs(1));
-        self.transport.idle_timeout = self.transport.idle_timeout.min(half);
+        self.transport.idle_timeout = crate::cluster::liveness::watch_timeout(liveness_timeout);
     }
 }
 
