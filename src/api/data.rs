@@ -23,10 +23,12 @@
 //!    agent never writes a value that starts with `"` itself.
 //! 2. Otherwise it is this agent's plain value; its JSON is the value itself when it is a JSON
 //!    object or array, else the text as a JSON string. Two values are translated to what
-//!    Kairos reads: `healthcheck/<uuid>` (unix seconds here) becomes the RFC 3339 time edgevpn's
-//!    alive service writes, and an announcement `<bucket>/<uuid>-uuid` gets provider-kairos'
-//!    `Time` field (its `AdvertizingNodes` keeps nodes younger than 15 minutes) from the node's
-//!    last heartbeat.
+//!    Kairos reads: `healthcheck/<uuid>` becomes the RFC 3339 time edgevpn's alive service
+//!    writes, and an announcement `<bucket>/<uuid>-uuid` gets provider-kairos' `Time` field (its
+//!    `AdvertizingNodes` keeps nodes younger than 15 minutes). Both show when the node was last
+//!    known alive (`cluster::liveness`): now while it is live, as edgevpn's nodes beat every
+//!    few seconds, though ours renew their heartbeat only every half hour; else the stored
+//!    heartbeat's unix seconds.
 //! 3. In a bucket edgevpn's nodes write ([`NODE_BUCKETS`]) that JSON is the Data; in any other
 //!    bucket the Data is what the Go client's `Put` would have stored: the JSON string of the
 //!    base64url (padded) of that JSON.
@@ -37,6 +39,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
 use serde_json::Value;
 
+use crate::cluster::liveness::{self, Suspicions};
 use crate::ledger::{Ledger, names};
 
 /// Buckets edgevpn's nodes write themselves (`pkg/protocol`'s ledger keys, and `dhcp`): values
@@ -54,13 +57,20 @@ pub const NODE_BUCKETS: [&str; 10] = [
     names::DHCP,
 ];
 
-/// The edgevpn `blockchain.Data` standing for the value stored at `bucket/key`.
-pub fn data<'a>(ledger: &Ledger, bucket: &str, key: &str, stored: &'a [u8]) -> Cow<'a, str> {
+/// The edgevpn `blockchain.Data` standing for the value stored at `bucket/key`, at wall-clock
+/// time `now_ms`.
+pub fn data<'a>(
+    ledger: &Ledger,
+    now_ms: u64,
+    bucket: &str,
+    key: &str,
+    stored: &'a [u8],
+) -> Cow<'a, str> {
     let text = String::from_utf8_lossy(stored);
     if serde_json::from_str::<String>(&text).is_ok() {
         return text;
     }
-    let json = plain_json(ledger, bucket, key, &text);
+    let json = plain_json(ledger, now_ms, bucket, key, &text);
     if NODE_BUCKETS.contains(&bucket) {
         Cow::Owned(json)
     } else {
@@ -69,16 +79,20 @@ pub fn data<'a>(ledger: &Ledger, bucket: &str, key: &str, stored: &'a [u8]) -> C
 }
 
 /// The JSON this agent's plain value stands for (rule 2).
-fn plain_json(ledger: &Ledger, bucket: &str, key: &str, text: &str) -> String {
+fn plain_json(ledger: &Ledger, now_ms: u64, bucket: &str, key: &str, text: &str) -> String {
     if bucket == names::HEALTHCHECK {
-        if let Ok(seconds) = text.trim().parse::<u64>() {
+        if let Some(seconds) =
+            heard_seconds(ledger, now_ms, key).or_else(|| text.trim().parse::<u64>().ok())
+        {
             return json_string(&rfc3339(seconds));
         }
     }
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(mut object)) => {
             let uuid = key.strip_suffix(names::UUID_SUFFIX);
-            let beat = uuid.and_then(|u| heartbeat_seconds(ledger, u));
+            let beat = uuid.and_then(|u| {
+                heard_seconds(ledger, now_ms, u).or_else(|| heartbeat_seconds(ledger, u))
+            });
             match (NODE_BUCKETS.contains(&bucket), beat) {
                 (false, Some(seconds)) if !object.contains_key("Time") => {
                     object.insert("Time".to_string(), Value::String(rfc3339(seconds)));
@@ -90,6 +104,15 @@ fn plain_json(ledger: &Ledger, bucket: &str, key: &str, text: &str) -> String {
         Ok(Value::Array(_)) => text.to_string(),
         _ => json_string(text),
     }
+}
+
+/// When `uuid` was last known alive, in unix seconds: now (by the hybrid clock at wall-clock
+/// `now_ms`) while it is live (see `cluster::liveness`); `None` without a heartbeat or an
+/// ownership rule.
+fn heard_seconds(ledger: &Ledger, now_ms: u64, uuid: &str) -> Option<u64> {
+    let l = ledger.liveness()?;
+    let heard = liveness::heard_ms(ledger, &Suspicions::read(ledger), &l, uuid)?;
+    Some(heard.min(now_ms.max(ledger.max_version().millis())) / 1000)
 }
 
 /// The unix seconds of `uuid`'s last heartbeat (`healthcheck/<uuid>`).
@@ -196,7 +219,7 @@ mod tests {
     /// The body `GET /api/ledger/:bucket/:key` sends.
     fn body(ledger: &Ledger, bucket: &str, key: &str) -> Vec<u8> {
         let stored = ledger.get(bucket, key).unwrap();
-        serde_json::to_vec(&data(ledger, bucket, key, stored)).unwrap()
+        serde_json::to_vec(&data(ledger, 0, bucket, key, stored)).unwrap()
     }
 
     #[test]
@@ -222,14 +245,14 @@ mod tests {
         let segment = go_client::put_segment("worker");
         let stored = serde_json::to_string(&segment).unwrap();
         let l = ledger(&[("kairos", "u2-role", &stored), ("b", "k", "\"hello\"")]);
-        assert_eq!(data(&l, "kairos", "u2-role", stored.as_bytes()), stored);
+        assert_eq!(data(&l, 0, "kairos", "u2-role", stored.as_bytes()), stored);
         assert_eq!(
             go_client::get(&body(&l, "kairos", "u2-role")).unwrap(),
             "worker"
         );
         // curl's PUT: shown as edgevpn shows it (not base64: the Go client cannot read it there
         // either).
-        assert_eq!(data(&l, "b", "k", b"\"hello\""), "\"hello\"");
+        assert_eq!(data(&l, 0, "b", "k", b"\"hello\""), "\"hello\"");
     }
 
     #[test]
@@ -247,6 +270,54 @@ mod tests {
         assert!(serde_json::from_str::<Value>(&d).unwrap()["Time"].is_null());
     }
 
+    /// Heartbeats are renewed every half hour (`cluster::liveness`): a live node shows now, as
+    /// edgevpn's nodes that beat every few seconds do; a node suspected and silent past the
+    /// grace shows when it was last known alive.
+    #[test]
+    fn live_nodes_show_now_and_dead_ones_when_last_known_alive() {
+        use crate::cluster::liveness::{Liveness, Suspicion, encode};
+        use crate::ledger::authority::Authority;
+        let t = 1_700_000_000_000;
+        let mut l = Ledger::new(Limits::for_max_message_size(1 << 20));
+        l.set_authority(Authority {
+            network_bucket: "kairos".into(),
+            quorum_floor: 1,
+            liveness: Liveness::for_timeout(std::time::Duration::from_secs(60)),
+        });
+        let id = Identity::from_seed([3; 32]);
+        let mut clock = Clock::new();
+        let mut put = |l: &mut Ledger, bucket: &str, key: &str, value: &[u8], at: u64| {
+            l.put(&id, &mut clock, bucket, key, value, at).unwrap();
+        };
+        for u in ["u1", "u2"] {
+            let ann = format!(r#"{{"Role":"auto","Hostname":"h-{u}"}}"#);
+            put(&mut l, "kairos", &format!("{u}-uuid"), ann.as_bytes(), t);
+            put(&mut l, "healthcheck", u, b"1700000000", t);
+        }
+        let beat = l.entry("healthcheck", "u2").unwrap().version;
+        let suspicion = Suspicion {
+            uuid: "u2".into(),
+            beat,
+            at: t + 1_000,
+        };
+        put(&mut l, "suspects", "u1", &encode(&[suspicion]), t + 1_000);
+        let now = t + 20 * 60_000;
+        assert_eq!(
+            data(&l, now, "healthcheck", "u1", b"1700000000"),
+            "\"2023-11-14T22:33:20Z\""
+        );
+        // 1 s after the beat + 30 s of grace - the 60 s timeout.
+        assert_eq!(
+            data(&l, now, "healthcheck", "u2", b"1700000000"),
+            "\"2023-11-14T22:12:51Z\""
+        );
+        let stored = l.get("kairos", "u1-uuid").unwrap();
+        let d = data(&l, now, "kairos", "u1-uuid", stored);
+        let d = go_client::get_bucket_key(&serde_json::to_vec(&d).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&d).unwrap();
+        assert_eq!(v["Time"], "2023-11-14T22:33:20Z");
+    }
+
     #[test]
     fn node_buckets_hold_plain_json() {
         let machine = r#"{"PeerID":"12D3","Address":"10.1.0.2"}"#;
@@ -256,22 +327,22 @@ mod tests {
             ("dhcp", "u1", "10.1.0.2"),
         ]);
         assert_eq!(
-            data(&l, "machines", "10.1.0.2", machine.as_bytes()),
+            data(&l, 0, "machines", "10.1.0.2", machine.as_bytes()),
             machine
         );
         // What edgevpn's service client's ActiveNodes parses.
         assert_eq!(
-            data(&l, "healthcheck", "u1", b"1700000000"),
+            data(&l, 0, "healthcheck", "u1", b"1700000000"),
             "\"2023-11-14T22:13:20Z\""
         );
-        assert_eq!(data(&l, "dhcp", "u1", b"10.1.0.2"), "\"10.1.0.2\"");
+        assert_eq!(data(&l, 0, "dhcp", "u1", b"10.1.0.2"), "\"10.1.0.2\"");
     }
 
     #[test]
     fn odd_values_do_not_panic() {
         let l = ledger(&[]);
         for stored in [&b""[..], b"\xff\xfe", b"\"", b"{", b"[1,2]", b"12", b"null"] {
-            let d = data(&l, "kairos", "k", stored);
+            let d = data(&l, 0, "kairos", "k", stored);
             assert!(go_client::get_bucket_key(&serde_json::to_vec(&d).unwrap()).is_ok());
         }
     }

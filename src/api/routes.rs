@@ -175,6 +175,8 @@ pub trait ApiState {
     fn ledger(&self) -> &Ledger;
     /// Counters for `/metrics`.
     fn metrics(&self) -> Metrics;
+    /// The wall clock, in unix milliseconds.
+    fn unix_ms(&self) -> u64;
 }
 
 /// The answer to a request, and the ledger writes it asks for (apply them, then send the
@@ -323,6 +325,7 @@ pub fn handle(request: &Request, state: &dyn ApiState, access: Access) -> Outcom
 /// Answers a `GET` (or `HEAD`); collections leave secrets out below [`Access::Full`].
 fn read(resource: Resource, state: &dyn ApiState, access: Access) -> Response {
     let ledger = state.ledger();
+    let now_ms = state.unix_ms();
     match resource {
         Resource::StatusPage => page::status_page(),
         Resource::Prometheus => Response::content(
@@ -338,15 +341,15 @@ fn read(resource: Resource, state: &dyn ApiState, access: Access) -> Response {
             Response::json(Status::Ok, &decode_bucket::<Service>(ledger, SERVICES))
         }
         Resource::Files => Response::json(Status::Ok, &decode_bucket::<File>(ledger, FILES)),
-        Resource::Blockchain => Response::json(Status::Ok, &Block::of(ledger, access)),
-        Resource::Ledger => Response::json(Status::Ok, &storage(ledger, access)),
+        Resource::Blockchain => Response::json(Status::Ok, &Block::of(ledger, now_ms, access)),
+        Resource::Ledger => Response::json(Status::Ok, &storage(ledger, now_ms, access)),
         Resource::Bucket(bucket) => {
-            Response::json(Status::Ok, &bucket_values(ledger, &bucket, access))
+            Response::json(Status::Ok, &bucket_values(ledger, now_ms, &bucket, access))
         }
         Resource::Value(bucket, key) => {
             let value = ledger
                 .get(&bucket, &key)
-                .map(|stored| data::data(ledger, &bucket, &key, stored));
+                .map(|stored| data::data(ledger, now_ms, &bucket, &key, stored));
             Response::json(Status::Ok, &value.unwrap_or_default())
         }
         Resource::Bandwidth => {
@@ -817,20 +820,25 @@ fn decode_bucket<T: DeserializeOwned>(ledger: &Ledger, bucket: &str) -> Vec<T> {
 type BucketValues<'a> = BTreeMap<&'a str, Cow<'a, str>>;
 
 /// The live values of `bucket` (secrets left out below [`Access::Full`]); `None` when empty.
-fn bucket_values<'a>(ledger: &'a Ledger, bucket: &str, access: Access) -> Option<BucketValues<'a>> {
+fn bucket_values<'a>(
+    ledger: &'a Ledger,
+    now_ms: u64,
+    bucket: &str,
+    access: Access,
+) -> Option<BucketValues<'a>> {
     let values: BucketValues<'a> = ledger
         .bucket(bucket)
         .filter(|(key, _)| access == Access::Full || !trust::is_secret_key(key))
-        .map(|(key, value)| (key, data::data(ledger, bucket, key, value)))
+        .map(|(key, value)| (key, data::data(ledger, now_ms, bucket, key, value)))
         .collect();
     (!values.is_empty()).then_some(values)
 }
 
 /// The whole ledger as edgevpn's `CurrentData()`: buckets without live values are left out.
-fn storage(ledger: &Ledger, access: Access) -> BTreeMap<&str, BucketValues<'_>> {
+fn storage(ledger: &Ledger, now_ms: u64, access: Access) -> BTreeMap<&str, BucketValues<'_>> {
     ledger
         .buckets()
-        .filter_map(|bucket| Some((bucket, bucket_values(ledger, bucket, access)?)))
+        .filter_map(|bucket| Some((bucket, bucket_values(ledger, now_ms, bucket, access)?)))
         .collect()
 }
 
@@ -875,14 +883,14 @@ struct SignedData<'a> {
 }
 
 impl<'a> Block<'a> {
-    fn of(ledger: &'a Ledger, access: Access) -> Block<'a> {
+    fn of(ledger: &'a Ledger, now_ms: u64, access: Access) -> Block<'a> {
         let mut storage: BTreeMap<&str, BTreeMap<&str, SignedData<'_>>> = BTreeMap::new();
         let shown = ledger
             .entries()
             .filter(|entry| access == Access::Full || !trust::is_secret_key(&entry.key));
         for entry in shown {
             let value = entry.value.as_deref().map_or(Cow::Borrowed(""), |stored| {
-                data::data(ledger, &entry.bucket, &entry.key, stored)
+                data::data(ledger, now_ms, &entry.bucket, &entry.key, stored)
             });
             let signed = SignedData {
                 value,
@@ -1000,6 +1008,9 @@ mod tests {
         }
         fn metrics(&self) -> Metrics {
             self.metrics.clone()
+        }
+        fn unix_ms(&self) -> u64 {
+            0
         }
     }
 

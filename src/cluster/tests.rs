@@ -1722,6 +1722,53 @@ impl Wired {
     }
 }
 
+/// A member that loses a live node's connection suspects it (see `liveness`); the node answers
+/// with a new heartbeat at once, stays live everywhere, and the suspicion is withdrawn. A node
+/// that does not answer counts as dead everywhere a grace after the suspicion, not before.
+#[test]
+fn a_suspected_node_that_answers_stays_live_and_one_that_does_not_is_dead() {
+    let uuids = ["node-a", "node-b", "node-c"];
+    let mut w = Wired::new(&uuids);
+    w.start();
+    w.run_for(Duration::from_secs(10));
+    let beat = |w: &Wired, u: &str| {
+        w.nodes[0]
+            .ledger()
+            .entry(names::HEALTHCHECK, u)
+            .unwrap()
+            .version
+    };
+    let before = beat(&w, "node-b");
+    let (now, ms, peer) = (w.now, w.unix_ms(0), w.peers[1]);
+    w.nodes[0].peer_disconnected(now, ms, &peer, true);
+    w.deliver();
+    assert!(w.nodes[2].ledger().get(names::SUSPECTS, "node-a").is_some());
+    w.run_for(Duration::from_secs(1));
+    assert!(beat(&w, "node-b") > before, "node-b answered");
+    w.run_for(Duration::from_secs(60));
+    for n in &w.nodes {
+        assert!(n.view().nodes["node-b"].live);
+        assert_eq!(n.ledger().get(names::SUSPECTS, "node-a"), None, "withdrawn");
+    }
+
+    // node-c is gone: node-a and node-b lose it, and it never answers.
+    let gone = w.nodes.remove(2);
+    let gone_peer = w.peers.remove(2);
+    w.skew_ms.remove(2);
+    let lost_at = w.now;
+    for i in 0..2 {
+        let ms = w.unix_ms(i);
+        w.nodes[i].peer_disconnected(lost_at, ms, &gone_peer, true);
+    }
+    w.deliver();
+    let grace = Duration::from_millis(Liveness::for_timeout(Duration::from_secs(60)).grace_ms);
+    w.run_for(grace - Duration::from_millis(100));
+    assert!(w.nodes.iter().all(|n| n.view().nodes["node-c"].live));
+    w.run_for(Duration::from_millis(200));
+    assert!(w.nodes.iter().all(|n| !n.view().nodes["node-c"].live));
+    drop(gone);
+}
+
 #[test]
 fn three_clusters_elect_one_master_and_two_workers() {
     let uuids = ["node-a", "node-b", "node-c"];

@@ -779,6 +779,10 @@ impl ApiState for State<'_> {
         self.ledger
     }
 
+    fn unix_ms(&self) -> u64 {
+        super::clocks().1
+    }
+
     fn metrics(&self) -> Metrics {
         let t = self.node.transport().stats();
         let n = self.node.stats();

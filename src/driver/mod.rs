@@ -614,7 +614,7 @@ pub fn run(mut node: Node, settings: &DriverSettings) -> Result<(), DriverError>
 }
 
 /// The monotonic clock and the wall clock in unix milliseconds.
-fn clocks() -> (Instant, u64) {
+pub(crate) fn clocks() -> (Instant, u64) {
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

@@ -107,6 +107,11 @@ impl Ledger {
         self.bindings.get(uuid).map(|(p, _)| *p)
     }
 
+    /// The timing of liveness this ledger judges silence by (`None` without an ownership rule).
+    pub fn liveness(&self) -> Option<Liveness> {
+        self.authority.as_ref().map(|a| a.liveness)
+    }
+
     /// The uuids bound to `peer` (one, but for a node that changed its uuid).
     pub fn uuids_bound_to(&self, peer: &PeerId) -> Vec<String> {
         if !self.is_member(peer) {

@@ -287,4 +287,7 @@ impl ApiState for FuzzApi {
     fn metrics(&self) -> Metrics {
         Metrics::default()
     }
+    fn unix_ms(&self) -> u64 {
+        0
+    }
 }
