@@ -2,8 +2,12 @@
 //!
 //! - When a connection comes up, both ends send their [`Digest`]: each catches up with the other
 //!   in one round trip (see the anti-entropy steps in [`crate::ledger`]).
-//! - Every [`ANTI_ENTROPY_INTERVAL`] a node runs the same exchange with one connected member in
-//!   turn, which repairs whatever a lost push missed.
+//! - Every [`ANTI_ENTROPY_INTERVAL`] a node checks with one connected member in turn, which
+//!   repairs whatever a lost push missed: it sends a *brief* digest (the buckets' counts and
+//!   hashes, without the version vector, which grows with the number of writers), and a member
+//!   whose buckets differ answers with its full digest, which runs the exchange above the other
+//!   way; one whose buckets match answers nothing. So a quiet cluster's checks cost the same
+//!   whatever its size.
 //! - Entries that are new to a node are pushed, as a [`Batch`] without requests, to every
 //!   connected member that is not known to hold them already. A node's own writes go at once. What
 //!   it learns from a member waits [`NEWS_BATCH_DELAY`] (drawn between half and one and a half of
@@ -29,8 +33,9 @@
 //!   (Before, every node beat every 15 s and every node learned every beat: the heartbeats were
 //!   two thirds of what an idle cluster sent, and grew with its size.)
 //!
-//! Idle cost per node: the digest exchanges (one per [`ANTI_ENTROPY_INTERVAL`]); see the
-//! README's idle traffic section.
+//! Idle cost per node: one brief digest per [`ANTI_ENTROPY_INTERVAL`] (and, with several
+//! clusters on one token, a full one every [`FULL_DIGEST_EVERY`] of them); see the README's idle
+//! traffic section.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -43,9 +48,11 @@ use crate::rng::Rng;
 
 /// How often a node runs a digest exchange with one connected member (pushes carry the news;
 /// this repairs what a lost connection missed, and a connection that comes up runs one at
-/// once). Each exchange costs O(nodes) (the digest's version vector): every 60 s rather than
-/// 30 s halves that idle cost.
+/// once).
 pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(60);
+/// Every this many periodic exchanges, one with a member of another cluster sends a full digest
+/// instead of a brief one ([`crate::ledger::Digest::brief`]).
+pub const FULL_DIGEST_EVERY: usize = 10;
 /// Wait before a digest goes again to a connected member whose first exchange has not completed.
 pub const FIRST_EXCHANGE_RETRY: Duration = Duration::from_secs(2);
 /// Mean wait of relayed news before it goes on (see the module documentation): longer than a
@@ -236,6 +243,13 @@ impl Replication {
                     mine: Some(&self.cluster),
                     theirs: digest.cluster.as_deref(),
                 };
+                if digest.brief {
+                    ledger.note_contact(unix_ms);
+                    if ledger.differs_from(&digest, scope) {
+                        self.send_digest(unix_ms, ledger, from);
+                    }
+                    return Vec::new();
+                }
                 let mut summary = ledger.summary_for(&digest, scope, &self.limits, unix_ms);
                 summary.cluster = Some(self.cluster.clone());
                 self.send(from, &SyncMessage::Summary(summary), Sent::Exchange);
@@ -466,7 +480,19 @@ impl Replication {
         self.turn = self.turn.wrapping_add(1);
         let peer = self.peers.keys().nth(self.turn % self.peers.len()).copied();
         if let Some(peer) = peer {
-            self.send_digest(unix_ms, ledger, peer);
+            // A member of another cluster gets a full digest now and then: a brief one leaves
+            // out the cluster buckets each holds a part of.
+            let other_cluster = self
+                .peers
+                .get(&peer)
+                .is_some_and(|p| p.cluster.as_deref() != Some(self.cluster.as_str()));
+            if other_cluster && self.turn % FULL_DIGEST_EVERY == 0 {
+                self.send_digest(unix_ms, ledger, peer);
+            } else {
+                let mut digest = ledger.brief_digest(&self.limits, unix_ms);
+                digest.cluster = Some(self.cluster.clone());
+                self.send(peer, &SyncMessage::Digest(digest), Sent::Exchange);
+            }
         }
     }
 

@@ -9,13 +9,17 @@ use std::time::{Duration, Instant};
 
 use super::election::{self, Accepted, Ballot, Proposal, Proposer, Tally, Vote};
 use super::liveness::{self, Liveness, Suspicion};
-use super::replication::{ASK_TIMEOUT, EAGER_FANOUT, LAZY_WAIT, NEWS_BATCH_DELAY, Replication};
+use super::replication::{
+    ANTI_ENTROPY_INTERVAL, ASK_TIMEOUT, EAGER_FANOUT, LAZY_WAIT, NEWS_BATCH_DELAY, Replication,
+};
 use super::roles::{self, Assignment, RolePolicy};
 use super::view::{self, Announcement, NodeView, View};
 use super::{Cluster, ClusterEvent, ClusterSettings, LAZY_SAVE, Write, fnv32a, ipam};
 use crate::config::{self, HostFacts, P2pConfig, Role};
 use crate::identity::{Identity, PeerId};
-use crate::ledger::{Applied, Clock, Entry, Ledger, LedgerError, Limits, Scope, SyncLimits, names};
+use crate::ledger::{
+    Applied, Clock, Entry, Ledger, LedgerError, Limits, Scope, SyncLimits, SyncMessage, names,
+};
 use crate::rng::Rng;
 
 /// The cluster bucket of the tests (the default `network_id`).
@@ -1369,7 +1373,8 @@ fn relayed_news_goes_in_full_to_a_few_members_and_is_announced_to_the_others() {
     let (mut r, now) = star(7);
     pump(&mut r);
     let entry = r[1].put(BUCKET, "k", "v", UNIX_BASE_MS + 1_000);
-    r[1].replication.push(now, &[entry.clone()], None);
+    r[1].replication
+        .push(now, std::slice::from_ref(&entry), None);
     let out = r[1].outbox();
     hand_over(&mut r, 1, out);
     r[0].replication.flush_news();
@@ -1407,6 +1412,41 @@ fn relayed_news_goes_in_full_to_a_few_members_and_is_announced_to_the_others() {
         r[0].replication.stats().entries_announced,
         (5 - EAGER_FANOUT) as u64
     );
+}
+
+/// The periodic check is a brief digest: a member whose ledger matches answers nothing; one
+/// that differs answers with its full digest, and the exchange the other way repairs it.
+#[test]
+fn the_periodic_check_is_brief_and_repairs_a_missed_entry() {
+    let mut r = vec![Replica::new(1), Replica::new(2)];
+    let start = Instant::now();
+    connect(&mut r, 0, 1, start);
+    pump(&mut r);
+    assert!(r[0].replication.all_peers_synced() && r[1].replication.all_peers_synced());
+    let check = |r: &mut Vec<Replica>, at: Instant| {
+        r[0].flush(at);
+        let out = r[0].outbox();
+        assert_eq!(out.len(), 1, "one digest");
+        let SyncMessage::Digest(d) =
+            SyncMessage::decode(&out[0].1, &SyncLimits::default()).unwrap()
+        else {
+            panic!("a digest")
+        };
+        assert!(d.brief && d.writers.is_empty());
+        hand_over(r, 0, out);
+    };
+    let at = start + ANTI_ENTROPY_INTERVAL + Duration::from_secs(1);
+    check(&mut r, at);
+    assert!(r[1].outbox().is_empty(), "matching ledgers: no answer");
+
+    // Node 1 writes an entry whose push was lost; node 0's next check finds it.
+    r[1].put(BUCKET, "missed", "v", UNIX_BASE_MS + 5_000);
+    check(&mut r, at + ANTI_ENTROPY_INTERVAL);
+    let answer = r[1].outbox();
+    assert_eq!(answer.len(), 1, "node 1 answers with its digest");
+    hand_over(&mut r, 1, answer);
+    pump(&mut r);
+    assert_eq!(r[0].ledger.get(BUCKET, "missed"), Some(&b"v"[..]));
 }
 
 #[test]

@@ -14,7 +14,8 @@
 //! `u8 SYNC_VERSION | u8 kind | body`:
 //!
 //! ```text
-//! Digest  (kind 1) = u8 flags (1 partial, 2 first) | [u16 len | first bucket, if flag 2]
+//! Digest  (kind 1) = u8 flags (1 partial, 2 first, 4 cluster, 8 brief)
+//!                    | [u16 len | first bucket, if flag 2] | [u16 len | cluster, if flag 4]
 //!                    | u32 n | n x (u16 len | bucket | u32 count | hash[32])
 //!                    | u32 m | m x (writer[32] | u64 version)
 //! Summary (kind 2) = u8 flags (2 complete) | u64 synced until | u16 w | w x writer[32]
@@ -50,6 +51,7 @@ const KIND_ANNOUNCE: u8 = 4;
 const DIGEST_PARTIAL: u8 = 1;
 const DIGEST_FIRST: u8 = 2;
 const DIGEST_CLUSTER: u8 = 4;
+const DIGEST_BRIEF: u8 = 8;
 const SUMMARY_COMPLETE: u8 = 2;
 const SUMMARY_CLUSTER: u8 = 4;
 const ITEM_SUSPECT: u8 = 1;
@@ -123,6 +125,11 @@ pub struct Digest {
     pub writers: BTreeMap<PeerId, Hlc>,
     /// The sender's cluster bucket (its `network_id`), when it has one: see [`Scope`].
     pub cluster: Option<String>,
+    /// Only the buckets, no version vector: the periodic check between two members that
+    /// synced already. A peer whose buckets match ([`Ledger::differs_from`]) answers nothing;
+    /// one whose buckets differ answers with its own full digest, which starts the usual
+    /// exchange the other way.
+    pub brief: bool,
 }
 
 /// Which buckets two ledgers exchange. One token carries every cluster (`network_id`) of a
@@ -426,6 +433,9 @@ impl SyncMessage {
                 if d.cluster.is_some() {
                     flags |= DIGEST_CLUSTER;
                 }
+                if d.brief {
+                    flags |= DIGEST_BRIEF;
+                }
                 w.u8(KIND_DIGEST).u8(flags);
                 if let Some(first) = &d.first {
                     w.bytes_u16("bucket", MAX_BUCKET_LEN, first.as_bytes())?;
@@ -539,7 +549,7 @@ impl SyncMessage {
         let msg = match r.u8()? {
             KIND_DIGEST => {
                 let flags = r.u8()?;
-                if flags & !(DIGEST_PARTIAL | DIGEST_FIRST | DIGEST_CLUSTER) != 0 {
+                if flags & !(DIGEST_PARTIAL | DIGEST_FIRST | DIGEST_CLUSTER | DIGEST_BRIEF) != 0 {
                     return Err(WireError::UnknownTag {
                         field: "digest flags",
                         tag: flags,
@@ -592,12 +602,16 @@ impl SyncMessage {
                         return Err(WireError::Invalid("digest bucket before its first"));
                     }
                 }
+                if flags & DIGEST_BRIEF != 0 && !writers.is_empty() {
+                    return Err(WireError::Invalid("brief digest with a version vector"));
+                }
                 SyncMessage::Digest(Digest {
                     buckets,
                     first,
                     partial,
                     writers,
                     cluster,
+                    brief: flags & DIGEST_BRIEF != 0,
                 })
             }
             KIND_SUMMARY => {
@@ -838,6 +852,42 @@ impl Ledger {
             d.writers.insert(writer, v);
         }
         d
+    }
+
+    /// A brief digest: [`Ledger::digest`] without the version vector (see [`Digest::brief`]).
+    pub fn brief_digest(&self, limits: &SyncLimits, now_unix_ms: u64) -> Digest {
+        let mut d = self.digest(limits, now_unix_ms);
+        d.writers.clear();
+        d.brief = true;
+        d
+    }
+
+    /// True when a bucket both hold in full in `scope` differs between this ledger and `remote`
+    /// (among the buckets `remote` covers). The cluster bucket of one of them, when they are in
+    /// different clusters, is left out: each holds a different part of it.
+    pub fn differs_from(&self, remote: &Digest, scope: Scope<'_>) -> bool {
+        let cutoff: Option<&str> = remote
+            .partial
+            .then(|| remote.buckets.keys().next_back().map_or("", String::as_str));
+        let first = remote.first.as_deref();
+        let partly_shared = |name: &str| {
+            scope.mine != scope.theirs && (scope.mine == Some(name) || scope.theirs == Some(name))
+        };
+        self.buckets
+            .keys()
+            .chain(remote.buckets.keys())
+            .map(String::as_str)
+            .filter(|n| cutoff.is_none_or(|c| *n <= c) && first.is_none_or(|f| *n >= f))
+            .filter(|n| !partly_shared(n))
+            .any(
+                |name| match (self.buckets.get(name), remote.buckets.get(name)) {
+                    (Some(b), Some(d)) => {
+                        usize::try_from(d.count).ok() != Some(b.entries.len()) || d.hash != b.hash
+                    }
+                    (None, None) => false,
+                    _ => true,
+                },
+            )
     }
 
     /// Step 2: what the peer that sent `remote` needs to catch up, within `limits`.

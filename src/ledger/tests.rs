@@ -718,8 +718,10 @@ fn sample_messages(rng: &mut Rng) -> Vec<Vec<u8>> {
     let held: Vec<&Entry> = a.entries().collect();
     let announce = SyncMessage::announcements(&held, &limits);
     let mut out = Vec::new();
+    let brief = a.brief_digest(&limits, NOW);
     for msg in [
         SyncMessage::Digest(d),
+        SyncMessage::Digest(brief),
         SyncMessage::Summary(s),
         SyncMessage::Batch(batch),
     ]
@@ -893,6 +895,60 @@ fn a_scope_keeps_each_cluster_bucket_within_its_cluster() {
         // Announcements bind uuids for the whole network: always exchanged.
         assert!(scope.shares(bucket, "node-1-uuid"), "{scope:?} {bucket}");
     }
+}
+
+/// The periodic check between synced members: a brief digest (no version vector) tells two
+/// ledgers that match from two that differ, leaving out the cluster bucket each of two
+/// clusters' members holds a part of.
+#[test]
+fn a_brief_digest_tells_matching_ledgers_from_differing_ones() {
+    let limits = SyncLimits::default();
+    let w = id(1);
+    let (mut a, mut b) = (Ledger::default(), Ledger::default());
+    for e in [
+        signed(&w, "photos", "k", Some(b"v"), NOW),
+        signed(&w, names::DHCP, "u1", Some(b"10.1.0.2"), NOW),
+        signed(&w, "alpha", "u1-uuid", Some(b"{}"), NOW),
+    ] {
+        a.apply(e.clone(), NOW).unwrap();
+        b.apply(e, NOW).unwrap();
+    }
+    // Only `a` is of cluster alpha and holds its role keys.
+    a.apply(signed(&w, "alpha", "u1-role", Some(b"worker"), NOW), NOW)
+        .unwrap();
+    let brief = a.brief_digest(&limits, NOW);
+    assert!(brief.brief && brief.writers.is_empty());
+    let mut buf = Vec::new();
+    SyncMessage::Digest(brief.clone())
+        .encode(&limits, &mut buf)
+        .unwrap();
+    assert_eq!(
+        SyncMessage::decode(&buf, &limits).unwrap(),
+        SyncMessage::Digest(brief.clone())
+    );
+    let across = Scope {
+        mine: Some("beta"),
+        theirs: Some("alpha"),
+    };
+    let within = Scope {
+        mine: Some("alpha"),
+        theirs: Some("alpha"),
+    };
+    assert!(
+        !b.differs_from(&brief, across),
+        "alpha's bucket is left out"
+    );
+    assert!(b.differs_from(&brief, within));
+    b.apply(signed(&w, "photos", "k2", Some(b"v"), NOW), NOW)
+        .unwrap();
+    assert!(b.differs_from(&brief, across), "a shared bucket differs");
+
+    // A brief digest carrying a version vector is malformed.
+    let mut bad = brief;
+    bad.writers.insert(w.peer_id(), Hlc::new(NOW, 0));
+    let mut buf = Vec::new();
+    SyncMessage::Digest(bad).encode(&limits, &mut buf).unwrap();
+    assert!(SyncMessage::decode(&buf, &limits).is_err());
 }
 
 #[test]
