@@ -646,6 +646,21 @@ impl Cluster {
         }
     }
 
+    /// The peers of every node of the network the ledger counts as live (see [`liveness`]).
+    pub fn live_peers(&self) -> Vec<PeerId> {
+        let l = self.liveness();
+        let hlc_now = self.hlc_now_ms();
+        let suspicions = Suspicions::read(&self.ledger);
+        self.ledger
+            .bucket(names::HEALTHCHECK)
+            .filter_map(|(uuid, _)| {
+                let e = self.ledger.entry(names::HEALTHCHECK, uuid)?;
+                let silence = l.silence_ms(hlc_now, e.version, suspicions.of(uuid, e.version));
+                (silence < l.timeout_ms).then_some(e.writer)
+            })
+            .collect()
+    }
+
     /// The suspicions in our own `suspects` entry.
     fn own_suspicions(&self) -> Vec<Suspicion> {
         self.ledger

@@ -98,6 +98,14 @@ impl MemberTable {
         self.members.iter()
     }
 
+    /// Marks a known member fresh at `now` without news of its addresses: its cluster's ledger
+    /// counts it live (see [`crate::cluster::liveness`]). Unknown peers are left out.
+    pub fn vouch(&mut self, now: Instant, peer: &PeerId) {
+        if let Some(m) = self.members.get_mut(peer) {
+            m.fresh_at = m.fresh_at.max(now);
+        }
+    }
+
     /// Records news of `peer`, `age` old at `now`. Empty `addrs` keep the known ones.
     pub fn observe(
         &mut self,
@@ -270,6 +278,22 @@ mod tests {
             b.expire(now);
         }
         assert!(a.get(&p).is_none() && b.get(&p).is_none());
+    }
+
+    #[test]
+    fn a_member_the_ledger_vouches_for_stays_and_unknown_peers_are_not_added() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let (p, stranger) = (PeerId([9; 32]), PeerId([8; 32]));
+        let mut table = MemberTable::new(PeerId([1; 32]), 10, ttl);
+        table.observe(t0, p, &[addr(9)], Duration::ZERO, Source::Gossip);
+        let later = t0 + Duration::from_secs(50);
+        table.vouch(later, &p);
+        table.vouch(later, &stranger);
+        assert!(table.expire(t0 + ttl).is_empty(), "vouched for at 50 s");
+        assert!(table.get(&stranger).is_none());
+        assert_eq!(table.get(&p).map(|m| m.addrs.clone()), Some(vec![addr(9)]));
+        assert_eq!(table.expire(later + ttl), vec![p]);
     }
 
     #[test]

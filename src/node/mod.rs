@@ -695,7 +695,7 @@ impl Node {
             }
         }
         if self.sync_at.is_none_or(|t| t <= now) {
-            let full_every = (self.settings.member_ttl / 10).max(Duration::from_secs(1));
+            let full_every = self.full_sync_interval();
             if self.full_sync_at.is_none_or(|t| t <= now) {
                 self.sync_round(now);
                 self.full_sync_at = Some(now + full_every);
@@ -1441,6 +1441,15 @@ impl Node {
         self.broadcast_members(entries);
     }
 
+    /// How often the whole member list goes out ([`Self::sync_round`]): a tenth of the member
+    /// ttl, so that ages stay well under it everywhere; half the ttl with a cluster layer, whose
+    /// ledger keeps its live members fresh ([`Self::refresh`]), so the lists only repair a
+    /// lost push of news.
+    fn full_sync_interval(&self) -> Duration {
+        let parts = if self.cluster.is_some() { 2 } else { 10 };
+        (self.settings.member_ttl / parts).max(Duration::from_secs(1))
+    }
+
     /// Sends the whole member list to [`SYNC_FANOUT`] random connected members.
     fn sync_round(&mut self, now: Instant) {
         if self.connected.is_empty() {
@@ -1556,12 +1565,19 @@ impl Node {
         }
     }
 
-    /// Refreshes first-hand knowledge and forgets silent members.
+    /// Refreshes first-hand knowledge and forgets silent members. The members the cluster's
+    /// ledger counts as live stay fresh too: the ledger learns of deaths (see
+    /// [`crate::cluster::liveness`]), so they need no periodic gossip to stay known.
     fn refresh(&mut self, now: Instant) {
         let live: Vec<PeerId> = self.connected.keys().copied().collect();
         for peer in live {
             self.members
                 .observe(now, peer, &[], Duration::ZERO, Source::Connection);
+        }
+        if let Some(cluster) = &self.cluster {
+            for peer in cluster.live_peers() {
+                self.members.vouch(now, &peer);
+            }
         }
         let lan_peers: Vec<(PeerId, Vec<SocketAddr>)> = self
             .lan
