@@ -71,7 +71,7 @@ pub struct ClusterSettings {
     pub minimum_nodes: usize,
     /// HA and dynamic roles.
     pub roles: RolePolicy,
-    /// Nodes not heard from for this long are dead.
+    /// Nodes not heard from for this long are dead (see [`liveness`]).
     pub liveness_timeout: Duration,
     /// See [`DEFAULT_SETTLE`].
     pub settle: Duration,
@@ -157,7 +157,9 @@ impl ClusterSettings {
         }
     }
 
-    fn heartbeat_interval(&self) -> Duration {
+    /// How often a node that gave way to another node with its uuid checks again whether that
+    /// one is still live (a quarter of the liveness timeout, 0.25 to 15 s).
+    fn recheck_interval(&self) -> Duration {
         (self.liveness_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(15))
     }
 }
@@ -1198,7 +1200,7 @@ impl Cluster {
                 });
                 self.view = view;
                 self.my_role = None;
-                self.check_at = Some(now + s.heartbeat_interval());
+                self.check_at = Some(now + s.recheck_interval());
                 return vec![Write::delete(&bucket, &announcement_key)];
             }
         } else if self.rival_aside {
@@ -1206,7 +1208,7 @@ impl Cluster {
             self.rival_aside = false;
         }
         if self.stepped_aside() {
-            self.check_at = self.rival_aside.then(|| now + s.heartbeat_interval());
+            self.check_at = self.rival_aside.then(|| now + s.recheck_interval());
             self.view = view;
             self.my_role = None;
             return Vec::new();

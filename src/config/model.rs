@@ -60,8 +60,9 @@ pub struct P2pConfig {
     pub minimum_nodes: u32,
     /// Let the leader change roles after they are set.
     pub dynamic_roles: bool,
-    /// `p2p.liveness_timeout`: seconds without a heartbeat after which a node counts as dead
-    /// (default 60; 0 means the default).
+    /// `p2p.liveness_timeout`: seconds after which a node that stopped answering (last heard by
+    /// its connections) counts as dead (default 60; 0 means the default; see
+    /// `cluster::liveness`).
     pub liveness_timeout: u64,
     /// Serve DNS for the VPN.
     pub dns: bool,
