@@ -33,7 +33,8 @@
 //! the Go client would have stored them (see [`data`]).
 //!
 //! # Deviations
-//! - Online means: this node, a connected peer, or a cluster node with a fresh heartbeat
+//! - Online means: this node, a connected peer, or a cluster node the ledger counts as live
+//!   (`cluster::liveness`)
 //!   (edgevpn: a `healthcheck` entry younger than 10 to 20 minutes). `OnChain` (edgevpn: subscribed
 //!   to the gossip topic) means a known member; `Peers` in the summary counts the known members
 //!   (edgevpn: the libp2p peerstore, DHT strangers included) and `OnChainNodes` the connected ones.
@@ -157,7 +158,7 @@ pub struct ClusterNode {
     pub hostname: String,
     /// Its k3s role, if any.
     pub role: Option<String>,
-    /// Its heartbeat is fresh.
+    /// The ledger counts it as live (`cluster::liveness`).
     pub live: bool,
 }
 

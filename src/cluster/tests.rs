@@ -665,7 +665,7 @@ fn view_of(specs: &[Spec<'_>]) -> View {
                 asked: s.asked,
                 hostname: s.uuid.to_string(),
                 live: s.live,
-                heartbeat_age_ms: Some(if s.live { 1_000 } else { 600_000 }),
+                silent_ms: Some(if s.live { 1_000 } else { 600_000 }),
                 role: s.role.map(str::to_string),
                 rank: fnv32a(s.uuid),
             };
@@ -1007,7 +1007,7 @@ fn view_liveness_follows_heartbeat_leases_and_suspicions() {
     let view = View::read(&s.ledger, BUCKET, now, &l);
     let state = |u: &str| {
         let n = &view.nodes[u];
-        (n.live, n.heartbeat_age_ms)
+        (n.live, n.silent_ms)
     };
     assert_eq!(state("alpha"), (true, Some(0)));
     assert_eq!(state("bravo"), (false, Some(TIMEOUT_MS)));

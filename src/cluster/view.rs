@@ -87,7 +87,7 @@ pub struct NodeView {
     pub live: bool,
     /// How long ago it was last known alive, in milliseconds (0 while it is; `None`: never
     /// heard).
-    pub heartbeat_age_ms: Option<u64>,
+    pub silent_ms: Option<u64>,
     /// Its role in the ledger (`<uuid>-role`), if any.
     pub role: Option<String>,
     /// FNV-32a of its uuid (the leader is the live node with the highest).
@@ -143,7 +143,7 @@ impl View {
                     asked: ann.asked(),
                     hostname: ann.hostname,
                     live: age.is_some_and(|a| a < timeout_ms),
-                    heartbeat_age_ms: age,
+                    silent_ms: age,
                     role: None,
                     rank: fnv32a(uuid),
                 },
