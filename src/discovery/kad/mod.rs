@@ -354,16 +354,26 @@ struct Pending {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Command {
-    FindNode { target: NodeId, report: bool },
-    Get { key: [u8; 32] },
-    Publish { key: [u8; 32] },
+    FindNode {
+        target: NodeId,
+        report: bool,
+    },
+    /// A GET; `sample` reads one VALUE page per holder at a random offset (see
+    /// [`lookup::Lookup::sample`]) instead of every page.
+    Get {
+        key: [u8; 32],
+        sample: bool,
+    },
+    Publish {
+        key: [u8; 32],
+    },
 }
 
 impl Command {
     fn target(&self) -> (NodeId, Goal) {
         match *self {
             Command::FindNode { target, report } => (target, Goal::FindNode { report }),
-            Command::Get { key } => (NodeId(key), Goal::Get),
+            Command::Get { key, .. } => (NodeId(key), Goal::Get),
             Command::Publish { key } => (NodeId(key), Goal::Publish),
         }
     }
@@ -608,7 +618,7 @@ impl Kad {
     /// Starts an iterative GET for `key`; reports [`KadEvent::Records`] as they arrive, then
     /// [`KadEvent::LookupDone`].
     pub fn lookup(&mut self, key: [u8; 32]) -> Result<(), CommandError> {
-        self.command(Command::Get { key })
+        self.command(Command::Get { key, sample: false })
     }
 
     /// Publishes `record` under `key` on the k closest nodes, and again every TTL/2 until

@@ -247,7 +247,7 @@ impl Kad {
             }
         }
         for key in lookups {
-            let _ = self.enqueue(Command::Get { key });
+            let _ = self.enqueue(Command::Get { key, sample: true });
         }
     }
 
