@@ -32,7 +32,10 @@
 //!   lost republish never lets a record lapse, and a member that vanishes is forgotten within
 //!   15 min. Buckets not looked up for 15 min are refreshed.
 //! - Rendezvous: publish under the current DHT window's key (and again on window change), look
-//!   up the previous, current and next windows' keys every 60 s.
+//!   up the previous, current and next windows' keys every 60 s. A rendezvous lookup reads one
+//!   VALUE page from each node holding records, from a random record on (a sample: at most about
+//!   k datagrams of records per lookup whatever the members, so a member's idle upkeep grows
+//!   with the lookups' O(log n) hops only); [`Kad::lookup`] reads every page (up to 8 per node).
 //!
 //! # Memory bound
 //!
