@@ -2,15 +2,16 @@
 //!
 //! The simulator sees UDP payloads ([`PacketKind`]); the QUIC share is split further with the
 //! nodes' own counters of the messages they hand to the transport: ledger pushes (news,
-//! heartbeats and suspicions included), anti-entropy exchanges and member lists. What QUIC sends beyond those message
-//! bytes (packet headers, AEAD tags, stream frames, ACKs, PINGs, flow-control updates) is
-//! reported as QUIC overhead.
+//! heartbeats and suspicions included), anti-entropy exchanges and member lists. What QUIC
+//! sends beyond those message bytes (packet headers, AEAD tags, stream frames, ACKs, PINGs,
+//! flow-control updates) is reported as QUIC overhead.
 
 use std::time::Duration;
 
+use crate::discovery::kad::{Kad, KadStats};
 use crate::node::NodeStats;
 
-use super::metrics::{PacketKind, total_traffic};
+use super::metrics::{DhtKind, NodeMetrics, PacketKind, total_traffic};
 use super::{HostId, Sim, SimError};
 
 /// Bytes sent per node per second over an idle period, by what they carry.
@@ -30,6 +31,14 @@ pub struct IdleTraffic {
     pub keep_alives: f64,
     /// QUIC bytes beyond the messages above: headers, tags, frames, ACKs, PINGs.
     pub quic_overhead: f64,
+    /// DHT bytes by message kind ([`DhtKind::index`]).
+    pub dht: [f64; DhtKind::COUNT],
+    /// DHT GET lookups (rendezvous lookups) finished, per node per second (a count).
+    pub dht_lookups: f64,
+    /// DHT requests sent (retries included), per node per second (a count).
+    pub dht_requests: f64,
+    /// DHT requests that got no answer after every attempt, per node per second (a count).
+    pub dht_timeouts: f64,
 }
 
 impl std::fmt::Display for IdleTraffic {
@@ -52,7 +61,24 @@ impl std::fmt::Display for IdleTraffic {
             self.member_lists,
             self.keep_alives,
             self.quic_overhead
-        )
+        )?;
+        if self.dht.iter().any(|b| *b > 0.0) {
+            write!(f, "; DHT =")?;
+            let mut first = true;
+            for k in DhtKind::ALL {
+                if self.dht[k.index()] > 0.0 {
+                    let sep = if first { " " } else { " + " };
+                    write!(f, "{sep}{k:?} {:.0}", self.dht[k.index()])?;
+                    first = false;
+                }
+            }
+            write!(
+                f,
+                " ({:.3} lookups/s, {:.2} requests/s, {:.3} timeouts/s)",
+                self.dht_lookups, self.dht_requests, self.dht_timeouts
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -60,6 +86,7 @@ impl std::fmt::Display for IdleTraffic {
 #[derive(Debug, Clone, Copy, Default)]
 struct Counters {
     node: NodeStats,
+    dht: KadStats,
     exchange_bytes: u64,
 }
 
@@ -73,6 +100,7 @@ fn counters(sim: &Sim, hosts: &[HostId]) -> Vec<Counters> {
             let r = node.cluster().map(|c| c.replication_stats());
             Counters {
                 node: node.stats(),
+                dht: node.kad().map(Kad::stats).unwrap_or_default(),
                 exchange_bytes: r.map_or(0, |r| r.exchange_bytes_out),
             }
         })
@@ -104,6 +132,16 @@ pub fn measure(sim: &mut Sim, hosts: &[HostId], idle: Duration) -> Result<IdleTr
     let ledger = delta(&|c| c.node.ledger_bytes_out);
     let exchange = delta(&|c| c.exchange_bytes);
     let members = delta(&|c| c.node.members_bytes_out);
+    let dht_sent = |metrics: &[NodeMetrics], i: usize| -> u64 {
+        metrics.iter().map(|m| m.dht_sent[i].bytes).sum()
+    };
+    let metrics1: Vec<_> = hosts
+        .iter()
+        .filter_map(|h| sim.metrics(*h).cloned())
+        .collect();
+    let dht: [f64; DhtKind::COUNT] = std::array::from_fn(|i| {
+        rate(dht_sent(&metrics1, i).saturating_sub(dht_sent(&metrics0, i)))
+    });
     let quic = sent[PacketKind::Quic.index()].bytes - sent0[PacketKind::Quic.index()].bytes;
     Ok(IdleTraffic {
         total: kinds.iter().sum(),
@@ -113,5 +151,9 @@ pub fn measure(sim: &mut Sim, hosts: &[HostId], idle: Duration) -> Result<IdleTr
         member_lists: rate(members),
         keep_alives: rate(delta(&|c| c.node.keep_alives_out)),
         quic_overhead: rate(quic.saturating_sub(ledger + members)),
+        dht,
+        dht_lookups: rate(delta(&|c| c.node.dht_lookups)),
+        dht_requests: rate(delta(&|c| c.dht.requests_sent)),
+        dht_timeouts: rate(delta(&|c| c.dht.timeouts)),
     })
 }

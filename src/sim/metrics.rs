@@ -46,6 +46,56 @@ impl PacketKind {
     }
 }
 
+/// A DHT message's kind, by its third byte (see [`crate::discovery::kad::message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DhtKind {
+    /// PING.
+    Ping,
+    /// PONG.
+    Pong,
+    /// FIND_NODE.
+    FindNode,
+    /// NODES.
+    Nodes,
+    /// PUT.
+    Put,
+    /// PUT_ACK.
+    PutAck,
+    /// GET.
+    Get,
+    /// VALUE.
+    Value,
+}
+
+impl DhtKind {
+    /// Number of kinds.
+    pub const COUNT: usize = 8;
+    /// Every kind, in [`index`](Self::index) order.
+    pub const ALL: [DhtKind; Self::COUNT] = [
+        Self::Ping,
+        Self::Pong,
+        Self::FindNode,
+        Self::Nodes,
+        Self::Put,
+        Self::PutAck,
+        Self::Get,
+        Self::Value,
+    ];
+
+    /// The kind of a DHT datagram, if its kind byte is a known one.
+    #[must_use]
+    pub fn of(datagram: &[u8]) -> Option<Self> {
+        let kind = usize::from(*datagram.get(2)?);
+        Self::ALL.get(kind.checked_sub(1)?).copied()
+    }
+
+    /// Position in per-kind arrays.
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Packets and bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -80,6 +130,8 @@ pub struct NodeMetrics {
     pub sent: [Traffic; 4],
     /// Received (delivered to a listening socket), by [`PacketKind::index`].
     pub received: [Traffic; 4],
+    /// DHT messages sent, by message kind ([`DhtKind::index`]).
+    pub dht_sent: [Traffic; DhtKind::COUNT],
     /// `PeerConnected` events.
     pub connections: u64,
     /// `PeerDisconnected` events.
@@ -98,8 +150,13 @@ pub struct NodeMetrics {
 }
 
 impl NodeMetrics {
-    pub(crate) fn count_sent(&mut self, kind: PacketKind, len: usize) {
-        self.sent[kind.index()].add(len);
+    pub(crate) fn count_sent(&mut self, kind: PacketKind, payload: &[u8]) {
+        self.sent[kind.index()].add(payload.len());
+        if kind == PacketKind::Dht {
+            if let Some(k) = DhtKind::of(payload) {
+                self.dht_sent[k.index()].add(payload.len());
+            }
+        }
     }
 
     pub(crate) fn count_received(&mut self, kind: PacketKind, len: usize) {

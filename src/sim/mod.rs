@@ -1333,7 +1333,7 @@ impl Sim {
     fn send(&mut self, host: HostId, src_ip: Ipv4Addr, to: Destination, payload: &[u8]) {
         let kind = PacketKind::of(payload);
         if let Some(slot) = self.slot_mut(host) {
-            slot.metrics.count_sent(kind, payload.len());
+            slot.metrics.count_sent(kind, payload);
         }
         let port = match to {
             Destination::Addr(_) => OVERLAY_PORT,

@@ -58,6 +58,16 @@ pub(super) struct Lookup {
     pub deadline: Instant,
     /// Digests of the records already reported (GET).
     pub seen: BTreeSet<[u8; 32]>,
+    /// A sampling GET (the rendezvous): each holder is asked for one VALUE page, starting at a
+    /// random record, instead of every page. Holders of one key hold about the same records in
+    /// about the same order, so k holders then give up to k different pages, and members that
+    /// look up the same key see different samples: the reply bytes per lookup stay at most k
+    /// datagrams whatever the number of records, where reading every page costs as many
+    /// datagrams per holder as the key has records per page (up to [`MAX_PAGES`]).
+    pub sample: bool,
+    /// Offsets a sampling GET draws its first record from: `total - records + 1` of the largest
+    /// full page seen so far (0 until a holder answered: ask from the start).
+    pub spread: u16,
 }
 
 impl Lookup {
@@ -76,6 +86,8 @@ impl Lookup {
             messages: 0,
             deadline,
             seen: BTreeSet::new(),
+            sample: false,
+            spread: 0,
         };
         for e in seeds {
             l.add(
@@ -196,6 +208,7 @@ impl Kad {
             let seeds = self.routing.closest(&target, self.settings.k);
             let cap = (4 * self.settings.k).max(16);
             let mut lookup = Lookup::new(target, goal, &seeds, cap, now + LOOKUP_DEADLINE);
+            lookup.sample = matches!(cmd, Command::Get { sample: true, .. });
             let id = self.next_lookup_id;
             self.next_lookup_id += 1;
             if goal == Goal::Get {
@@ -238,11 +251,16 @@ impl Kad {
             c.state = State::InFlight;
             let (node, cid, target, goal) = (c.node, c.id, l.target, l.goal);
             l.messages += 1;
+            let offset = if l.sample && l.spread > 1 {
+                u16::try_from(self.rng.below(u64::from(l.spread))).unwrap_or(0)
+            } else {
+                0
+            };
             let (body, expect) = match goal {
                 Goal::Get => (
                     Body::Get {
                         key: target.0,
-                        offset: 0,
+                        offset,
                     },
                     Expect::NodesOrValue,
                 ),
@@ -251,7 +269,7 @@ impl Kad {
             let purpose = Purpose::Lookup {
                 lookup: id,
                 node: cid,
-                offset: 0,
+                offset,
             };
             if !self.send_request(
                 now,
@@ -285,7 +303,7 @@ impl Kad {
         let Some(l) = self.lookups.get_mut(&id) else {
             return;
         };
-        let goal = l.goal;
+        let (goal, sample) = (l.goal, l.sample);
         let Some(c) = l.candidate_mut(&node) else {
             return;
         };
@@ -302,15 +320,22 @@ impl Kad {
         };
         let received = usize::from(offset) + records.len();
         let more = goal == Goal::Get
+            && !sample
             && !records.is_empty()
             && received < usize::from(total)
             && c.pages + 1 < MAX_PAGES;
+
         if more {
             c.pages += 1;
         } else {
             c.state = State::Responded;
         }
         let peer_addr = c.node;
+        if sample && !records.is_empty() {
+            // Every start from 0 to `total - records` gives a full page.
+            let starts = usize::from(total).saturating_sub(records.len()) + 1;
+            l.spread = l.spread.max(u16::try_from(starts).unwrap_or(u16::MAX));
+        }
         for n in nodes {
             l.add(n, depth + 1, Some(&me));
         }

@@ -32,7 +32,10 @@
 //!   lost republish never lets a record lapse, and a member that vanishes is forgotten within
 //!   15 min. Buckets not looked up for 15 min are refreshed.
 //! - Rendezvous: publish under the current DHT window's key (and again on window change), look
-//!   up the previous, current and next windows' keys every 60 s.
+//!   up the previous, current and next windows' keys every 60 s. A rendezvous lookup reads one
+//!   VALUE page from each node holding records, from a random record on (a sample: at most about
+//!   k datagrams of records per lookup whatever the members, so a member's idle upkeep grows
+//!   with the lookups' O(log n) hops only); [`Kad::lookup`] reads every page (up to 8 per node).
 //!
 //! # Memory bound
 //!
@@ -354,16 +357,26 @@ struct Pending {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Command {
-    FindNode { target: NodeId, report: bool },
-    Get { key: [u8; 32] },
-    Publish { key: [u8; 32] },
+    FindNode {
+        target: NodeId,
+        report: bool,
+    },
+    /// A GET; `sample` reads one VALUE page per holder at a random offset (see
+    /// [`lookup::Lookup::sample`]) instead of every page.
+    Get {
+        key: [u8; 32],
+        sample: bool,
+    },
+    Publish {
+        key: [u8; 32],
+    },
 }
 
 impl Command {
     fn target(&self) -> (NodeId, Goal) {
         match *self {
             Command::FindNode { target, report } => (target, Goal::FindNode { report }),
-            Command::Get { key } => (NodeId(key), Goal::Get),
+            Command::Get { key, .. } => (NodeId(key), Goal::Get),
             Command::Publish { key } => (NodeId(key), Goal::Publish),
         }
     }
@@ -608,7 +621,7 @@ impl Kad {
     /// Starts an iterative GET for `key`; reports [`KadEvent::Records`] as they arrive, then
     /// [`KadEvent::LookupDone`].
     pub fn lookup(&mut self, key: [u8; 32]) -> Result<(), CommandError> {
-        self.command(Command::Get { key })
+        self.command(Command::Get { key, sample: false })
     }
 
     /// Publishes `record` under `key` on the k closest nodes, and again every TTL/2 until

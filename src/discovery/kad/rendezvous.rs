@@ -62,7 +62,10 @@ impl Kad {
     /// record of (our peer id, `addrs`) under the current DHT window's key, re-published every
     /// TTL/2 and on window change, and looks up the previous, current and next windows' keys
     /// every `rendezvous_interval` (sooner while no other member was found: 5 s, doubling),
-    /// reporting other members as [`KadEvent::MemberFound`].
+    /// reporting other members as [`KadEvent::MemberFound`]. A lookup reads one page of records
+    /// from each node holding the key, from a random record on: with more members than a page
+    /// holds (about a dozen), each lookup finds a random sample of them (up to about k pages'
+    /// worth), enough to reach the network, whose own gossip names the rest.
     /// At most [`records::MAX_RECORD_ADDRS`] addresses are kept.
     pub fn set_rendezvous(&mut self, keys: KeySchedule, addrs: Vec<SocketAddr>) {
         self.clear_rendezvous();
@@ -247,7 +250,7 @@ impl Kad {
             }
         }
         for key in lookups {
-            let _ = self.enqueue(Command::Get { key });
+            let _ = self.enqueue(Command::Get { key, sample: true });
         }
     }
 

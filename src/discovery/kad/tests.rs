@@ -25,6 +25,8 @@ struct Net {
     loss: f64,
     events: BTreeMap<SocketAddr, Vec<KadEvent>>,
     datagrams: u64,
+    /// Datagrams and bytes sent, by message kind (the datagram's third byte).
+    sent_by_kind: [(u64, u64); 9],
 }
 
 impl Net {
@@ -41,6 +43,7 @@ impl Net {
             loss,
             events: BTreeMap::new(),
             datagrams: 0,
+            sent_by_kind: [(0, 0); 9],
         }
     }
 
@@ -99,6 +102,10 @@ impl Net {
         for (to, bytes) in out {
             assert!(bytes.len() <= MAX_DATAGRAM);
             self.datagrams += 1;
+            if let Some((n, b)) = self.sent_by_kind.get_mut(usize::from(bytes[2])) {
+                *n += 1;
+                *b += bytes.len() as u64;
+            }
             if self.loss > 0.0 && self.rng.chance(self.loss) {
                 continue;
             }
@@ -773,4 +780,64 @@ fn many_seeds() {
         worst[1] = worst[1].max(rendezvous_scenario(seed, 0.10, Duration::from_secs(8 * 60)));
     }
     eprintln!("rendezvous worst convergence: {worst:?} (no loss, 10% loss)");
+}
+
+/// The steady upkeep of `n` members of one network (every node a member, bootstrapped from
+/// the first, 60 s rendezvous interval), measured over `period` after 5 min of settling (the
+/// early republishes and catch-up lookups are over): (DHT bytes sent per node per second,
+/// VALUE datagrams sent, GET lookups finished).
+fn rendezvous_upkeep(seed: u64, n: usize, period: Duration) -> (f64, u64, u64) {
+    let keys = token(7, 3600);
+    let mut net = Net::new(seed, 0.0, 1_700_000_000);
+    let first = net.spawn(0, KadSettings::default(), None);
+    net.node(first).set_rendezvous(keys.clone(), vec![first]);
+    for i in 1..n {
+        let a = net.spawn(i, KadSettings::default(), Some(first));
+        net.node(a).set_rendezvous(keys.clone(), vec![a]);
+    }
+    net.run_for(Duration::from_secs(5 * 60));
+    let lookups = |net: &Net| -> u64 {
+        net.events
+            .values()
+            .flatten()
+            .filter(|e| matches!(e, KadEvent::LookupDone { .. }))
+            .count() as u64
+    };
+    let (sent0, lookups0) = (net.sent_by_kind, lookups(&net));
+    net.run_for(period);
+    let bytes: u64 = (1..9).map(|k| net.sent_by_kind[k].1 - sent0[k].1).sum();
+    let value = net.sent_by_kind[8].0 - sent0[8].0;
+    let per_node = bytes as f64 / n as f64 / period.as_secs_f64();
+    (per_node, value, lookups(&net) - lookups0)
+}
+
+/// Every member looks up the rendezvous every interval, and every member's record sits under
+/// the same key: reading every holder's whole list made each member's upkeep grow with the
+/// network (up to 8 pages from each of the k holders: ~45 KB per round at 100 members). A
+/// rendezvous lookup reads one page per holder, so a GET draws at most about k VALUE datagrams
+/// whatever the members, and a member's upkeep grows with the lookup's O(log n) hops only.
+#[test]
+fn rendezvous_upkeep_per_member_does_not_grow_with_the_members() {
+    let period = Duration::from_secs(3 * 60);
+    let (small, _, _) = rendezvous_upkeep(0x7570_6b31, 24, period);
+    let (large, value, lookups) = rendezvous_upkeep(0x7570_6b32, 96, period);
+    eprintln!(
+        "rendezvous upkeep: {small:.0} B/s per member with 24, {large:.0} with 96; {value} VALUE \
+         datagrams for {lookups} GET lookups"
+    );
+    assert!(
+        lookups >= 96 * 3 * 2,
+        "every member looked up every key: {lookups}"
+    );
+    // Three keys per round (previous, current and next window), one of them holding records on
+    // about k nodes (a few more: records put while routing tables were young).
+    assert!(
+        value <= lookups * (DEFAULT_K as u64 + 2) / 3,
+        "{value} VALUE datagrams for {lookups} lookups"
+    );
+    // O(log n): 4x the members, log(96) / log(24) = 1.44.
+    assert!(
+        large <= 1.4 * small,
+        "{small:.0} -> {large:.0} B/s per member"
+    );
 }
