@@ -50,6 +50,7 @@
 //! Idle cost per node: about `HEARTBEAT_FANOUT` × (nodes) heartbeat entries (~170 bytes) per
 //! heartbeat interval, plus the digest exchanges; see the README's idle traffic section.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -311,7 +312,12 @@ impl Replication {
                 if let (Some(peer), Some(cluster)) = (self.peers.get_mut(&from), &summary.cluster) {
                     peer.cluster = Some(cluster.clone());
                 }
-                fresh = self.apply(ledger, unix_ms, from, summary.entries.iter().cloned());
+                fresh = self.apply(
+                    ledger,
+                    unix_ms,
+                    from,
+                    summary.entries.iter().map(Cow::Borrowed),
+                );
                 let batch = ledger.reconcile(&summary, self.scope(&from), &self.limits, unix_ms);
                 if !batch.entries.is_empty() || !batch.requests.is_empty() {
                     self.send(from, &SyncMessage::Batch(batch), Sent::Exchange);
@@ -322,7 +328,12 @@ impl Replication {
                 self.synced = true;
             }
             SyncMessage::Batch(batch) => {
-                fresh = self.apply(ledger, unix_ms, from, batch.entries);
+                fresh = self.apply(
+                    ledger,
+                    unix_ms,
+                    from,
+                    batch.entries.into_iter().map(Cow::Owned),
+                );
                 if !batch.requests.is_empty() {
                     let answer = ledger.answer(&batch.requests, self.scope(&from), &self.limits);
                     self.send(from, &SyncMessage::Batch(answer), Sent::Exchange);
@@ -678,21 +689,22 @@ impl Replication {
         self.out.pop_front()
     }
 
-    fn apply(
+    /// Applies received entries (borrowed ones are copied only when fresh here).
+    fn apply<'e>(
         &mut self,
         ledger: &mut Ledger,
         unix_ms: u64,
         from: PeerId,
-        entries: impl IntoIterator<Item = Entry>,
+        entries: impl IntoIterator<Item = Cow<'e, Entry>>,
     ) -> Vec<(Entry, bool)> {
         let mut fresh = Vec::new();
         for e in entries {
             let previous = ledger.entry(&e.bucket, &e.key).map(|p| p.version);
             let news = self.is_news(previous, &e);
-            match ledger.apply_from(e.clone(), unix_ms, &from) {
+            match ledger.apply_from(&e, unix_ms, &from) {
                 Ok(Applied::New | Applied::Replaced) => {
                     self.stats.entries_fresh += 1;
-                    fresh.push((e, news));
+                    fresh.push((e.into_owned(), news));
                 }
                 Ok(Applied::Stale) => {
                     self.stats.entries_stale += 1;
