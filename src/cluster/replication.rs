@@ -415,18 +415,19 @@ impl Replication {
     pub(crate) fn flush_news(&mut self) {
         self.news_at = None;
         let news = std::mem::take(&mut self.pending_news);
-        let mut batches: Vec<(PeerId, Vec<&Entry>)> = self
+        let news: Vec<&(Entry, BTreeSet<PeerId>)> = news.values().collect();
+        // Each peer's batch, as indices into `news`.
+        let mut batches: Vec<(PeerId, Vec<usize>)> = self
             .peers
             .keys()
             .map(|peer| {
                 let scope = self.scope(peer);
-                let batch = news
-                    .values()
-                    .filter(|(e, holders)| {
+                let batch = (0..news.len())
+                    .filter(|&i| {
+                        let (e, holders) = news[i];
                         !holders.contains(peer) && scope.shares(&e.bucket, &e.key)
                     })
-                    .map(|(e, _)| e)
-                    .collect::<Vec<&Entry>>();
+                    .collect::<Vec<usize>>();
                 (*peer, batch)
             })
             .filter(|(_, batch)| !batch.is_empty())
@@ -435,20 +436,30 @@ impl Replication {
             let j = i + self.rng.below((batches.len() - i) as u64) as usize;
             batches.swap(i, j);
         }
+        // An entry's announcement (its hash above all) is made once, not once per peer.
+        let mut announced: Vec<Option<Announced>> = vec![None; news.len()];
         for (n, (peer, batch)) in batches.into_iter().enumerate() {
             if n < EAGER_FANOUT {
-                self.send_entries(peer, &batch, Sent::News);
+                let entries: Vec<&Entry> = batch.iter().map(|&i| &news[i].0).collect();
+                self.send_entries(peer, &entries, Sent::News);
             } else {
-                self.announce(peer, &batch);
+                let items: Vec<Announced> = batch
+                    .iter()
+                    .map(|&i| {
+                        announced[i]
+                            .get_or_insert_with(|| Announced::of(&news[i].0))
+                            .clone()
+                    })
+                    .collect();
+                self.announce(peer, items);
             }
         }
     }
 
-    /// Announces `entries` (those in its [`Scope`]) to `peer`.
-    fn announce(&mut self, peer: PeerId, entries: &[&Entry]) {
-        let entries = self.in_scope(&peer, entries);
-        self.stats.entries_announced += entries.len() as u64;
-        for msg in SyncMessage::announcements(&entries, &self.limits) {
+    /// Announces `items` (in `peer`'s [`Scope`]: [`Self::flush_news`] picked them) to `peer`.
+    fn announce(&mut self, peer: PeerId, items: Vec<Announced>) {
+        self.stats.entries_announced += items.len() as u64;
+        for msg in SyncMessage::announcements(items, &self.limits) {
             self.send(peer, &msg, Sent::News);
         }
     }

@@ -716,7 +716,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Vec<u8>> {
     let s = b.summary_for(&d, Scope::ALL, &limits, NOW);
     let batch = a.reconcile(&s, Scope::ALL, &limits, NOW);
     let held: Vec<&Entry> = a.entries().collect();
-    let announce = SyncMessage::announcements(&held, &limits);
+    let announce = SyncMessage::announcements(held.iter().map(|e| Announced::of(e)), &limits);
     let mut out = Vec::new();
     for msg in [
         SyncMessage::Digest(d),
@@ -1354,7 +1354,9 @@ fn the_discard_disk_saves_as_the_memory_disk_does_and_keeps_no_bytes() {
         let entry = if i % 5 == 4 {
             writer.delete(&me, &mut clock, "b", &key, NOW).unwrap()
         } else {
-            writer.put(&me, &mut clock, "b", &key, &[i; 40], NOW).unwrap()
+            writer
+                .put(&me, &mut clock, "b", &key, &[i; 40], NOW)
+                .unwrap()
         };
         kept.apply(entry.clone(), NOW).unwrap();
         dropped.apply(entry, NOW).unwrap();
