@@ -587,9 +587,12 @@ impl Ledger {
         self.buckets
             .get(&entry.bucket)
             .and_then(|b| b.entries.get(&entry.key))
-            .is_some_and(|old| {
-                !entry.wins_over(&old.entry) && !self.displaced_by(&old.entry, &entry.writer, now)
-            })
+            .is_some_and(|old| self.keeps(&old.entry, entry, now))
+    }
+
+    /// Whether `held` stays when `entry` arrives for its key (see [`Ledger::held_wins`]).
+    fn keeps(&self, held: &Entry, entry: &Entry, now: Option<u64>) -> bool {
+        !entry.wins_over(held) && !self.displaced_by(held, &entry.writer, now)
     }
 
     /// [`apply`](Self::apply) for many entries; errors are counted, not returned.
@@ -758,16 +761,16 @@ impl Ledger {
             self.counters.invalid += 1;
             return Err(e);
         }
-        // An older entry may still take the place of the held one (see
-        // `Ledger::displaced_by`); it is authorized below like any other.
-        if self.held_wins(&entry, admit.now) {
-            self.counters.stale += 1;
-            return Ok(Applied::Stale);
-        }
         let old = self
             .buckets
             .get(&entry.bucket)
             .and_then(|b| b.entries.get(&entry.key));
+        // An older entry may still take the place of the held one (see
+        // `Ledger::displaced_by`); it is authorized below like any other.
+        if old.is_some_and(|old| self.keeps(&old.entry, &entry, admit.now)) {
+            self.counters.stale += 1;
+            return Ok(Applied::Stale);
+        }
         let commit_before = (entry.key == MASTER_COMMIT)
             .then(|| self.committed_master(&entry.bucket))
             .flatten();
