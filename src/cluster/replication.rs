@@ -37,6 +37,7 @@
 //! clusters on one token, a full one every [`FULL_DIGEST_EVERY`] of them); see the README's idle
 //! traffic section.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -258,7 +259,12 @@ impl Replication {
                 if let (Some(peer), Some(cluster)) = (self.peers.get_mut(&from), &summary.cluster) {
                     peer.cluster = Some(cluster.clone());
                 }
-                fresh = self.apply(ledger, unix_ms, from, summary.entries.iter().cloned());
+                fresh = self.apply(
+                    ledger,
+                    unix_ms,
+                    from,
+                    summary.entries.iter().map(Cow::Borrowed),
+                );
                 let batch = ledger.reconcile(&summary, self.scope(&from), &self.limits, unix_ms);
                 if !batch.entries.is_empty() || !batch.requests.is_empty() {
                     self.send(from, &SyncMessage::Batch(batch), Sent::Exchange);
@@ -269,7 +275,12 @@ impl Replication {
                 self.synced = true;
             }
             SyncMessage::Batch(batch) => {
-                fresh = self.apply(ledger, unix_ms, from, batch.entries);
+                fresh = self.apply(
+                    ledger,
+                    unix_ms,
+                    from,
+                    batch.entries.into_iter().map(Cow::Owned),
+                );
                 if !batch.requests.is_empty() {
                     let answer = ledger.answer(&batch.requests, self.scope(&from), &self.limits);
                     self.send(from, &SyncMessage::Batch(answer), Sent::Exchange);
@@ -319,18 +330,19 @@ impl Replication {
     pub(crate) fn flush_news(&mut self) {
         self.news_at = None;
         let news = std::mem::take(&mut self.pending_news);
-        let mut batches: Vec<(PeerId, Vec<&Entry>)> = self
+        let news: Vec<&(Entry, BTreeSet<PeerId>)> = news.values().collect();
+        // Each peer's batch, as indices into `news`.
+        let mut batches: Vec<(PeerId, Vec<usize>)> = self
             .peers
             .keys()
             .map(|peer| {
                 let scope = self.scope(peer);
-                let batch = news
-                    .values()
-                    .filter(|(e, holders)| {
+                let batch = (0..news.len())
+                    .filter(|&i| {
+                        let (e, holders) = news[i];
                         !holders.contains(peer) && scope.shares(&e.bucket, &e.key)
                     })
-                    .map(|(e, _)| e)
-                    .collect::<Vec<&Entry>>();
+                    .collect::<Vec<usize>>();
                 (*peer, batch)
             })
             .filter(|(_, batch)| !batch.is_empty())
@@ -339,20 +351,30 @@ impl Replication {
             let j = i + self.rng.below((batches.len() - i) as u64) as usize;
             batches.swap(i, j);
         }
+        // An entry's announcement (its hash above all) is made once, not once per peer.
+        let mut announced: Vec<Option<Announced>> = vec![None; news.len()];
         for (n, (peer, batch)) in batches.into_iter().enumerate() {
             if n < EAGER_FANOUT {
-                self.send_entries(peer, &batch, Sent::News);
+                let entries: Vec<&Entry> = batch.iter().map(|&i| &news[i].0).collect();
+                self.send_entries(peer, &entries, Sent::News);
             } else {
-                self.announce(peer, &batch);
+                let items: Vec<Announced> = batch
+                    .iter()
+                    .map(|&i| {
+                        announced[i]
+                            .get_or_insert_with(|| Announced::of(&news[i].0))
+                            .clone()
+                    })
+                    .collect();
+                self.announce(peer, items);
             }
         }
     }
 
-    /// Announces `entries` (those in its [`Scope`]) to `peer`.
-    fn announce(&mut self, peer: PeerId, entries: &[&Entry]) {
-        let entries = self.in_scope(&peer, entries);
-        self.stats.entries_announced += entries.len() as u64;
-        for msg in SyncMessage::announcements(&entries, &self.limits) {
+    /// Announces `items` (in `peer`'s [`Scope`]: [`Self::flush_news`] picked them) to `peer`.
+    fn announce(&mut self, peer: PeerId, items: Vec<Announced>) {
+        self.stats.entries_announced += items.len() as u64;
+        for msg in SyncMessage::announcements(items, &self.limits) {
             self.send(peer, &msg, Sent::News);
         }
     }
@@ -509,19 +531,20 @@ impl Replication {
         self.out.pop_front()
     }
 
-    fn apply(
+    /// Applies received entries (borrowed ones are copied only when fresh here).
+    fn apply<'e>(
         &mut self,
         ledger: &mut Ledger,
         unix_ms: u64,
         from: PeerId,
-        entries: impl IntoIterator<Item = Entry>,
+        entries: impl IntoIterator<Item = Cow<'e, Entry>>,
     ) -> Vec<Entry> {
         let mut fresh = Vec::new();
         for e in entries {
-            match ledger.apply_from(e.clone(), unix_ms, &from) {
+            match ledger.apply_from(&e, unix_ms, &from) {
                 Ok(Applied::New | Applied::Replaced) => {
                     self.stats.entries_fresh += 1;
-                    fresh.push(e);
+                    fresh.push(e.into_owned());
                 }
                 Ok(Applied::Stale) => {
                     self.stats.entries_stale += 1;

@@ -123,3 +123,45 @@ impl LedgerDisk for MemoryDisk {
         Ok((written + records.len()) as u64)
     }
 }
+
+/// A virtual disk that keeps no bytes, for simulations that never restart a node from its
+/// disk: the ledger encodes and "writes" every save as it would to [`MemoryDisk`] (the same
+/// choice between a journal append and a whole snapshot), and only whether anything was saved
+/// is kept. A thousand simulated nodes' snapshots and journals would hold gigabytes of RAM that
+/// real nodes keep on their disks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiscardDisk {
+    saved: bool,
+    journal: bool,
+}
+
+impl DiscardDisk {
+    /// Whether any save reached this disk (its bytes are gone).
+    #[must_use]
+    pub fn saved(&self) -> bool {
+        self.saved
+    }
+}
+
+impl LedgerDisk for DiscardDisk {
+    fn write_snapshot(&mut self, _bytes: Vec<u8>) -> Result<(), LedgerError> {
+        self.saved = true;
+        Ok(())
+    }
+
+    fn remove_journal(&mut self) -> Result<(), LedgerError> {
+        self.journal = false;
+        Ok(())
+    }
+
+    fn append_journal(&mut self, fresh: bool, records: &[u8]) -> Result<u64, (LedgerError, bool)> {
+        self.saved = true;
+        let header = if fresh || !self.journal {
+            journal_header().len()
+        } else {
+            0
+        };
+        self.journal = true;
+        Ok((header + records.len()) as u64)
+    }
+}

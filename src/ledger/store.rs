@@ -557,16 +557,42 @@ impl Ledger {
     /// uuid bound here to another peer, relayed by a third peer, shows that peer bound the uuid
     /// to the entry's writer: see [`Ledger::rival`]. (A writer sending its own entries shows
     /// nothing: a member can sign anything under any uuid, honest peers refuse to store it.)
+    ///
+    /// It takes the entry by reference and copies it only to store it: relayed entries are
+    /// mostly copies of what is held (several members pass each one on), and those are
+    /// discarded here without one.
     pub fn apply_from(
         &mut self,
-        entry: Entry,
+        entry: &Entry,
         now_unix_ms: u64,
         from: &PeerId,
     ) -> Result<Applied, LedgerError> {
         if self.authority.is_some() && entry.writer != *from {
-            self.note_rival(&entry, entry.hash());
+            self.note_rival(entry, entry.hash());
         }
-        self.apply(entry, now_unix_ms)
+        if let Err(e) = entry.check_shape(self.limits.max_value_bytes) {
+            self.counters.invalid += 1;
+            return Err(e);
+        }
+        if self.held_wins(entry, Some(now_unix_ms)) {
+            self.counters.stale += 1;
+            return Ok(Applied::Stale);
+        }
+        self.apply(entry.clone(), now_unix_ms)
+    }
+
+    /// Whether the entry held under `entry`'s key stays: `entry` does not win over it and
+    /// may not take its place either (see [`Ledger::displaced_by`]).
+    fn held_wins(&self, entry: &Entry, now: Option<u64>) -> bool {
+        self.buckets
+            .get(&entry.bucket)
+            .and_then(|b| b.entries.get(&entry.key))
+            .is_some_and(|old| self.keeps(&old.entry, entry, now))
+    }
+
+    /// Whether `held` stays when `entry` arrives for its key (see [`Ledger::held_wins`]).
+    fn keeps(&self, held: &Entry, entry: &Entry, now: Option<u64>) -> bool {
+        !entry.wins_over(held) && !self.displaced_by(held, &entry.writer, now)
     }
 
     /// [`apply`](Self::apply) for many entries; errors are counted, not returned.
@@ -739,15 +765,11 @@ impl Ledger {
             .buckets
             .get(&entry.bucket)
             .and_then(|b| b.entries.get(&entry.key));
-        if let Some(old) = old {
-            // An older entry may still take the place of the held one (see
-            // `Ledger::displaced_by`); it is authorized below like any other.
-            if !entry.wins_over(&old.entry)
-                && !self.displaced_by(&old.entry, &entry.writer, admit.now)
-            {
-                self.counters.stale += 1;
-                return Ok(Applied::Stale);
-            }
+        // An older entry may still take the place of the held one (see
+        // `Ledger::displaced_by`); it is authorized below like any other.
+        if old.is_some_and(|old| self.keeps(&old.entry, &entry, admit.now)) {
+            self.counters.stale += 1;
+            return Ok(Applied::Stale);
         }
         let commit_before = (entry.key == MASTER_COMMIT)
             .then(|| self.committed_master(&entry.bucket))

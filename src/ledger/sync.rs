@@ -293,15 +293,17 @@ pub enum SyncMessage {
 }
 
 impl SyncMessage {
-    /// The announcements of `entries` split into messages within `limits`.
+    /// Announcements ([`Announced::of`] the entries) split into messages within `limits`.
     #[must_use]
-    pub fn announcements(entries: &[&Entry], limits: &SyncLimits) -> Vec<SyncMessage> {
+    pub fn announcements(
+        announced: impl IntoIterator<Item = Announced>,
+        limits: &SyncLimits,
+    ) -> Vec<SyncMessage> {
         let budget = limits.max_message_bytes.saturating_sub(MESSAGE_FIXED);
         let mut out = Vec::new();
         let mut items = Vec::new();
         let mut size = 0;
-        for e in entries {
-            let item = Announced::of(e);
+        for item in announced {
             let len = item.encoded_len();
             if !items.is_empty() && (size + len > budget || items.len() >= limits.max_entries) {
                 out.push(SyncMessage::Announce(std::mem::take(&mut items)));

@@ -716,7 +716,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Vec<u8>> {
     let s = b.summary_for(&d, Scope::ALL, &limits, NOW);
     let batch = a.reconcile(&s, Scope::ALL, &limits, NOW);
     let held: Vec<&Entry> = a.entries().collect();
-    let announce = SyncMessage::announcements(&held, &limits);
+    let announce = SyncMessage::announcements(held.iter().map(|e| Announced::of(e)), &limits);
     let mut out = Vec::new();
     let brief = a.brief_digest(&limits, NOW);
     for msg in [
@@ -1393,4 +1393,40 @@ fn the_memory_disk_holds_the_file_bytes_and_loads_back_the_same_ledger() {
         saved_state(&reloaded)
     );
     fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_discard_disk_saves_as_the_memory_disk_does_and_keeps_no_bytes() {
+    use super::disk::{DiscardDisk, MemoryDisk};
+    use super::journal::Persisted;
+    let (mut kept, mut dropped) = (sample_ledger(), sample_ledger());
+    let (mut memory, mut discard) = (MemoryDisk::default(), DiscardDisk::default());
+    assert!(!discard.saved());
+    let (me, mut clock) = (id(9), Clock::new());
+    let mut writer = Ledger::default();
+    let mut outcomes = Vec::new();
+    for i in 0..30u8 {
+        let key = format!("k{}", i % 7);
+        let entry = if i % 5 == 4 {
+            writer.delete(&me, &mut clock, "b", &key, NOW).unwrap()
+        } else {
+            writer
+                .put(&me, &mut clock, "b", &key, &[i; 40], NOW)
+                .unwrap()
+        };
+        kept.apply(entry.clone(), NOW).unwrap();
+        dropped.apply(entry, NOW).unwrap();
+        if i == 20 {
+            // A removed key: the next save is a whole snapshot and starts a new journal.
+            assert!(kept.expire(NOW + 3 * DAY) > 0);
+            assert!(dropped.expire(NOW + 3 * DAY) > 0);
+        }
+        let persisted = kept.persist_to(&mut memory).unwrap();
+        // The same choice and the same byte counts (they drive compaction).
+        assert_eq!(dropped.persist_to(&mut discard).unwrap(), persisted);
+        outcomes.push(persisted);
+    }
+    assert!(outcomes.contains(&Persisted::Compacted));
+    assert!(outcomes.iter().any(|p| matches!(p, Persisted::Appended(_))));
+    assert!(discard.saved());
 }

@@ -78,6 +78,9 @@ pub enum Control {
 }
 
 impl Control {
+    /// Bytes a [`Control::Ledger`] message adds to its payload (version and type).
+    pub const LEDGER_HEADER_LEN: usize = 2;
+
     /// Encodes into `buf` (cleared first).
     pub fn encode(&self, buf: &mut Vec<u8>) -> Result<(), WireError> {
         buf.clear();
@@ -240,6 +243,7 @@ mod tests {
         let mut buf = Vec::new();
         for payload in [vec![], vec![1, 2, 3]] {
             Control::Ledger(payload.clone()).encode(&mut buf).unwrap();
+            assert_eq!(buf.len(), Control::LEDGER_HEADER_LEN + payload.len());
             assert_eq!(Control::decode(&buf).unwrap(), Control::Ledger(payload));
         }
     }

@@ -51,6 +51,10 @@ use held::HeldPackets;
 use members::{Change, MemberTable, Source};
 use relay::RelayPaths;
 
+/// Largest control-message encode buffer a node keeps between messages (bigger ones, member
+/// lists of large networks, are encoded into a buffer freed after the copy).
+const MAX_KEPT_SCRATCH: usize = 16 * 1024;
+
 /// How long the member with the larger peer id waits before dialling one it discovered.
 pub const DIAL_DEFER: Duration = Duration::from_millis(1500);
 /// [`DIAL_DEFER`] for a member heard on our LAN: the other side's dial, if it makes one (it
@@ -762,27 +766,40 @@ impl Node {
 
     /// Sends a control message to a connected member.
     pub fn send_control(&mut self, peer: &PeerId, msg: &Control) {
-        let mut buf = std::mem::take(&mut self.scratch);
-        match msg.encode(&mut buf) {
-            Ok(()) => {
-                match msg {
-                    Control::Members(_) => self.stats.members_bytes_out += buf.len() as u64,
-                    Control::Ledger(_) => self.stats.ledger_bytes_out += buf.len() as u64,
-                    _ => {}
-                }
-                match self
-                    .transport
-                    .send_message(peer, Bytes::copy_from_slice(&buf))
-                {
-                    Ok(()) => {
-                        self.sent_since_keep_alive.insert(*peer);
-                    }
-                    Err(e) => log::debug!("control message to {peer} not sent: {e}"),
-                }
-            }
-            Err(e) => log::warn!("control message to {peer} not encodable: {e}"),
+        // A ledger message is encoded into a buffer of its exact size, handed to the transport
+        // as it is; the others (small) go through the reused scratch buffer and are copied.
+        let (mut buf, exact) = match msg {
+            Control::Ledger(payload) => (
+                Vec::with_capacity(Control::LEDGER_HEADER_LEN + payload.len()),
+                true,
+            ),
+            _ => (std::mem::take(&mut self.scratch), false),
+        };
+        if let Err(e) = msg.encode(&mut buf) {
+            log::warn!("control message to {peer} not encodable: {e}");
+            return;
         }
-        self.scratch = buf;
+        match msg {
+            Control::Members(_) => self.stats.members_bytes_out += buf.len() as u64,
+            Control::Ledger(_) => self.stats.ledger_bytes_out += buf.len() as u64,
+            _ => {}
+        }
+        let wire = if exact {
+            Bytes::from(buf)
+        } else {
+            let wire = Bytes::copy_from_slice(&buf);
+            // A node keeps a small buffer, not the largest member list it ever sent.
+            if buf.capacity() <= MAX_KEPT_SCRATCH {
+                self.scratch = buf;
+            }
+            wire
+        };
+        match self.transport.send_message(peer, wire) {
+            Ok(()) => {
+                self.sent_since_keep_alive.insert(*peer);
+            }
+            Err(e) => log::debug!("control message to {peer} not sent: {e}"),
+        }
     }
 
     /// Closes every connection (clean shutdown); keep polling transmits to send the closes.

@@ -62,8 +62,8 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Cluster, ClusterEvent, ClusterSettings};
 use crate::discovery::lan::BEACON_PORT;
 use crate::identity::{Identity, PeerId};
-use crate::ledger::disk::MemoryDisk;
-use crate::ledger::names;
+use crate::ledger::disk::{DiscardDisk, LedgerDisk, MemoryDisk};
+use crate::ledger::{Ledger, LedgerError, Limits, names};
 use crate::node::bootstrap::DEFAULT_OVERLAY_PORT;
 use crate::node::{Destination, Node, NodeEvent, NodeSettings};
 use crate::overlay::TransportError;
@@ -101,6 +101,11 @@ pub struct SimConfig {
     /// stopping the run: for scenarios where splits form and `p2p.auto.merge_window` merges
     /// them, whose tests check what is left after the merge (default false).
     pub allow_second_masters: bool,
+    /// Keep the bytes of every node's ledger saves on its virtual disk, so that a restart loads
+    /// them (default true). Off, saves are encoded as usual but their bytes dropped, and
+    /// restarting a node that saved is an error: for large runs that restart nobody (a node's
+    /// snapshot and journal reach a few MB at 1,000 nodes).
+    pub keep_disks: bool,
 }
 
 impl SimConfig {
@@ -119,6 +124,7 @@ impl SimConfig {
             trace_tail: 0,
             capture_limit: 100_000,
             allow_second_masters: false,
+            keep_disks: true,
         }
     }
 }
@@ -252,6 +258,59 @@ impl Ord for Scheduled {
     }
 }
 
+/// A host's virtual disk ([`SimConfig::keep_disks`]).
+#[derive(Debug)]
+enum SimDisk {
+    /// The bytes of the saves.
+    Kept(MemoryDisk),
+    /// Only whether anything was saved.
+    Discarded(DiscardDisk),
+}
+
+impl SimDisk {
+    fn new(keep: bool) -> Self {
+        if keep {
+            SimDisk::Kept(MemoryDisk::default())
+        } else {
+            SimDisk::Discarded(DiscardDisk::default())
+        }
+    }
+
+    /// The ledger a restart finds (an unused disk: an empty one).
+    fn load(&self, limits: Limits) -> Result<Ledger, String> {
+        match self {
+            SimDisk::Kept(disk) => disk.load(limits),
+            SimDisk::Discarded(disk) if !disk.saved() => MemoryDisk::default().load(limits),
+            SimDisk::Discarded(_) => {
+                Err("this disk kept no bytes (SimConfig::keep_disks is off)".to_string())
+            }
+        }
+    }
+}
+
+impl LedgerDisk for SimDisk {
+    fn write_snapshot(&mut self, bytes: Vec<u8>) -> Result<(), LedgerError> {
+        match self {
+            SimDisk::Kept(disk) => disk.write_snapshot(bytes),
+            SimDisk::Discarded(disk) => disk.write_snapshot(bytes),
+        }
+    }
+
+    fn remove_journal(&mut self) -> Result<(), LedgerError> {
+        match self {
+            SimDisk::Kept(disk) => disk.remove_journal(),
+            SimDisk::Discarded(disk) => disk.remove_journal(),
+        }
+    }
+
+    fn append_journal(&mut self, fresh: bool, records: &[u8]) -> Result<u64, (LedgerError, bool)> {
+        match self {
+            SimDisk::Kept(disk) => disk.append_journal(fresh, records),
+            SimDisk::Discarded(disk) => disk.append_journal(fresh, records),
+        }
+    }
+}
+
 struct NodeSlot {
     net: NetId,
     identity_seed: [u8; 32],
@@ -260,7 +319,7 @@ struct NodeSlot {
     cluster: Option<ClusterSettings>,
     /// The ledger's snapshot and journal bytes as last saved (what a restart finds in the state
     /// directory).
-    disk: MemoryDisk,
+    disk: SimDisk,
     node: Option<Box<Node>>,
     incarnation: u64,
     wake_at: Option<u64>,
@@ -458,7 +517,7 @@ impl Sim {
             peer,
             settings,
             cluster: None,
-            disk: MemoryDisk::default(),
+            disk: SimDisk::new(self.config.keep_disks),
             node: None,
             incarnation: 0,
             wake_at: None,
@@ -488,8 +547,9 @@ impl Sim {
 
     /// Deletes a node's saved state (its ledger): the next start begins empty.
     pub fn wipe_state(&mut self, host: HostId) {
+        let keep = self.config.keep_disks;
         if let Some(slot) = self.slot_mut(host) {
-            slot.disk = MemoryDisk::default();
+            slot.disk = SimDisk::new(keep);
         }
     }
 
@@ -783,7 +843,10 @@ impl Sim {
     /// bytes a restart loads).
     #[must_use]
     pub fn disk(&self, host: HostId) -> Option<&MemoryDisk> {
-        self.slot(host).map(|s| &s.disk)
+        match &self.slot(host)?.disk {
+            SimDisk::Kept(disk) => Some(disk),
+            SimDisk::Discarded(_) => None,
+        }
     }
 
     /// Metrics of a node's host.

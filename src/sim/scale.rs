@@ -97,7 +97,11 @@ impl ScaleRun {
     pub fn new(spec: ScaleSpec) -> Result<Self, SimError> {
         let nodes = spec.nodes();
         let subnets = nodes.div_ceil(HOSTS_PER_SUBNET).max(1);
-        let mut sim = Sim::new(SimConfig::new(spec.seed));
+        // Nobody restarts: the ledgers' saves are encoded, their bytes not kept.
+        let mut sim = Sim::new(SimConfig {
+            keep_disks: false,
+            ..SimConfig::new(spec.seed)
+        });
         let net = sim.add_network();
         let lans = (0..subnets)
             .map(|_| sim.add_subnet(LinkParams::lan(), LinkParams::uplink()))
