@@ -1,15 +1,15 @@
 //! Benchmark (issue 16, goals 4 and 3): 1,000 simulated nodes of one token in 10 clusters
 //! (`network_id`s) of 100 (see `kairos_p2p::sim::scale`): the virtual time until every cluster
 //! has formed (every node holds a role, one master each), the wall time and the process's peak
-//! RSS for it, replication counters, then the idle traffic per node after formation at 11, 100
-//! and 1,000 nodes (one cluster each for 11 and 100). Prints numbers; asserts nothing.
+//! RSS for it, replication counters, then the idle traffic per node after formation (one
+//! cluster of 11 and one of 100 nodes). Prints numbers; asserts nothing.
 //!
 //! `cargo bench --bench scale`; `SIM_SEED` picks the seed, `SIM_BENCH_SCALE_NODES` the big
 //! run's nodes per cluster (default 100; 30 and 50 give 300 and 500 nodes), and
 //! `SIM_BENCH_IDLE_SECS` the idle measurement (default 60 virtual seconds). The big run runs
 //! only with `SIM_BENCH_SCALE_BIG=1`: every node holds the network-wide buckets, one entry or
 //! more per node of the whole token, so the work grows with nodes² (300 nodes form in 3.7 s
-//! virtual but take ~1.8 min of CPU and 0.8 GB, 500 nodes 4.6 min and 2.3 GB; see the README's
+//! virtual but take ~1.8 min of CPU and 0.7 GB, 500 nodes ~4.6 min and 1.9 GB; see the README's
 //! bench section), which `make bench` must not spend by default.
 
 use std::time::{Duration, Instant};
@@ -140,7 +140,7 @@ fn main() {
     } else {
         println!(
             "{} nodes (10 x {per_cluster}): skipped (SIM_BENCH_SCALE_BIG=1 runs it; work grows \
-             with nodes², 500 nodes take ~4.6 min of CPU and 2.3 GB)",
+             with nodes², 500 nodes take ~4.6 min of CPU and 1.9 GB)",
             10 * per_cluster
         );
     }
