@@ -723,7 +723,7 @@ impl Cluster {
         }
         // Becoming synced lets this node vote and claim an address. Updates are batched: every
         // entry that arrives within UPDATE_DELAY is read by one pass; entries that concern
-        // another cluster, or routine heartbeats, run none (see `relevance`).
+        // another cluster, or heartbeats of live nodes, run none (see `relevance`).
         let (bucket, me) = (&self.settings.network_id, &self.settings.uuid);
         let concerns = fresh
             .iter()

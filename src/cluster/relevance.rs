@@ -6,10 +6,10 @@
 //!
 //! A change concerns this node's cluster when it is in its cluster bucket, in the address
 //! buckets (`dhcp`, `machines`: addresses are network-wide), a suspicion (see
-//! [`super::liveness`]), or is the heartbeat of a node of
-//! this cluster that the last view did not count as live (one coming back, or a first beat).
-//! A routine heartbeat of a live node changes nothing a pass decides now: the pass that runs at
-//! that node's expiry time ([`View::next_expiry_ms`]) reads its latest heartbeat then.
+//! [`super::liveness`]), or is the heartbeat of a node of this cluster that the last view did
+//! not count as live (one coming back, or a first beat). The heartbeat of a live node (a
+//! renewal, or the answer to a suspicion) changes nothing a pass decides now: the pass that
+//! runs at that node's expiry time ([`View::next_expiry_ms`]) reads its latest heartbeat then.
 
 use crate::ledger::{Entry, names};
 

@@ -1875,7 +1875,7 @@ fn three_clusters_elect_one_master_and_two_workers() {
 /// Clocks minutes apart (boxes without NTP): a node whose clock is behind writes its first
 /// heartbeat with a version the others see as minutes old. It beats again as soon as their
 /// versions pull its hybrid clock up, so everybody is live and has a role within seconds,
-/// not after the next routine heartbeat.
+/// not after the next renewal.
 #[test]
 fn nodes_with_clocks_minutes_behind_are_live_at_once() {
     let uuids = ["node-a", "node-b", "node-c"];
