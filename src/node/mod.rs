@@ -699,14 +699,17 @@ impl Node {
             }
         }
         if self.sync_at.is_none_or(|t| t <= now) {
-            let full_every = self.full_sync_interval();
-            if self.full_sync_at.is_none_or(|t| t <= now) {
-                self.sync_round(now);
-                self.full_sync_at = Some(now + full_every);
+            let keep_alive = KEEP_ALIVE_INTERVAL.min(self.settings.transport.idle_timeout / 3);
+            let mut next = now + keep_alive;
+            if let Some(full_every) = self.full_sync_interval() {
+                if self.full_sync_at.is_none_or(|t| t <= now) {
+                    self.sync_round(now);
+                    self.full_sync_at = Some(now + full_every);
+                }
+                next = next.min(now + full_every);
             }
             self.keep_alive_round();
-            let keep_alive = KEEP_ALIVE_INTERVAL.min(self.settings.transport.idle_timeout / 3);
-            self.sync_at = Some(now + keep_alive.min(full_every));
+            self.sync_at = Some(next);
         }
     }
 
@@ -1459,12 +1462,14 @@ impl Node {
     }
 
     /// How often the whole member list goes out ([`Self::sync_round`]): a tenth of the member
-    /// ttl, so that ages stay well under it everywhere; half the ttl with a cluster layer, whose
-    /// ledger keeps its live members fresh ([`Self::refresh`]), so the lists only repair a
-    /// lost push of news.
-    fn full_sync_interval(&self) -> Duration {
-        let parts = if self.cluster.is_some() { 2 } else { 10 };
-        (self.settings.member_ttl / parts).max(Duration::from_secs(1))
+    /// ttl, so that ages stay well under it everywhere. Never with a cluster layer: its ledger
+    /// keeps the live members fresh ([`Self::refresh`]) and learns of deaths, news of members
+    /// is pushed as it happens, and every connection starts with both whole lists (the hello),
+    /// so an idle node sends no list whatever the number of members.
+    fn full_sync_interval(&self) -> Option<Duration> {
+        self.cluster
+            .is_none()
+            .then(|| (self.settings.member_ttl / 10).max(Duration::from_secs(1)))
     }
 
     /// Sends the whole member list to [`SYNC_FANOUT`] random connected members.
